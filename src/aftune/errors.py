@@ -1,0 +1,42 @@
+"""The error hierarchy. The CLI catches `AftuneError` only; anything else is a bug.
+
+- `InputError`: bad arguments or unreadable, malformed, truncated or hostile input (exit code 2).
+- `RecordError`: a record file that exists but is inconsistent with its commitment (exit code 2
+  when raised on its own; the verifier turns it into a FAIL finding where it concerns a block).
+- `VerificationFailed`: carries a report whose verdict is FAIL (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class AftuneError(Exception):
+    """Base class for every error aftune raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(AftuneError):
+    """Bad usage or malformed input: names what is wrong and how to fix it."""
+
+
+class RecordError(AftuneError):
+    """A record file is missing, truncated, corrupt or does not match its digest."""
+
+
+class MissingExtra(InputError):
+    """A heavy optional dependency is not installed."""
+
+    def __init__(self, module: str, extra: str):
+        super().__init__(
+            f"this needs the '{module}' package: install it with `pip install 'aftune[{extra}]'`"
+        )
+
+
+class VerificationFailed(AftuneError):
+    """Raised by `require_pass` when a verdict is FAIL."""
+
+    exit_code = 1
+
+    def __init__(self, report):
+        self.report = report
+        super().__init__(report.summary())

@@ -1,0 +1,113 @@
+"""A run directory: the files a provider writes and a verifier reads (SPEC.md 3.1).
+
+    RUN/config.json         the run config (its digest opens the chain)
+    RUN/transcript.jsonl    signed step-block roots and the run root
+    RUN/manifests/NNNNNN.json   one per step block, plus the final state
+    RUN/objects/            content-addressed tensors (zstd safetensors)
+    RUN/base_model.json     per-tensor digests of the base weights
+    RUN/tokenizer/          tokenizer files (text models)
+    RUN/data/               a copy of the dataset
+    RUN/model/              the fine-tuned model, Hugging Face format
+    RUN/provider.key(.pub)  the provider's signing key, when none was given
+
+`RunRecord.open` loads and checks the config against the transcript; every later read goes
+through it, so no file is used before its digest was checked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RUN_FORMAT, TrainSettings
+from .encoding import TAG_RUN_CONFIG, hash_message, parse_hex_digest
+from .errors import InputError, RecordError
+from .manifest import StepBlockManifest
+from .merkle import files_root
+from .signing import PublicKey
+from .store import ObjectStore
+from .transcript import Transcript
+
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def config_digest(algorithm: str, data: bytes) -> bytes:
+    return hash_message(algorithm, TAG_RUN_CONFIG, data)
+
+
+@dataclass
+class RunRecord:
+    root: Path
+    config: dict[str, Any]
+    settings: TrainSettings
+    transcript: Transcript
+    store: ObjectStore
+
+    @classmethod
+    def open(cls, run_dir: str | Path, public_key: PublicKey) -> "RunRecord":
+        root = Path(run_dir)
+        if not root.is_dir():
+            raise InputError(f"run directory {root} does not exist")
+        transcript = Transcript.load(root / "transcript.jsonl", public_key)
+        path = root / "config.json"
+        if not path.is_file():
+            raise RecordError(f"{path} is missing")
+        data = path.read_bytes()
+        if len(data) > MAX_CONFIG_BYTES:
+            raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        if config_digest(transcript.algorithm, data) != transcript.config_digest:
+            raise RecordError(f"{path} does not match the config digest signed in the transcript: it was edited")
+        try:
+            config = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RecordError(f"{path} is not valid JSON") from None
+        if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+            raise RecordError(f"{path} is not an {RUN_FORMAT} document")
+        settings = TrainSettings.from_json(config.get("settings"))
+        if settings.hash_algorithm != transcript.algorithm:
+            raise RecordError("config and transcript name different hash algorithms")
+        return cls(root, config, settings, transcript, ObjectStore(root / "objects", transcript.algorithm))
+
+    @property
+    def algorithm(self) -> str:
+        return self.transcript.algorithm
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.config["layout"]["layer_blocks"])
+
+    @property
+    def num_step_blocks(self) -> int:
+        return self.settings.num_step_blocks
+
+    def manifest(self, step_block: int) -> StepBlockManifest:
+        """The manifest of `step_block` (num_step_blocks is the final state), checked against the
+        signed transcript entry."""
+        entries = self.transcript.step_blocks
+        if step_block >= len(entries):
+            raise RecordError(f"step block {step_block} has no signed root in the transcript "
+                              f"({len(entries)} signed): the run is incomplete")
+        m = StepBlockManifest.read(self.root / "manifests" / f"{step_block:06d}.json", self.num_blocks)
+        e = entries[step_block]
+        if m.step_block != step_block or (m.first_step, m.num_steps) != (e.first_step, e.num_steps):
+            raise RecordError(f"manifest {step_block:06d}.json describes other steps than its signed entry")
+        if m.merkle_root(self.algorithm) != e.merkle_root:
+            raise RecordError(f"manifest {step_block:06d}.json does not match the root signed for step block "
+                              f"{step_block}: the manifest was altered after signing")
+        return m
+
+    def checked_files(self, subdir: str, expected_root_hex: str) -> Path:
+        """A directory of small files whose root is committed in the config (tokenizer)."""
+        d = self.root / subdir
+        if not d.is_dir():
+            raise RecordError(f"{d} is missing")
+        files = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+        if files_root(self.algorithm, files) != parse_hex_digest(expected_root_hex, f"config: {subdir} digest"):
+            raise RecordError(f"{d} does not match the digest committed in the run config")
+        return d

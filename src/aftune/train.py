@@ -1,0 +1,267 @@
+"""Recorded fine-tuning: the provider's side of aftune (`aftune train`).
+
+    aftune train --model DIR --data FILE --run-dir RUN --steps 32
+
+Trains block by block through `engine.BlockedModel`, hands every boundary tensor and every
+step-block state to the background `Recorder`, and signs each step block's root as it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .config import RUN_FORMAT, TrainSettings
+from .data import BatchSpec, Dataset, OrderCache, build_batch, copy_into, load_dataset
+from .encoding import canonical_json
+from .engine import BlockedModel
+from .errors import InputError, MissingExtra
+from .instantiate import instantiate
+from .manifest import common_key
+from .merkle import files_root, merkle_root, tensors_root
+from .models import adapter_class, load_weights, read_model_dir
+from .recorder import Recorder
+from .run import DTYPE_BY_NAME, config_digest
+from .signing import SigningKey
+from .transcript import TranscriptWriter
+
+BUILTIN = Path(__file__).parent / "builtin"
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    config_digest: bytes
+    run_root: bytes
+    final_model_digest: bytes
+    public_key_path: Path | None
+    final_loss: float
+
+
+def _tokenizer(model_dir: Path):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise MissingExtra("transformers", "hf") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a tokenizer from {model_dir}: {exc}") from None
+
+
+def load_tokenizer(directory: Path):
+    return _tokenizer(directory)
+
+
+def batch_spec(hf_config: dict, settings: TrainSettings, fields: tuple[str, ...], task: str) -> BatchSpec:
+    image_size = settings.image_size or int(hf_config.get("image_size", 0) or 0)
+    if hf_config.get("model_type") == "resnet" and not image_size:
+        image_size = 64
+    return BatchSpec(task=task, seq_len=settings.seq_len, image_size=image_size, fields=fields)
+
+
+def _check_data(dataset: Dataset, task: str, model_type: str, hf_config: dict) -> None:
+    vision = model_type in ("vit", "dinov2", "resnet")
+    wanted = "text" if task == "causal_lm" else ("image_folder" if vision else "labeled_text")
+    if dataset.kind != wanted:
+        raise InputError(f"a {model_type} model trains on a {wanted} dataset, got {dataset.kind}")
+    if task == "classification":
+        num_labels = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 2))
+        if len(dataset.labels) > num_labels:
+            raise InputError(f"the dataset has {len(dataset.labels)} labels {list(dataset.labels)[:5]} but the model "
+                             f"classifies {num_labels}; set num_labels in the model config")
+
+
+def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path, settings: TrainSettings,
+          key_path: str | Path | None = None, progress: Progress | None = None) -> TrainResult:
+    settings.validate()
+    model_dir = Path(model_dir) if model_dir else BUILTIN / "model"
+    data_path = Path(data_path) if data_path else BUILTIN / "data" / "train.jsonl"
+    run = Path(run_dir)
+    if run.exists() and any(run.iterdir()):
+        raise InputError(f"run directory {run} already exists and is not empty: records are never overwritten")
+    algorithm = settings.hash_algorithm
+
+    hf_config, base_tensors = read_model_dir(model_dir)
+    model_type = hf_config.get("model_type")
+    task = adapter_class(model_type).task
+    dataset = load_dataset(data_path)
+    _check_data(dataset, task, model_type, hf_config)
+    key = SigningKey.load(key_path) if key_path else SigningKey.generate()
+
+    root_module, model, adapter = instantiate(hf_config, settings)
+    dtype = DTYPE_BY_NAME[settings.dtype]
+    base_tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base_tensors.items()}
+    _load_base(root_module, model, base_tensors, settings, str(model_dir))
+    blocked = BlockedModel(model, adapter, settings)
+
+    run.mkdir(parents=True, exist_ok=True)
+    public_key_path = None
+    if not key_path:
+        public_key_path = key.save(run / "provider.key")
+    base_root, base_digests = tensors_root(algorithm, base_tensors)
+    (run / "base_model.json").write_text(json.dumps({k: v.hex() for k, v in sorted(base_digests.items())}, indent=0))
+    tokenizer, tokenizer_digest = None, None
+    if dataset.kind != "image_folder":
+        tokenizer = _tokenizer(model_dir)
+        tokenizer.save_pretrained(str(run / "tokenizer"))
+        tokenizer = _tokenizer(run / "tokenizer")  # train with exactly what the verifier will load
+        files = {p.name: p.read_bytes() for p in sorted((run / "tokenizer").iterdir()) if p.is_file()}
+        tokenizer_digest = files_root(algorithm, files).hex()
+    data_copy = copy_into(dataset, run / "data")
+    spec = batch_spec(hf_config, settings, adapter.batch_fields, task)
+
+    config = {
+        "format": RUN_FORMAT,
+        "settings": settings.to_json(),
+        "model": {"config": hf_config, "base_weights": base_root.hex(), "tokenizer": tokenizer_digest},
+        "data": {"kind": dataset.kind, "root": dataset.root(algorithm).hex(), "num_examples": len(dataset.examples),
+                 "labels": list(dataset.labels), "path": str(data_copy.relative_to(run))},
+        "batch": {**asdict(spec), "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
+                  "fields": list(spec.fields)},
+        "layout": {"stages": blocked.stage_names, "layer_blocks": [list(r) for r in blocked.blocks.ranges]},
+        "versions": _versions(),
+    }
+    config_bytes = canonical_json(config)
+    (run / "config.json").write_bytes(config_bytes)
+    digest = config_digest(algorithm, config_bytes)
+
+    writer = TranscriptWriter(run / "transcript.jsonl", key, algorithm, digest)
+    recorder = Recorder(run, algorithm, len(blocked.blocks), writer)
+    order = OrderCache(algorithm, settings.seed, len(dataset.examples))
+    loss_value = float("nan")
+    try:
+        for s in range(settings.num_step_blocks + 1):
+            steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
+            recorder.begin(s, steps.start, len(steps))
+            stored = settings.is_checkpoint(s)
+            for b in range(len(blocked.blocks)):
+                for k, (name, t) in blocked.state_tensors(b).items():
+                    recorder.state(s, b, k, name, t.detach().clone(), stored)
+            for t in steps:
+                loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer)
+                if progress:
+                    progress(t + 1, settings.steps, loss_value)
+            recorder.end(s)
+        recorder.close()
+    except BaseException:
+        recorder.close()
+        raise
+
+    final_digest = _save_model(root_module, model, tokenizer, run, settings, algorithm)
+    run_root = writer.finish(final_digest)
+    return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value)
+
+
+def _load_base(root_module, model, base_tensors, settings: TrainSettings, where: str) -> None:
+    if settings.lora is None:
+        load_weights(model, base_tensors, where)
+        return
+    from .instantiate import base_name, is_lora_tensor
+
+    state = model.state_dict()
+    mapped = {}
+    for name in state:
+        if is_lora_tensor(name):
+            continue
+        b = base_name(name)
+        if b in base_tensors:
+            mapped[name] = base_tensors[b]
+    load_weights_partial = {k: v for k, v in mapped.items()}
+    missing = sorted(set(base_name(n) for n in state if not is_lora_tensor(n)) - set(base_tensors) - _tied(model))
+    if missing:
+        raise InputError(f"{where}: weights missing for {missing[:5]}")
+    model.load_state_dict(load_weights_partial, strict=False)
+
+
+def _tied(model) -> set[str]:
+    from .models import _tied_aliases
+
+    return _tied_aliases(model)
+
+
+def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, dataset, order: OrderCache,
+                spec: BatchSpec, tokenizer) -> float:
+    settings = blocked.settings
+    nb = len(blocked.blocks)
+    device = next(blocked.model.parameters()).device
+    losses = []
+    for m in range(settings.grad_accum):
+        indices = order.indices(step * settings.grad_accum + m, settings.batch_size)
+        batch = {k: v.to(device) for k, v in build_batch(dataset, indices, spec, tokenizer).items()}
+        for field in spec.fields:
+            recorder.common(s, common_key(step, m, "batch", field), field, batch[field])
+        ctx = blocked.context(batch)
+        inputs, outputs, aliases = [], [], []
+        for b in range(nb):
+            x_in = None if b == 0 else outputs[-1].detach().requires_grad_(True)
+            out, alias = blocked.forward(b, x_in, ctx, step, m)
+            inputs.append(x_in)
+            outputs.append(out)
+            aliases.append(alias)
+        loss = outputs[-1]
+        grad_out = blocked.loss_gradient(loss)
+        alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for b in reversed(range(nb)):
+            r = blocked.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
+            if b > 0:
+                recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", r_out(outputs[b - 1]))
+                recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
+                grad_out = r.input_grad
+            for name, part in r.owner_parts.items():
+                recorder.common(s, common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
+            for name, part in r.alias_parts.items():
+                recorder.common(s, common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
+                alias_parts.setdefault(name, []).append((b, part))
+        for name, parts in alias_parts.items():
+            param = dict(blocked.layout[blocked.owner[name]].params)[name]
+            for _, part in sorted(parts, key=lambda x: x[0]):
+                blocked.add_gradient(param, part)
+        recorder.common(s, common_key(step, m, "loss"), "loss", loss.detach().float())
+        losses.append(float(loss))
+    norms = [blocked.grad_norms(b) for b in range(nb)]
+    for b in range(nb):
+        recorder.common(s, common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
+    coef = blocked.clip(norms)
+    for b in range(nb):
+        blocked.update(b, step, coef)
+    return sum(losses) / len(losses)
+
+
+def r_out(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()
+
+
+def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSettings, algorithm: str) -> bytes:
+    """Write RUN/model (Hugging Face format; LoRA merged, the adapter in RUN/adapter) and return
+    the digest of its weights."""
+    from .models import read_model_dir
+
+    out = run / "model"
+    if settings.lora is not None:
+        root_module.save_pretrained(str(run / "adapter"))
+        merged = root_module.merge_and_unload()
+        merged.save_pretrained(str(out))
+    else:
+        model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    _, tensors = read_model_dir(out)
+    return tensors_root(algorithm, tensors)[0]
+
+
+def _versions() -> dict[str, str]:
+    out = {"aftune": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+    for mod in ("transformers", "peft"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
