@@ -32,6 +32,13 @@ class MissingExtra(InputError):
         )
 
 
+class CommitmentMismatch(RecordError):
+    """A record file is readable but contradicts what was signed: evidence of tampering, so the
+    verdict is FAIL (exit code 1), naming the block or step block concerned."""
+
+    exit_code = 1
+
+
 class VerificationFailed(AftuneError):
     """Raised by `require_pass` when a verdict is FAIL."""
 

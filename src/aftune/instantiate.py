@@ -18,9 +18,12 @@ from .run import DTYPE_BY_NAME
 CLASSIFIER_PREFIXES = ("classifier.", "score.")
 
 
-def instantiate(hf_config: dict[str, Any], settings: TrainSettings) -> tuple[nn.Module, nn.Module, Adapter]:
-    """(root module, underlying HF model, adapter). The root is the PEFT wrapper under LoRA."""
-    model = build_model(hf_config, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
+def instantiate(hf_config: dict[str, Any], settings: TrainSettings,
+                model: nn.Module | None = None) -> tuple[nn.Module, nn.Module, Adapter]:
+    """(root module, underlying HF model, adapter). The root is the PEFT wrapper under LoRA.
+    Without `model`, the architecture is built from `hf_config` with untrained weights."""
+    if model is None:
+        model = build_model(hf_config, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
     root = model
     if settings.lora is not None:
         try:

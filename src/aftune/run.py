@@ -25,7 +25,7 @@ import torch
 
 from .config import RUN_FORMAT, TrainSettings
 from .encoding import TAG_RUN_CONFIG, hash_message, parse_hex_digest
-from .errors import InputError, RecordError
+from .errors import CommitmentMismatch, InputError, RecordError
 from .manifest import StepBlockManifest
 from .merkle import files_root
 from .signing import PublicKey
@@ -62,7 +62,7 @@ class RunRecord:
         if len(data) > MAX_CONFIG_BYTES:
             raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
         if config_digest(transcript.algorithm, data) != transcript.config_digest:
-            raise RecordError(f"{path} does not match the config digest signed in the transcript: it was edited")
+            raise CommitmentMismatch(f"{path} does not match the config digest signed in the transcript: it was edited")
         try:
             config = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -96,9 +96,9 @@ class RunRecord:
         m = StepBlockManifest.read(self.root / "manifests" / f"{step_block:06d}.json", self.num_blocks)
         e = entries[step_block]
         if m.step_block != step_block or (m.first_step, m.num_steps) != (e.first_step, e.num_steps):
-            raise RecordError(f"manifest {step_block:06d}.json describes other steps than its signed entry")
+            raise CommitmentMismatch(f"manifest {step_block:06d}.json describes other steps than its signed entry")
         if m.merkle_root(self.algorithm) != e.merkle_root:
-            raise RecordError(f"manifest {step_block:06d}.json does not match the root signed for step block "
+            raise CommitmentMismatch(f"manifest {step_block:06d}.json does not match the root signed for step block "
                               f"{step_block}: the manifest was altered after signing")
         return m
 
@@ -109,5 +109,5 @@ class RunRecord:
             raise RecordError(f"{d} is missing")
         files = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
         if files_root(self.algorithm, files) != parse_hex_digest(expected_root_hex, f"config: {subdir} digest"):
-            raise RecordError(f"{d} does not match the digest committed in the run config")
+            raise CommitmentMismatch(f"{d} does not match the digest committed in the run config")
         return d

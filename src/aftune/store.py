@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .encoding import DTYPES_BY_NAME, dtype_name, tensor_digest
-from .errors import RecordError
+from .errors import CommitmentMismatch, RecordError
 
 OBJECT_SUFFIX = ".safetensors.zst"
 _HEADER_ALLOWANCE = 1 << 16  # safetensors JSON header and padding for a single tensor
@@ -104,12 +104,12 @@ class ObjectStore:
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise RecordError(f"{where}: {path.name} is not a valid safetensors file ({exc})") from None
         if list(tensors) != [ref.name]:
-            raise RecordError(f"{where}: {path.name} holds {sorted(tensors)[:4]}, expected exactly [{ref.name!r}]")
+            raise CommitmentMismatch(f"{where}: {path.name} holds {sorted(tensors)[:4]}, expected exactly [{ref.name!r}]")
         tensor = tensors[ref.name]
         got = TensorRef.of(ref.name, tensor, self.algorithm)
         if (got.dtype, got.shape) != (ref.dtype, ref.shape):
-            raise RecordError(f"{where}: {ref.name!r} is {got.dtype}{list(got.shape)}, committed {ref.dtype}{list(ref.shape)}")
+            raise CommitmentMismatch(f"{where}: {ref.name!r} is {got.dtype}{list(got.shape)}, committed {ref.dtype}{list(ref.shape)}")
         if got.digest != ref.digest:
-            raise RecordError(f"{where}: {ref.name!r} digest is {got.digest.hex()[:16]}…, committed "
+            raise CommitmentMismatch(f"{where}: {ref.name!r} digest is {got.digest.hex()[:16]}…, committed "
                               f"{ref.digest.hex()[:16]}…: the stored file was altered")
         return tensor.clone()

@@ -26,7 +26,7 @@ from .errors import InputError, MissingExtra
 from .instantiate import instantiate
 from .manifest import common_key
 from .merkle import files_root, merkle_root, tensors_root
-from .models import adapter_class, load_weights, read_model_dir
+from .models import adapter_class, load_pretrained, model_weights
 from .recorder import Recorder
 from .run import DTYPE_BY_NAME, config_digest
 from .signing import SigningKey
@@ -34,6 +34,20 @@ from .transcript import TranscriptWriter
 
 BUILTIN = Path(__file__).parent / "builtin"
 Progress = Callable[[int, int, float], None]
+
+
+class Deviation:
+    """A departure from the agreed computation, for the attack suite and the tests: a provider
+    that cheats is simulated by overriding these hooks. The honest run uses none."""
+
+    def batch(self, step: int, micro: int, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch
+
+    def before_update(self, step: int, blocked: BlockedModel) -> None:
+        pass
+
+    def after_update(self, step: int, blocked: BlockedModel) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,8 @@ def _check_data(dataset: Dataset, task: str, model_type: str, hf_config: dict) -
 
 
 def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path, settings: TrainSettings,
-          key_path: str | Path | None = None, progress: Progress | None = None) -> TrainResult:
+          key_path: str | Path | None = None, progress: Progress | None = None,
+          deviation: Deviation | None = None) -> TrainResult:
     settings.validate()
     model_dir = Path(model_dir) if model_dir else BUILTIN / "model"
     data_path = Path(data_path) if data_path else BUILTIN / "data" / "train.jsonl"
@@ -90,17 +105,16 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         raise InputError(f"run directory {run} already exists and is not empty: records are never overwritten")
     algorithm = settings.hash_algorithm
 
-    hf_config, base_tensors = read_model_dir(model_dir)
+    dtype = DTYPE_BY_NAME[settings.dtype]
+    hf_config, base_model = load_pretrained(model_dir, settings.attn_implementation, dtype)
+    base_tensors = model_weights(base_model)
     model_type = hf_config.get("model_type")
     task = adapter_class(model_type).task
     dataset = load_dataset(data_path)
     _check_data(dataset, task, model_type, hf_config)
     key = SigningKey.load(key_path) if key_path else SigningKey.generate()
 
-    root_module, model, adapter = instantiate(hf_config, settings)
-    dtype = DTYPE_BY_NAME[settings.dtype]
-    base_tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base_tensors.items()}
-    _load_base(root_module, model, base_tensors, settings, str(model_dir))
+    root_module, model, adapter = instantiate(hf_config, settings, base_model)
     blocked = BlockedModel(model, adapter, settings)
 
     run.mkdir(parents=True, exist_ok=True)
@@ -147,7 +161,8 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
                 for k, (name, t) in blocked.state_tensors(b).items():
                     recorder.state(s, b, k, name, t.detach().clone(), stored)
             for t in steps:
-                loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer)
+                loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer,
+                                         deviation or Deviation())
                 if progress:
                     progress(t + 1, settings.steps, loss_value)
             recorder.end(s)
@@ -161,42 +176,16 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value)
 
 
-def _load_base(root_module, model, base_tensors, settings: TrainSettings, where: str) -> None:
-    if settings.lora is None:
-        load_weights(model, base_tensors, where)
-        return
-    from .instantiate import base_name, is_lora_tensor
-
-    state = model.state_dict()
-    mapped = {}
-    for name in state:
-        if is_lora_tensor(name):
-            continue
-        b = base_name(name)
-        if b in base_tensors:
-            mapped[name] = base_tensors[b]
-    load_weights_partial = {k: v for k, v in mapped.items()}
-    missing = sorted(set(base_name(n) for n in state if not is_lora_tensor(n)) - set(base_tensors) - _tied(model))
-    if missing:
-        raise InputError(f"{where}: weights missing for {missing[:5]}")
-    model.load_state_dict(load_weights_partial, strict=False)
-
-
-def _tied(model) -> set[str]:
-    from .models import _tied_aliases
-
-    return _tied_aliases(model)
-
-
 def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, dataset, order: OrderCache,
-                spec: BatchSpec, tokenizer) -> float:
+                spec: BatchSpec, tokenizer, deviation: Deviation) -> float:
     settings = blocked.settings
     nb = len(blocked.blocks)
     device = next(blocked.model.parameters()).device
     losses = []
     for m in range(settings.grad_accum):
         indices = order.indices(step * settings.grad_accum + m, settings.batch_size)
-        batch = {k: v.to(device) for k, v in build_batch(dataset, indices, spec, tokenizer).items()}
+        batch = build_batch(dataset, indices, spec, tokenizer)
+        batch = {k: v.to(device) for k, v in deviation.batch(step, m, batch).items()}
         for field in spec.fields:
             recorder.common(s, common_key(step, m, "batch", field), field, batch[field])
         ctx = blocked.context(batch)
@@ -213,7 +202,7 @@ def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, da
         for b in reversed(range(nb)):
             r = blocked.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
             if b > 0:
-                recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", r_out(outputs[b - 1]))
+                recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
                 recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
                 grad_out = r.input_grad
             for name, part in r.owner_parts.items():
@@ -226,25 +215,21 @@ def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, da
             for _, part in sorted(parts, key=lambda x: x[0]):
                 blocked.add_gradient(param, part)
         recorder.common(s, common_key(step, m, "loss"), "loss", loss.detach().float())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     norms = [blocked.grad_norms(b) for b in range(nb)]
     for b in range(nb):
         recorder.common(s, common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
     coef = blocked.clip(norms)
+    deviation.before_update(step, blocked)
     for b in range(nb):
         blocked.update(b, step, coef)
+    deviation.after_update(step, blocked)
     return sum(losses) / len(losses)
-
-
-def r_out(t: torch.Tensor) -> torch.Tensor:
-    return t.detach()
 
 
 def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSettings, algorithm: str) -> bytes:
     """Write RUN/model (Hugging Face format; LoRA merged, the adapter in RUN/adapter) and return
     the digest of its weights."""
-    from .models import read_model_dir
-
     out = run / "model"
     if settings.lora is not None:
         root_module.save_pretrained(str(run / "adapter"))
@@ -254,8 +239,8 @@ def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSetting
         model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    _, tensors = read_model_dir(out)
-    return tensors_root(algorithm, tensors)[0]
+    _, saved = load_pretrained(out, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
+    return tensors_root(algorithm, model_weights(saved))[0]
 
 
 def _versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .encoding import TAG_RUN, hash_message, parse_hex_digest
-from .errors import InputError, RecordError
+from .errors import CommitmentMismatch, InputError, RecordError
 from .manifest import chained_root
 from .signing import PublicKey, SigningKey
 
@@ -149,11 +149,11 @@ class Transcript:
         except InputError as exc:
             raise RecordError(f"transcript header: {exc}") from None
         if key != pinned_key:
-            raise RecordError(f"transcript is signed by {key.text[:24]}…, not by the pinned provider key "
+            raise CommitmentMismatch(f"transcript is signed by {key.text[:24]}…, not by the pinned provider key "
                               f"{pinned_key.text[:24]}…: it was re-signed or belongs to another provider")
         config_digest = digest(head, "config_digest", 1)
         if not key.verify("run-header", config_digest, signature(head, 1)):
-            raise RecordError("transcript header: bad signature")
+            raise CommitmentMismatch("transcript header: bad signature")
 
         prev = config_digest
         entries: list[StepBlockEntry] = []
@@ -170,27 +170,27 @@ class Transcript:
                         raise RecordError(f"transcript line {n}: '{name}' must be a non-negative integer")
                     vals[name] = v
                 if vals["step_block"] != len(entries):
-                    raise RecordError(f"transcript line {n}: step block {vals['step_block']} where {len(entries)} was expected")
+                    raise CommitmentMismatch(f"transcript line {n}: step block {vals['step_block']} where {len(entries)} was expected")
                 e = StepBlockEntry(vals["step_block"], vals["first_step"], vals["num_steps"],
                                    digest(obj, "merkle_root", n), digest(obj, "prev", n), digest(obj, "root", n),
                                    signature(obj, n))
                 if e.prev != prev:
-                    raise RecordError(f"transcript line {n}: step block {e.step_block} does not chain to the previous root")
+                    raise CommitmentMismatch(f"transcript line {n}: step block {e.step_block} does not chain to the previous root")
                 if e.root != chained_root(algorithm, e.step_block, e.prev, e.merkle_root):
-                    raise RecordError(f"transcript line {n}: step block {e.step_block} root does not match its merkle root")
+                    raise CommitmentMismatch(f"transcript line {n}: step block {e.step_block} root does not match its merkle root")
                 if not key.verify("step-block", e.root, e.signature):
-                    raise RecordError(f"transcript line {n}: step block {e.step_block}: bad signature")
+                    raise CommitmentMismatch(f"transcript line {n}: step block {e.step_block}: bad signature")
                 entries.append(e)
                 prev = e.root
             elif kind == "run":
                 run = RunEntry(digest(obj, "config_digest", n), digest(obj, "last_root", n),
                                digest(obj, "final_model_digest", n), digest(obj, "root", n), signature(obj, n))
                 if run.config_digest != config_digest or run.last_root != prev:
-                    raise RecordError(f"transcript line {n}: the run entry does not close this chain")
+                    raise CommitmentMismatch(f"transcript line {n}: the run entry does not close this chain")
                 if run.root != run_root(algorithm, run.config_digest, run.last_root, run.final_model_digest):
-                    raise RecordError(f"transcript line {n}: run root does not match its parts")
+                    raise CommitmentMismatch(f"transcript line {n}: run root does not match its parts")
                 if not key.verify("run", run.root, run.signature):
-                    raise RecordError(f"transcript line {n}: run entry: bad signature")
+                    raise CommitmentMismatch(f"transcript line {n}: run entry: bad signature")
             else:
                 raise RecordError(f"transcript line {n}: unknown entry type {str(kind)[:20]!r}")
         return cls(algorithm, config_digest, key, tuple(entries), run)

@@ -31,7 +31,7 @@ import torch
 
 from .data import BatchSpec, OrderCache, build_batch, load_dataset
 from .engine import BlockedModel
-from .errors import InputError, RecordError
+from .errors import CommitmentMismatch, InputError, RecordError
 from .instantiate import base_name, instantiate, is_lora_tensor
 from .manifest import StepBlockManifest, common_key
 from .merkle import tensors_root
@@ -121,9 +121,9 @@ class Verifier:
             raise RecordError("run config: data.path must be a relative path inside the run directory")
         self.dataset = load_dataset(self.record.root / rel, data.get("kind"))
         if self.dataset.root(self.algorithm) != parse_hex_digest(data.get("root"), "run config: data.root"):
-            raise RecordError(f"the dataset in {self.record.root / rel} does not match the committed dataset root")
+            raise CommitmentMismatch(f"the dataset in {self.record.root / rel} does not match the committed dataset root")
         if list(self.dataset.labels) != data.get("labels"):
-            raise RecordError("run config: committed labels differ from the dataset's")
+            raise CommitmentMismatch("run config: committed labels differ from the dataset's")
         b = _field(cfg, "batch", dict)
         try:
             self.spec = BatchSpec(task=b["task"], seq_len=int(b["seq_len"]), image_size=int(b["image_size"]),
@@ -192,7 +192,7 @@ class Verifier:
         blk = _Block(BlockResult(layer_block, step_block, label))
         try:
             end_state = self._replay(blk, layer_block, step_block, start_state)
-        except RecordError as exc:
+        except CommitmentMismatch as exc:
             blk.fail(check="record", reason=str(exc))
             end_state = {}
         blk.result.seconds = time.perf_counter() - t0
@@ -331,17 +331,18 @@ class Verifier:
     def check_final_model(self) -> list[Finding]:
         """RUN/model must be the model the run root commits to (and, for full fine-tuning, the
         final state of the last step block)."""
-        from .models import read_model_dir
+        from .models import load_pretrained, model_weights
 
         run = self.record.transcript.run
         ns = self.record.num_step_blocks
         if run is None:
             return [Finding(-1, ns, "record", "the transcript has no signed run root: training did not finish")]
         try:
-            _, tensors = read_model_dir(self.record.root / "model")
+            _, saved = load_pretrained(self.record.root / "model", self.settings.attn_implementation,
+                                       DTYPE_BY_NAME[self.record.settings.dtype])
         except InputError as exc:
             return [Finding(-1, ns, "final_model", str(exc))]
-        root, digests = tensors_root(self.algorithm, tensors)
+        root, digests = tensors_root(self.algorithm, model_weights(saved))
         if root != run.final_model_digest:
             return [Finding(-1, ns, "final_model", "RUN/model is not the model whose digest the run root signs",
                             expected=run.final_model_digest.hex()[:16] + "…", actual=root.hex()[:16] + "…")]
@@ -391,7 +392,7 @@ def _read_base(path: Path, root_hex, algorithm: str) -> dict[str, bytes]:
         raise RecordError(f"{path} must map tensor names to digests")
     digests = {str(k): parse_hex_digest(v, f"{path.name}: {k}") for k, v in obj.items()}
     if merkle_root(algorithm, digests) != parse_hex_digest(root_hex, "run config: model.base_weights"):
-        raise RecordError(f"{path} does not match the base-weights digest committed in the run config")
+        raise CommitmentMismatch(f"{path} does not match the base-weights digest committed in the run config")
     return digests
 
 

@@ -34,6 +34,11 @@ except ImportError:  # pragma: no cover
 
 _AUTO_CLASS = {"causal_lm": "AutoModelForCausalLM", "classification": None}
 _IMAGE_FAMILIES = ("vit", "dinov2", "resnet")
+_NO_ATTENTION = ("resnet",)  # convolutional: transformers rejects an attention implementation
+
+
+def _attention_kwargs(model_type: str, attn_implementation: str) -> dict[str, str]:
+    return {} if model_type in _NO_ATTENTION else {"attn_implementation": attn_implementation}
 
 
 def _transformers():
@@ -73,19 +78,15 @@ def build_model(hf_config: dict[str, Any], attn_implementation: str, dtype: torc
         config = transformers.AutoConfig.for_model(model_type, **fields)
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(f"model config is not a valid {model_type} config: {exc}") from None
-    config._attn_implementation = attn_implementation
     auto = getattr(transformers, auto_class_name(model_type))
     with torch.device("cpu"):
-        model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype, **_attention_kwargs(model_type, attn_implementation))
     return model
 
 
-def read_model_dir(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """config.json and the tensors of every *.safetensors file of a Hugging Face model directory."""
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a Hugging Face model directory, as a dict (checked, never executed)."""
     import json
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     d = Path(model_dir)
     if not (d / "config.json").is_file():
@@ -96,37 +97,36 @@ def read_model_dir(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         raise InputError(f"{d / 'config.json'} is not valid JSON: {exc}") from None
     if not isinstance(hf_config, dict):
         raise InputError(f"{d / 'config.json'} must hold a JSON object")
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
+    return hf_config
+
+
+def load_pretrained(model_dir: str | Path, attn_implementation: str, dtype: torch.dtype) -> tuple[dict[str, Any], nn.Module]:
+    """(config dict, model) from a local directory: safetensors weights only, no remote code.
+
+    Loading goes through `from_pretrained` because checkpoints may store tensors under older
+    names that transformers maps to the current module layout."""
+    transformers = _transformers()
+    d = Path(model_dir)
+    hf_config = read_config(d)
+    model_type = hf_config.get("model_type")
+    if not isinstance(model_type, str):
+        raise InputError(f"{d / 'config.json'} has no 'model_type'")
+    adapter_class(model_type)
+    if not any(d.glob("*.safetensors")):
         raise InputError(f"{d} has no *.safetensors weights (aftune never loads pickled .bin weights)")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            part = load_file(f)
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{f} is not a readable safetensors file: {exc}") from None
-        for name, t in part.items():
-            if name in tensors:
-                raise InputError(f"tensor {name!r} appears in more than one safetensors file of {d}")
-            tensors[name] = t
-    return hf_config, tensors
+    auto = getattr(transformers, auto_class_name(model_type))
+    try:
+        model = auto.from_pretrained(str(d), use_safetensors=True, local_files_only=True, trust_remote_code=False,
+                                     dtype=dtype, **_attention_kwargs(model_type, attn_implementation))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"cannot load the model in {d}: {exc}") from None
+    return hf_config, model
 
 
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Load `tensors` into `model`; every parameter and persistent buffer must be covered, except
-    tied aliases, and no unknown tensor may be present."""
-    state = model.state_dict()
-    unknown = sorted(set(tensors) - set(state))
-    if unknown:
-        raise InputError(f"{where}: tensors not in the model: {unknown[:5]}")
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state (parameters and persistent buffers) without tied aliases."""
     aliases = _tied_aliases(model)
-    missing = sorted(k for k in state if k not in tensors and k not in aliases)
-    if missing:
-        raise InputError(f"{where}: weights missing for {missing[:5]}")
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(state[name].shape):
-            raise InputError(f"{where}: {name} has shape {list(t.shape)}, the model needs {list(state[name].shape)}")
-    model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
+    return {k: v for k, v in model.state_dict().items() if k not in aliases}
 
 
 def _tied_aliases(model: nn.Module) -> set[str]:
@@ -141,4 +141,5 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
-__all__ = ["ADAPTERS", "Adapter", "Stage", "adapter_class", "build_model", "load_weights", "read_model_dir"]
+__all__ = ["ADAPTERS", "Adapter", "Stage", "adapter_class", "build_model", "load_pretrained", "model_weights",
+           "read_config"]

@@ -1,0 +1,229 @@
+"""The `aftune` command line: a thin layer over the library.
+
+    aftune train --run-dir runs/demo                      # built-in model and data
+    aftune verify runs/demo --public-key runs/demo/provider.key.pub --all
+
+Exit codes: 0 PASS (or success), 1 FAIL, 2 bad input or usage. Only `AftuneError` (and OS
+errors about files) are caught: anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import AftuneError, CommitmentMismatch
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Auditable fine-tuning: record, commit and verify by replay.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: AftuneError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[note]}"), console=err, transient=False, disable=not err.is_terminal)
+
+
+@app.command()
+def keygen(path: Path = typer.Argument(..., help="Where to write the private key; the public key goes to PATH.pub.")):
+    """Create a provider signing key (Ed25519)."""
+    from .signing import SigningKey
+
+    if path.exists():
+        _fail(AftuneError(f"{path} exists: keys are never overwritten"))
+    pub = SigningKey.generate().save(path)
+    out.print(f"private key: {path}\npublic key:  {pub} ({pub.read_text().strip()})")
+
+
+@app.command()
+def train(
+    run_dir: Path = typer.Option(..., "--run-dir", help="New directory for the record and the fine-tuned model."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Hugging Face model directory (default: built-in tiny Llama)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL file or image folder (default: built-in dataset)."),
+    steps: int = typer.Option(32, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Maximum tokens per example."),
+    image_size: int = typer.Option(0, "--image-size", help="Image side in pixels (0: from the model config)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum)."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    schedule: str = typer.Option("constant", "--schedule", help="constant, linear or cosine."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Global gradient clipping; 0 disables."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (PEFT) instead of all weights."),
+    lora_r: int = typer.Option(8, "--lora-r"),
+    lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    lora_targets: str = typer.Option("", "--lora-targets", help="Comma-separated module names (default: PEFT's)."),
+    steps_per_block: int = typer.Option(4, "--steps-per-block", help="B_S: steps per step block."),
+    layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block."),
+    checkpoint_interval: int = typer.Option(1, "--checkpoint-interval", help="I_C: store full state every I_C step blocks."),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
+    hash_algorithm: str = typer.Option("blake3", "--hash", help="blake3 or sha256."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: a new one in RUN)."),
+):
+    """Fine-tune with recording: every block committed, every step block signed as it ends."""
+    from .config import LoraSettings, TrainSettings
+    from .train import train as run_training
+
+    settings = TrainSettings(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, image_size=image_size, lr=lr,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, layers_per_block=layers_per_block,
+        steps_per_block=steps_per_block, checkpoint_interval=checkpoint_interval, dtype=dtype,
+        hash_algorithm=hash_algorithm,
+        lora=LoraSettings(r=lora_r, alpha=lora_alpha,
+                          target_modules=tuple(t for t in lora_targets.split(",") if t)) if lora else None,
+    )
+    try:
+        with _progress() as bar:
+            task = bar.add_task("training", total=steps, note="")
+
+            def progress(done, total, loss):
+                bar.update(task, completed=done, note=f"loss {loss:.4f}")
+
+            result = run_training(model, data, run_dir, settings, key_path=key, progress=progress)
+    except AftuneError as exc:
+        _fail(exc)
+    out.print(f"run recorded in {result.run_dir} (final loss {result.final_loss:.4f})")
+    out.print(f"run root:  {result.run_root.hex()}")
+    out.print(f"model:     {result.run_dir / 'model'} (digest {result.final_model_digest.hex()[:16]}…)")
+    if result.public_key_path:
+        out.print(f"provider public key: {result.public_key_path}")
+
+
+def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None):
+    from .signing import PublicKey
+    from .verify import Tolerance, Verifier
+
+    tol = Tolerance()
+    if rel_l2 is not None or max_elem is not None:
+        tol = Tolerance(rel_l2=rel_l2 if rel_l2 is not None else tol.rel_l2,
+                        max_elem=max_elem if max_elem is not None else tol.max_elem)
+    return Verifier(run_dir, PublicKey.load(public_key), mode=mode, tolerance=tol, replay_dtype=dtype)
+
+
+_PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
+
+
+@app.command()
+def verify(
+    run_dir: Path = typer.Argument(..., help="The run directory."),
+    public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l"),
+    step_block: Optional[int] = typer.Option(None, "--step-block", "-s"),
+    all_blocks: bool = typer.Option(False, "--all", help="Verify every block and the final model."),
+    mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
+    rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per tensor."),
+    max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
+):
+    """Replay blocks and compare them with their commitments. Exit 0 PASS, 1 FAIL, 2 bad input."""
+    from .report import Report
+
+    try:
+        if all_blocks == (layer_block is not None or step_block is not None):
+            raise AftuneError("give either --all or both --layer-block and --step-block")
+        if not all_blocks and (layer_block is None or step_block is None):
+            raise AftuneError("give both --layer-block and --step-block")
+        v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem)
+        if all_blocks:
+            total = len(v.blocked.blocks) * v.record.num_step_blocks
+            with _progress() as bar:
+                task = bar.add_task("verifying", total=total, note="")
+                report = v.verify_all(lambda r: bar.update(task, advance=1, note=r.verdict))
+        else:
+            report = Report(str(run_dir), mode)
+            report.results.append(v.verify_block(layer_block, step_block)[0])
+    except CommitmentMismatch as exc:  # the record contradicts its signed commitments
+        if as_json:
+            out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
+        else:
+            out.print(f"[bold red]FAIL:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except AftuneError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        for r in report.results:
+            colour = "green" if r.verdict == "PASS" else "red"
+            out.print(f"[{colour}]{r.headline()}[/]", highlight=False, soft_wrap=True)
+            for f in r.findings[1:5]:
+                out.print(f"    also: {f.describe(r.label)}", highlight=False, soft_wrap=True)
+        for f in report.errors:
+            out.print(f"[red]FAIL {f.describe('final model')}[/]", highlight=False, soft_wrap=True)
+        out.print(f"[bold]{report.summary()}[/]", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.verdict == "PASS" else 1)
+
+
+@app.command()
+def prepare(
+    run_dir: Path = typer.Argument(...),
+    public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    layer_block: int = typer.Option(..., "--layer-block", "-l"),
+    step_block: int = typer.Option(..., "--step-block", "-s"),
+):
+    """Regenerate a block's start state from the nearest stored checkpoint (I_C > 1)."""
+    from .prepare import prepare as run_prepare
+
+    try:
+        v = _verifier(run_dir, public_key)
+        done = run_prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
+    except AftuneError as exc:
+        _fail(exc)
+    if done:
+        out.print(f"regenerated layer block {layer_block} at step blocks {done}; every tensor matched its digest")
+    else:
+        out.print(f"layer block {layer_block}, step block {step_block}: already stored")
+
+
+@app.command()
+def digest(
+    model_dir: Path = typer.Argument(..., help="A Hugging Face model directory."),
+    dtype: str = typer.Option("float32", "--dtype", help="The dtype the weights are trained in."),
+    hash_algorithm: str = typer.Option("blake3", "--hash"),
+):
+    """Print the weights digest of a model (compare with a run's base_weights or final model)."""
+    from .merkle import tensors_root
+    from .models import load_pretrained, model_weights
+    from .run import DTYPE_BY_NAME
+
+    try:
+        if dtype not in DTYPE_BY_NAME:
+            raise AftuneError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}")
+        _, model = load_pretrained(model_dir, "eager", DTYPE_BY_NAME[dtype])
+        root, _ = tensors_root(hash_algorithm, model_weights(model))
+    except AftuneError as exc:
+        _fail(exc)
+    out.print(root.hex())
+
+
+def main() -> None:
+    try:
+        app()
+    except OSError as exc:  # unreadable or unwritable files: bad input, not a bug
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
