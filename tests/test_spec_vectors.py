@@ -170,21 +170,36 @@ def leaf_entries(n: int) -> dict[str, bytes]:
 VECTORS = {
     "blake3": {
         "tensor_f32": "ea8f96f1a884ef0c85e17049ab749563d093e25fba08c3cb08ccff331a25fe11",
-        "tensor_i64": "",
-        "tensor_scalar": "",
-        "empty": "",
-        "merkle_1": "",
-        "merkle_2": "",
-        "merkle_3": "",
-        "merkle_5": "",
-        "chained_0": "",
-        "chained_1": "",
-        "run_root": "",
+        "tensor_i64": "ae3b56590c24013f318e4b4f8d0b330af8e0dfb18a1db92621ff4b466c60283e",
+        "tensor_scalar": "be3e4454d45d6cf49eb0744cd302ef52b352536965720cca83a6a3549ff31f5e",
+        "empty": "cf9bbd9ee0e7049497b6d86d6858cb420a162967f512236b723aa3b98dc21e1a",
+        "merkle_1": "96f04a2f449c1034fde4c498e955250a9b352c21dd4b1a344e208d4c845c599b",
+        "merkle_2": "56709ef21cad89f0373c1944bd22e8e478d859633cf0282b76724154babfecf9",
+        "merkle_3": "c42fcf0e320856807cbefedb1ec05d60c631da1d0fb5c9244d9c066941380fe3",
+        "merkle_5": "dc15bdc005398b937361bd37d326bafe2c89a553f0229301176f98551af4b51e",
+        "chained_0": "8e2d309597d9afe45fafcb226e0e95588532d215876e1134db1b9a1e59d434cd",
+        "chained_1": "e68116169a5cd9bde74a09eb6fd5509b2f36f3808792c79bb177d3aef2465ab4",
+        "run_root": "4ec71be4670ffaf8c0b7c6b080ac330e5e69c5af3e83fd5435290551b9927288",
     },
-    "sha256": {},
+    "sha256": {
+        "tensor_f32": "dbd71c5e88146fb57d590360ba0354659d57fde5d7787236353e6b05a7129624",
+        "tensor_i64": "54a46370d8b8a74b763801c80e03591d1485b0c712e5c8d1267da32b9ac659c2",
+        "tensor_scalar": "53509f20645963ecf33b0b0147aac48a5c315a940814111c18f9ac8628d484ad",
+        "empty": "89147316576adf8f9e89870a06afcbd36ee8129823dfc4dd7e524bae4c1a8a02",
+        "merkle_1": "c7e00a06812f1c7a45040b29b56449106811440c4c3e14edd7280f4da85f4af1",
+        "merkle_2": "b08e9ecacef0c6065d338b64e0a4fa3c3761abb42d1ff4c8dc9379b38d4f866d",
+        "merkle_3": "119fecc4a37128951e1664510d0205411a7e02fa11bbf7e62d76df2f5689aade",
+        "merkle_5": "995dd42ba34f2d7a890c4746651be4b1cceb9c0bc815dd8064ae3d4620c116b5",
+        "chained_0": "41365a4d1ae8d3f123f1f23617d5ab0a0b557d9e846e392c9aa05582d3c0881f",
+        "chained_1": "c758d3fd31fd6f7f714f3081e8719ddd491ae158d6dcb1a7847b397377b00cb2",
+        "run_root": "c3dc486aff74d404a765ab5542607ff850e8abd43fb6d4c2ad50f8c732873f0d",
+    },
 }
-SIGNATURE_HEX = ""
-PUBLIC_KEY_HEX = ""
+SIGNATURE_HEX = (
+    "13c78263ddc74d9867bce0873dcfc4c5f421a8920ebe6fefdf27af1a009d899c"
+    "e4adf6d7b91756290923cc459f31386508d8e2cc30e32391938dbc1262066109"
+)
+PUBLIC_KEY_HEX = "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
 
 
 def _check_vector(algorithm: str, name: str, value: bytes) -> None:

@@ -107,7 +107,7 @@ def train(
         out.print(f"provider public key: {result.public_key_path}")
 
 
-def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None):
+def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None, transcript=None):
     from .signing import PublicKey
     from .verify import Tolerance, Verifier
 
@@ -115,10 +115,13 @@ def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_e
     if rel_l2 is not None or max_elem is not None:
         tol = Tolerance(rel_l2=rel_l2 if rel_l2 is not None else tol.rel_l2,
                         max_elem=max_elem if max_elem is not None else tol.max_elem)
-    return Verifier(run_dir, PublicKey.load(public_key), mode=mode, tolerance=tol, replay_dtype=dtype)
+    return Verifier(run_dir, PublicKey.load(public_key), mode=mode, tolerance=tol, replay_dtype=dtype,
+                    transcript=transcript)
 
 
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
+_TRANSCRIPT_HELP = ("Your own copy of the transcript, received while training ran (default: the run "
+                    "directory's, which the provider could rewrite).")
 
 
 @app.command()
@@ -132,6 +135,7 @@ def verify(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
     rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per tensor."),
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms."),
+    transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ):
     """Replay blocks and compare them with their commitments. Exit 0 PASS, 1 FAIL, 2 bad input."""
@@ -142,7 +146,7 @@ def verify(
             raise AftuneError("give either --all or both --layer-block and --step-block")
         if not all_blocks and (layer_block is None or step_block is None):
             raise AftuneError("give both --layer-block and --step-block")
-        v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem)
+        v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem, transcript)
         if all_blocks:
             total = len(v.blocked.blocks) * v.record.num_step_blocks
             with _progress() as bar:

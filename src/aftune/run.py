@@ -50,11 +50,13 @@ class RunRecord:
     store: ObjectStore
 
     @classmethod
-    def open(cls, run_dir: str | Path, public_key: PublicKey) -> "RunRecord":
+    def open(cls, run_dir: str | Path, public_key: PublicKey, transcript_path: str | Path | None = None) -> "RunRecord":
+        """Open a run. `transcript_path` is the client's own copy of the transcript, received
+        while training ran; without it the run directory's copy is used."""
         root = Path(run_dir)
         if not root.is_dir():
             raise InputError(f"run directory {root} does not exist")
-        transcript = Transcript.load(root / "transcript.jsonl", public_key)
+        transcript = Transcript.load(Path(transcript_path or root / "transcript.jsonl"), public_key)
         path = root / "config.json"
         if not path.is_file():
             raise RecordError(f"{path} is missing")

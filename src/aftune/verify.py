@@ -69,6 +69,10 @@ def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float
     return rel, elem
 
 
+class _StopReplay(Exception):
+    """Ends one block's replay after a finding that makes the rest meaningless."""
+
+
 class _Block:
     """Bookkeeping for one (layer block, step block) replay."""
 
@@ -83,12 +87,13 @@ class _Block:
 
 class Verifier:
     def __init__(self, run_dir: str | Path, public_key: PublicKey, mode: str = "strict",
-                 tolerance: Tolerance = Tolerance(), replay_dtype: str | None = None):
+                 tolerance: Tolerance = Tolerance(), replay_dtype: str | None = None,
+                 transcript: str | Path | None = None):
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if replay_dtype is not None and mode == "strict":
             raise InputError("replaying in another dtype cannot be bitwise: use --mode tolerance with --dtype")
-        self.record = RunRecord.open(run_dir, public_key)
+        self.record = RunRecord.open(run_dir, public_key, transcript)
         self.mode, self.tolerance = mode, tolerance
         cfg = self.record.config
         settings = self.record.settings
@@ -140,6 +145,22 @@ class Verifier:
         self.order = OrderCache(self.algorithm, self.settings.seed, len(self.dataset.examples))
         base = self.record.root / "base_model.json"
         self.base_digests = _read_base(base, _field(cfg, "model", dict).get("base_weights"), self.algorithm)
+
+    def fields_entering(self, block: int) -> list[str]:
+        """Batch fields that enter layer block `block`: labels at the head, the attention mask
+        everywhere, the inputs at the embedding. Each field is checked where it is used."""
+        last = len(self.blocked.blocks) - 1
+        out = []
+        for f in self.spec.fields:
+            if f == "labels":
+                used = block == last
+            elif f == "attention_mask":
+                used = True
+            else:
+                used = block == 0
+            if used:
+                out.append(f)
+        return out
 
     def agreed_batch(self, step: int, micro: int) -> tuple[list[int], dict[str, torch.Tensor]]:
         indices = self.order.indices(step * self.settings.grad_accum + micro, self.settings.batch_size)
@@ -194,6 +215,12 @@ class Verifier:
             end_state = self._replay(blk, layer_block, step_block, start_state)
         except CommitmentMismatch as exc:
             blk.fail(check="record", reason=str(exc))
+            end_state = {}
+        except _StopReplay:
+            end_state = {}
+        except RuntimeError as exc:  # committed tensors that do not fit the agreed computation
+            blk.fail(check="record", reason=f"the committed tensors cannot be replayed with the agreed batch and "
+                                            f"model: {str(exc).splitlines()[0][:300]}")
             end_state = {}
         blk.result.seconds = time.perf_counter() - t0
         return blk.result, end_state
@@ -263,7 +290,7 @@ class Verifier:
         bm = self.blocked
         common = manifest.common
         indices, batch = self.agreed_batch(step, m)
-        for field in self.spec.fields:
+        for field in self.fields_entering(l):
             key = common_key(step, m, "batch", field)
             ref = common.get(key)
             before = len(blk.result.findings)
@@ -271,6 +298,7 @@ class Verifier:
             if len(blk.result.findings) > before:
                 f = blk.result.findings[-1]
                 blk.result.findings[-1] = Finding(**{**f.__dict__, "reason": f.reason + f"; the agreed examples are {indices}"})
+                raise _StopReplay  # later tensors were computed from another batch
         if self.replay_dtype != torch.float32 and "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.replay_dtype)
         ctx = bm.context(batch)

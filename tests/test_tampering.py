@@ -1,0 +1,255 @@
+"""Each deviation from the agreed computation FAILs, on the block it touches, with a message
+that names it. Honest counterparts live in test_honest_runs.py; each tamper here starts from the
+same tiny setup (Llama: layer block 0 = embedding + layers 0-1, layer block 1 = layers 2-3 + head;
+6 steps in step blocks of 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+import zstandard
+from safetensors.torch import save as st_save
+
+from aftune.errors import CommitmentMismatch
+from aftune.signing import SigningKey
+from aftune.train import Deviation
+from aftune.verify import Verifier
+from conftest import failing, verify_all
+
+SETUP = dict(steps=6, steps_per_block=2)
+TARGET = "model.layers.2.mlp.up_proj.weight"  # in layer block 1
+
+
+def _param(blocked, name):
+    return dict(p for lay in blocked.layout for p in lay.params)[name]
+
+
+class FlipExponentBit(Deviation):
+    """WBP-style: one exponent bit of one float32 weight flipped after the update of `step`."""
+
+    def __init__(self, step, name=TARGET, bit=24):
+        self.step, self.name, self.bit = step, name, bit
+
+    def after_update(self, step, blocked):
+        if step == self.step:
+            w = _param(blocked, self.name).data
+            w.view(-1)[:1].view(torch.int32).bitwise_xor_(1 << self.bit)
+
+
+class SkipUpdate(Deviation):
+    def __init__(self, step):
+        self.step, self.saved = step, None
+
+    def before_update(self, step, blocked):
+        if step == self.step:
+            self.saved = ({n: p.detach().clone() for lay in blocked.layout for n, p in lay.params},
+                          {n: {k: v.clone() for k, v in s.items()} for n, s in blocked.optim_state.items()})
+
+    def after_update(self, step, blocked):
+        if step == self.step:
+            params, optim = self.saved
+            for lay in blocked.layout:
+                for n, p in lay.params:
+                    p.data.copy_(params[n])
+            for n, s in blocked.optim_state.items():
+                for k, v in s.items():
+                    v.copy_(optim[n][k])
+
+
+class OtherLearningRate(Deviation):
+    def __init__(self, from_step, factor):
+        self.from_step, self.factor = from_step, factor
+
+    def before_update(self, step, blocked):
+        if step == self.from_step:
+            blocked.optimizer = replace(blocked.optimizer, lr=blocked.optimizer.lr * self.factor)
+
+
+class SwapBatch(Deviation):
+    """Train step `step` on the batch of step 0 instead of its own."""
+
+    def __init__(self, step):
+        self.step, self.first = step, None
+
+    def batch(self, step, micro, batch):
+        if step == 0:
+            self.first = {k: v.clone() for k, v in batch.items()}
+        return self.first if step == self.step else batch
+
+
+class PoisonLabel(Deviation):
+    def __init__(self, step, num_labels=3):
+        self.step, self.num_labels = step, num_labels
+
+    def batch(self, step, micro, batch):
+        if step == self.step:
+            batch = dict(batch)
+            batch["labels"] = batch["labels"].clone()
+            batch["labels"][0] = (batch["labels"][0] + 1) % self.num_labels
+        return batch
+
+
+def test_flipped_exponent_bit_fails_only_its_block(record):
+    run_dir, key = record("llama", deviation=FlipExponentBit(step=3), **SETUP)
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(1, 1)], report.summary()
+    bad = next(r for r in report.results if r.verdict == "FAIL")
+    assert bad.findings[0].check == "end_state" and bad.findings[0].tensor == f"state/{TARGET}"
+    assert "layer block 1" in bad.headline() and "step block 1" in bad.headline()
+
+
+def test_flip_mid_step_block_fails_at_the_next_forward(record):
+    run_dir, key = record("llama", deviation=FlipExponentBit(step=2), **SETUP)
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(1, 1)], report.summary()
+    first = next(r for r in report.results if r.verdict == "FAIL").findings[0]
+    assert first.step == 3 and first.check == "loss"  # layer block 1 holds the head: its output is the loss
+
+
+def test_skipped_optimizer_step_fails(record):
+    run_dir, key = record("llama", deviation=SkipUpdate(step=2), **SETUP)
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(0, 1), (1, 1)], report.summary()
+    assert all(f.check in ("end_state", "output", "loss", "input_gradient", "grad_norms")
+               for r in report.results for f in r.findings)
+
+
+def test_other_learning_rate_fails(record):
+    run_dir, key = record("llama", deviation=OtherLearningRate(from_step=4, factor=2.0), **SETUP)
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(0, 2), (1, 2)], report.summary()
+    # the first update with the wrong rate (step 4) shows in the next forward pass (step 5)
+    assert {(r.findings[0].check, r.findings[0].step) for r in report.results if r.findings} == {("output", 5), ("loss", 5)}
+
+
+def test_swapped_batch_fails_where_it_enters(record):
+    run_dir, key = record("llama", deviation=SwapBatch(step=1), **SETUP)
+    report = verify_all(run_dir, key)
+    assert (0, 0) in failing(report) and (1, 0) in failing(report)
+    first = next(r for r in report.results if r.verdict == "FAIL").findings[0]
+    assert first.check == "batch" and first.step == 1 and "agreed examples" in first.reason
+
+
+def test_poisoned_label_fails_the_head_block(record):
+    run_dir, key = record("bert", deviation=PoisonLabel(step=2), steps=4, steps_per_block=2)
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(1, 1)], report.summary()
+    f = next(r for r in report.results if r.verdict == "FAIL").findings[0]
+    assert f.check == "batch" and f.tensor.endswith("batch/labels") and f.step == 2
+
+
+# --- edits of the record after training ------------------------------------------------------
+
+@pytest.fixture
+def honest(record, tmp_path):
+    run_dir, key = record("llama", **SETUP)
+    return run_dir, key
+
+
+def _manifest(run_dir, s):
+    return json.loads((run_dir / "manifests" / f"{s:06d}.json").read_text())
+
+
+def _object_path(run_dir, digest_hex):
+    return run_dir / "objects" / digest_hex[:2] / f"{digest_hex}.safetensors.zst"
+
+
+def test_edited_tensor_file_fails_the_block_that_reads_it(honest):
+    run_dir, key = honest
+    row = next(r for r in _manifest(run_dir, 1)["common"] if r[0].endswith("boundary/0001/activation"))
+    path = _object_path(run_dir, row[4])
+    from aftune.store import ObjectStore, TensorRef
+    from aftune.encoding import parse_hex_digest
+
+    ref = TensorRef(row[1], row[2], tuple(row[3]), parse_hex_digest(row[4], "x"))
+    t = ObjectStore(run_dir / "objects", "blake3").get(ref, "test")
+    t.view(-1)[0] += 1.0  # a plausible, well-formed edit
+    path.write_bytes(zstandard.ZstdCompressor().compress(st_save({row[1]: t})))
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(1, 1)], report.summary()
+    f = next(r for r in report.results if r.verdict == "FAIL").findings[0]
+    assert f.check == "record" and "altered" in f.reason
+
+
+def test_edited_manifest_fails_its_step_block(honest):
+    run_dir, key = honest
+    m = _manifest(run_dir, 2)
+    m["common"][0][4] = "00" * 32
+    (run_dir / "manifests" / "000002.json").write_text(json.dumps(m))
+    report = verify_all(run_dir, key)
+    # step block 2 is read to replay step block 1 (end state) and step block 2 itself
+    assert failing(report) == [(0, 1), (0, 2), (1, 1), (1, 2)], report.summary()
+    assert all("signed for step block 2" in r.findings[0].reason for r in report.results if r.findings)
+
+
+def _rewrite_transcript(run_dir, edit):
+    path = run_dir / "transcript.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    edit(lines)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_edited_transcript_entry_fails(honest):
+    run_dir, key = honest
+
+    def edit(lines):
+        lines[2]["merkle_root"] = "11" * 32
+
+    _rewrite_transcript(run_dir, edit)
+    with pytest.raises(CommitmentMismatch, match="step block 1"):
+        Verifier(run_dir, key)
+
+
+def _resign(lines, signer, algorithm="blake3"):
+    from aftune.manifest import chained_root
+    from aftune.transcript import run_root
+
+    head = lines[0]
+    config = bytes.fromhex(head["config_digest"])
+    head["public_key"] = signer.public_key.text
+    head["signature"] = signer.sign("run-header", config).hex()
+    prev = config
+    for e in lines[1:]:
+        if e["type"] == "step_block":
+            root = chained_root(algorithm, e["step_block"], prev, bytes.fromhex(e["merkle_root"]))
+            e.update(prev=prev.hex(), root=root.hex(), signature=signer.sign("step-block", root).hex())
+            prev = root
+        else:
+            root = run_root(algorithm, config, prev, bytes.fromhex(e["final_model_digest"]))
+            e.update(last_root=prev.hex(), root=root.hex(), signature=signer.sign("run", root).hex())
+
+
+def test_transcript_resigned_with_another_key_fails(honest):
+    run_dir, key = honest
+    _rewrite_transcript(run_dir, lambda lines: _resign(lines, SigningKey.generate()))
+    with pytest.raises(CommitmentMismatch, match="not by the pinned provider key"):
+        Verifier(run_dir, key)
+
+
+def test_root_changed_after_signing_fails_against_the_clients_copy(honest, tmp_path):
+    """The provider edits a manifest after the fact and re-signs the transcript with its own key.
+    The client verifies against the copy it received while training ran."""
+    run_dir, key = honest
+    client_copy = tmp_path / "client-transcript.jsonl"
+    shutil.copy(run_dir / "transcript.jsonl", client_copy)
+    m = _manifest(run_dir, 1)
+    m["common"][0][4] = "22" * 32
+    (run_dir / "manifests" / "000001.json").write_text(json.dumps(m))
+    from aftune.manifest import StepBlockManifest
+
+    new_root = StepBlockManifest.from_json(m, 2).merkle_root("blake3")
+    provider_key = SigningKey.load(run_dir / "provider.key")
+
+    def edit(lines):
+        lines[2]["merkle_root"] = new_root.hex()
+        _resign(lines, provider_key)
+
+    _rewrite_transcript(run_dir, edit)
+    Verifier(run_dir, key)  # the rewritten transcript is self-consistent and signed by the right key...
+    report = Verifier(run_dir, key, transcript=client_copy).verify_all()  # ...but not what the client received
+    assert failing(report) == [(0, 0), (0, 1), (1, 0), (1, 1)], report.summary()
+    assert all("signed for step block 1" in r.findings[0].reason for r in report.results if r.findings)
