@@ -204,7 +204,7 @@ def run_blocked(inp: Inputs, settings: TrainSettings) -> RunTiming:
                 param = dict(blocked.layout[blocked.owner[name]].params)[name]
                 for _, part in sorted(parts, key=lambda x: x[0]):
                     blocked.add_gradient(param, part)
-            losses.append(float(outputs[-1]))
+            losses.append(float(outputs[-1].detach()))
         norms = [blocked.grad_norms(b) for b in range(nb)]
         coef = blocked.clip(norms)
         for b in range(nb):
@@ -402,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
     from rich.table import Table
+    from transformers.utils import logging as hf_logging
 
-    console = Console()
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+    console = Console(width=None if sys.stdout.isatty() else 140)
     t_start = time.perf_counter()
     work_ctx = tempfile.TemporaryDirectory(prefix="aftune-bench-") if args.work_dir is None else contextlib.nullcontext(args.work_dir)
     with work_ctx as work:

@@ -100,6 +100,13 @@ class ObjectStore:
         if len(payload) > limit:
             raise RecordError(f"{where}: {path.name} decompresses past the {limit} bytes {ref.name!r} needs")
         try:
+            declared = zstandard.frame_content_size(compressed)
+        except zstandard.ZstdError:
+            declared = -2
+        if declared != len(payload):
+            raise RecordError(f"{where}: {path.name} is truncated or corrupt (zstd frame declares "
+                              f"{declared} bytes, {len(payload)} decompressed)")
+        try:
             tensors = st_load(payload)
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise RecordError(f"{where}: {path.name} is not a valid safetensors file ({exc})") from None

@@ -1,0 +1,5 @@
+"""`python -m aftune ...` is `aftune ...`."""
+
+from .cli import main
+
+main()
