@@ -603,3 +603,17 @@ def test_transcript_rejects_tampering(tmp_path):
     path.write_bytes(good + b'{"type":"step_block"}\n')
     with pytest.raises(RecordError):  # nothing may follow the run entry
         Transcript.load(path, pub)
+
+
+def test_spec_appendix_lists_every_vector():
+    """SPEC.md Appendix A prints the same constants as this file."""
+    spec = Path(__file__).resolve().parents[1] / "SPEC.md"
+    if not spec.is_file():
+        pytest.skip("SPEC.md not present")
+    text = spec.read_text(encoding="utf-8")
+    appendix = text[text.index("## Appendix A"):]
+    for algorithm, vectors in VECTORS.items():
+        for name, value in vectors.items():
+            assert value in appendix, f"{algorithm}/{name} is not in SPEC.md Appendix A"
+    assert PUBLIC_KEY_HEX in appendix
+    assert SIGNATURE_HEX[:64] in appendix and SIGNATURE_HEX[64:] in appendix

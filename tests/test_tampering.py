@@ -29,15 +29,25 @@ def _param(blocked, name):
 
 
 class FlipExponentBit(Deviation):
-    """WBP-style: one exponent bit of one float32 weight flipped after the update of `step`."""
+    """WBP-style: one exponent bit of one float32 weight flipped after the update of `step`.
+    With `bit=None` the highest of bits 25, 24, 23 that is 0 is flipped, so the weight grows
+    (x16, x4 or x2), as WBP's chosen flips do."""
 
     def __init__(self, step, name=TARGET, bit=24):
         self.step, self.name, self.bit = step, name, bit
 
+    def _grow_bit(self, w):
+        bits = int(w[:1].float().view(torch.int32))
+        return next(b for b in (25, 24, 23) if not bits >> b & 1)
+
     def after_update(self, step, blocked):
         if step == self.step:
-            w = _param(blocked, self.name).data
-            w.view(-1)[:1].view(torch.int32).bitwise_xor_(1 << self.bit)
+            w = _param(blocked, self.name).data.view(-1)
+            bit = self.bit if self.bit is not None else self._grow_bit(w)
+            if w.dtype == torch.float32:
+                w[:1].view(torch.int32).bitwise_xor_(1 << bit)
+            else:  # bfloat16 is float32's upper half: the same exponent bit sits 16 lower
+                w[:2].view(torch.int32).bitwise_xor_(1 << (bit - 16))
 
 
 class SkipUpdate(Deviation):

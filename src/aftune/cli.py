@@ -3,8 +3,9 @@
     aftune train --run-dir runs/demo                      # built-in model and data
     aftune verify runs/demo --public-key runs/demo/provider.key.pub --all
 
-Exit codes: 0 PASS (or success), 1 FAIL, 2 bad input or usage. Only `AftuneError` (and OS
-errors about files) are caught: anything else is a bug and shows its traceback.
+Exit codes: 0 PASS (or success), 1 FAIL, 2 bad input or usage, 3 internal error. Only
+`AftuneError` (and OS errors about files) are expected: anything else is a bug, shown with its
+traceback and exit code 3 so it can never be mistaken for a verdict.
 """
 
 from __future__ import annotations
@@ -178,6 +179,26 @@ def verify(
 
 
 @app.command()
+def calibrate(
+    run_dir: Path = typer.Argument(..., help="An honest run, replayed to measure floating-point error."),
+    public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay dtype the audit will use."),
+    margin: float = typer.Option(4.0, "--margin", help="Thresholds = margin x the largest honest error."),
+):
+    """Measure honest replay error and suggest tolerance-mode thresholds."""
+    from .calibrate import calibrate as run_calibration
+
+    try:
+        c = run_calibration(run_dir, _verifier(run_dir, public_key).record.transcript.public_key, dtype, margin)
+    except AftuneError as exc:
+        _fail(exc)
+    out.print(f"{c.blocks} honest blocks replayed: largest relative L2 error {c.max_rel_l2:.3g}, "
+              f"largest element error {c.max_elem:.3g} x rms")
+    out.print(f"suggested: --mode tolerance{' --dtype ' + dtype if dtype else ''} "
+              f"--rel-l2 {c.suggested.rel_l2:.3g} --max-elem {c.suggested.max_elem:.3g}")
+
+
+@app.command()
 def prepare(
     run_dir: Path = typer.Argument(...),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
@@ -227,6 +248,14 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BaseException as exc:  # a bug in aftune: never let it read as a verdict (1) or bad input (2)
+        if isinstance(exc, SystemExit):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        err.print("[bold red]internal error[/] (exit 3): this is a bug in aftune, please report it")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ class TrainSettings:
                 out.append(f"{name} must be a positive integer, got {v!r}")
         for name in ("image_size", "warmup_steps", "seed"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                out.append(f"{name} must be a non-negative integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+                out.append(f"{name} must be an integer in [0, 2^63), got {v!r}")
         for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "max_grad_norm"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

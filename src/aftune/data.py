@@ -13,6 +13,7 @@ BLAKE3/SHA-256 (not a framework RNG), so an independent verifier can recompute i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,14 @@ def _load_jsonl(path: Path, kind: str) -> Dataset:
     return Dataset(kind, tuple(examples), labels, (path,))
 
 
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
 def _label_sort_key(label: str):
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+    """Integer labels (in canonical form) by value, then every other label by its UTF-8 bytes."""
+    if _CANONICAL_INT.fullmatch(label):
+        return (0, int(label), b"")
+    return (1, 0, label.encode("utf-8", "surrogatepass"))
 
 
 def _parse_example(obj: Any, raw: bytes, kind: str) -> Example:

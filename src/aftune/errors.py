@@ -1,9 +1,13 @@
 """The error hierarchy. The CLI catches `AftuneError` only; anything else is a bug.
 
-- `InputError`: bad arguments or unreadable, malformed, truncated or hostile input (exit code 2).
-- `RecordError`: a record file that exists but is inconsistent with its commitment (exit code 2
-  when raised on its own; the verifier turns it into a FAIL finding where it concerns a block).
+- `InputError`: bad arguments or unreadable, malformed or hostile input (exit code 2).
+- `RecordError`: a record file is missing, truncated or unparsable (exit code 2): nothing can be
+  concluded about the block, and nothing PASSes.
+- `CommitmentMismatch` (a `RecordError`): a record file is readable but contradicts what was
+  signed: evidence of tampering, a FAIL (exit code 1) naming the block or step block.
 - `VerificationFailed`: carries a report whose verdict is FAIL (exit code 1).
+
+The CLI exits 3 on any other exception: that is a bug in aftune, never a verdict.
 """
 
 from __future__ import annotations

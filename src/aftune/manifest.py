@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import jsonio
 from .encoding import DTYPES_BY_NAME, TAG_STEP_BLOCK, hash_message, parse_hex_digest, u64
 from .errors import InputError, RecordError
 from .merkle import merkle_root
@@ -73,8 +74,8 @@ class StepBlockManifest:
         if not path.is_file():
             raise RecordError(f"manifest {path} is missing: the record is incomplete")
         try:
-            obj = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            obj = jsonio.loads(path.read_bytes())
+        except ValueError as exc:
             raise RecordError(f"manifest {path} is not valid JSON ({exc}): truncated or corrupt") from None
         try:
             return cls.from_json(obj, num_blocks)
@@ -123,6 +124,10 @@ def _entries_from_json(rows: Any, where: str) -> dict[str, TensorRef]:
             raise InputError(f"{where}: bad key or name {str(key)[:80]!r}")
         if key in out:
             raise InputError(f"{where}: duplicate key {key!r}")
+        try:
+            key.encode("utf-8"), name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: key or name is not valid Unicode text") from None
         if dtype not in DTYPES_BY_NAME:
             raise InputError(f"{where}: {key}: unknown dtype {str(dtype)[:20]!r}")
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM

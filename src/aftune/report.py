@@ -51,8 +51,10 @@ class BlockResult:
     label: str
     compared: int = 0
     findings: list[Finding] = field(default_factory=list)
-    max_error: float = 0.0  # largest relative error seen (tolerance mode)
+    max_error: float = 0.0  # largest relative L2 error of any tensor (tolerance mode)
+    max_elem_error: float = 0.0  # largest element error / rms of any tensor (tolerance mode)
     seconds: float = 0.0
+    errors_by_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [max rel L2, max elem]
 
     @property
     def verdict(self) -> str:
@@ -96,7 +98,7 @@ class Report:
             "errors": [asdict(e) for e in self.errors],
             "blocks": [
                 {"layer_block": r.layer_block, "step_block": r.step_block, "label": r.label, "verdict": r.verdict,
-                 "compared": r.compared, "max_error": r.max_error, "seconds": round(r.seconds, 4),
+                 "compared": r.compared, "max_error": r.max_error, "max_elem_error": r.max_elem_error, "errors_by_kind": r.errors_by_kind, "seconds": round(r.seconds, 4),
                  "findings": [asdict(f) for f in r.findings]}
                 for r in self.results
             ],

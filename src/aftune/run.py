@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import jsonio
 from .config import RUN_FORMAT, TrainSettings
 from .encoding import TAG_RUN_CONFIG, hash_message, parse_hex_digest
 from .errors import CommitmentMismatch, InputError, RecordError
@@ -66,12 +67,15 @@ class RunRecord:
         if config_digest(transcript.algorithm, data) != transcript.config_digest:
             raise CommitmentMismatch(f"{path} does not match the config digest signed in the transcript: it was edited")
         try:
-            config = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            config = jsonio.loads(data)
+        except ValueError:
             raise RecordError(f"{path} is not valid JSON") from None
         if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
             raise RecordError(f"{path} is not an {RUN_FORMAT} document")
         settings = TrainSettings.from_json(config.get("settings"))
+        if transcript.run is not None and len(transcript.step_blocks) != settings.num_step_blocks + 1:
+            raise CommitmentMismatch(f"the transcript closes the run after {len(transcript.step_blocks)} step blocks; "
+                                     f"the config needs {settings.num_step_blocks} plus the final state")
         if settings.hash_algorithm != transcript.algorithm:
             raise RecordError("config and transcript name different hash algorithms")
         return cls(root, config, settings, transcript, ObjectStore(root / "objects", transcript.algorithm))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import jsonio
 from .encoding import TAG_RUN, hash_message, parse_hex_digest
 from .errors import CommitmentMismatch, InputError, RecordError
 from .manifest import chained_root
@@ -110,8 +111,8 @@ class Transcript:
         objs = []
         for n, line in enumerate(lines, start=1):
             try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                obj = jsonio.loads(line)
+            except ValueError:
                 raise RecordError(f"transcript line {n} is not JSON: truncated or corrupt") from None
             if not isinstance(obj, dict):
                 raise RecordError(f"transcript line {n} is not a JSON object")

@@ -46,16 +46,38 @@ MODES = ("strict", "tolerance")
 MAX_FINDINGS_PER_BLOCK = 20
 
 
+TENSOR_KINDS = ("activation", "gradient", "weights", "optimizer")
+
+
+def tensor_kind(check: str, tensor: str) -> str:
+    """The category a compared tensor's threshold comes from."""
+    if check in ("output", "loss"):
+        return "activation"
+    if check in ("input_gradient", "shared_gradient", "grad_norms"):
+        return "gradient"
+    return "optimizer" if tensor.startswith("optim/") else "weights"
+
+
 @dataclass(frozen=True)
 class Tolerance:
-    """Per-tensor thresholds for tolerance mode (calibrate with honest replays; see README)."""
+    """Per-tensor thresholds for tolerance mode; `per_kind` overrides them for a tensor kind
+    (activation, gradient, weights, optimizer). Calibrate on honest replays (`aftune calibrate`)."""
 
     rel_l2: float = 1e-3  # ||recomputed - committed|| / ||committed||
     max_elem: float = 1e-2  # max |recomputed - committed| / rms(committed)
+    per_kind: tuple[tuple[str, float, float], ...] = ()  # (kind, rel_l2, max_elem)
+
+    def limits(self, kind: str) -> tuple[float, float]:
+        for k, rel, elem in self.per_kind:
+            if k == kind:
+                return rel, elem
+        return self.rel_l2, self.max_elem
 
 
 def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return float("inf"), float("inf")  # NaN or infinity on either side never matches
     if a.numel() == 0:
         return 0.0, 0.0
     diff = a - e
@@ -64,8 +86,6 @@ def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float
     tiny = 1e-30
     rel = float(torch.linalg.vector_norm(diff)) / max(norm, tiny)
     elem = float(diff.abs().max()) / max(rms, tiny)
-    if not torch.isfinite(a).all():
-        return float("inf"), float("inf")
     return rel, elem
 
 
@@ -188,7 +208,12 @@ class Verifier:
         committed = self.record.store.get(ref, where or tensor)
         rel, elem = relative_errors(actual, committed)
         res.max_error = max(res.max_error, rel)
-        if rel > self.tolerance.rel_l2 or elem > self.tolerance.max_elem:
+        res.max_elem_error = max(res.max_elem_error, elem)
+        kind = tensor_kind(check, tensor)
+        seen = res.errors_by_kind.setdefault(kind, [0.0, 0.0])
+        seen[0], seen[1] = max(seen[0], rel), max(seen[1], elem)
+        max_rel, max_elem = self.tolerance.limits(kind)
+        if rel > max_rel or elem > max_elem:
             blk.fail(check=check, tensor=tensor, step=step, micro=micro,
                      reason=_REASONS.get(check, "mismatch") + f"; largest element error {elem:.3g} x rms", error=rel)
 
