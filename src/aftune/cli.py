@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import AftuneError, CommitmentMismatch
 
@@ -27,7 +28,7 @@ out = Console()
 
 
 def _fail(exc: AftuneError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -108,6 +109,16 @@ def train(
         out.print(f"provider public key: {result.public_key_path}")
 
 
+def _distinct_checks(findings, limit: int = 6):
+    """The first finding of each kind of check: the cause, then its consequences."""
+    seen, out = set(), []
+    for f in findings:
+        if f.check not in seen:
+            seen.add(f.check)
+            out.append(f)
+    return out[:limit]
+
+
 def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None, transcript=None):
     from .signing import PublicKey
     from .verify import Tolerance, Verifier
@@ -160,7 +171,7 @@ def verify(
         if as_json:
             out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
         else:
-            out.print(f"[bold red]FAIL:[/] {exc}", highlight=False, soft_wrap=True)
+            out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except AftuneError as exc:
         _fail(exc)
@@ -169,12 +180,12 @@ def verify(
     else:
         for r in report.results:
             colour = "green" if r.verdict == "PASS" else "red"
-            out.print(f"[{colour}]{r.headline()}[/]", highlight=False, soft_wrap=True)
-            for f in r.findings[1:5]:
-                out.print(f"    also: {f.describe(r.label)}", highlight=False, soft_wrap=True)
+            out.print(f"[{colour}]{escape(r.headline())}[/]", highlight=False, soft_wrap=True)
+            for f in _distinct_checks(r.findings)[1:]:
+                out.print(f"    also: {escape(f.describe(r.label))}", highlight=False, soft_wrap=True)
         for f in report.errors:
-            out.print(f"[red]FAIL {f.describe('final model')}[/]", highlight=False, soft_wrap=True)
-        out.print(f"[bold]{report.summary()}[/]", highlight=False, soft_wrap=True)
+            out.print(f"[red]FAIL {escape(f.describe('final model'))}[/]", highlight=False, soft_wrap=True)
+        out.print(f"[bold]{escape(report.summary())}[/]", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.verdict == "PASS" else 1)
 
 
@@ -244,7 +255,7 @@ def main() -> None:
     try:
         app()
     except OSError as exc:  # unreadable or unwritable files: bad input, not a bug
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

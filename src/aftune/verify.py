@@ -43,7 +43,7 @@ from .store import TensorRef
 from .train import load_tokenizer
 
 MODES = ("strict", "tolerance")
-MAX_FINDINGS_PER_BLOCK = 20
+MAX_FINDINGS_PER_CHECK = 8  # per block and kind of check: the first ones locate the cause
 
 
 TENSOR_KINDS = ("activation", "gradient", "weights", "optimizer")
@@ -100,7 +100,8 @@ class _Block:
         self.result = result
 
     def fail(self, **kw) -> None:
-        if len(self.result.findings) < MAX_FINDINGS_PER_BLOCK:
+        same = sum(1 for f in self.result.findings if f.check == kw.get("check"))
+        if same < MAX_FINDINGS_PER_CHECK or kw.get("check") == "end_state":  # ranked and cut after the replay
             self.result.findings.append(Finding(layer_block=self.result.layer_block,
                                                 step_block=self.result.step_block, **kw))
 
@@ -202,8 +203,11 @@ class Verifier:
         if self.mode == "strict" or not actual.is_floating_point():
             got = tensor_digest(ref.name, actual.to(committed_dtype), self.algorithm)
             if got != ref.digest:
+                error = None
+                if check == "end_state" and actual.is_floating_point() and self.record.store.has(ref.digest):
+                    error = relative_errors(actual, self.record.store.get(ref, where or tensor))[0]
                 blk.fail(check=check, tensor=tensor, step=step, micro=micro, reason=_REASONS.get(check, "mismatch"),
-                         expected=ref.digest.hex()[:16] + "…", actual=got.hex()[:16] + "…")
+                         expected=ref.digest.hex()[:16] + "…", actual=got.hex()[:16] + "…", error=error)
             return
         committed = self.record.store.get(ref, where or tensor)
         rel, elem = relative_errors(actual, committed)
@@ -309,7 +313,16 @@ class Verifier:
             _, t = live[key]
             self._compare(blk, ref, t, check="end_state", tensor=key, where=f"step block {s + 1}, layer block {owner}")
             end_state[key] = t.detach().clone()
+        self._rank_end_state(blk)
         return end_state
+
+    @staticmethod
+    def _rank_end_state(blk: _Block) -> None:
+        """Largest deviations first: the tensor an attack touched usually stands out."""
+        findings = blk.result.findings
+        ends = [f for f in findings if f.check == "end_state"]
+        ends.sort(key=lambda f: -(f.error if f.error is not None else -1.0))
+        findings[:] = [f for f in findings if f.check != "end_state"] + ends[:MAX_FINDINGS_PER_CHECK]
 
     def _replay_micro(self, blk: _Block, l: int, s: int, manifest: StepBlockManifest, step: int, m: int, last: bool):
         bm = self.blocked
