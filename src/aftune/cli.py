@@ -271,3 +271,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Commands of other components register themselves on `app` (one module each, to keep this file
+# about training and verification).
+from . import cli_audit, cli_inference  # noqa: E402,F401
