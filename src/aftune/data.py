@@ -12,6 +12,7 @@ BLAKE3/SHA-256 (not a framework RNG), so an independent verifier can recompute i
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -36,7 +37,44 @@ class Example:
     text: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
     label: str | None = None
-    image_path: Path | None = None
+    image_path: Path | None = None  # where it was read from (informational)
+
+    @property
+    def image_bytes(self) -> bytes:
+        return split_image_raw(self.raw)[2]
+
+
+def split_image_raw(raw: bytes) -> tuple[str, str, bytes]:
+    """(class, relative path, file bytes) of an image example's committed bytes."""
+    def take(buf: bytes, at: int) -> tuple[bytes, int]:
+        if at + 4 > len(buf):
+            raise InputError("image example: truncated length prefix")
+        n = int.from_bytes(buf[at:at + 4], "big")
+        if at + 4 + n > len(buf):
+            raise InputError("image example: truncated field")
+        return buf[at + 4:at + 4 + n], at + 4 + n
+
+    cls, at = take(raw, 0)
+    rel, at = take(raw, at)
+    try:
+        return cls.decode("utf-8"), rel.decode("utf-8"), raw[at:]
+    except UnicodeDecodeError:
+        raise InputError("image example: class or path is not UTF-8") from None
+
+
+def example_from_raw(kind: str, raw: bytes) -> Example:
+    """Rebuild an example from its committed bytes (as opened in an audit bundle)."""
+    if kind == "image_folder":
+        cls, _, _ = split_image_raw(raw)
+        return Example(raw, label=cls)
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"example is not JSON: {exc}") from None
+    try:
+        return _parse_example(obj, raw, kind)
+    except ValueError as exc:
+        raise InputError(f"example: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -271,11 +309,11 @@ def _image_batch(dataset, examples, spec: BatchSpec) -> dict[str, torch.Tensor]:
     pixels = []
     for e in examples:
         try:
-            with Image.open(e.image_path) as im:
+            with Image.open(io.BytesIO(e.image_bytes)) as im:
                 im = im.convert("RGB").resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"cannot read image {e.image_path}: {exc}") from None
+            raise InputError(f"cannot read image {e.image_path or split_image_raw(e.raw)[1]}: {exc}") from None
         x = data.reshape(spec.image_size, spec.image_size, 3).permute(2, 0, 1).to(torch.float32) / 255.0
         pixels.append((x - mean) / std)
     return {

@@ -28,7 +28,12 @@ class Finding:
     error: float | None = None
 
     def describe(self, block_label: str = "") -> str:
-        where = [block_label or f"layer block {self.layer_block}", f"step block {self.step_block}"]
+        if self.layer_block < 0 and self.step_block < 0:
+            where = [block_label or "run"]
+        elif self.layer_block < 0:
+            where = [block_label or "run", f"step block {self.step_block}"]
+        else:
+            where = [block_label or f"layer block {self.layer_block}", f"step block {self.step_block}"]
         if self.step is not None:
             where.append(f"step {self.step}")
         if self.micro is not None:

@@ -16,7 +16,6 @@ through it, so no file is used before its digest was checked.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,43 @@ class RunRecord:
                               f"{step_block}: the manifest was altered after signing")
         return m
 
+    def section(self, name: str) -> dict[str, Any]:
+        v = self.config.get(name)
+        if not isinstance(v, dict):
+            raise RecordError(f"run config: '{name}' is missing or malformed")
+        return v
+
+    @property
+    def num_examples(self) -> int:
+        n = self.section("data").get("num_examples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RecordError("run config: data.num_examples must be a positive integer")
+        return n
+
+    def dataset(self):
+        """The agreed dataset, from the run directory's copy, checked against the dataset root."""
+        from .data import load_dataset
+
+        data = self.section("data")
+        rel = data.get("path")
+        if not isinstance(rel, str) or ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise RecordError("run config: data.path must be a relative path inside the run directory")
+        dataset = load_dataset(self.root / rel, data.get("kind"))
+        if dataset.root(self.algorithm) != parse_hex_digest(data.get("root"), "run config: data.root"):
+            raise CommitmentMismatch(f"the dataset in {self.root / rel} does not match the committed dataset root")
+        if list(dataset.labels) != data.get("labels") or len(dataset.examples) != self.num_examples:
+            raise CommitmentMismatch("the dataset's labels or size differ from the committed ones")
+        return dataset
+
+    def base_digests(self) -> dict[str, bytes]:
+        """Per-tensor digests of the agreed base model (RUN/base_model.json, checked)."""
+        return read_base_digests((self.root / "base_model.json").read_bytes() if (self.root / "base_model.json").is_file()
+                                 else None, self.section("model").get("base_weights"), self.algorithm)
+
+    def tokenizer_dir(self) -> Path | None:
+        tok = self.section("model").get("tokenizer")
+        return None if tok is None else self.checked_files("tokenizer", tok)
+
     def checked_files(self, subdir: str, expected_root_hex: str) -> Path:
         """A directory of small files whose root is committed in the config (tokenizer)."""
         d = self.root / subdir
@@ -117,3 +153,25 @@ class RunRecord:
         if files_root(self.algorithm, files) != parse_hex_digest(expected_root_hex, f"config: {subdir} digest"):
             raise CommitmentMismatch(f"{d} does not match the digest committed in the run config")
         return d
+
+
+def read_base_digests(data: bytes | None, root_hex: Any, algorithm: str) -> dict[str, bytes]:
+    """Parse base_model.json ({name: digest hex}) and check it against the committed root."""
+    from .merkle import merkle_root
+
+    if data is None:
+        raise RecordError("base_model.json is missing")
+    try:
+        obj = jsonio.loads(data)
+    except ValueError:
+        raise RecordError("base_model.json is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise RecordError("base_model.json must map tensor names to digests")
+    try:
+        digests = {str(k): parse_hex_digest(v, f"base_model.json: {k}") for k, v in obj.items()}
+        expected = parse_hex_digest(root_hex, "run config: model.base_weights")
+    except InputError as exc:
+        raise RecordError(str(exc)) from None
+    if merkle_root(algorithm, digests) != expected:
+        raise CommitmentMismatch("base_model.json does not match the base-weights digest committed in the run config")
+    return digests

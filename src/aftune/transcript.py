@@ -94,6 +94,17 @@ class Transcript:
     step_blocks: tuple[StepBlockEntry, ...]
     run: RunEntry | None
 
+    @staticmethod
+    def header_key(path: Path) -> PublicKey:
+        """The key a transcript claims to be signed with (for the provider's own use only: a
+        client pins the key it obtained out of band)."""
+        try:
+            with Path(path).open("rb") as f:
+                head = jsonio.loads(f.readline(1 << 16))
+            return PublicKey.from_text(str(head["public_key"]))
+        except (OSError, ValueError, KeyError, TypeError, InputError):
+            raise RecordError(f"{path} has no readable transcript header") from None
+
     @classmethod
     def load(cls, path: Path, pinned_key: PublicKey) -> "Transcript":
         """Parse and check a transcript: the key must be the pinned one, every signature valid,

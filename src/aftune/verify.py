@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .data import BatchSpec, OrderCache, build_batch, load_dataset
+from .data import BatchSpec, OrderCache, build_batch
 from .engine import BlockedModel
 from .errors import CommitmentMismatch, InputError, RecordError
 from .instantiate import base_name, instantiate, is_lora_tensor
@@ -37,7 +37,7 @@ from .manifest import StepBlockManifest, common_key
 from .merkle import tensors_root
 from .report import Finding, BlockResult, Report
 from .run import DTYPE_BY_NAME, RunRecord
-from .encoding import parse_hex_digest, tensor_digest
+from .encoding import tensor_digest
 from .signing import PublicKey
 from .store import TensorRef
 from .train import load_tokenizer
@@ -107,14 +107,16 @@ class _Block:
 
 
 class Verifier:
-    def __init__(self, run_dir: str | Path, public_key: PublicKey, mode: str = "strict",
+    def __init__(self, run_dir: str | Path | None, public_key: PublicKey | None, mode: str = "strict",
                  tolerance: Tolerance = Tolerance(), replay_dtype: str | None = None,
-                 transcript: str | Path | None = None):
+                 transcript: str | Path | None = None, record=None):
+        """Verify a run directory, or any other record source passed as `record` (an audit
+        bundle) that offers RunRecord's interface."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if replay_dtype is not None and mode == "strict":
             raise InputError("replaying in another dtype cannot be bitwise: use --mode tolerance with --dtype")
-        self.record = RunRecord.open(run_dir, public_key, transcript)
+        self.record = record if record is not None else RunRecord.open(run_dir, public_key, transcript)
         self.mode, self.tolerance = mode, tolerance
         cfg = self.record.config
         settings = self.record.settings
@@ -126,12 +128,12 @@ class Verifier:
             settings = replace(settings, dtype=replay_dtype)
         self.settings = settings
         self.replay_dtype = DTYPE_BY_NAME[settings.dtype]
-        hf_config = _field(cfg, "model", dict).get("config")
+        hf_config = self.record.section("model").get("config")
         if not isinstance(hf_config, dict):
             raise RecordError("run config: model.config must be an object")
         _, self.model, adapter = instantiate(hf_config, settings)
         self.blocked = BlockedModel(self.model, adapter, settings)
-        layout = _field(cfg, "layout", dict)
+        layout = self.record.section("layout")
         if layout.get("layer_blocks") != [list(r) for r in self.blocked.blocks.ranges] or \
                 layout.get("stages") != self.blocked.stage_names:
             raise RecordError("run config: the committed layer-block layout differs from the architecture's")
@@ -141,16 +143,8 @@ class Verifier:
 
     # --- inputs the verifier rebuilds itself --------------------------------------------------
     def _load_data(self, cfg) -> None:
-        data = _field(cfg, "data", dict)
-        rel = data.get("path")
-        if not isinstance(rel, str) or ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise RecordError("run config: data.path must be a relative path inside the run directory")
-        self.dataset = load_dataset(self.record.root / rel, data.get("kind"))
-        if self.dataset.root(self.algorithm) != parse_hex_digest(data.get("root"), "run config: data.root"):
-            raise CommitmentMismatch(f"the dataset in {self.record.root / rel} does not match the committed dataset root")
-        if list(self.dataset.labels) != data.get("labels"):
-            raise CommitmentMismatch("run config: committed labels differ from the dataset's")
-        b = _field(cfg, "batch", dict)
+        self.dataset = self.record.dataset()
+        b = self.record.section("batch")
         try:
             self.spec = BatchSpec(task=b["task"], seq_len=int(b["seq_len"]), image_size=int(b["image_size"]),
                                   image_mean=tuple(b["image_mean"]), image_std=tuple(b["image_std"]),
@@ -159,13 +153,10 @@ class Verifier:
             raise RecordError("run config: 'batch' is malformed") from None
         if self.spec.fields != self.blocked.adapter.batch_fields:
             raise RecordError("run config: batch fields differ from the architecture's")
-        self.tokenizer = None
-        tok = _field(cfg, "model", dict).get("tokenizer")
-        if tok is not None:
-            self.tokenizer = load_tokenizer(self.record.checked_files("tokenizer", tok))
-        self.order = OrderCache(self.algorithm, self.settings.seed, len(self.dataset.examples))
-        base = self.record.root / "base_model.json"
-        self.base_digests = _read_base(base, _field(cfg, "model", dict).get("base_weights"), self.algorithm)
+        tokenizer_dir = self.record.tokenizer_dir()
+        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+        self.order = OrderCache(self.algorithm, self.settings.seed, self.record.num_examples)
+        self.base_digests = self.record.base_digests()
 
     def fields_entering(self, block: int) -> list[str]:
         """Batch fields that enter layer block `block`: labels at the head, the attention mask
@@ -223,7 +214,7 @@ class Verifier:
 
     def _load(self, ref: TensorRef | None, where: str) -> torch.Tensor:
         if ref is None:
-            raise RecordError(f"{where}: the manifest has no such tensor")
+            raise CommitmentMismatch(f"{where}: the replay needs this tensor but it is not committed")
         t = self.record.store.get(ref, where)
         return t.to(self.replay_dtype) if t.is_floating_point() else t
 
@@ -298,7 +289,7 @@ class Verifier:
                 k = common_key(step, None, "grad_norms", f"{b:04d}")
                 all_norms.append(self.record.store.get(m_start.common[k], k) if k in m_start.common else None)
             if any(n is None for n in all_norms):
-                raise RecordError(f"step {step}: gradient norms of some layer block are not committed")
+                raise CommitmentMismatch(f"step {step}: gradient norms of some layer block are not committed")
             bm.update(l, step, bm.clip(all_norms), include_foreign=True)
 
         # 6. end state
@@ -434,32 +425,6 @@ class Verifier:
                     on_block(result)
         report.errors.extend(self.check_final_model())
         return report
-
-
-def _field(cfg, name, kind):
-    v = cfg.get(name)
-    if not isinstance(v, kind):
-        raise RecordError(f"run config: '{name}' is missing or malformed")
-    return v
-
-
-def _read_base(path: Path, root_hex, algorithm: str) -> dict[str, bytes]:
-    import json
-
-    from .merkle import merkle_root
-
-    if not path.is_file():
-        raise RecordError(f"{path} is missing")
-    try:
-        obj = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RecordError(f"{path} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise RecordError(f"{path} must map tensor names to digests")
-    digests = {str(k): parse_hex_digest(v, f"{path.name}: {k}") for k, v in obj.items()}
-    if merkle_root(algorithm, digests) != parse_hex_digest(root_hex, "run config: model.base_weights"):
-        raise CommitmentMismatch(f"{path} does not match the base-weights digest committed in the run config")
-    return digests
 
 
 from .encoding import DTYPE_NAMES as _DTYPE_NAMES  # noqa: E402
