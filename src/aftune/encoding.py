@@ -107,8 +107,6 @@ def tensor_data(tensor: torch.Tensor):
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
     if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - no big-endian CI
-        import numpy as np
-
         return t.view(torch.uint8).numpy().reshape(-1, t.element_size())[:, ::-1].tobytes()
     return t.reshape(-1).view(torch.uint8).numpy()
 

@@ -9,7 +9,6 @@ step-block state to the background `Recorder`, and signs each step block's root 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .engine import BlockedModel
 from .errors import InputError, MissingExtra
 from .instantiate import instantiate
 from .manifest import common_key
-from .merkle import files_root, merkle_root, tensors_root
+from .merkle import files_root, tensors_root
 from .models import adapter_class, load_pretrained, model_weights
 from .recorder import Recorder
 from .run import DTYPE_BY_NAME, config_digest
