@@ -5,6 +5,10 @@ blake3, struct and cryptography; it never calls aftune's encoding or Merkle help
 value. Each vector is then compared three ways: reference == aftune == the constant printed in
 SPEC.md (Appendix A). A change to any hashed byte breaks these tests, which is the point: such a
 change needs a new encoding version (SPEC.md section 7).
+
+The last group of tests checks the reader rules that SPEC.md states for hostile input (strict JSON,
+digest fields, object containers, transcript length, label order, settings bounds, tolerance
+comparisons) against aftune's own readers.
 """
 
 from __future__ import annotations
@@ -617,3 +621,135 @@ def test_spec_appendix_lists_every_vector():
             assert value in appendix, f"{algorithm}/{name} is not in SPEC.md Appendix A"
     assert PUBLIC_KEY_HEX in appendix
     assert SIGNATURE_HEX[:64] in appendix and SIGNATURE_HEX[64:] in appendix
+
+
+# =============================================================================================
+# Reader rules: 2.3 strict JSON and digest fields, 3.2 objects, 3.4.5 / 4.3 transcript length,
+# 4.1 label order, 4.3 settings bounds, 6.3 tolerance comparisons
+# =============================================================================================
+
+
+def test_digest_fields_are_exactly_64_lowercase_hex_digits():
+    from aftune.encoding import parse_hex_digest
+    from aftune.errors import InputError
+
+    good = "0123456789abcdef" * 4
+    assert parse_hex_digest(good, "x") == bytes.fromhex(good)
+    bad = [good.upper(), good[:62] + "  ", " " + good[1:], good[:-1], good + "0", good[:-2] + "0g", 7, None, b"00" * 32]
+    for value in bad:
+        with pytest.raises(InputError):
+            parse_hex_digest(value, "x")
+
+
+@pytest.mark.parametrize("doc", [b'{"a":1,"a":1}', b'{"a":{"b":1,"b":2}}', b'{"a":NaN}', b'[Infinity]',
+                                 b'{"a":-Infinity}', b'{"a":', b'\xff'])
+def test_strict_json_rejects_duplicates_and_non_finite_literals(doc):
+    from aftune import jsonio
+
+    with pytest.raises(ValueError):
+        jsonio.loads(doc)
+
+
+def test_manifest_reader_is_strict(tmp_path):
+    from aftune.errors import InputError, RecordError
+    from aftune.manifest import StepBlockManifest
+
+    d = "ab" * 32
+    doc = {"format": "aftune.manifest.v1", "step_block": 0, "first_step": 0, "num_steps": 1,
+           "common": [["k", "n", "F32", [1], d]], "blocks": [[]]}
+    StepBlockManifest.from_json(doc, 1)
+    path = tmp_path / "000000.json"
+    path.write_text(json.dumps(doc)[:-1] + ',"step_block":0}')  # a repeated member name
+    with pytest.raises(RecordError):
+        StepBlockManifest.read(path, 1)
+    for row in (["\ud800", "n", "F32", [1], d], ["k", "n", "F32", [1], d.upper()], ["k", "n", "F32", [True], d]):
+        with pytest.raises(InputError):
+            StepBlockManifest.from_json({**doc, "common": [row]}, 1)
+
+
+def test_objects_must_declare_their_content_size(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    from safetensors.torch import save
+
+    from aftune.errors import CommitmentMismatch, RecordError
+    from aftune.store import ObjectStore, TensorRef
+
+    t = torch.tensor(F32_VALUES).reshape(F32_SHAPE)
+    ref = TensorRef.of(F32_NAME, t, "blake3")
+    store = ObjectStore(tmp_path, "blake3")
+    path = store.put(ref, t)
+    good = path.read_bytes()
+    for blob in (zstandard.ZstdCompressor(write_content_size=False).compress(save({F32_NAME: t})), good[:-4]):
+        path.write_bytes(blob)
+        with pytest.raises(RecordError) as info:
+            store.get(ref, "test")
+        assert not isinstance(info.value, CommitmentMismatch)  # a record error, not a FAIL
+    path.write_bytes(zstandard.ZstdCompressor().compress(save({F32_NAME: t * 2})))
+    with pytest.raises(CommitmentMismatch):  # readable but not the committed tensor
+        store.get(ref, "test")
+
+
+def test_label_order(tmp_path):
+    from aftune.data import load_dataset
+
+    labels = [10, "-2", 2, "01", "b", "+1", "a", "\u00e9", "1 ", 0, "-1", "Z"]
+    path = tmp_path / "l.jsonl"
+    path.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in labels), encoding="utf-8")
+    ds = load_dataset(path)
+    assert ds.kind == "labeled_text"
+    assert list(ds.labels) == ["-2", "-1", "0", "2", "10", "+1", "01", "1 ", "Z", "a", "b", "\u00e9"]
+
+
+def test_settings_integers_hashed_as_u64_are_below_2_63():
+    from aftune.config import TrainSettings
+    from aftune.errors import InputError
+
+    TrainSettings.from_json({"seed": 2**63 - 1})
+    for field in ("seed", "warmup_steps", "image_size"):
+        with pytest.raises(InputError):
+            TrainSettings.from_json({field: 2**63})
+        with pytest.raises(InputError):
+            TrainSettings.from_json({field: True})
+
+
+def test_closed_transcript_needs_one_line_per_step_block_plus_the_final_state(tmp_path):
+    from aftune.encoding import canonical_json
+    from aftune.errors import CommitmentMismatch
+    from aftune.run import RunRecord, config_digest
+    from aftune.signing import SigningKey
+    from aftune.transcript import TranscriptWriter
+
+    config = canonical_json({"format": "aftune.run.v1", "settings": {"steps": 8, "steps_per_block": 4}})  # S = 2
+    key = SigningKey(_private_key())
+    for lines, ok in ((2, False), (3, True), (4, False)):
+        run = tmp_path / f"run{lines}"
+        run.mkdir()
+        (run / "config.json").write_bytes(config)
+        writer = TranscriptWriter(run / "transcript.jsonl", key, "blake3", config_digest("blake3", config))
+        for s in range(lines):
+            writer.step_block(s, 4 * min(s, 2), 4 if s < 2 else 0, bytes([s]) * 32)
+        RunRecord.open(run, key.public_key)  # without a run line any number of lines is read
+        writer.finish(FINAL_MODEL)
+        if ok:
+            assert len(RunRecord.open(run, key.public_key).transcript.step_blocks) == 3
+        else:
+            with pytest.raises(CommitmentMismatch):
+                RunRecord.open(run, key.public_key)
+
+
+def test_tolerance_comparisons():
+    from aftune.verify import Tolerance, relative_errors, tensor_kind
+
+    inf = float("inf")
+    assert relative_errors(torch.tensor([1.0, 2.0]), torch.tensor([float("nan"), 2.0])) == (inf, inf)
+    assert relative_errors(torch.tensor([inf, 2.0]), torch.tensor([1.0, 2.0])) == (inf, inf)
+    assert relative_errors(torch.tensor([]), torch.tensor([])) == (0.0, 0.0)
+    rel, elem = relative_errors(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 5.0]))
+    assert rel == pytest.approx(1 / 34 ** 0.5) and elem == pytest.approx(1 / (34 / 2) ** 0.5)
+    assert [tensor_kind(c, t) for c, t in (("output", ""), ("loss", ""), ("input_gradient", ""),
+                                            ("shared_gradient", ""), ("grad_norms", ""),
+                                            ("end_state", "optim/w/exp_avg"), ("end_state", "state/w"),
+                                            ("batch", "step/00000000/micro/0000/batch/pixel_values"))] == \
+        ["activation", "activation", "gradient", "gradient", "gradient", "optimizer", "weights", "weights"]
+    tol = Tolerance(1e-3, 1e-2, per_kind=(("gradient", 1e-2, 1e-1),))
+    assert tol.limits("gradient") == (1e-2, 1e-1) and tol.limits("weights") == (1e-3, 1e-2)

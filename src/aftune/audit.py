@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .bundle import BundleRecord
-from .errors import CommitmentMismatch
+from .errors import RecordError
 from .report import BlockResult, Finding, Report
 from .signing import PublicKey
 from .transcript import Transcript
@@ -25,7 +25,7 @@ from .verify import Tolerance, Verifier
 def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: list[tuple[int, int]],
                   all_blocks: list[tuple[int, int]], challenge_digest: bytes, mode: str, tolerance: Tolerance,
                   replay_dtype: str | None, threads: int | None) -> list[BlockResult]:
-    if threads:
+    if threads and mode != "strict":  # strict replay uses the recorded thread count (Verifier)
         import torch
 
         torch.set_num_threads(threads)
@@ -45,8 +45,9 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     report = Report(str(bundle_dir), mode)
     transcript = Transcript.load(Path(transcript_path), public_key)
     try:  # structural checks once, in this process, before any work is spread out
-        BundleRecord.load(bundle_dir, transcript, challenge_digest, blocks)
-    except CommitmentMismatch as exc:
+        record = BundleRecord.load(bundle_dir, transcript, challenge_digest, blocks)
+        record.dataset(), record.base_digests(), record.tokenizer_dir()
+    except RecordError as exc:  # missing, corrupt or contradicting: the provider failed to open
         report.errors.append(Finding(-1, -1, "opening", str(exc)))
         return report
     if not blocks:

@@ -223,11 +223,18 @@ class _Examples(dict):
 
 
 class _BundleStore(ObjectStore):
+    """A bundle's tensors: one that is missing or unreadable is a failed opening (FAIL)."""
+
     def get(self, ref: TensorRef, where: str):
         if not self.has(ref.digest):
             raise CommitmentMismatch(f"{where}: the bundle does not include tensor {ref.name!r} "
                                      f"({ref.digest.hex()[:16]}…), which the replay needs")
-        return super().get(ref, where)
+        try:
+            return super().get(ref, where)
+        except CommitmentMismatch:
+            raise
+        except RecordError as exc:
+            raise CommitmentMismatch(f"the bundle's copy is unusable: {exc}") from None
 
 
 class BundleRecord(RunRecord):
@@ -358,7 +365,7 @@ class BundleRecord(RunRecord):
                 raw = (self.root / "examples" / f"{key}.bin").read_bytes()
                 p = InclusionProof(key, int(proof[0]), int(proof[1]), tuple(parse_hex_digest(x, "proof") for x in proof[2]))
             except (OSError, ValueError, TypeError, IndexError, InputError) as exc:
-                raise RecordError(f"bundle: example {key[:20]!r} is malformed or missing ({exc})") from None
+                raise CommitmentMismatch(f"the bundle's example {key[:20]!r} is malformed or missing ({exc})") from None
             if p.size != self.num_examples or root_from_proof(self.algorithm, p, hash_message(self.algorithm, TAG_EXAMPLE, raw)) != root:
                 raise CommitmentMismatch(f"bundle: example {index} is not the agreed dataset's example {index}")
             examples[index] = example_from_raw(kind, raw)

@@ -17,6 +17,9 @@ from .signing import PublicKey
 from .verify import TENSOR_KINDS, Tolerance, Verifier
 
 
+_NEVER = 1e300  # thresholds no honest error reaches: calibration only measures
+
+
 @dataclass(frozen=True)
 class Calibration:
     blocks: int
@@ -37,7 +40,7 @@ def calibrate(run_dir: str | Path, public_key: PublicKey, replay_dtype: str | No
     if not math.isfinite(margin) or margin < 1:
         raise InputError(f"margin must be at least 1, got {margin}")
     v = Verifier(run_dir, public_key, mode="tolerance", replay_dtype=replay_dtype,
-                 tolerance=Tolerance(rel_l2=math.inf, max_elem=math.inf))
+                 tolerance=Tolerance(rel_l2=_NEVER, max_elem=_NEVER))
     report = v.verify_all()
     if report.verdict != "PASS":
         raise InputError(f"calibration needs an honest run whose replay succeeds: {report.summary()}")
@@ -46,6 +49,8 @@ def calibrate(run_dir: str | Path, public_key: PublicKey, replay_dtype: str | No
         seen = [r.errors_by_kind[kind] for r in report.results if kind in r.errors_by_kind]
         if seen:
             observed[kind] = (max(s[0] for s in seen), max(s[1] for s in seen))
+    if not observed:
+        raise InputError("calibration compared no floating-point tensor: nothing to calibrate on")
     per_kind = tuple((k, max(rel * margin, floor), max(elem * margin, floor)) for k, (rel, elem) in observed.items())
     fallback = (max(t[1] for t in per_kind), max(t[2] for t in per_kind))
     return Calibration(len(report.results), observed, Tolerance(*fallback, per_kind=per_kind))

@@ -119,14 +119,32 @@ def _distinct_checks(findings, limit: int = 6):
     return out[:limit]
 
 
-def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None, transcript=None):
-    from .signing import PublicKey
-    from .verify import Tolerance, Verifier
+def tolerance_from_options(tolerance_file=None, rel_l2=None, max_elem=None):
+    """Thresholds from `aftune calibrate --out FILE`, optionally overridden by --rel-l2/--max-elem."""
+    from dataclasses import replace
+
+    from . import jsonio
+    from .errors import InputError
+    from .verify import Tolerance
 
     tol = Tolerance()
+    if tolerance_file is not None:
+        try:
+            tol = Tolerance.from_json(jsonio.loads(Path(tolerance_file).read_bytes()))
+        except ValueError as exc:
+            raise InputError(f"{tolerance_file}: {exc}") from None
     if rel_l2 is not None or max_elem is not None:
-        tol = Tolerance(rel_l2=rel_l2 if rel_l2 is not None else tol.rel_l2,
-                        max_elem=max_elem if max_elem is not None else tol.max_elem)
+        tol = replace(tol, rel_l2=rel_l2 if rel_l2 is not None else tol.rel_l2,
+                      max_elem=max_elem if max_elem is not None else tol.max_elem, per_kind=())
+    return tol
+
+
+def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None, transcript=None,
+              tolerance_file=None):
+    from .signing import PublicKey
+    from .verify import Verifier
+
+    tol = tolerance_from_options(tolerance_file, rel_l2, max_elem)
     return Verifier(run_dir, PublicKey.load(public_key), mode=mode, tolerance=tol, replay_dtype=dtype,
                     transcript=transcript)
 
@@ -147,6 +165,7 @@ def verify(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
     rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per tensor."),
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms."),
+    tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ):
@@ -158,7 +177,7 @@ def verify(
             raise AftuneError("give either --all or both --layer-block and --step-block")
         if not all_blocks and (layer_block is None or step_block is None):
             raise AftuneError("give both --layer-block and --step-block")
-        v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem, transcript)
+        v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem, transcript, tolerance_file)
         if all_blocks:
             total = len(v.blocked.blocks) * v.record.num_step_blocks
             with _progress() as bar:
@@ -195,6 +214,7 @@ def calibrate(
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay dtype the audit will use."),
     margin: float = typer.Option(4.0, "--margin", help="Thresholds = margin x the largest honest error."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the per-kind thresholds (JSON) for --tolerance."),
 ):
     """Measure honest replay error and suggest tolerance-mode thresholds."""
     from .calibrate import calibrate as run_calibration
@@ -203,10 +223,16 @@ def calibrate(
         c = run_calibration(run_dir, _verifier(run_dir, public_key).record.transcript.public_key, dtype, margin)
     except AftuneError as exc:
         _fail(exc)
-    out.print(f"{c.blocks} honest blocks replayed: largest relative L2 error {c.max_rel_l2:.3g}, "
-              f"largest element error {c.max_elem:.3g} x rms")
-    out.print(f"suggested: --mode tolerance{' --dtype ' + dtype if dtype else ''} "
-              f"--rel-l2 {c.suggested.rel_l2:.3g} --max-elem {c.suggested.max_elem:.3g}")
+    out.print(f"{c.blocks} honest blocks replayed; largest honest errors (relative L2, element / rms):")
+    for kind, (rel, elem) in c.observed.items():
+        out.print(f"  {kind:<10} {rel:.3g}  {elem:.3g}")
+    if out_file:
+        out_file.write_text(json.dumps(c.suggested.to_json(), indent=1), encoding="utf-8")
+        out.print(f"thresholds ({margin:g} x) written to {out_file}: verify with --mode tolerance"
+                  f"{' --dtype ' + dtype if dtype else ''} --tolerance {out_file}")
+    else:
+        out.print(f"suggested: --mode tolerance{' --dtype ' + dtype if dtype else ''} "
+                  f"--rel-l2 {c.suggested.rel_l2:.3g} --max-elem {c.suggested.max_elem:.3g} (or --out FILE for per-kind thresholds)")
 
 
 @app.command()
@@ -275,4 +301,4 @@ if __name__ == "__main__":
 
 # Commands of other components register themselves on `app` (one module each, to keep this file
 # about training and verification).
-from . import cli_audit, cli_inference  # noqa: E402,F401
+from . import cli_audit, cli_inference, cli_plan  # noqa: E402,F401

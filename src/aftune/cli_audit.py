@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .cli import _PUBKEY_HELP, _distinct_checks, _fail, _progress, app, escape, out
+from .cli import tolerance_from_options, _PUBKEY_HELP, _distinct_checks, _fail, _progress, app, escape, out
 from .errors import AftuneError, CommitmentMismatch, InputError
 
 
@@ -30,7 +30,7 @@ def open_(
 
     try:
         c = Challenge.load(challenge)
-        _check_run_root(c, run_dir / "transcript.jsonl", None)
+        _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
         with _progress() as bar:
             task = bar.add_task("opening", total=len(c.blocks), note="")
             summary = open_bundle(run_dir, list(c.blocks), c.digest_bytes, out_dir,
@@ -41,7 +41,7 @@ def open_(
               f"{summary['bytes'] / 1e6:.1f} MB")
 
 
-def _check_run_root(challenge, transcript_path: Path, public_key) -> None:
+def _check_run_root(challenge, transcript_path: Path, public_key, config_path: Path | None = None) -> None:
     from .transcript import Transcript
 
     key = public_key or Transcript.header_key(transcript_path)
@@ -53,6 +53,16 @@ def _check_run_root(challenge, transcript_path: Path, public_key) -> None:
                                  "transcript was re-signed after the challenge, or belongs to another run")
     if challenge.num_step_blocks != len(t.step_blocks) - 1:
         raise CommitmentMismatch("the challenge's grid does not match the transcript's step blocks")
+    if config_path is not None and config_path.is_file():
+        from . import jsonio
+        from .run import config_digest
+
+        data = config_path.read_bytes()
+        if config_digest(t.algorithm, data) != t.config_digest:
+            raise CommitmentMismatch(f"{config_path} is not the run config the transcript signs")
+        layer_blocks = jsonio.loads(data).get("layout", {}).get("layer_blocks")
+        if not isinstance(layer_blocks, list) or len(layer_blocks) != challenge.num_layer_blocks:
+            raise CommitmentMismatch("the challenge's grid does not match the run's layer blocks")
 
 
 @app.command()
@@ -66,6 +76,7 @@ def audit(
     strategy: str = typer.Option("uniform", "--strategy", help="Local mode: uniform, weighted, stratified or all."),
     mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
+    tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local processes (default: one per core)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Verify on an existing Ray cluster at this address."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the JSON report here."),
@@ -77,7 +88,6 @@ def audit(
     from .audit import audit_bundle
     from .challenge import Challenge, challenge_from_transcript
     from .signing import PublicKey
-    from .verify import Tolerance
 
     try:
         key = PublicKey.load(public_key)
@@ -99,11 +109,11 @@ def audit(
             open_bundle(target, list(c.blocks), c.digest_bytes, bundle)
         else:
             raise InputError(f"{target} is neither a bundle (bundle.json) nor a run directory (transcript.jsonl)")
-        _check_run_root(c, transcript_path, key)
+        _check_run_root(c, transcript_path, key, bundle / "config.json")
         with _progress() as bar:
             task = bar.add_task("auditing", total=len(c.blocks), note="")
             report = audit_bundle(bundle, transcript_path, key, list(c.blocks), c.digest_bytes, mode=mode,
-                                  tolerance=Tolerance(), replay_dtype=dtype, workers=workers, ray_address=ray,
+                                  tolerance=tolerance_from_options(tolerance_file), replay_dtype=dtype, workers=workers, ray_address=ray,
                                   on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
     except CommitmentMismatch as exc:
         out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

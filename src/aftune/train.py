@@ -142,6 +142,8 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
                   "fields": list(spec.fields)},
         "layout": {"stages": blocked.stage_names, "layer_blocks": [list(r) for r in blocked.blocks.ranges]},
         "versions": _versions(),
+        # CPU matmul results depend on the intra-op thread count: strict replay uses the same one
+        "environment": {"device": str(next(model.parameters()).device.type), "torch_threads": torch.get_num_threads()},
     }
     config_bytes = canonical_json(config)
     (run / "config.json").write_bytes(config_bytes)

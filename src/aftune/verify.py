@@ -22,6 +22,7 @@ compares per-tensor relative errors against thresholds (another device or precis
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,30 @@ class Tolerance:
     max_elem: float = 1e-2  # max |recomputed - committed| / rms(committed)
     per_kind: tuple[tuple[str, float, float], ...] = ()  # (kind, rel_l2, max_elem)
 
+    def __post_init__(self):
+        values = [("rel_l2", self.rel_l2), ("max_elem", self.max_elem)]
+        values += [(f"{k}.{n}", v) for k, rel, elem in self.per_kind for n, v in (("rel_l2", rel), ("max_elem", elem))]
+        for k, rel, elem in self.per_kind:
+            if k not in TENSOR_KINDS:
+                raise InputError(f"tolerance: unknown tensor kind {k!r} (kinds: {', '.join(TENSOR_KINDS)})")
+        for name, v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0) or v == float("inf"):
+                raise InputError(f"tolerance: {name} must be a finite non-negative number, got {v!r}")
+
+    def to_json(self) -> dict:
+        return {"format": "aftune.tolerance.v1", "rel_l2": self.rel_l2, "max_elem": self.max_elem,
+                "per_kind": {k: {"rel_l2": rel, "max_elem": elem} for k, rel, elem in self.per_kind}}
+
+    @classmethod
+    def from_json(cls, obj) -> "Tolerance":
+        try:
+            if obj.get("format") != "aftune.tolerance.v1":
+                raise ValueError("format")
+            per_kind = tuple((k, float(v["rel_l2"]), float(v["max_elem"])) for k, v in obj.get("per_kind", {}).items())
+            return cls(float(obj["rel_l2"]), float(obj["max_elem"]), per_kind)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise InputError("not an aftune.tolerance.v1 document (write one with `aftune calibrate --out`)") from None
+
     def limits(self, kind: str) -> tuple[float, float]:
         for k, rel, elem in self.per_kind:
             if k == kind:
@@ -86,6 +111,8 @@ def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float
     tiny = 1e-30
     rel = float(torch.linalg.vector_norm(diff)) / max(norm, tiny)
     elem = float(diff.abs().max()) / max(rms, tiny)
+    if not (math.isfinite(rel) and math.isfinite(elem)):  # overflow in the norms: never a match
+        return float("inf"), float("inf")
     return rel, elem
 
 
@@ -253,6 +280,22 @@ class Verifier:
         return refs
 
     def _replay(self, blk: _Block, l: int, s: int, start_state) -> dict[str, torch.Tensor]:
+        threads = self.recorded_threads()
+        previous = torch.get_num_threads()
+        if threads and self.mode == "strict":
+            torch.set_num_threads(threads)
+        try:
+            return self._replay_block(blk, l, s, start_state)
+        finally:
+            torch.set_num_threads(previous)
+
+    def recorded_threads(self) -> int | None:
+        """The intra-op thread count the provider recorded with (bitwise CPU results depend on it)."""
+        env = self.record.config.get("environment")
+        n = env.get("torch_threads") if isinstance(env, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 4096 else None
+
+    def _replay_block(self, blk: _Block, l: int, s: int, start_state) -> dict[str, torch.Tensor]:
         bm = self.blocked
         nb = len(bm.blocks)
         last = l == nb - 1
