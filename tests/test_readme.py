@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,22 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def demo_commands() -> list[str]:
+def readme_commands(name: str) -> list[str]:
     text = README.read_text()
-    block = re.search(r"<!-- readme-test: demo -->\s*```bash\n(.*?)```", text, re.S)
-    assert block, "README lost its demo block"
-    return [line for line in block.group(1).splitlines() if line.strip()]
+    block = re.search(rf"<!-- readme-test: {name} -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, f"README lost its {name} block"
+    joined = block.group(1).replace("\\\n", " ")
+    return [line for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def run_commands(commands: list[str], cwd: Path) -> str:
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "aftune"
+        done = subprocess.run([sys.executable, "-m", "aftune", *argv[1:]], cwd=cwd, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
 
 
 def test_readme_setup_commands_come_first():
@@ -27,13 +39,14 @@ def test_readme_setup_commands_come_first():
     assert "python3 -m pytest -q" in ci and "torch==2.13.0" in ci
 
 
-def test_readme_demo_runs_and_passes(tmp_path):
-    commands = demo_commands()
+def test_readme_demo_and_two_party_flow_run_and_pass(tmp_path):
+    commands = readme_commands("demo")
     assert commands[0].startswith("aftune train") and commands[-1].endswith("--all")
-    for command in commands:
-        argv = shlex.split(command)
-        assert argv[0] == "aftune"
-        done = subprocess.run([sys.executable, "-m", "aftune", *argv[1:]], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
-    assert "PASS: 32/32 blocks pass" in done.stdout
+    assert "PASS: 32/32 blocks pass" in run_commands(commands, tmp_path)
+    # the client's files, as the two-party section describes them
+    shutil.copy(tmp_path / "runs/demo/transcript.jsonl", tmp_path / "transcript.jsonl")
+    shutil.copy(tmp_path / "runs/demo/config.json", tmp_path / "config.json")
+    shutil.copy(tmp_path / "runs/demo/provider.key.pub", tmp_path / "provider.pub")
+    out = run_commands(readme_commands("two-party"), tmp_path)
+    assert "PASS: 4/4 blocks pass" in out  # 10% of 32 blocks, rounded up
+    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
