@@ -179,3 +179,25 @@ def test_console_script_exit_codes(builtin_run):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-m", "aftune", "verify", str(builtin_run)], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_agreed_base_model_and_data_are_checked(builtin_run, tmp_path):
+    from aftune.train import BUILTIN
+
+    ok = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0,
+                "--base-model", BUILTIN / "model", "--data", BUILTIN / "data" / "train.jsonl")
+    assert ok.exit_code == 0, ok.output
+    other = tmp_path / "other.jsonl"
+    other.write_text((BUILTIN / "data" / "train.jsonl").read_text().replace("plus", "minus", 1))
+    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0, "--data", other)
+    assert r.exit_code == 1 and "not trained on the agreed dataset" in r.output
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(BUILTIN / "model", tmp_path / "base")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3  # a base model one weight away from the agreed one
+    m.save_pretrained(tmp_path / "base")
+    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0, "--base-model", tmp_path / "base")
+    assert r.exit_code == 1 and "agreed base model" in r.output

@@ -167,6 +167,8 @@ def verify(
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms."),
     tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Your copy of the agreed base model: the run must start from it."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your copy of the agreed dataset: the run must commit to it."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ):
     """Replay blocks and compare them with their commitments. Exit 0 PASS, 1 FAIL, 2 bad input."""
@@ -178,6 +180,10 @@ def verify(
         if not all_blocks and (layer_block is None or step_block is None):
             raise AftuneError("give both --layer-block and --step-block")
         v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem, transcript, tolerance_file)
+        v.check_agreed(base_model, data)
+        if transcript is None:
+            err.print("note: verifying against the run directory's transcript; pass --transcript with the copy you "
+                      "received during training, so that a rewritten record cannot pass", highlight=False)
         if all_blocks:
             total = len(v.blocked.blocks) * v.record.num_step_blocks
             with _progress() as bar:

@@ -185,6 +185,29 @@ class Verifier:
         self.order = OrderCache(self.algorithm, self.settings.seed, self.record.num_examples)
         self.base_digests = self.record.base_digests()
 
+    def check_agreed(self, base_model: str | Path | None = None, data: str | Path | None = None) -> None:
+        """Check the run against what the client agreed to, from the client's own copies: the
+        base model (its weights digest) and the dataset (its root). Raises CommitmentMismatch."""
+        model = self.record.section("model")
+        if base_model is not None:
+            from .models import load_pretrained, model_weights
+
+            _, base = load_pretrained(base_model, self.record.settings.attn_implementation,
+                                      DTYPE_BY_NAME[self.record.settings.dtype])
+            root, _ = tensors_root(self.algorithm, model_weights(base))
+            if root.hex() != model.get("base_weights"):
+                raise CommitmentMismatch(f"the run did not start from the agreed base model {base_model}: its "
+                                         f"weights digest is {root.hex()[:16]}…, the run commits "
+                                         f"{str(model.get('base_weights'))[:16]}…")
+        if data is not None:
+            from .data import load_dataset
+
+            dataset = load_dataset(data)
+            root = dataset.root(self.algorithm).hex()
+            if root != self.record.section("data").get("root"):
+                raise CommitmentMismatch(f"the run was not trained on the agreed dataset {data}: its root is "
+                                         f"{root[:16]}…, the run commits {str(self.record.section('data').get('root'))[:16]}…")
+
     def fields_entering(self, block: int) -> list[str]:
         """Batch fields that enter layer block `block`: labels at the head, the attention mask
         everywhere, the inputs at the embedding. Each field is checked where it is used."""
