@@ -200,16 +200,23 @@ def verify(
         raise typer.Exit(1)
     except AftuneError as exc:
         _fail(exc)
+    finish_report(report, report.to_json(), as_json, error_label="final model")
+
+
+def finish_report(report, document: dict, as_json: bool, error_label: str = "", heading: str = "") -> None:
+    """Print a verdict (or its JSON document) and exit with its code: 0 PASS, 1 FAIL."""
     if as_json:
-        out.print_json(json.dumps(report.to_json()))
+        out.print_json(json.dumps(document))
     else:
+        if heading:
+            out.print(escape(heading), highlight=False)
         for r in report.results:
             colour = "green" if r.verdict == "PASS" else "red"
             out.print(f"[{colour}]{escape(r.headline())}[/]", highlight=False, soft_wrap=True)
             for f in _distinct_checks(r.findings)[1:]:
                 out.print(f"    also: {escape(f.describe(r.label))}", highlight=False, soft_wrap=True)
         for f in report.errors:
-            out.print(f"[red]FAIL {escape(f.describe('final model'))}[/]", highlight=False, soft_wrap=True)
+            out.print(f"[red]FAIL {escape(f.describe(error_label))}[/]", highlight=False, soft_wrap=True)
         out.print(f"[bold]{escape(report.summary())}[/]", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.verdict == "PASS" else 1)
 

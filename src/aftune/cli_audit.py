@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .cli import tolerance_from_options, _PUBKEY_HELP, _distinct_checks, _fail, _progress, app, escape, out
+from .cli import _PUBKEY_HELP, _fail, _progress, app, escape, finish_report, out, tolerance_from_options
 from .errors import AftuneError, CommitmentMismatch, InputError
 
 
@@ -125,19 +125,7 @@ def audit(
         _write_reports(document, c, report_json, report_html, report_png, bundle)
     except AftuneError as exc:
         _fail(exc)
-    if as_json:
-        out.print_json(json.dumps(document))
-    else:
-        out.print(escape(c.describe()), highlight=False)
-        for r in report.results:
-            colour = "green" if r.verdict == "PASS" else "red"
-            out.print(f"[{colour}]{escape(r.headline())}[/]", highlight=False, soft_wrap=True)
-            for f in _distinct_checks(r.findings)[1:]:
-                out.print(f"    also: {escape(f.describe(r.label))}", highlight=False, soft_wrap=True)
-        for f in report.errors:
-            out.print(f"[red]FAIL {escape(f.describe())}[/]", highlight=False, soft_wrap=True)
-        out.print(f"[bold]{escape(report.summary())}[/]", highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if report.verdict == "PASS" else 1)
+    finish_report(report, document, as_json, heading=c.describe())
 
 
 def _write_reports(document, challenge, json_path, html_path, png_path, bundle: Path) -> None:
