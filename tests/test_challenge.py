@@ -267,7 +267,7 @@ def test_spec_vectors(strategy, kw, blocks, digest):
 
 
 def test_spec_seed_and_tags():
-    from aftune.challenge import TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM
+    from aftune.encoding import TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM
 
     assert [len(t) for t in (TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_STRATUM, TAG_CHALLENGE_DIGEST)] == \
         [20, 26, 28, 27]

@@ -26,17 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonio
-from .encoding import HASH_ALGORITHMS, canonical_json, hash_message, length_prefixed, u8, u64
+from .encoding import (HASH_ALGORITHMS, TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM,
+                       canonical_json, hash_message, length_prefixed, u8, u64)
 from .errors import CommitmentMismatch, InputError, RecordError
 
 CHALLENGE_FORMAT = "aftune.challenge.v1"
 
 # Domain tags of the challenge derivation (docs/spec/challenge.md 2). They belong with the others
 # in encoding.py / SPEC.md 2.1 once the audit lands; the bytes are fixed here.
-TAG_CHALLENGE = b"aftune.v1.challenge\x00"
-TAG_CHALLENGE_BLOCK = b"aftune.v1.challenge-block\x00"
-TAG_CHALLENGE_STRATUM = b"aftune.v1.challenge-stratum\x00"
-TAG_CHALLENGE_DIGEST = b"aftune.v1.challenge-digest\x00"
 
 KINDS = ("training", "inference")
 STRATEGIES = ("uniform", "weighted", "stratified", "all")

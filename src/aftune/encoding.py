@@ -35,6 +35,10 @@ TAG_ORDER = b"aftune.v1.order\x00"
 TAG_FILE = b"aftune.v1.file\x00"
 TAG_SIGNATURE = b"aftune.v1.signature\x00"
 TAG_RNG = b"aftune.v1.rng\x00"
+TAG_CHALLENGE = b"aftune.v1.challenge\x00"
+TAG_CHALLENGE_BLOCK = b"aftune.v1.challenge-block\x00"
+TAG_CHALLENGE_STRATUM = b"aftune.v1.challenge-stratum\x00"
+TAG_CHALLENGE_DIGEST = b"aftune.v1.challenge-digest\x00"
 
 # dtype names as in the safetensors format.
 DTYPE_NAMES: dict[torch.dtype, str] = {
