@@ -204,7 +204,7 @@ def _spec_seed(strategy: bytes, mode: int, value: int, edge_weight: int, L: int,
 
 
 def test_spec_text_reimplemented():
-    """An independent implementation of docs/spec/challenge.md 2-3 reaches the same blocks and digest."""
+    """An independent implementation of SPEC.md 9.2-9.3 reaches the same blocks and digest."""
     L, S, K = 4, 8, 5
 
     def key(seed, l, s):
@@ -246,7 +246,7 @@ def test_spec_text_reimplemented():
     assert list(c.blocks) == sorted(sorted(keys, key=keys.get, reverse=True)[:8])
 
 
-SPEC_VECTORS = [  # docs/spec/challenge.md, appendix A
+SPEC_VECTORS = [  # SPEC.md 9.8
     ("uniform", {"count": 5}, ((1, 2), (1, 5), (1, 7), (2, 1), (2, 3)),
      "9db17852f097d9beddd79e69f901dc555dbde002d6d75ad1b3fa45664b79916b"),
     ("weighted", {"count": 5}, ((0, 1), (0, 5), (0, 6), (2, 4), (3, 4)),

@@ -5,7 +5,7 @@
 The provider signs the run root before the client draws its nonce, so while the provider could
 still change a block it cannot know whether that block will be checked; and the client cannot
 pick blocks after seeing anything but the root, because the derivation is a public function of
-(root, nonce, parameters) that anyone can recompute. docs/spec/challenge.md states every hashed
+(root, nonce, parameters) that anyone can recompute. SPEC.md 9 states every hashed
 byte and the sampling algorithms; `aftune.planner` gives their exact detection probabilities.
 
 Strategies (K blocks out of an L x S grid of layer blocks x step blocks):
@@ -32,7 +32,7 @@ from .errors import CommitmentMismatch, InputError, RecordError
 
 CHALLENGE_FORMAT = "aftune.challenge.v1"
 
-# Domain tags of the challenge derivation (docs/spec/challenge.md 2). They belong with the others
+# Domain tags of the challenge derivation (SPEC.md 9.2). They belong with the others
 # in encoding.py / SPEC.md 2.1 once the audit lands; the bytes are fixed here.
 
 KINDS = ("training", "inference")
@@ -45,7 +45,7 @@ MAX_GRID_BLOCKS = 1 << 20  # bounds the derivation's work (one hash per block) o
 MAX_CHALLENGE_BYTES = 64 << 20
 PPM = 1_000_000  # sample rates are fixed-point, in parts per million, so every party hashes the same integer
 
-# Sampling modes, hashed as one byte (docs/spec/challenge.md 2.1).
+# Sampling modes, hashed as one byte (SPEC.md 9.2.1).
 MODE_COUNT, MODE_RATE, MODE_ALL = 1, 2, 3
 
 _JSON_KEYS = {"format", "kind", "hash", "run_root", "nonce", "strategy", "parameters", "grid", "blocks", "digest"}
@@ -217,7 +217,7 @@ def derive_challenge(run_root: bytes, nonce: bytes, num_layer_blocks: int, num_s
     Give exactly one of `count` (K blocks), `sample_rate` (a fraction in (0, 1], K = ceil(rate*N))
     or `sample_rate_ppm`, except for strategy "all" which takes none. `edge_weight` (weighted
     only, default 4) is how many times likelier the first and last layer blocks are drawn."""
-    # 1. Check the inputs (docs/spec/challenge.md 2.1).
+    # 1. Check the inputs (SPEC.md 9.2.1).
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if algorithm not in HASH_ALGORITHMS:
@@ -263,12 +263,12 @@ def derive_challenge(run_root: bytes, nonce: bytes, num_layer_blocks: int, num_s
     elif edge_weight is not None:
         raise InputError(f"edge_weight applies to the weighted strategy only, not to {strategy!r}")
 
-    # 2. The seed binds every input (docs/spec/challenge.md 2.2).
+    # 2. The seed binds every input (SPEC.md 9.2.2).
     seed = hash_message(algorithm, TAG_CHALLENGE, length_prefixed(kind.encode("ascii")), length_prefixed(run_root),
                         length_prefixed(nonce), length_prefixed(strategy.encode("ascii")), u8(mode), u64(value),
                         u64(edge_weight or 0), u64(num_layer_blocks), u64(num_step_blocks))
 
-    # 3. Sample K blocks without replacement (docs/spec/challenge.md 3).
+    # 3. Sample K blocks without replacement (SPEC.md 9.3).
     if strategy == "all":
         chosen = [(l, s) for l in range(num_layer_blocks) for s in range(num_step_blocks)]
     elif strategy == "uniform":

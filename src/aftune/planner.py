@@ -5,7 +5,7 @@
 Every probability is exact (closed form or an exact recursion; no simulation) and is for the worst
 case the threat allows: where a threat leaves the provider free to choose which blocks it
 tampers, it is assumed to choose the blocks each strategy is least likely to draw.
-docs/spec/challenge.md section 4 states each threat model and formula.
+SPEC.md 9.5 states each threat model and formula.
 
 Grid: L layer blocks x S step blocks, N = L*S blocks; a challenge draws K of them (aftune.challenge).
 A tampered block is one whose replay fails; a threat is caught when a challenge draws at least one.
@@ -203,7 +203,7 @@ class ThreatModel:
 
 def threat_model(threat: Threat, num_layer_blocks: int | None, num_step_blocks: int | None, *,
                  num_blocks: int | None = None, layer_block_params: list[int] | None = None) -> ThreatModel:
-    """Translate a threat into the fewest blocks it makes fail (docs/spec/challenge.md 4.2).
+    """Translate a threat into the fewest blocks it makes fail (SPEC.md 9.5.2).
 
     Without the grid's shape (only N), m is a lower bound valid for every shape and only uniform
     sampling can be assessed."""
@@ -282,7 +282,7 @@ def threat_detection(model: ThreatModel, strategy: str, count: int, num_layer_bl
                      num_step_blocks: int | None, *, num_blocks: int | None = None,
                      edge_weight: int = DEFAULT_EDGE_WEIGHT) -> float:
     """P(detect) of a threat by a challenge of K blocks with `strategy`, for the placement of the
-    tampered blocks least likely to be drawn by that strategy (docs/spec/challenge.md 4.3)."""
+    tampered blocks least likely to be drawn by that strategy (SPEC.md 9.5.3)."""
     L, S = num_layer_blocks, num_step_blocks
     n = L * S if L and S else num_blocks
     m = model.tampered
