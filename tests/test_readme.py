@@ -47,6 +47,10 @@ def test_readme_demo_and_two_party_flow_run_and_pass(tmp_path):
     shutil.copy(tmp_path / "runs/demo/transcript.jsonl", tmp_path / "transcript.jsonl")
     shutil.copy(tmp_path / "runs/demo/config.json", tmp_path / "config.json")
     shutil.copy(tmp_path / "runs/demo/provider.key.pub", tmp_path / "provider.pub")
+    infer, verify, receipt = readme_commands("inference")
+    run_commands([infer, verify], tmp_path)
+    expanded = str(next((tmp_path / "records" / "receipts").glob("*.json")))  # as the shell expands the glob
+    assert "VALID receipt" in run_commands([receipt.replace("records/receipts/*.json", expanded)], tmp_path)
     out = run_commands(readme_commands("two-party"), tmp_path)
     assert "PASS: 4/4 blocks pass" in out  # 10% of 32 blocks, rounded up
     assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0

@@ -291,6 +291,10 @@ def digest(
 
 
 def main() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # aftune draws its own progress bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except OSError as exc:  # unreadable or unwritable files: bad input, not a bug

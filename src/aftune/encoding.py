@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 import sys
 from typing import Any
@@ -35,6 +34,9 @@ TAG_ORDER = b"aftune.v1.order\x00"
 TAG_FILE = b"aftune.v1.file\x00"
 TAG_SIGNATURE = b"aftune.v1.signature\x00"
 TAG_RNG = b"aftune.v1.rng\x00"
+TAG_INFERENCE_RECORD = b"aftune.v1.inference-record\x00"  # record id = H(tag || record file bytes)
+TAG_SAMPLE = b"aftune.v1.sample\x00"  # per-step uniform of seeded sampling
+TAG_RECEIPT = b"aftune.v1.receipt\x00"
 TAG_CHALLENGE = b"aftune.v1.challenge\x00"
 TAG_CHALLENGE_BLOCK = b"aftune.v1.challenge-block\x00"
 TAG_CHALLENGE_STRATUM = b"aftune.v1.challenge-stratum\x00"
@@ -136,19 +138,11 @@ def tensor_digest(name: str, tensor: torch.Tensor, algorithm: str = "blake3") ->
 
 def canonical_json(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace, UTF-8, no NaN or infinity."""
-    _reject_non_finite(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def _reject_non_finite(obj: Any) -> None:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise InputError(f"non-finite number {obj} cannot be committed")
-    if isinstance(obj, dict):
-        for v in obj.values():
-            _reject_non_finite(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _reject_non_finite(v)
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:  # NaN or infinity
+        raise InputError(f"cannot be committed: {exc}") from None
+    return text.encode("utf-8")
 
 
 def hex_digest(digest: bytes) -> str:
