@@ -20,9 +20,10 @@ from .errors import AftuneError, CommitmentMismatch, InputError
 
 @app.command("open")
 def open_(
-    run_dir: Path = typer.Argument(..., help="The provider's run directory."),
+    run_dir: Path = typer.Argument(..., help="The provider's run directory (or record directory, for inference)."),
     challenge: Path = typer.Option(..., "--challenge", help="The client's challenge (aftune challenge)."),
     out_dir: Path = typer.Option(..., "--out", help="New directory for the bundle."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model (default: the record's)."),
 ):
     """Open the challenged blocks: a bundle with exactly what their replay needs, and proofs."""
     from .bundle import open_bundle
@@ -30,6 +31,12 @@ def open_(
 
     try:
         c = Challenge.load(challenge)
+        if c.kind == "inference":
+            from .inference_audit import open_inference_bundle
+
+            summary = open_inference_bundle(run_dir, c, out_dir, model=model)
+            out.print(f"bundle written to {out_dir}: {summary['blocks']} layer blocks, {summary['tensors']} tensors")
+            return
         _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
         with _progress() as bar:
             task = bar.add_task("opening", total=len(c.blocks), note="")
@@ -82,6 +89,8 @@ def audit(
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the JSON report here."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write a self-contained HTML report."),
     report_png: Optional[Path] = typer.Option(None, "--report-png", help="Write a PNG of the block grid."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Inference: your copy of the model (or run directory)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Inference: your prompt, which the record must answer."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
 ):
     """Verify an opened challenge (or challenge, open and verify a run locally). Exit 0 PASS, 1 FAIL, 2 bad input."""
@@ -92,9 +101,19 @@ def audit(
     try:
         key = PublicKey.load(public_key)
         if (target / "bundle.json").is_file():
-            if transcript is None or challenge is None:
-                raise InputError("auditing a bundle needs --transcript (your copy) and --challenge")
+            if challenge is None:
+                raise InputError("auditing a bundle needs --challenge (and --transcript, your copy, for a training run)")
             c = Challenge.load(challenge)
+            if c.kind == "training" and transcript is None:
+                raise InputError("auditing a training bundle needs --transcript (your copy)")
+            if c.kind == "inference":
+                if model is None:
+                    raise InputError("auditing an inference record needs --model (your copy of the model or run)")
+                from .inference_audit import audit_inference_bundle
+
+                report = audit_inference_bundle(target, c, key, model, mode=mode, replay_dtype=dtype,
+                                                expected_prompt=prompt)
+                finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
             bundle, transcript_path, scratch = target, transcript, None
         elif (target / "transcript.jsonl").is_file():
             if (sample_rate is None) == (blocks is None) and strategy != "all":

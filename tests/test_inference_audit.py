@@ -1,0 +1,81 @@
+"""Challenges, openings and audits of inference records: the client picks layer blocks of a
+record after its receipt is signed; the provider opens them; the client replays them from the
+bundle alone with its own copy of the model."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from aftune.challenge import challenge_for_inference
+from aftune.inference_audit import audit_inference_bundle, open_inference_bundle
+from aftune.signing import SigningKey
+from test_inference import PROMPT, infer
+from test_inference_tampering import PerturbBoundary
+
+
+def _challenge(result, engine, strategy="uniform", count=2, nonce=None):
+    return challenge_for_inference(result.record_id, len(engine.blocks), strategy,
+                                   count=None if strategy == "all" else count, nonce=nonce)
+
+
+def test_honest_record_passes_and_perturbed_block_fails_when_challenged(model_dir, tmp_path):
+    model = model_dir("llama")
+    key = SigningKey.generate()
+    honest, engine = infer(model, tmp_path / "honest", key=key)
+    c = _challenge(honest, engine, "all")
+    open_inference_bundle(tmp_path / "honest", c, tmp_path / "b0", model=model)
+    report = audit_inference_bundle(tmp_path / "b0", c, key.public_key, model, expected_prompt=PROMPT)
+    assert report.verdict == "PASS" and len(report.results) == len(engine.blocks), report.summary()
+
+    # a boundary activation perturbed while serving (AFTUNE's activation attack)
+    bad, engine = infer(model, tmp_path / "bad", key=key, deviation=PerturbBoundary(step=1, at=2))
+    c = _challenge(bad, engine, "all")
+    open_inference_bundle(tmp_path / "bad", c, tmp_path / "ball", model=model)
+    full = audit_inference_bundle(tmp_path / "ball", c, key.public_key, model)
+    affected = {r.layer_block for r in full.results if r.verdict == "FAIL"}
+    assert affected and affected <= {1, 2}, full.summary()  # the blocks on either side of boundary 2
+    seen = set()
+    for i in range(10):  # a single challenged block FAILs exactly when it is an affected one
+        c = _challenge(bad, engine, count=1, nonce=bytes([i]) * 32)
+        bundle = tmp_path / f"b{i + 1}"
+        open_inference_bundle(tmp_path / "bad", c, bundle, model=model)
+        report = audit_inference_bundle(bundle, c, key.public_key, model)
+        hit = c.blocks[0][0] in affected
+        assert report.verdict == ("FAIL" if hit else "PASS"), (c.blocks, report.summary())
+        seen.add(hit)
+    assert seen == {True, False}
+
+
+def test_inference_bundle_for_another_challenge_or_incomplete_fails(model_dir, tmp_path):
+    model = model_dir("llama")
+    key = SigningKey.generate()
+    result, engine = infer(model, tmp_path / "rec", key=key)
+    c = _challenge(result, engine, count=1, nonce=b"\x01" * 32)
+    other = _challenge(result, engine, "all")
+    open_inference_bundle(tmp_path / "rec", c, tmp_path / "b", model=model)
+    assert "another challenge" in audit_inference_bundle(tmp_path / "b", other, key.public_key, model).summary()
+    shutil.rmtree(tmp_path / "b" / "objects")
+    assert audit_inference_bundle(tmp_path / "b", c, key.public_key, model).verdict == "FAIL"
+
+
+def test_inference_audit_through_the_cli(model_dir, tmp_path):
+    model = model_dir("llama")
+    key_path = tmp_path / "provider.key"
+    key = SigningKey.generate()
+    key.save(key_path)
+    result, engine = infer(model, tmp_path / "rec", key=key)
+    py = [sys.executable, "-m", "aftune"]
+    steps = [
+        [*py, "challenge", "--record-root", result.record_id.hex(), "--layer-blocks", str(len(engine.blocks)),
+         "--blocks", "2", "--out", str(tmp_path / "c.json")],
+        [*py, "open", str(tmp_path / "rec"), "--challenge", str(tmp_path / "c.json"), "--out", str(tmp_path / "b"),
+         "--model", str(model)],
+        [*py, "audit", str(tmp_path / "b"), "--challenge", str(tmp_path / "c.json"), "--public-key",
+         str(key_path) + ".pub", "--model", str(model), "--prompt", PROMPT],
+    ]
+    for argv in steps:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
+    assert "PASS: 2/2 blocks pass" in done.stdout
