@@ -193,14 +193,19 @@ def verify(
             report = Report(str(run_dir), mode)
             report.results.append(v.verify_block(layer_block, step_block)[0])
     except CommitmentMismatch as exc:  # the record contradicts its signed commitments
-        if as_json:
-            out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
-        else:
-            out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        fail_on_mismatch(exc, as_json)
     except AftuneError as exc:
         _fail(exc)
     finish_report(report, report.to_json(), as_json, error_label="final model")
+
+
+def fail_on_mismatch(exc: CommitmentMismatch, as_json: bool) -> None:
+    """A record that contradicts its commitments before any block was replayed: FAIL (exit 1)."""
+    if as_json:
+        out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
+    else:
+        out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def finish_report(report, document: dict, as_json: bool, error_label: str = "", heading: str = "") -> None:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from .cli import _fail, _progress, app, err, escape, finish_report, out
+from .cli import _fail, _progress, app, err, escape, fail_on_mismatch, finish_report, out
 from .errors import AftuneError, CommitmentMismatch
 
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
@@ -154,11 +154,7 @@ def verify_inference(
         else:
             report = v.verify([layer_block])
     except CommitmentMismatch as exc:  # the record contradicts its own digest
-        if as_json:
-            out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
-        else:
-            out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        fail_on_mismatch(exc, as_json)
     except AftuneError as exc:
         _fail(exc)
     doc = report.to_json()
