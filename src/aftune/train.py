@@ -23,7 +23,6 @@ from .encoding import canonical_json
 from .engine import BlockedModel
 from .errors import InputError, MissingExtra
 from .instantiate import instantiate
-from .manifest import common_key
 from .merkle import files_root, tensors_root
 from .models import adapter_class, load_pretrained, model_weights
 from .recorder import Recorder
@@ -180,52 +179,14 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
 def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, dataset, order: OrderCache,
                 spec: BatchSpec, tokenizer, deviation: Deviation) -> float:
     settings = blocked.settings
-    nb = len(blocked.blocks)
     device = next(blocked.model.parameters()).device
-    losses = []
+    batches = []
     for m in range(settings.grad_accum):
         indices = order.indices(step * settings.grad_accum + m, settings.batch_size)
         batch = build_batch(dataset, indices, spec, tokenizer)
-        batch = {k: v.to(device) for k, v in deviation.batch(step, m, batch).items()}
-        for field in spec.fields:
-            recorder.common(s, common_key(step, m, "batch", field), field, batch[field])
-        ctx = blocked.context(batch)
-        inputs, outputs, aliases = [], [], []
-        for b in range(nb):
-            x_in = None if b == 0 else outputs[-1].detach().requires_grad_(True)
-            out, alias = blocked.forward(b, x_in, ctx, step, m)
-            inputs.append(x_in)
-            outputs.append(out)
-            aliases.append(alias)
-        loss = outputs[-1]
-        grad_out = blocked.loss_gradient(loss)
-        alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for b in reversed(range(nb)):
-            r = blocked.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
-            if b > 0:
-                recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
-                recorder.common(s, common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
-                grad_out = r.input_grad
-            for name, part in r.owner_parts.items():
-                recorder.common(s, common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
-            for name, part in r.alias_parts.items():
-                recorder.common(s, common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
-                alias_parts.setdefault(name, []).append((b, part))
-        for name, parts in alias_parts.items():
-            param = dict(blocked.layout[blocked.owner[name]].params)[name]
-            for _, part in sorted(parts, key=lambda x: x[0]):
-                blocked.add_gradient(param, part)
-        recorder.common(s, common_key(step, m, "loss"), "loss", loss.detach().float())
-        losses.append(float(loss.detach()))
-    norms = [blocked.grad_norms(b) for b in range(nb)]
-    for b in range(nb):
-        recorder.common(s, common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
-    coef = blocked.clip(norms)
-    deviation.before_update(step, blocked)
-    for b in range(nb):
-        blocked.update(b, step, coef)
-    deviation.after_update(step, blocked)
-    return sum(losses) / len(losses)
+        batches.append({k: v.to(device) for k, v in deviation.batch(step, m, batch).items()})
+    return blocked.train_step(step, batches, spec.fields, record=lambda key, name, t: recorder.common(s, key, name, t),
+                              before_update=deviation.before_update, after_update=deviation.after_update)
 
 
 def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSettings, algorithm: str) -> bytes:
