@@ -23,6 +23,9 @@ Interleaving (--interleave), so that load from other processes falls on every mo
   work is drained (that wait counts as recorded time) and the same B_S steps are run in plain and
   blocked mode before the recorded run resumes: R0 P0 B0 R1 B1 P1 ... The pipeline inside a step
   block is untouched; only background work spilling into the next step block is made to wait.
+* steps - the same, after every step: R0 P0 B0 R1 B1 P1 ... The recorder is drained after every
+  step (the wait counts as recorded time), so background work cannot overlap the next step; the
+  pairs are as close in time as possible, which helps on a busy machine.
 * runs - whole runs alternate in rotating order (plain, recorded, blocked; recorded, blocked,
   plain; ...): the recorder runs exactly as in production, but noise is averaged far less well.
 
@@ -64,6 +67,7 @@ import time
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -77,8 +81,8 @@ from aftune.models import adapter_class, load_pretrained, read_config
 from aftune.recorder import Recorder
 
 DEFAULTS = {
-    "builtin": dict(steps=48, batch_size=8, seq_len=64, repeats=3, warmup_steps=8),
-    "llama100m": dict(steps=16, batch_size=4, seq_len=128, repeats=1, warmup_steps=1),
+    "builtin": {"steps": 48, "batch_size": 8, "seq_len": 64, "repeats": 3, "warmup_steps": 8},
+    "llama100m": {"steps": 16, "batch_size": 4, "seq_len": 128, "repeats": 1, "warmup_steps": 1},
 }
 MODES = ("plain", "recorded", "blocked")
 LABELS = {"plain": "HF plain (torch AdamW)", "recorded": "aftune train(), recorded",
@@ -235,10 +239,24 @@ class Clock:
     def __init__(self):
         self.wall, self.cpu, self.busy = time.perf_counter(), time.process_time(), machine_busy()
 
-    def since(self, start: "Clock") -> tuple[float, float, float]:
+    def since(self, start: Clock) -> tuple[float, float, float]:
         """(wall, own CPU, other processes' CPU) from `start` to this reading."""
         own = self.cpu - start.cpu
         return self.wall - start.wall, own, max(0.0, (self.busy - start.busy) - own)
+
+
+def wait_quiet(max_wait: float, cores: float = 0.3, window: float = 2.0) -> float:
+    """Sleep until other processes use fewer than `cores` CPUs over `window` s, for up to `max_wait`
+    s; returns the time waited. Only called while this process is idle (recorder drained)."""
+    if max_wait <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        c0 = Clock()
+        time.sleep(window)
+        wall, _, others = Clock().since(c0)
+        if others / wall < cores or time.perf_counter() - t0 >= max_wait:
+            return time.perf_counter() - t0
 
 
 @dataclass
@@ -269,8 +287,10 @@ def timed_steps(trainer, run: Run, steps: range) -> None:
 class _Probe:
     """What TimedRecorder observed during one recorded run."""
 
-    def __init__(self, on_block_done=None):
+    def __init__(self, on_block_done=None, on_step_done=None):
         self.on_block_done = on_block_done  # called with the step block just ended (blocks interleave)
+        self.on_step_done = on_step_done  # called with the step just done (steps interleave)
+        self.recorder: TimedRecorder | None = None
         self.lock = threading.Lock()
         self.start: Clock | None = None
         self.begin: dict[int, float] = {}
@@ -293,6 +313,7 @@ class TimedRecorder(Recorder):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._p = TimedRecorder.probe
+        self._p.recorder = self
         self._pending = []
         for pool in (self._workers, self._committer):
             pool.submit = self._tracking(pool.submit)
@@ -330,15 +351,19 @@ class TimedRecorder(Recorder):
         if step_block == 0:
             p.start = Clock()
         elif p.on_block_done is not None:
-            t0 = time.perf_counter()
-            wait_futures(self._pending)  # the background work of the ended step block
-            self._pending = [f for f in self._pending if not f.done()]
-            p.drain += time.perf_counter() - t0
+            self.drain()  # the background work of the ended step block
             c0 = Clock()
             p.on_block_done(step_block - 1)
             p.pauses.append((c0, Clock()))
         p.begin[step_block] = p.last_state[step_block] = time.perf_counter()
         super().begin(step_block, first_step, num_steps)
+
+    def drain(self) -> None:
+        """Wait for every hash, store and commit submitted so far (counted as recorded time)."""
+        t0 = time.perf_counter()
+        wait_futures(self._pending)
+        self._pending = [f for f in self._pending if not f.done()]
+        self._p.drain += time.perf_counter() - t0
 
     def state(self, step_block, block, key, name, tensor, store):
         super().state(step_block, block, key, name, tensor, store)
@@ -373,18 +398,28 @@ def _paused_within(pauses, lo: float, hi: float) -> float:
     return sum(max(0.0, min(b.wall, hi) - max(a.wall, lo)) for a, b in pauses)
 
 
-def run_recorded(inp: Inputs, settings: TrainSettings, run_dir: Path, on_block_done=None) -> Run:
-    probe = _Probe(on_block_done)
+def run_recorded(inp: Inputs, settings: TrainSettings, run_dir: Path, on_block_done=None, on_step_done=None) -> Run:
+    probe = _Probe(on_block_done, on_step_done)
     marks: list[float] = []
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if on_step_done is None:
+            marks.append(time.perf_counter())
+            return
+        probe.recorder.drain()  # the background work of this step, counted in it
+        marks.append(time.perf_counter())
+        c0 = Clock()
+        on_step_done(step - 1)
+        probe.pauses.append((c0, Clock()))
+
     t_call = time.perf_counter()
     with _patched_recorder(probe):
-        result = aftune_train.train(inp.model_dir, inp.data, run_dir, settings,
-                                    progress=lambda step, total, loss: marks.append(time.perf_counter()))
+        result = aftune_train.train(inp.model_dir, inp.data, run_dir, settings, progress=progress)
     t_return = time.perf_counter()
     start, end = probe.start, probe.close_end
     bounds = [start.wall] + marks
     run = Run("recorded", final_loss=result.final_loss)
-    run.steps = [b - a - _paused_within(probe.pauses, a, b) for a, b in zip(bounds, bounds[1:])]
+    run.steps = [b - a - _paused_within(probe.pauses, a, b) for a, b in pairwise(bounds)]
     wall, cpu, others = end.since(start)
     for a, b in probe.pauses:  # time spent in the other modes' steps is not the recorded run's
         pw, pc, po = b.since(a)
@@ -397,6 +432,7 @@ def run_recorded(inp: Inputs, settings: TrainSettings, run_dir: Path, on_block_d
         "close": end.wall - probe.close_start,
         "after": t_return - end.wall,  # save RUN/model, hash it, sign the run root
         "snapshot_total": sum(snapshots),  # state clones on the training thread, all step blocks
+        "snapshots": snapshots,
         "end_wait": probe.end_wait,
         "drain": probe.drain,
         "job_wall": probe.job_wall,
@@ -459,20 +495,27 @@ def parse_args(argv):
     ap.add_argument("--checkpoint-interval", type=int, default=8, help="I_C (default 8)")
     ap.add_argument("--repeats", type=int, help="recorded runs (runs interleave: runs of every mode); "
                                                 "default: builtin 3, llama100m 1")
-    ap.add_argument("--interleave", choices=("blocks", "runs"), default="blocks",
-                    help="alternate step blocks within one run (default) or whole runs")
+    ap.add_argument("--interleave", choices=("blocks", "steps", "runs"), default="blocks",
+                    help="alternate step blocks within one run (default), single steps (the recorder is "
+                         "drained after every step), or whole runs")
     ap.add_argument("--warmup-steps", type=int, help="steps of an unmeasured warm-up run of each mode first; 0: none "
                                                      "(default: builtin 8, llama100m 1, plain and blocked only)")
     ap.add_argument("--skip-steps", type=int, default=1, help="first steps of every run left out of the "
                                                               "per-step statistics (default 1)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice, one per core)")
     ap.add_argument("--no-blocked", action="store_true", help="leave out the unrecorded block-decomposed mode")
     ap.add_argument("--work-dir", type=Path, help="where models and runs are written (default: a temp dir)")
+    ap.add_argument("--quiet-wait", type=float, default=0.0,
+                    help="before every measured segment, wait up to this many seconds until other processes use "
+                         "< 0.3 CPUs (default 0: don't wait)")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     return ap, ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     d = DEFAULTS[args.config]
     repeats = args.repeats or d["repeats"]
     warmup = d["warmup_steps"] if args.warmup_steps is None else args.warmup_steps
@@ -511,16 +554,22 @@ def main(argv: list[str] | None = None) -> int:
                       f"{os.cpu_count()} CPUs; interleave={args.interleave}")
         n_run = 0
 
-        def recorded(s: TrainSettings, on_block_done=None) -> Run:
+        def recorded(s: TrainSettings, on_block_done=None, on_step_done=None) -> Run:
             nonlocal n_run
             n_run += 1
             run_dir = work / f"run{n_run:02d}"
             try:
-                r = run_recorded(inp, s, run_dir, on_block_done)
+                r = run_recorded(inp, s, run_dir, on_block_done, on_step_done)
                 r.extra["storage"] = storage(run_dir, s)
                 return r
             finally:
                 shutil.rmtree(run_dir, ignore_errors=True)
+
+        waited = 0.0
+
+        def quiet() -> None:
+            nonlocal waited
+            waited += wait_quiet(args.quiet_wait)
 
         def unrecorded(mode: str, s: TrainSettings) -> Run:
             run = Run(mode)
@@ -544,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.interleave == "runs":
                 order = modes[r % len(modes):] + modes[: r % len(modes)]
                 for mode in order:
+                    quiet()
                     res = recorded(settings) if mode == "recorded" else unrecorded(mode, settings)
                     results[mode].append(res)
                     report(r, res)
@@ -551,12 +601,18 @@ def main(argv: list[str] | None = None) -> int:
             trainers = {m: TRAINERS[m](inp, settings) for m in others_modes}
             runs = {m: Run(m) for m in others_modes}
 
-            def on_block_done(s: int, r=r, trainers=trainers, runs=runs) -> None:
-                order = others_modes if (s + r) % 2 == 0 else others_modes[::-1]
+            def segment(k: int, steps: range, r=r, trainers=trainers, runs=runs) -> None:
+                order = others_modes if (k + r) % 2 == 0 else others_modes[::-1]
                 for mode in order:
-                    timed_steps(trainers[mode], runs[mode], settings.steps_of(s))
+                    quiet()
+                    timed_steps(trainers[mode], runs[mode], steps)
+                quiet()  # before the recorded run resumes
 
-            res = recorded(settings, on_block_done)
+            quiet()
+            if args.interleave == "blocks":
+                res = recorded(settings, on_block_done=lambda sb: segment(sb, settings.steps_of(sb)))
+            else:
+                res = recorded(settings, on_step_done=lambda t: segment(t, range(t, t + 1)))
             del trainers
             for mode in modes:
                 results[mode].append(res if mode == "recorded" else runs[mode])
@@ -571,6 +627,26 @@ def main(argv: list[str] | None = None) -> int:
     cpu = {m: statistics.median([x.cpu for x in results[m]]) for m in modes}
     paired = {m: statistics.median([a / b for ra, rb in zip(results[m], results["plain"])
                                     for a, b in list(zip(ra.steps, rb.steps))[args.skip_steps:]]) for m in modes}
+    def block_ratios(mode: str) -> tuple[list[float], list[float]]:
+        """mode/plain per step block (steady steps; the recorded block-0 snapshot is added back),
+        split into checkpoint blocks (full state stored) and the others."""
+        ck, nc = [], []
+        for rr, pr in zip(results[mode], results["plain"]):
+            for sb in range(settings.num_step_blocks):
+                idx = [t for t in settings.steps_of(sb) if t >= args.skip_steps]
+                if not idx:
+                    continue
+                num, den = sum(rr.steps[t] for t in idx), sum(pr.steps[t] for t in idx)
+                if mode == "recorded" and settings.steps_of(sb).start < args.skip_steps:
+                    num += rr.extra["snapshots"][sb]
+                (ck if settings.is_checkpoint(sb) else nc).append(num / den)
+        return ck, nc
+
+    ck, nc = block_ratios("recorded")
+    long_run = None
+    if ck and (nc or settings.checkpoint_interval == 1):
+        ic = settings.checkpoint_interval
+        long_run = (statistics.median(ck) + (ic - 1) * (statistics.median(nc) if nc else 0.0)) / ic
     others = sum(x.others for m in modes for x in results[m])
     measured = sum(x.loop for m in modes for x in results[m])
 
@@ -596,13 +672,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{paired['recorded']:.3f}")
     console.print(f"[bold]total-time ratio incl. snapshots and final flush[/] (recorded loop up to the end of "
                   f"Recorder.close / plain loop): {loop['recorded'] / loop['plain']:.3f}")
+    console.print(f"recorded/plain per step block (steady steps, incl. state snapshots and drain waits): "
+                  f"checkpoint blocks {', '.join(f'{x:.3f}' for x in ck) or '-'}; other blocks "
+                  f"{', '.join(f'{x:.3f}' for x in nc) or '-'}; long-run estimate (1 checkpoint block in "
+                  f"{settings.checkpoint_interval}, no final flush): "
+                  f"{'n/a (needs both kinds of block)' if long_run is None else f'{long_run:.3f}'}")
     if "blocked" in modes:
         console.print(f"decomposition vs recording: blocked/plain {med['blocked'] / med['plain']:.3f}, "
                       f"recorded/blocked {med['recorded'] / med['blocked']:.3f} (medians); loop totals "
                       f"{loop['blocked'] / loop['plain']:.3f} and {loop['recorded'] / loop['blocked']:.3f}")
     console.print(f"recorded, training thread: state snapshots {ex['snapshot_total']:.2f} s over "
                   f"{settings.num_step_blocks + 1} step blocks, waits in Recorder.end {ex['end_wait']:.2f} s, "
-                  f"drain waits at step-block ends {ex['drain']:.2f} s, final flush {ex['flush']:.2f} s "
+                  f"drain waits for interleaving {ex['drain']:.2f} s, final flush {ex['flush']:.2f} s "
                   f"(close() {ex['close']:.2f} s)")
     console.print(f"recorded, background: {rec[-1].extra['jobs']} hash/store jobs, {ex['job_wall']:.2f} s summed over "
                   f"the workers (serialise+compress+write {ex['put_wall']:.2f} s); own CPU recorded - plain "
@@ -619,14 +700,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps): {_fmt_bytes(st['steady_per_step'])}/step; not counted: RUN/model etc. "
                   f"{_fmt_bytes(st['other_bytes'])}")
     console.print(f"noise: other processes used {others:.0f} CPU s during {measured:.0f} s of measured loops "
-                  f"({others / max(measured, 1e-9):.2f} cores on average); benchmark wall time "
+                  f"({others / max(measured, 1e-9):.2f} cores on average; {waited:.0f} s spent waiting for quiet); "
+                  f"benchmark wall time "
                   f"{time.perf_counter() - t_start:.0f} s; {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     if args.json:
         args.json.write_text(json.dumps({
             "config": args.config, "description": desc, "settings": settings.to_json(),
             "interleave": args.interleave, "repeats": repeats, "median_step": med, "mean_step": mean,
             "paired_median_ratio": paired, "loop": loop, "cpu": cpu, "recorded": ex, "storage": st,
-            "other_processes_cpu": others,
+            "other_processes_cpu": others, "block_ratios": {"checkpoint": ck, "other": nc}, "long_run": long_run,
             "runs": {m: [{"steps": x.steps, "loop": x.loop, "cpu": x.cpu, "others": x.others} for x in results[m]]
                      for m in modes},
         }, indent=1))

@@ -22,7 +22,7 @@ from .transcript import TranscriptWriter
 
 class Recorder:
     def __init__(self, run_dir: Path, algorithm: str, num_blocks: int, transcript: TranscriptWriter,
-                 workers: int = 2, compression_level: int = 3):
+                 workers: int = 2, compression_level: int = 1):
         self.run_dir = run_dir
         self.algorithm = algorithm
         self.num_blocks = num_blocks
@@ -44,9 +44,12 @@ class Recorder:
     def begin(self, step_block: int, first_step: int, num_steps: int) -> None:
         self._open[step_block] = (first_step, num_steps, {}, [{} for _ in range(self.num_blocks)])
 
-    def state(self, step_block: int, block: int, key: str, name: str, tensor: torch.Tensor, store: bool) -> None:
-        """A state tensor of `block` at the start of `step_block`; the caller passes a private copy."""
-        self._open[step_block][3][block][key] = self._workers.submit(self._job, name, tensor, store)
+    def state(self, step_block: int, block: int, key: str, name: str, tensor: torch.Tensor, store: bool) -> Future:
+        """A state tensor of `block` at the start of `step_block`. The caller passes a private copy,
+        or the live tensor and waits for the returned future before modifying it."""
+        future = self._workers.submit(self._job, name, tensor, store)
+        self._open[step_block][3][block][key] = future
+        return future
 
     def common(self, step_block: int, key: str, name: str, tensor: torch.Tensor) -> None:
         """A cross-block tensor (always stored); the caller must not modify it afterwards."""

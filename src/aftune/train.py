@@ -156,13 +156,11 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         for s in range(settings.num_step_blocks + 1):
             steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
             recorder.begin(s, steps.start, len(steps))
-            stored = settings.is_checkpoint(s)
-            for b in range(len(blocked.blocks)):
-                for k, (name, t) in blocked.state_tensors(b).items():
-                    recorder.state(s, b, k, name, t.detach().clone(), stored)
+            hashing = _commit_state(blocked, recorder, s, settings.is_checkpoint(s))
             for t in steps:
                 loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer,
-                                         deviation or Deviation())
+                                         deviation or Deviation(), wait_before_update=hashing)
+                hashing = []
                 if progress:
                     progress(t + 1, settings.steps, loss_value)
             recorder.end(s)
@@ -176,8 +174,26 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value)
 
 
+def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: bool) -> list:
+    """Hand every layer block's state at the start of step block `s` to the recorder.
+
+    Checkpoints are stored, so they are copied. Otherwise weights and optimizer state are hashed
+    in place while the step block's first forward and backward run (they only read them); the
+    returned futures must complete before the first optimizer update. Buffers are copied: a
+    forward pass may update them (BatchNorm statistics)."""
+    live = []
+    for b in range(len(blocked.blocks)):
+        buffers = {name for name, _ in blocked.layout[b].buffers}
+        for k, (name, t) in blocked.state_tensors(b).items():
+            if stored or name in buffers:
+                recorder.state(s, b, k, name, t.detach().clone(), stored)
+            else:
+                live.append(recorder.state(s, b, k, name, t.detach(), False))
+    return live
+
+
 def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, dataset, order: OrderCache,
-                spec: BatchSpec, tokenizer, deviation: Deviation) -> float:
+                spec: BatchSpec, tokenizer, deviation: Deviation, wait_before_update=()) -> float:
     settings = blocked.settings
     device = next(blocked.model.parameters()).device
     batches = []
@@ -185,8 +201,13 @@ def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, da
         indices = order.indices(step * settings.grad_accum + m, settings.batch_size)
         batch = build_batch(dataset, indices, spec, tokenizer)
         batches.append({k: v.to(device) for k, v in deviation.batch(step, m, batch).items()})
+    def before_update(step: int, model: BlockedModel) -> None:
+        for future in wait_before_update:  # the start-of-block state is hashed in place
+            future.result()
+        deviation.before_update(step, model)
+
     return blocked.train_step(step, batches, spec.fields, record=lambda key, name, t: recorder.common(s, key, name, t),
-                              before_update=deviation.before_update, after_update=deviation.after_update)
+                              before_update=before_update, after_update=deviation.after_update)
 
 
 def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSettings, algorithm: str) -> bytes:
