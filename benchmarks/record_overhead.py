@@ -174,7 +174,7 @@ class PlainTrainer:
 
 
 class BlockedTrainer:
-    """aftune's block-decomposed step (aftune.train._train_step) with every recording call removed."""
+    """aftune's block-decomposed step (BlockedModel.train_step) without recording."""
 
     def __init__(self, inp: Inputs, settings: TrainSettings):
         self.inp, self.settings = inp, settings
@@ -184,38 +184,10 @@ class BlockedTrainer:
         self.order = OrderCache(settings.hash_algorithm, settings.seed, len(inp.dataset.examples))
 
     def step(self, step: int) -> float:
-        blocked, s = self.blocked, self.settings
-        nb = len(blocked.blocks)
-        losses = []
-        for m in range(s.grad_accum):
-            indices = self.order.indices(step * s.grad_accum + m, s.batch_size)
-            batch = build_batch(self.inp.dataset, indices, self.inp.spec, self.inp.tokenizer)
-            ctx = blocked.context(batch)
-            inputs, outputs, aliases = [], [], []
-            for b in range(nb):
-                x_in = None if b == 0 else outputs[-1].detach().requires_grad_(True)
-                out, alias = blocked.forward(b, x_in, ctx, step, m)
-                inputs.append(x_in)
-                outputs.append(out)
-                aliases.append(alias)
-            grad_out = blocked.loss_gradient(outputs[-1])
-            alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-            for b in reversed(range(nb)):
-                r = blocked.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
-                if b > 0:
-                    grad_out = r.input_grad
-                for name, part in r.alias_parts.items():
-                    alias_parts.setdefault(name, []).append((b, part))
-            for name, parts in alias_parts.items():
-                param = dict(blocked.layout[blocked.owner[name]].params)[name]
-                for _, part in sorted(parts, key=lambda x: x[0]):
-                    blocked.add_gradient(param, part)
-            losses.append(float(outputs[-1].detach()))
-        norms = [blocked.grad_norms(b) for b in range(nb)]
-        coef = blocked.clip(norms)
-        for b in range(nb):
-            blocked.update(b, step, coef)
-        return sum(losses) / len(losses)
+        s = self.settings
+        batches = [build_batch(self.inp.dataset, self.order.indices(step * s.grad_accum + m, s.batch_size),
+                               self.inp.spec, self.inp.tokenizer) for m in range(s.grad_accum)]
+        return self.blocked.train_step(step, batches, self.inp.spec.fields)  # no record callback
 
 
 TRAINERS = {"plain": PlainTrainer, "blocked": BlockedTrainer}
@@ -366,8 +338,9 @@ class TimedRecorder(Recorder):
         self._p.drain += time.perf_counter() - t0
 
     def state(self, step_block, block, key, name, tensor, store):
-        super().state(step_block, block, key, name, tensor, store)
+        future = super().state(step_block, block, key, name, tensor, store)
         self._p.last_state[step_block] = time.perf_counter()
+        return future
 
     def end(self, step_block):
         t0 = time.perf_counter()
