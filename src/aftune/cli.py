@@ -323,4 +323,4 @@ if __name__ == "__main__":
 
 # Commands of other components register themselves on `app` (one module each, to keep this file
 # about training and verification).
-from . import cli_audit, cli_inference, cli_plan  # noqa: E402,F401
+from . import cli_attack, cli_audit, cli_inference, cli_plan  # noqa: E402,F401

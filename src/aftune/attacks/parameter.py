@@ -1,0 +1,150 @@
+"""AFTUNE's parameter attack (seed 000): an edit of chosen layers' weights under a relative-L2
+bound (per tensor) that plants a backdoor (a triggered input answered with a target class) or
+poisons one input (misclassified), the smallest edit that succeeds.
+
+    aftune attack parameter --work-dir work --layer vit.layers.3
+
+`smallest_edit` runs projected gradient descent on the edit (||delta_t|| <= bound * ||W_t|| for
+every edited tensor t; loss = cross-entropy of the attack input towards its goal plus that of
+the attacker's clean inputs towards their labels, so the rest of the model's behaviour stays)
+and a binary search over the bound. Where it is caught:
+
+- serving: `EditedWeights` (a ServingDeviation) answers with W + delta while the record claims
+  the fine-tuned model's digest: the inference verifier's replay of the edited layer block with
+  the committed weights differs (strict and tolerance mode); a record that honestly names the
+  edited model fails the model-digest / run-binding check instead;
+- training: the edit written into RUN/model after training makes `Verifier.check_final_model`
+  fail, naming the tensors; an edit made after the last update (`EditDuringTraining`) fails the
+  replay of its (layer block, last step block), also in tolerance mode with calibrated thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..inference import ServingDeviation
+from ..train import Deviation
+
+
+def layer_weights(model: nn.Module, prefix: str) -> list[str]:
+    """The weight matrices of a layer (`vit.layers.3`) or one named tensor."""
+    params = dict(model.named_parameters())
+    if prefix in params:
+        return [prefix]
+    names = [n for n, p in params.items() if n.startswith(prefix + ".") and p.dim() >= 2]
+    if not names:
+        raise ValueError(f"no weight matrix named {prefix!r} or under it")
+    return names
+
+
+@dataclass
+class ParameterEdit:
+    goal: str  # backdoor | poison
+    layers: list[str]
+    bound: float  # the smallest per-tensor relative-L2 bound at which the search succeeded
+    rel_l2: float  # largest ||delta_t|| / ||W_t|| of the edit found
+    success: float  # fraction of the attack inputs answered as wanted
+    delta: dict[str, torch.Tensor]
+
+    def to_json(self) -> dict:
+        return {"goal": self.goal, "layers": self.layers, "bound": self.bound, "rel_l2": self.rel_l2,
+                "success": self.success}
+
+
+def _logits(model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, weights, (), {"pixel_values": x}).logits
+
+
+def optimise_edit(model: nn.Module, layers: list[str], bound: float, attack_x: torch.Tensor, attack_y: torch.Tensor,
+                  clean_x: torch.Tensor, clean_y: torch.Tensor, *, iterations: int = 40) -> dict[str, torch.Tensor]:
+    """Projected gradient descent on the edit within the per-tensor bound."""
+    params = dict(model.named_parameters())
+    w = {n: params[n].detach() for n in layers}
+    radius = {n: bound * float(w[n].norm()) for n in layers}
+    delta = {n: torch.zeros_like(w[n]) for n in layers}
+    for _ in range(iterations):
+        for d in delta.values():
+            d.requires_grad_(True)
+        with torch.enable_grad():
+            edited = {n: w[n] + delta[n] for n in layers}
+            loss = nn.functional.cross_entropy(_logits(model, edited, attack_x), attack_y) + \
+                nn.functional.cross_entropy(_logits(model, edited, clean_x), clean_y)
+            grads = torch.autograd.grad(loss, [delta[n] for n in layers])
+        with torch.no_grad():
+            for n, g in zip(layers, grads):
+                d = delta[n] - 0.2 * radius[n] * g / g.norm().clamp_min(1e-30)
+                norm = float(d.norm())
+                delta[n] = d * (radius[n] / norm) if norm > radius[n] else d
+    return {n: d.detach() for n, d in delta.items()}
+
+
+def _success(model, layers, delta, x, y) -> float:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        edited = {n: params[n].detach() + delta[n] for n in layers}
+        return float((_logits(model, edited, x).argmax(-1) == y).float().mean())
+
+
+def smallest_edit(model: nn.Module, layers: list[str], goal: str, attack_x: torch.Tensor, attack_y: torch.Tensor,
+                  clean_x: torch.Tensor, clean_y: torch.Tensor, *, threshold: float = 1.0, high: float = 0.5,
+                  rounds: int = 8, iterations: int = 40) -> ParameterEdit | None:
+    """Binary search for the smallest bound whose edit answers `threshold` of the attack inputs as wanted."""
+    model.eval()
+    params = dict(model.named_parameters())
+
+    def attempt(bound):
+        d = optimise_edit(model, layers, bound, attack_x, attack_y, clean_x, clean_y, iterations=iterations)
+        return d, _success(model, layers, d, attack_x, attack_y)
+
+    best, rate = attempt(high)
+    if rate < threshold:
+        return None
+    best_bound, best_rate = high, rate
+    lo, hi = 0.0, high
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        d, r = attempt(mid)
+        if r >= threshold:
+            hi, best, best_bound, best_rate = mid, d, mid, r
+        else:
+            lo = mid
+    rel = max(float(best[n].norm() / params[n].detach().norm()) for n in layers)
+    return ParameterEdit(goal, list(layers), best_bound, rel, best_rate, best)
+
+
+def edited_accuracy(model: nn.Module, edit: ParameterEdit, x: torch.Tensor, y: torch.Tensor) -> float:
+    params = dict(model.named_parameters())
+    edited = {n: params[n].detach() + edit.delta[n] for n in edit.layers}
+    with torch.no_grad():
+        pred = torch.cat([_logits(model, edited, x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)])
+    return float((pred == y).float().mean())
+
+
+class EditedWeights(ServingDeviation):
+    """Serve W + delta while the record claims the unedited model."""
+
+    def __init__(self, delta: dict[str, torch.Tensor]):
+        self.delta = delta
+
+    def weights(self, model):
+        params = dict(model.named_parameters())
+        for n, d in self.delta.items():
+            params[n].data.add_(d.to(params[n].dtype))
+
+
+class EditDuringTraining(Deviation):
+    """Add the edit to the weights right after the update of step `step` (the last one, say)."""
+
+    def __init__(self, delta: dict[str, torch.Tensor], step: int):
+        self.delta, self.step = delta, step
+
+    def after_update(self, step, blocked):
+        if step == self.step:
+            params = {n: p for lay in blocked.layout for n, p in lay.params}
+            with torch.no_grad():
+                for n, d in self.delta.items():
+                    params[n].add_(d)

@@ -1,0 +1,48 @@
+"""Fake quantization shared by the Qu-ANTI-zation attacks (seed 004): symmetric signed per-layer
+weights, scale (2^(b-1) - 1) / max|w|, round to nearest, straight-through gradient.
+
+Only the weights of Linear and Conv2d modules are quantized (the classifier included); biases,
+norms and embeddings stay in float, as in the paper's weight quantizer. Activations are not
+quantized here (the paper also quantizes them, asymmetric unsigned; weight-only is enough to
+show both attacks and their detection).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def quantizable_names(model: nn.Module) -> list[str]:
+    """Parameter names of the weights a per-layer weight quantizer rounds."""
+    out = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            out.append(f"{mod_name}.weight" if mod_name else "weight")
+    return out
+
+
+def fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize `w` to `bits` signed bits. Rounding passes the gradient straight
+    through; the scale stays in the graph, so an objective can also move max|w| (the layer's
+    quantization step)."""
+    levels = 2 ** (bits - 1) - 1
+    scale = levels / w.abs().max().clamp_min(1e-12)
+    z = w * scale
+    zq = z + (torch.clamp(torch.round(z), -levels, levels) - z).detach()
+    return zq / scale
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module, bits: int) -> nn.Module:
+    """Round the model's quantizable weights in place (what a quantized deployment computes with)."""
+    params = dict(model.named_parameters())
+    for name in quantizable_names(model):
+        params[name].copy_(fake_quant(params[name], bits))
+    return model
+
+
+def quantized_params(model: nn.Module, bits: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """{name: fake-quantized parameter} for torch.func.functional_call (gradients flow straight through)."""
+    params = dict(model.named_parameters())
+    return {n: fake_quant(params[n], bits) for n in (names if names is not None else quantizable_names(model))}
