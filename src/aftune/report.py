@@ -27,13 +27,16 @@ class Finding:
     actual: str | None = None
     error: float | None = None
 
-    def describe(self, block_label: str = "") -> str:
+    def location(self, block_label: str = "") -> list[str]:
+        """Where the finding is: the block (or the run) and the step block."""
         if self.layer_block < 0 and self.step_block < 0:
-            where = [block_label or "run"]
-        elif self.layer_block < 0:
-            where = [block_label or "run", f"step block {self.step_block}"]
-        else:
-            where = [block_label or f"layer block {self.layer_block}", f"step block {self.step_block}"]
+            return [block_label or "run"]
+        if self.layer_block < 0:
+            return [block_label or "run", f"step block {self.step_block}"]
+        return [block_label or f"layer block {self.layer_block}", f"step block {self.step_block}"]
+
+    def describe(self, block_label: str = "") -> str:
+        where = self.location(block_label)
         if self.step is not None:
             where.append(f"step {self.step}")
         if self.micro is not None:

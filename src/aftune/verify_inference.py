@@ -78,19 +78,8 @@ class InferenceFinding(Finding):
     """A failed check of an inference record; `step` is the generation step (step k chooses
     token k), `layer_block` is -1 for checks about the whole record."""
 
-    def describe(self, block_label: str = "") -> str:
-        where = [block_label or ("record" if self.layer_block == RECORD_LEVEL else f"layer block {self.layer_block}")]
-        if self.step is not None:
-            where.append(f"step {self.step}")
-        text = ", ".join(where) + f": {self.check}"
-        if self.tensor:
-            text += f" [{self.tensor}]"
-        text += f": {self.reason}"
-        if self.expected is not None:
-            text += f" (committed {self.expected}, recomputed {self.actual})"
-        if self.error is not None:
-            text += f" (relative error {self.error:.3g})"
-        return text
+    def location(self, block_label: str = "") -> list[str]:
+        return [block_label or ("record" if self.layer_block == RECORD_LEVEL else f"layer block {self.layer_block}")]
 
 
 class InferenceBlockResult(BlockResult):
