@@ -131,3 +131,17 @@ def verify_all(run_dir, public_key, **kw):
 def failing(report):
     """(layer_block, step_block) of each failing block."""
     return sorted({(r.layer_block, r.step_block) for r in report.results if r.verdict == "FAIL"})
+
+
+def invoke(*args):
+    """Run the `aftune` CLI in-process; a traceback in the output fails the test, and any
+    exception other than the CLI's own exit is re-raised."""
+    from typer.testing import CliRunner
+
+    from aftune.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result

@@ -10,7 +10,6 @@ from collections import Counter
 
 import blake3
 import pytest
-from typer.testing import CliRunner
 
 from aftune.challenge import (
     CHALLENGE_FORMAT,
@@ -319,18 +318,7 @@ def test_inference_challenge():
 # ---------------------------------------------------------------------------------------------
 # The command (registered by aftune.cli_plan).
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    import aftune.cli_plan  # noqa: F401  (registers the commands until cli.py imports it)
-    from aftune.cli import app
-
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+from conftest import invoke  # noqa: E402
 
 
 def test_cli_challenge(signed_run, tmp_path):

@@ -8,19 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke
 
-from aftune.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import random
 from fractions import Fraction
 
 import pytest
-from typer.testing import CliRunner
 
 from aftune.challenge import derive_challenge
 from aftune.errors import InputError
@@ -261,18 +260,7 @@ def test_binomial_acceptance_interval():
 # ---------------------------------------------------------------------------------------------
 # The command (registered by aftune.cli_plan).
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    import aftune.cli_plan  # noqa: F401
-    from aftune.cli import app
-
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+from conftest import invoke  # noqa: E402
 
 
 def test_cli_plan(tmp_path):
