@@ -196,14 +196,6 @@ def _has(record: RunRecord, digest_hex: str) -> bool:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-class _OpenedEntries(dict):
-    """Entries of a subtree as opened: a lookup of anything not opened is a failed opening."""
-
-    def __init__(self, entries, label: str, step_block: int):
-        super().__init__(entries)
-        self.label, self.step_block = label, step_block
-
-
 @dataclass
 class PartialManifest:
     step_block: int
