@@ -163,8 +163,9 @@ def test_wbp_search_respects_pages_and_scope(bench):
 # --- 2. Qu-ANTI-zation objective -----------------------------------------------------------------
 
 def test_quant_objective_changes_every_update_and_fails_every_block(bench):
-    run = bench.quant_objective(lam=0.05, steps=8)
-    assert {"accuracy_float", "accuracy_int8", "accuracy_int4", "clean_float"} <= set(run.gain)
+    run = bench.quant_objective(steps=8)
+    g = run.gain
+    assert g["accuracy_int4"] < 0.25 < g["clean_int4"] - 0.2  # int4 below chance (the float goal: the slow test)
     report, failing = audited(run)
     assert failing == run.affected == [(l, s) for l in range(4) for s in range(2)]
     assert_named(report, run.affected)

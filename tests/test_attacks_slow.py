@@ -46,14 +46,14 @@ def test_poisoned_examples_plant_a_backdoor(full_bench):
     _caught_exactly(run)
 
 
-def test_quant_objective_is_measured_and_caught(full_bench):
-    """Measured, not assumed: at this scale (48 SGD steps at lr 0.005, weight-only quantization)
-    the objective moves float and quantized accuracy together (docs/attacks.md): the attacker's
-    goal, float intact while int8 / int4 collapse, is not reached. The audit catches it anyway."""
+def test_quant_objective_collapses_int4_only_and_is_caught(full_bench):
+    """The attacker's goal, measured on held-out images: the float model keeps the clean
+    fine-tune's accuracy while its 4-bit copy falls below chance (4 classes)."""
     run = full_bench.quant_objective()
     g = run.gain
     print(f"\nquant-objective: {run.summary}")
-    assert g["accuracy_float"] != g["clean_float"]  # the run is not the agreed one
+    assert g["accuracy_float"] >= g["clean_float"] - 0.03
+    assert g["accuracy_int4"] < 0.25 and g["clean_int4"] > 0.75
     _caught_exactly(run)
 
 

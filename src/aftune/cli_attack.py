@@ -49,7 +49,7 @@ def _bench(work_dir: Path, steps: int | None, quick: bool = False):
 
     _quiet()
     if quick:
-        return Bench.small(work_dir)
+        return Bench.small(work_dir, steps=steps or 16)
     return Bench(work_dir, steps=steps or 48)
 
 
@@ -102,6 +102,8 @@ def _training(name: str, work_dir: Path, steps: int | None, verify: bool, as_jso
         _report_training(bench, run, verify, as_json)
     except AftuneError as exc:
         _fail(exc)
+    except ValueError as exc:  # an option the attack rejects
+        _fail(InputError(str(exc)))
 
 
 _VERIFY = typer.Option(False, "--verify", help="Replay the whole grid afterwards and list the failing blocks.")
@@ -136,19 +138,26 @@ def bitflip_cmd(
 @attack_app.command("quant-objective")
 def quant_objective_cmd(
     work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
-    lam: float = typer.Option(0.25, "--lam", help="Weight of the adversarial quantization term."),
+    lam: float = typer.Option(0.3, "--lam", help="Weight of the adversarial quantization term."),
     alpha: float = typer.Option(5.0, "--alpha", help="The cross-entropy the quantized models are pushed to."),
-    bits: str = typer.Option("8,4", "--bits", help="Bit widths of the objective (comma-separated)."),
+    bits: str = typer.Option("4", "--bits", help="Bit widths of the objective (comma-separated)."),
+    repair_from: Optional[int] = typer.Option(
+        None, "--repair-from", help="Step from which the lowest width's codes are locked and the float model "
+        "repaired inside its quantization cells (default: a quarter of the steps; -1: never)."),
+    repair_lam: float = typer.Option(0.1, "--repair-lam", help="Weight of the quantization term while repairing."),
+    inner_steps: int = typer.Option(16, "--inner-steps", min=1, help="Attacker's Adam steps after each agreed update."),
     steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK,
 ):
-    """Qu-ANTI-zation A: fine-tune with the adversarial quantization objective instead of the agreed loss."""
+    """Qu-ANTI-zation A: fine-tune with the adversarial quantization objective instead of the agreed
+    loss, then repair the float model inside the quantization cells: float intact, quantized collapsed."""
     try:
         widths = tuple(int(b) for b in bits.split(",") if b)
         if not widths or any(not 2 <= b <= 16 for b in widths):
             raise ValueError
     except ValueError:
         _fail(InputError(f"--bits must be comma-separated widths in [2, 16], got {bits!r}"))
-    _training("quant-objective", work_dir, steps, verify, as_json, quick, lam=lam, alpha=alpha, bits=widths)
+    _training("quant-objective", work_dir, steps, verify, as_json, quick, lam=lam, alpha=alpha, bits=widths,
+              repair_from=repair_from, repair_lam=repair_lam, inner_steps=inner_steps)
 
 
 @attack_app.command("skip-steps")

@@ -64,12 +64,12 @@ class Bench:
         self._honest_metrics: dict = {}
 
     @classmethod
-    def small(cls, work_dir: str | Path, threads: int = 1) -> "Bench":
+    def small(cls, work_dir: str | Path, threads: int = 1, steps: int = 16) -> "Bench":
         """A smaller task and run for tests and `eval-detection --quick` (seconds per attack; the
         attacks' effects are weaker than on the full bench)."""
         task = VisionTask(pretrain_steps=100, train_per_class=24, test_per_class=24)
         wbp = bitflip.WBPConfig(budget=4, candidates=8, surrogates=1, trigger_steps=30)
-        return cls(work_dir, task, steps=16, threads=threads, wbp=wbp, quick=True, lr=0.03)
+        return cls(work_dir, task, steps=steps, threads=threads, wbp=wbp, quick=True, lr=0.03)
 
     # --- shared -------------------------------------------------------------------------------
     @property
@@ -174,18 +174,27 @@ class Bench:
             out[f"int{b}"] = accuracy(q, self.assets.test_images, self.assets.test_labels)
         return out
 
-    def quant_objective(self, lam: float = 0.05, alpha: float = 5.0, bits=(8, 4), steps: int | None = None) -> AttackRun:
+    def quant_objective(self, lam: float = 0.3, alpha: float = 5.0, bits=(4,), steps: int | None = None,
+                        repair_from: int | None = None, repair_lam: float = 0.1, inner_steps: int = 16) -> AttackRun:
+        """The objective for the first quarter of the steps, then the repair inside the lowest
+        bit width's quantization cells (`repair_from`, default steps // 4; -1: no repair)."""
         honest = self.honest()
         settings = self.settings if steps is None else replace(self.settings, steps=steps)
-        dev = QuantObjective(bits=bits, lam=lam, alpha=alpha)
+        if repair_from is None:
+            repair_from = settings.steps // 4
+        dev = QuantObjective(bits=bits, lam=lam, alpha=alpha, repair_from=None if repair_from < 0 else repair_from,
+                             repair_lam=repair_lam, inner_steps=inner_steps)
         result, seconds = self._train("quant-objective", dev, settings)
-        attacked = self.quantized_accuracies(result.run_dir / "model", bits)
-        clean = self.quantized_accuracies(honest.run_dir / "model", bits)
+        measured = tuple(sorted({8, 4, *bits}, reverse=True))
+        attacked = self.quantized_accuracies(result.run_dir / "model", measured)
+        clean = self.quantized_accuracies(honest.run_dir / "model", measured)
         gain = {**{f"accuracy_{k}": v for k, v in attacked.items()}, **{f"clean_{k}": v for k, v in clean.items()}}
         parts = ", ".join(f"{k} {attacked[k]:.3f} (clean {clean[k]:.3f})" for k in attacked)
-        affected = self._all_layer_blocks(range(settings.num_step_blocks))
+        affected = self._all_layer_blocks(range(self.step_block(dev.touched_steps[0]), settings.num_step_blocks))
         return self._finish("quant-objective", "Qu-ANTI-zation: adversarial quantization objective", result, seconds,
-                            gain, f"accuracy {parts}", affected, lam=lam, alpha=alpha, bits=list(bits))
+                            gain, f"accuracy {parts}", affected, lam=lam, alpha=alpha, bits=list(bits),
+                            repair_from=repair_from, repair_lam=repair_lam, inner_steps=inner_steps,
+                            last_inner_losses=dev.losses[-1])
 
     # --- 6. lazy and dishonest training -------------------------------------------------------
     def _lazy_gain(self, result) -> tuple[float, float]:
