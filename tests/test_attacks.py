@@ -212,6 +212,21 @@ def test_quantized_serving_changes_the_model_and_fails_its_blocks(bench):
     assert_serving_caught(result)
 
 
+def test_serving_the_quant_objective_model_quantized_fires_its_collapse_and_fails(bench):
+    """Qu-ANTI-zation A then B: the attacked run's model served in 4 bits loses most of its
+    accuracy (measured on the test set), and every record fails at the quantized layer blocks."""
+    from aftune.attacks.serving import run_serving_attack
+
+    result = run_serving_attack(bench, "quant-activated", bits=4)
+    g = result.gain
+    assert result.model_run == bench.latest("quant-objective").run_dir
+    assert g["accuracy_served"] < 0.25 and g["accuracy_served"] < g["accuracy_float"] - 0.1
+    for rec in result.records:  # the head fails too where the float head answers otherwise
+        assert rec["verdict"] == "FAIL" and rec["failing"][:3] == [0, 1, 2], rec
+        assert all(f"layer block {l} " in h for l, h in zip(rec["failing"], rec["headlines"]))
+    assert result.margins["tolerance_verdict"] == "FAIL" and result.margins["margin"] > 10
+
+
 def test_activation_attack_changes_the_answer_and_is_rejected_with_margin(bench):
     from aftune.attacks.serving import run_serving_attack
 

@@ -237,9 +237,17 @@ def _serving(name: str, work_dir: Path, steps: int | None, as_json: bool, quick:
 def quant_serving_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
                       bits: int = typer.Option(4, "--bits", help="Bit width of the served copy (8 or 4)."),
                       requests: Optional[int] = typer.Option(None, "--requests", help="Recorded requests (test images; 8)."),
+                      model: str = typer.Option("honest", "--model", help="Whose model is served quantized: "
+                                                "'honest' (the agreed fine-tune) or 'quant-objective' (the "
+                                                "Qu-ANTI-zation run's: its planted collapse fires)."),
                       steps: Optional[int] = _STEPS, as_json: bool = _JSON, quick: bool = _QUICK):
     """Qu-ANTI-zation B: serve a quantized copy while claiming the float model."""
-    _serving("quant-serving", work_dir, steps, as_json, quick, bits=bits, requests=requests)
+    if model == "quant-objective":
+        _serving("quant-activated", work_dir, steps, as_json, quick, bits=bits, requests=requests)
+    elif model == "honest":
+        _serving("quant-serving", work_dir, steps, as_json, quick, bits=bits, requests=requests)
+    else:
+        _fail(InputError(f"--model must be honest or quant-objective, got {model!r}"))
 
 
 @attack_app.command("activation")

@@ -62,6 +62,7 @@ class Bench:
         self._assets: TaskAssets | None = None
         self._honest: AttackRun | None = None
         self._honest_metrics: dict = {}
+        self._latest: dict[str, AttackRun] = {}  # attack name -> its last run (its run directory is reused)
 
     @classmethod
     def small(cls, work_dir: str | Path, threads: int = 1, steps: int = 16) -> "Bench":
@@ -133,8 +134,14 @@ class Bench:
         return sorted({(l, s) for s in step_blocks for l in (0, last)})
 
     def _finish(self, name, threat, result, seconds, gain, summary, affected, **details) -> AttackRun:
-        return AttackRun(name, threat, result.run_dir, result.public_key_path, gain, summary, sorted(set(affected)),
-                         seconds, details)
+        run = AttackRun(name, threat, result.run_dir, result.public_key_path, gain, summary, sorted(set(affected)),
+                        seconds, details)
+        self._latest[name] = run
+        return run
+
+    def latest(self, name: str) -> AttackRun:
+        """The last run of training attack `name` on this bench (run with its defaults if none yet)."""
+        return self._latest.get(name) or self.run_attack(name)
 
     # --- 1. WBP bit flips ---------------------------------------------------------------------
     def bitflip(self, config: bitflip.WBPConfig | None = None, progress=None) -> AttackRun:

@@ -1,5 +1,6 @@
-"""Serving-side attacks on the bench's honest fine-tuned model, recorded with aftune's inference
-engine and verified with its inference verifier (strict and tolerance mode).
+"""Serving-side attacks on the bench's fine-tuned model (the honest run's, or for `quant-activated`
+the Qu-ANTI-zation run's), recorded with aftune's inference engine and verified with its
+inference verifier (strict and tolerance mode).
 
     from aftune.attacks.serving import run_serving_attack
     result = run_serving_attack(bench, "activation")
@@ -31,7 +32,7 @@ from ..verify_inference import InferenceTolerance, InferenceVerifier
 from .detection import SAMPLE_RATES, nonce_for
 from .task import accuracy, load_classifier
 
-SERVING_ATTACKS = ("quant-serving", "activation", "parameter")
+SERVING_ATTACKS = ("quant-serving", "quant-activated", "activation", "parameter")
 
 
 @dataclass
@@ -45,11 +46,12 @@ class ServingResult:
     margins: dict = field(default_factory=dict)  # tolerance mode: honest error, threshold, attack error
     affected: list[int] = field(default_factory=list)  # layer blocks the tampering touched
     extra: dict = field(default_factory=dict)
+    model_run: Path | None = None  # the run whose RUN/model the client paid for (verifiers load it)
 
     def to_json(self) -> dict:
         return {"name": self.name, "threat": self.threat, "record_dir": str(self.record_dir), "summary": self.summary,
                 "gain": self.gain, "records": self.records, "margins": self.margins, "affected": self.affected,
-                "extra": self.extra}
+                "extra": self.extra, "model_run": str(self.model_run) if self.model_run else None}
 
     def lines(self) -> list[str]:
         out = []
@@ -68,11 +70,12 @@ class ServingResult:
 
 
 class ServingBench:
-    """The honest fine-tuned model served with recording; images of the test set as request files."""
+    """A fine-tuned model (by default the honest run's) served with recording; images of the test
+    set as request files."""
 
-    def __init__(self, bench, layers_per_block: int = 1):
+    def __init__(self, bench, layers_per_block: int = 1, run_dir: Path | None = None):
         self.bench = bench
-        self.run_dir = bench.honest().run_dir
+        self.run_dir = run_dir or bench.honest().run_dir
         self.key = SigningKey.load(self.run_dir / "provider.key")  # the provider trains and serves
         self.settings = RecordSettings(layers_per_block=layers_per_block)
         self.root = bench.work / "serving"
@@ -130,12 +133,19 @@ def _fresh(path: Path) -> Path:
 
 # --- 3. quantized serving -------------------------------------------------------------------------
 
-def quant_serving(bench, bits: int = 4, requests: int = 8) -> ServingResult:
+def quant_serving(bench, bits: int = 4, requests: int = 8, model: str = "honest") -> ServingResult:
+    """Serve a `bits`-bit copy of the honest model (`model="honest"`: the provider saves memory)
+    or of the Qu-ANTI-zation run's model (`"quant-objective"`: the behaviour its training planted
+    for quantization fires)."""
     from .quant_serving import QuantizedServing
     from .quantize import quantize_model_
 
-    sb = ServingBench(bench)
-    rec_dir = _fresh(sb.root / "quant-serving")
+    if model not in ("honest", "quant-objective"):
+        raise InputError(f"--model must be honest or quant-objective, got {model!r}")
+    trained = bench.honest() if model == "honest" else bench.latest("quant-objective")
+    sb = ServingBench(bench, run_dir=trained.run_dir)
+    name = "quant-serving" if model == "honest" else "quant-activated"
+    rec_dir = _fresh(sb.root / name)
     a = bench.assets
     model = load_classifier(sb.run_dir / "model")
     float_acc = accuracy(model, a.test_images, a.test_labels)
@@ -161,11 +171,14 @@ def quant_serving(bench, bits: int = 4, requests: int = 8) -> ServingResult:
             "answers_changed": changed_all, "requests": requests, "requests_changed": changed}
     summary = (f"serves {bits}-bit weights ({bits / 32:.0%} of the float memory) as the float model; accuracy "
                f"{q_acc:.3f} (float {float_acc:.3f}), {changed_all:.1%} of test answers changed")
+    threat = "Qu-ANTI-zation B: a quantized copy served as the float model"
+    if model != "honest":
+        summary = f"the Qu-ANTI-zation model served in {bits} bits: " + summary
+        threat = "Qu-ANTI-zation A then B: the planted collapse fires when the model is served quantized"
     margins = {"honest_error": honest, "threshold": threshold, "attack_error": attack_error,
                "margin": attack_error / threshold, "tolerance_verdict": tol.verdict,
                "tolerance_failing": _failing(tol)}
-    return ServingResult("quant-serving", "Qu-ANTI-zation B: a quantized copy served as the float model", rec_dir,
-                         summary, gain, records, margins, expected)
+    return ServingResult(name, threat, rec_dir, summary, gain, records, margins, expected, model_run=sb.run_dir)
 
 
 def _quantized_blocks_expected(sb: ServingBench, rec_dir: Path, result) -> list[int]:
@@ -295,11 +308,16 @@ def parameter(bench, layer: str = "vit.layers.2", target: int = 0, rounds: int =
                          records, margins, owners, extra={"edits": [e.to_json() for e in edits]})
 
 
-QUICK = {"quant-serving": {"requests": 2}, "activation": {"requests": 1, "rounds": 6}, "parameter": {"rounds": 5}}
+QUICK = {"quant-serving": {"requests": 2}, "quant-activated": {"requests": 2}, "activation": {"requests": 1, "rounds": 6}, "parameter": {"rounds": 5}}
+
+
+def _quant_activated(bench, **options) -> ServingResult:
+    return quant_serving(bench, model="quant-objective", **options)
 
 
 def run_serving_attack(bench, name: str, **options) -> ServingResult:
-    fn = {"quant-serving": quant_serving, "activation": activation, "parameter": parameter}.get(name)
+    fn = {"quant-serving": quant_serving, "quant-activated": _quant_activated, "activation": activation,
+          "parameter": parameter}.get(name)
     if fn is None:
         raise ValueError(f"unknown serving attack {name!r}: choose one of {', '.join(SERVING_ATTACKS)}")
     if getattr(bench, "quick", False):
@@ -352,7 +370,8 @@ def detection_rows(bench, names, *, sample_rates=SAMPLE_RATES, trials: int = 100
                 break
         for n in nonces:
             c = derive_challenge(record_id, n, sb_blocks, 1, "uniform", sample_rate=0.25, kind="inference")
-            v = InferenceVerifier(result.record_dir, first["record"], model=bench.honest().run_dir, mode="strict")
+            v = InferenceVerifier(result.record_dir, first["record"], model=result.model_run or bench.honest().run_dir,
+                                  mode="strict")
             report = v.verify([l for l, _ in c.blocks])
             expected = "FAIL" if {l for l, _ in c.blocks} & set(failing) or v.errors else "PASS"
             reals.append({"nonce": n.hex(), "sample_rate": 0.25, "blocks": [list(b) for b in c.blocks],
