@@ -206,6 +206,7 @@ def test_quantized_serving_changes_the_model_and_fails_its_blocks(bench):
 
     result = run_serving_attack(bench, "quant-serving", bits=4)
     g = result.gain
+    assert result.model_run == bench.honest().run_dir and "Qu-ANTI-zation model" not in result.summary
     assert g["memory_ratio"] == 4 / 32
     assert g["accuracy_served"] != g["accuracy_float"] or g["answers_changed"] > 0  # measured on the test set
     assert result.affected[:3] == [0, 1, 2]

@@ -147,16 +147,16 @@ def quant_serving(bench, bits: int = 4, requests: int = 8, model: str = "honest"
     name = "quant-serving" if model == "honest" else "quant-activated"
     rec_dir = _fresh(sb.root / name)
     a = bench.assets
-    model = load_classifier(sb.run_dir / "model")
-    float_acc = accuracy(model, a.test_images, a.test_labels)
-    q = quantize_model_(copy.deepcopy(model), bits)
+    served = load_classifier(sb.run_dir / "model")
+    float_acc = accuracy(served, a.test_images, a.test_labels)
+    q = quantize_model_(copy.deepcopy(served), bits)
     q_acc = accuracy(q, a.test_images, a.test_labels)
     from .task import normalize, predict
 
-    changed_all = float((predict(model, normalize(a.test_images)) != predict(q, normalize(a.test_images))).float().mean())
+    changed_all = float((predict(served, normalize(a.test_images)) != predict(q, normalize(a.test_images))).float().mean())
     records, changed, expected = [], 0, None
     for i in range(requests):
-        honest_label = int(predict(model, normalize(a.test_images[i:i + 1]))[0])
+        honest_label = int(predict(served, normalize(a.test_images[i:i + 1]))[0])
         result = sb.serve(rec_dir, i, QuantizedServing(bits))
         changed += result.label != honest_label
         records.append(_record_summary(result, sb.verify(rec_dir, result)))
