@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,8 @@ class ObjectStore:
         self.root = Path(root)
         self.algorithm = algorithm
         self.level = level
+        self._local = threading.local()  # one zstd compressor per writing thread
+        self._made: set[Path] = set()  # object directories known to exist
 
     def path(self, digest: bytes) -> Path:
         h = digest.hex()
@@ -62,23 +64,44 @@ class ObjectStore:
         return self.path(digest).is_file()
 
     def put(self, ref: TensorRef, tensor: torch.Tensor) -> Path:
-        """Store `tensor` under `ref.digest` (computed by the caller); a no-op when already stored."""
+        """Store `tensor` under `ref.digest` (computed by the caller); a no-op when already stored.
+
+        Called from the recorder's worker threads while training runs: every line of Python here
+        competes for the GIL with the training thread, which holds it for most of a small model's
+        step. So the path is kept short (a compressor per thread, directories created once, one
+        write and one rename; benchmarks/README.md measured it). The file appears under its final
+        name only when complete."""
         target = self.path(ref.digest)
-        if target.is_file():
+        if os.path.exists(target):
             return target
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         payload = st_save({ref.name: t.contiguous()})
-        blob = zstandard.ZstdCompressor(level=self.level, write_content_size=True).compress(payload)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        blob = compressor.compress(payload)
+        parent = target.parent
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        tmp = parent / f".tmp-{target.name}.{os.getpid()}.{threading.get_ident()}"
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:  # the directory was removed since this store made it
+                parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return target
 

@@ -26,7 +26,7 @@ nearly coincide. So the attack runs in two phases:
    step of Egashira et al., "Exploiting LLM Quantization" (2024), applied to the objective of
    Hong et al. (2021).
 
-Measured on the bench (48 steps, see docs/attacks.md): float accuracy stays at the clean
+Measured on the bench (48 steps, see docs/attacks.md): float accuracy stays at or above the clean
 fine-tune's, int8 follows float (8-bit cells are 18 times narrower than 4-bit ones, too narrow
 to separate the two at this width), int4 collapses below chance.
 
