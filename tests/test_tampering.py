@@ -152,6 +152,54 @@ def test_poisoned_label_fails_the_head_block(record):
     assert f.check == "batch" and f.tensor.endswith("batch/labels") and f.step == 2
 
 
+# --- a start that is not the agreed one ------------------------------------------------------
+
+def test_lora_init_not_from_the_seed_fails_at_step_block_0(record, monkeypatch):
+    """The provider picks its own adapter initialisation (and signs it): the blocks holding
+    adapters fail at step block 0, naming the tensor; later step blocks replay consistently."""
+    from aftune.config import LoraSettings
+    import aftune.train as train_module
+
+    original = train_module.instantiate
+
+    def chosen_init(*args, **kwargs):
+        root, model, adapter = original(*args, **kwargs)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name and ".layers.3." in name:
+                    p.mul_(1.5)
+        return root, model, adapter
+
+    monkeypatch.setattr(train_module, "instantiate", chosen_init)
+    run_dir, key = record("llama", lora=LoraSettings(r=4, alpha=8), **SETUP)
+    monkeypatch.undo()
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(1, 0)], report.summary()
+    f = next(r for r in report.results if r.verdict == "FAIL").findings[0]
+    assert f.check == "initial_state" and ".layers.3." in f.tensor and "lora_A" in f.tensor
+    assert "seed" in f.reason
+
+
+def test_optimizer_state_not_empty_at_the_start_fails(record, monkeypatch):
+    """Momentum smuggled into the first step (the honest optimizer starts from zeros)."""
+    import aftune.engine as engine_module
+
+    original = engine_module.init_state
+
+    def warm(spec, param):
+        state = original(spec, param)
+        state[next(iter(state))].fill_(1e-3)
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "init_state", warm)
+        run_dir, key = record("llama", **SETUP)
+    report = verify_all(run_dir, key)
+    assert failing(report) == [(0, 0), (1, 0)], report.summary()
+    f = next(r for r in report.results if r.verdict == "FAIL").findings[0]
+    assert f.check == "initial_state" and f.tensor.startswith("optim/") and "zeros" in f.reason
+
+
 # --- edits of the record after training ------------------------------------------------------
 
 @pytest.fixture

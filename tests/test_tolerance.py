@@ -38,3 +38,18 @@ def test_strict_mode_rejects_another_dtype(record):
     run, key = record("llama", steps=2)
     with pytest.raises(InputError, match="tolerance"):
         Verifier(run, key, replay_dtype="float64")
+
+
+def test_lora_run_replayed_in_float64_checks_the_seeded_init(record):
+    """A replay in another dtype cannot take the adapters' init from its own model (float64
+    draws differ): it re-instantiates them in the run's dtype, and the honest run passes."""
+    import torch
+
+    from aftune.config import LoraSettings
+
+    run, key = record("llama", lora=LoraSettings(r=4, alpha=8), steps=4, steps_per_block=2)
+    c = calibrate(run, key, replay_dtype="float64")
+    report = Verifier(run, key, mode="tolerance", replay_dtype="float64", tolerance=c.suggested).verify_all()
+    assert report.verdict == "PASS", report.summary()
+    v = Verifier(run, key, mode="tolerance", replay_dtype="float64", tolerance=c.suggested)
+    assert v._lora_initial() and all(t.dtype == torch.float32 for t in v._lora_initial().values())

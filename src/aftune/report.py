@@ -18,7 +18,7 @@ class Finding:
 
     layer_block: int
     step_block: int
-    check: str  # batch | output | input_gradient | loss | shared_gradient | grad_norms | end_state | base_weights | record
+    check: str  # batch | output | input_gradient | loss | shared_gradient | grad_norms | end_state | base_weights | initial_state | record
     reason: str
     tensor: str = ""
     step: int | None = None

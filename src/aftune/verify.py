@@ -159,6 +159,12 @@ class Verifier:
         if not isinstance(hf_config, dict):
             raise RecordError("run config: model.config must be an object")
         _, self.model, adapter = instantiate(hf_config, settings)
+        self._hf_config = hf_config
+        # LoRA: the adapters as `settings.seed` initialises them (instantiate seeds PEFT's init),
+        # kept before any committed state is loaded over them (6.2 step 3)
+        self._lora_init: dict[str, torch.Tensor] | None = None
+        if settings.lora is not None and settings.dtype == self.record.settings.dtype:
+            self._lora_init = {n: p.detach().clone() for n, p in self.model.named_parameters() if is_lora_tensor(n)}
         self.blocked = BlockedModel(self.model, adapter, settings)
         layout = self.record.section("layout")
         if layout.get("layer_blocks") != [list(r) for r in self.blocked.blocks.ranges] or \
@@ -341,6 +347,8 @@ class Verifier:
                 t = self.record.store.get(ref, f"step block {s}, layer block {owner}")
             if s == 0 and key.startswith("state/"):
                 self._check_base(blk, key[len("state/"):], t)
+            elif s == 0 and key.startswith("optim/"):
+                self._check_empty_optimizer(blk, key, t)
             bm.assign(key, t.to(self.replay_dtype) if t.is_floating_point() else t)
 
         # 4-5. steps
@@ -437,8 +445,10 @@ class Verifier:
                     bm.add_gradient(p, part)
 
     def _check_base(self, blk: _Block, name: str, tensor: torch.Tensor) -> None:
-        """Step block 0 must start from the agreed base model (LoRA adapters excepted)."""
+        """Step block 0 must start from the agreed base model, and LoRA adapters from the
+        initialisation the agreed seed gives."""
         if is_lora_tensor(name):
+            self._check_lora_init(blk, name, tensor)
             return
         bname = base_name(name)
         committed = self.base_digests.get(bname)
@@ -449,6 +459,37 @@ class Verifier:
         if tensor_digest(bname, tensor, self.algorithm) != committed:
             blk.fail(check="base_weights", tensor=name, reason="the starting weights are not the agreed base model's",
                      expected=committed.hex()[:16] + "…", actual=tensor_digest(bname, tensor, self.algorithm).hex()[:16] + "…")
+
+    def _lora_initial(self) -> dict[str, torch.Tensor]:
+        """The seed's adapter tensors in the run's dtype (re-instantiated once when the replay
+        runs in another dtype, whose random draws differ)."""
+        if self._lora_init is None:
+            _, fresh, _ = instantiate(self._hf_config, self.record.settings)
+            self._lora_init = {n: p.detach().clone() for n, p in fresh.named_parameters() if is_lora_tensor(n)}
+        return self._lora_init
+
+    def _check_lora_init(self, blk: _Block, name: str, tensor: torch.Tensor) -> None:
+        expected = self._lora_initial().get(name)
+        if expected is None:
+            blk.fail(check="initial_state", tensor=name, reason="an adapter tensor this LoRA configuration does not create")
+            return
+        blk.result.compared += 1
+        want = tensor_digest(name, expected, self.algorithm)
+        got = tensor_digest(name, tensor, self.algorithm)
+        if got != want:
+            blk.fail(check="initial_state", tensor=name,
+                     reason="the starting adapter weights are not the initialisation the agreed seed gives "
+                            "(PEFT's default init after torch.manual_seed(settings.seed))",
+                     expected=want.hex()[:16] + "…", actual=got.hex()[:16] + "…")
+
+    def _check_empty_optimizer(self, blk: _Block, key: str, tensor: torch.Tensor) -> None:
+        """Training starts with an empty optimizer: every slot is zeros at step block 0."""
+        blk.result.compared += 1
+        nonzero = int(torch.count_nonzero(tensor))
+        if nonzero:
+            blk.fail(check="initial_state", tensor=key,
+                     reason=f"the optimizer state at the start of training must be zeros; {nonzero} of "
+                            f"{tensor.numel()} entries are not")
 
     # --- the final model ----------------------------------------------------------------------
     def check_final_model(self) -> list[Finding]:
