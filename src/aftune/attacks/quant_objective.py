@@ -74,6 +74,8 @@ class QuantObjective(Deviation):
                  seed: int = 0):
         if not bits:
             raise ValueError("the objective needs at least one bit width")
+        if inner_steps < 1:
+            raise ValueError("the attacker needs at least one inner step per update")
         if repair_from is not None and repair_from < from_step:
             raise ValueError("the repair phase cannot start before the objective")
         self.bits, self.lam, self.alpha, self.from_step = tuple(bits), lam, alpha, from_step
