@@ -233,6 +233,21 @@ def test_edited_tensor_file_fails_the_block_that_reads_it(honest):
     assert f.check == "record" and "altered" in f.reason
 
 
+def test_oversized_tensor_file_fails_without_being_read_whole(honest):
+    run_dir, key = honest
+    row = next(r for r in _manifest(run_dir, 1)["common"] if r[0].endswith("boundary/0001/activation"))
+    path = _object_path(run_dir, row[4])
+    with open(path, "ab") as f:  # a valid frame followed by far more bytes than the tensor can need
+        f.write(b"\0" * (1 << 22))
+    from aftune.jsonio import read_capped
+
+    assert len(read_capped(path, 100)) == 101
+    from aftune.errors import RecordError
+
+    with pytest.raises(RecordError, match="larger than any encoding"):  # a damaged record: exit code 2
+        verify_all(run_dir, key)
+
+
 def test_edited_manifest_fails_its_step_block(honest):
     run_dir, key = honest
     m = _manifest(run_dir, 2)

@@ -239,7 +239,7 @@ class BundleRecord(RunRecord):
         root = Path(bundle_dir)
         if not (root / "bundle.json").is_file():
             raise InputError(f"{root} is not an audit bundle: it has no bundle.json")
-        data = (root / "bundle.json").read_bytes()
+        data = jsonio.read_capped(root / "bundle.json", MAX_BUNDLE_JSON)
         if len(data) > MAX_BUNDLE_JSON:
             raise RecordError("bundle.json is too large")
         try:

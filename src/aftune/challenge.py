@@ -184,7 +184,7 @@ class Challenge:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"challenge file {path} does not exist")
-        data = path.read_bytes()
+        data = jsonio.read_capped(path, MAX_CHALLENGE_BYTES)
         if len(data) > MAX_CHALLENGE_BYTES:
             raise InputError(f"challenge file {path} is larger than {MAX_CHALLENGE_BYTES} bytes")
         try:
@@ -356,7 +356,7 @@ def challenge_from_transcript(transcript_path: str | Path, public_key, strategy:
         path = Path(config_path) if config_path is not None else transcript_path.parent / "config.json"
         if not path.is_file():
             raise InputError(f"{path} is missing: pass the run config or give the number of layer blocks")
-        data = path.read_bytes()
+        data = jsonio.read_capped(path, MAX_CONFIG_BYTES)
         if len(data) > MAX_CONFIG_BYTES:
             raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
         if config_digest(transcript.algorithm, data) != transcript.config_digest:

@@ -220,7 +220,7 @@ def report(
 def _load_json(path: Path, what: str, jsonio):
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
-    data = path.read_bytes()
+    data = jsonio.read_capped(path, MAX_REPORT_BYTES)
     if len(data) > MAX_REPORT_BYTES:
         raise InputError(f"{what} file {path} is larger than {MAX_REPORT_BYTES} bytes")
     try:

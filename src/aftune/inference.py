@@ -1028,7 +1028,7 @@ class InferenceRecord:
                 raise InputError(f"{'no' if not matches else 'more than one'} record in {root} starts with {rec[:64]}")
             name = matches[0]
         path = root / "records" / f"{name}.json"
-        data = path.read_bytes()
+        data = jsonio.read_capped(path, MAX_RECORD_BYTES)
         if len(data) > MAX_RECORD_BYTES:
             raise RecordError(f"{path} is larger than {MAX_RECORD_BYTES} bytes")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -29,3 +30,10 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data, object_pairs_hook=_pairs, parse_constant=_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StrictJSONError(str(exc)) from None
+
+
+def read_capped(path: str | Path, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a file: enough for the caller to tell that it is over its
+    size limit without reading a hostile file whole."""
+    with open(path, "rb") as f:
+        return f.read(limit + 1)

@@ -84,7 +84,7 @@ class Receipt:
         p = Path(path)
         if not p.is_file():
             raise InputError(f"receipt {p} does not exist")
-        data = p.read_bytes()
+        data = jsonio.read_capped(p, MAX_RECEIPT_BYTES)
         if len(data) > MAX_RECEIPT_BYTES:
             raise InputError(f"receipt {p} is larger than {MAX_RECEIPT_BYTES} bytes")
         try:

@@ -60,7 +60,7 @@ class RunRecord:
         path = root / "config.json"
         if not path.is_file():
             raise RecordError(f"{path} is missing")
-        data = path.read_bytes()
+        data = jsonio.read_capped(path, MAX_CONFIG_BYTES)
         if len(data) > MAX_CONFIG_BYTES:
             raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
         if config_digest(transcript.algorithm, data) != transcript.config_digest:

@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 
 from .encoding import DTYPES_BY_NAME, dtype_name, tensor_digest
 from .errors import CommitmentMismatch, RecordError
+from .jsonio import read_capped
 
 OBJECT_SUFFIX = ".safetensors.zst"
 _HEADER_ALLOWANCE = 1 << 16  # safetensors JSON header and padding for a single tensor
@@ -112,9 +113,10 @@ class ObjectStore:
             raise RecordError(f"{where}: tensor {ref.name!r} ({ref.digest.hex()[:16]}…) is not stored at {path}; "
                               "if the run used a checkpoint interval > 1, run `aftune prepare` for this block first")
         limit = ref.nbytes + _HEADER_ALLOWANCE
-        compressed = path.read_bytes()
-        if len(compressed) > limit + 1024 + limit // 64:
-            raise RecordError(f"{where}: {path.name} is {len(compressed)} bytes, larger than any encoding of {ref.name!r}")
+        file_limit = limit + 1024 + limit // 64
+        compressed = read_capped(path, file_limit)
+        if len(compressed) > file_limit:
+            raise RecordError(f"{where}: {path.name} is over {file_limit} bytes, larger than any encoding of {ref.name!r}")
         try:
             reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed))
             payload = reader.read(limit + 1)

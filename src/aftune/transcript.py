@@ -111,7 +111,7 @@ class Transcript:
         every chain link consistent. Raises RecordError naming the first bad line."""
         if not path.is_file():
             raise RecordError(f"transcript {path} is missing")
-        data = path.read_bytes()
+        data = jsonio.read_capped(path, MAX_TRANSCRIPT_BYTES)
         if len(data) > MAX_TRANSCRIPT_BYTES:
             raise RecordError(f"transcript {path} is larger than {MAX_TRANSCRIPT_BYTES} bytes")
         lines = data.split(b"\n")
