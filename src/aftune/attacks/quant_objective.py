@@ -96,9 +96,7 @@ class QuantObjective(Deviation):
         self._seen.append({k: batch[k] for k in ("pixel_values", "labels")})
         return batch
 
-    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([b["pixel_values"] for b in self._seen])
-        y = torch.cat([b["labels"] for b in self._seen])
+    def _sample(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(y), (min(self.inner_batch, len(y)),), generator=self._generator)
         return x[idx], y[idx]
 
@@ -117,9 +115,11 @@ class QuantObjective(Deviation):
             self._optimizer = torch.optim.Adam(trainable, lr=self.repair_lr if repairing else self.lr)
         bits, lam = ((self.repair_bits,), self.repair_lam) if repairing else (self.bits, self.lam)
         self._project(params)
+        seen_x = torch.cat([b["pixel_values"] for b in self._seen])
+        seen_y = torch.cat([b["labels"] for b in self._seen])
         with torch.enable_grad():
             for _ in range(self.inner_steps):
-                x, y = self._sample()
+                x, y = self._sample(seen_x, seen_y)
                 ce = nn.functional.cross_entropy(model(pixel_values=x).logits, y)
                 loss, quantized = ce, {}
                 for b in bits:
