@@ -30,6 +30,7 @@ attack_app = typer.Typer(no_args_is_help=True, help="Build an attack from the th
 app.add_typer(attack_app, name="attack")
 
 _WORK_HELP = "Directory for the attack task, runs and summaries (reused between commands)."
+_WORK = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP)
 
 
 def _quiet() -> None:
@@ -114,7 +115,7 @@ _QUICK = typer.Option(False, "--quick", help="The small task and run of the test
 
 @attack_app.command("bitflip")
 def bitflip_cmd(
-    work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+    work_dir: Path = _WORK,
     budget: Optional[int] = typer.Option(None, "--budget", help="At most this many flipped bits (12)."),
     interval: Optional[int] = typer.Option(None, "--interval", help="Steps between injected flips (1); the last lands at the last step."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="Weights tried per search round (32)."),
@@ -137,7 +138,7 @@ def bitflip_cmd(
 
 @attack_app.command("quant-objective")
 def quant_objective_cmd(
-    work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+    work_dir: Path = _WORK,
     lam: float = typer.Option(0.3, "--lam", help="Weight of the adversarial quantization term."),
     alpha: float = typer.Option(5.0, "--alpha", help="The cross-entropy the quantized models are pushed to."),
     bits: str = typer.Option("4", "--bits", help="Bit widths of the objective (comma-separated)."),
@@ -161,7 +162,7 @@ def quant_objective_cmd(
 
 
 @attack_app.command("skip-steps")
-def skip_steps_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def skip_steps_cmd(work_dir: Path = _WORK,
                    fraction: float = typer.Option(0.1, "--fraction", help="Fraction of the updates skipped."),
                    steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK):
     """Lazy: optimizer updates computed but not applied."""
@@ -169,7 +170,7 @@ def skip_steps_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-di
 
 
 @attack_app.command("fewer-steps")
-def fewer_steps_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def fewer_steps_cmd(work_dir: Path = _WORK,
                     done: float = typer.Option(0.75, "--done", help="Fraction of the agreed steps actually trained."),
                     steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK):
     """Lazy: stop training early and claim the rest."""
@@ -177,7 +178,7 @@ def fewer_steps_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-d
 
 
 @attack_app.command("smaller-batch")
-def smaller_batch_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def smaller_batch_cmd(work_dir: Path = _WORK,
                       size: int = typer.Option(8, "--size", help="Examples per step actually used."),
                       steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK):
     """Lazy: train on fewer examples per step than agreed."""
@@ -185,7 +186,7 @@ def smaller_batch_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work
 
 
 @attack_app.command("other-lr")
-def other_lr_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def other_lr_cmd(work_dir: Path = _WORK,
                  factor: float = typer.Option(3.0, "--factor", help="Learning rate multiplier."),
                  from_step: Optional[int] = typer.Option(None, "--from-step", help="First step with the other rate."),
                  steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK):
@@ -194,7 +195,7 @@ def other_lr_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir"
 
 
 @attack_app.command("substitute-layer-block")
-def substitute_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def substitute_cmd(work_dir: Path = _WORK,
                    layer_block: int = typer.Option(1, "--layer-block", help="The layer block never trained."),
                    steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK):
     """Dishonest: one layer block's weights substituted (frozen) instead of trained."""
@@ -202,7 +203,7 @@ def substitute_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-di
 
 
 @attack_app.command("poison-examples")
-def poison_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def poison_cmd(work_dir: Path = _WORK,
                fraction: float = typer.Option(0.1, "--fraction", help="Fraction of examples replaced."),
                target: int = typer.Option(0, "--target", help="Label given to the poisoned examples."),
                steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK):
@@ -234,7 +235,7 @@ def _serving(name: str, work_dir: Path, steps: int | None, as_json: bool, quick:
 
 
 @attack_app.command("quant-serving")
-def quant_serving_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def quant_serving_cmd(work_dir: Path = _WORK,
                       bits: int = typer.Option(4, "--bits", help="Bit width of the served copy (8 or 4)."),
                       requests: Optional[int] = typer.Option(None, "--requests", help="Recorded requests (test images; 8)."),
                       model: str = typer.Option("honest", "--model", help="Whose model is served quantized: "
@@ -251,7 +252,7 @@ def quant_serving_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work
 
 
 @attack_app.command("activation")
-def activation_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def activation_cmd(work_dir: Path = _WORK,
                    boundary: int = typer.Option(2, "--boundary", help="Perturb the input of this layer block."),
                    requests: Optional[int] = typer.Option(None, "--requests", help="Test images attacked (4)."),
                    steps: Optional[int] = _STEPS, as_json: bool = _JSON, quick: bool = _QUICK):
@@ -260,7 +261,7 @@ def activation_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-di
 
 
 @attack_app.command("parameter")
-def parameter_cmd(work_dir: Path = typer.Option(Path("attack-work"), "--work-dir", help=_WORK_HELP),
+def parameter_cmd(work_dir: Path = _WORK,
                   layer: str = typer.Option("vit.layers.2", "--layer", help="The layer (or one weight) edited."),
                   training: bool = typer.Option(False, "--training", help="Edit the training run instead: RUN/model "
                                                 "after training, and the last step inside it (tolerance margin)."),
