@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from aftune.inference import GenerationSettings, InferenceEngine, RecordSettings, ServedModel
-from aftune.signing import SigningKey
+from aftune.inference.engine import GenerationSettings, InferenceEngine, RecordSettings, ServedModel
+from aftune.core.signing import SigningKey
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "aftune" / "builtin" / "model"
 PROMPTS = ["Q: what colour is the sky on a clear day?", "Q: name three animals that live in the sea.",

@@ -10,9 +10,9 @@ One process trains the same model from the same weights on the same batches in t
              (max_grad_norm, as aftune does), `torch.optim.AdamW.step()`, `zero_grad()`. Batches
              come from aftune's own `build_batch` and example order, so every mode sees the same
              tokens (and the final losses agree).
-* recorded - `aftune.train.train()` with the same settings (B_L, B_S, I_C from the flags), timed
+* recorded - `aftune.training.train.train()` with the same settings (B_L, B_S, I_C from the flags), timed
              step by step through its `progress` callback. A `Recorder` subclass, patched into
-             `aftune.train` for the call (library code untouched), adds timestamps.
+             `aftune.training.train` for the call (library code untouched), adds timestamps.
 * blocked  - aftune's block-decomposed step driven directly through `BlockedModel` (forward per
              layer block on detached inputs, backward block by block, per-tensor update) with no
              recording at all: it separates the cost of the decomposition from that of recording.
@@ -72,13 +72,14 @@ from pathlib import Path
 
 import torch
 
-import aftune.train as aftune_train
-from aftune.config import LayerBlocks, TrainSettings
-from aftune.data import OrderCache, build_batch, load_dataset
-from aftune.engine import BlockedModel
-from aftune.instantiate import instantiate
+from aftune import builtin
+import aftune.training.train as aftune_train
+from aftune.training.settings import LayerBlocks, TrainSettings
+from aftune.data.datasets import OrderCache, build_batch, load_dataset
+from aftune.training.engine import BlockedModel
+from aftune.training.instantiate import instantiate
 from aftune.models import adapter_class, load_pretrained, read_config
-from aftune.recorder import Recorder
+from aftune.training.recorder import Recorder
 
 DEFAULTS = {
     "builtin": {"steps": 48, "batch_size": 8, "seq_len": 64, "repeats": 3, "warmup_steps": 8},
@@ -94,12 +95,12 @@ LABELS = {"plain": "HF plain (torch AdamW)", "recorded": "aftune train(), record
 def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Path, str]:
     """(model dir, data file, description) for a config name."""
     if config == "builtin":
-        return (aftune_train.BUILTIN / "model", aftune_train.BUILTIN / "data" / "train.jsonl",
+        return (builtin.MODEL_DIR, builtin.DATA_FILE,
                 "the built-in model (src/aftune/builtin/model) on the built-in data")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir = work / "llama100m"
-    tokenizer = aftune_train.load_tokenizer(aftune_train.BUILTIN / "model")
+    tokenizer = aftune_train.load_tokenizer(builtin.MODEL_DIR)
     tokenizer.model_max_length = max(1024, 4 * seq_len)  # the synthetic texts are longer than seq_len
     cfg = LlamaConfig(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -179,7 +180,7 @@ class BlockedTrainer:
     def __init__(self, inp: Inputs, settings: TrainSettings):
         self.inp, self.settings = inp, settings
         hf_config, base = load_pretrained(inp.model_dir, settings.attn_implementation, torch.float32)
-        _, model, adapter = instantiate(hf_config, settings, base)  # as aftune.train.train builds it
+        _, model, adapter = instantiate(hf_config, settings, base)  # as aftune.training.train.train builds it
         self.blocked = BlockedModel(model, adapter, settings)
         self.order = OrderCache(settings.hash_algorithm, settings.seed, len(inp.dataset.examples))
 
@@ -278,7 +279,7 @@ class _Probe:
 
 
 class TimedRecorder(Recorder):
-    """aftune's Recorder, unchanged, plus timestamps; patched into aftune.train for one run."""
+    """aftune's Recorder, unchanged, plus timestamps; patched into aftune.training.train for one run."""
 
     probe: _Probe | None = None
 

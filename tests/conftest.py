@@ -106,9 +106,9 @@ def datasets(tmp_path_factory):
 @pytest.fixture
 def record(model_dir, datasets, tmp_path):
     """record(family, deviation=None, **settings) -> (run_dir, public_key): a recorded run."""
-    from aftune.config import TrainSettings
-    from aftune.signing import PublicKey
-    from aftune.train import train
+    from aftune.training.settings import TrainSettings
+    from aftune.core.signing import PublicKey
+    from aftune.training.train import train
 
     counter = iter(range(1000))
 
@@ -123,7 +123,7 @@ def record(model_dir, datasets, tmp_path):
 
 
 def verify_all(run_dir, public_key, **kw):
-    from aftune.verify import Verifier
+    from aftune.training.verify import Verifier
 
     return Verifier(run_dir, public_key, **kw).verify_all()
 

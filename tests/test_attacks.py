@@ -13,9 +13,9 @@ from aftune.attacks.bench import Bench
 from aftune.attacks.detection import (failing_blocks, first_hitting_nonce, measure_detection, real_audit, run_root,
                                       simulate)
 from aftune.attacks.task import load_classifier
-from aftune.planner import detection_probability
-from aftune.signing import PublicKey
-from aftune.verify import Verifier
+from aftune.protocol.planner import detection_probability
+from aftune.core.signing import PublicKey
+from aftune.training.verify import Verifier
 
 
 @pytest.fixture(scope="session")
@@ -271,7 +271,7 @@ def test_parameter_attack_edits_are_caught_in_training(bench):
 def _cli(args):
     from typer.testing import CliRunner
 
-    import aftune.cli_attack  # noqa: F401  (registers `attack` and `eval-detection`)
+    import aftune.cli.attack  # noqa: F401  (registers `attack` and `eval-detection`)
     from aftune.cli import app
 
     return CliRunner().invoke(app, args)

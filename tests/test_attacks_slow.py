@@ -8,7 +8,7 @@ import pytest
 
 from aftune.attacks.bench import Bench
 from aftune.attacks.detection import failing_blocks
-from aftune.verify import Verifier
+from aftune.training.verify import Verifier
 
 pytestmark = pytest.mark.slow
 

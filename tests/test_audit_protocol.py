@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from aftune.audit import audit_bundle
-from aftune.bundle import open_bundle
-from aftune.challenge import Challenge, challenge_from_transcript, derive_challenge
-from aftune.signing import SigningKey
-from aftune.transcript import Transcript
+from aftune.protocol.audit import audit_bundle
+from aftune.protocol.bundle import open_bundle
+from aftune.protocol.challenge import Challenge, challenge_from_transcript, derive_challenge
+from aftune.core.signing import SigningKey
+from aftune.training.transcript import Transcript
 from conftest import failing
 from test_tampering import FlipExponentBit, _resign
 
@@ -146,7 +146,7 @@ def test_transcript_resigned_after_the_challenge_is_rejected(record, tmp_path):
     _resign(lines, provider_key)
     rewritten = tmp_path / "rewritten.jsonl"
     rewritten.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    from aftune.cli_audit import _check_run_root
+    from aftune.cli.audit import _check_run_root
     from aftune.errors import CommitmentMismatch
 
     with pytest.raises(CommitmentMismatch, match="re-signed after the challenge"):

@@ -11,14 +11,14 @@ from collections import Counter
 import blake3
 import pytest
 
-from aftune.challenge import (
+from aftune.protocol.challenge import (
     CHALLENGE_FORMAT,
     Challenge,
     challenge_for_inference,
     challenge_from_transcript,
     derive_challenge,
 )
-from aftune.encoding import canonical_json
+from aftune.core.encoding import canonical_json
 from aftune.errors import CommitmentMismatch, InputError
 
 ROOT = bytes(range(32))
@@ -29,10 +29,10 @@ NONCE = bytes([0x11]) * 32
 def signed_run(tmp_path):
     """A run directory with just a config.json and a closed, signed transcript (no training):
     4 layer blocks x 6 step blocks."""
-    from aftune.config import RUN_FORMAT
-    from aftune.run import config_digest
-    from aftune.signing import SigningKey
-    from aftune.transcript import TranscriptWriter
+    from aftune.training.settings import RUN_FORMAT
+    from aftune.training.run import config_digest
+    from aftune.core.signing import SigningKey
+    from aftune.training.transcript import TranscriptWriter
 
     run = tmp_path / "run"
     run.mkdir()
@@ -133,7 +133,7 @@ TAMPERED = {
     "grid changed": lambda d: d["grid"].update(num_step_blocks=9),
     "unknown field": lambda d: d.update(note="hello"),
     "missing field": lambda d: d.pop("digest"),
-    "wrong format": lambda d: d.update(format="aftune.challenge.v0"),
+    "wrong format": lambda d: d.update(format="aftune.protocol.challenge.v0"),
     "bool as integer": lambda d: d["grid"].update(num_layer_blocks=True),
     "huge grid": lambda d: d["grid"].update(num_step_blocks=10**12),
     "negative block": lambda d: d["blocks"].__setitem__(0, [-1, 0]),
@@ -266,7 +266,7 @@ def test_spec_vectors(strategy, kw, blocks, digest):
 
 
 def test_spec_seed_and_tags():
-    from aftune.encoding import TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM
+    from aftune.core.encoding import TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM
 
     assert [len(t) for t in (TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_STRATUM, TAG_CHALLENGE_DIGEST)] == \
         [20, 26, 28, 27]
@@ -290,7 +290,7 @@ def test_challenge_from_transcript(signed_run, tmp_path):
 
 
 def test_challenge_from_transcript_checks_what_it_reads(signed_run):
-    from aftune.signing import SigningKey
+    from aftune.core.signing import SigningKey
 
     run, key, _ = signed_run
     with pytest.raises(CommitmentMismatch):  # a transcript checked against another key
@@ -316,7 +316,7 @@ def test_inference_challenge():
 
 
 # ---------------------------------------------------------------------------------------------
-# The command (registered by aftune.cli_plan).
+# The command (registered by aftune.cli.plan).
 
 from conftest import invoke  # noqa: E402
 

@@ -141,7 +141,7 @@ def test_wrong_public_key_fails_with_exit_1(run_copy, tmp_path):
 
 
 def test_tampered_block_exits_1_and_is_named(run_copy):
-    from aftune.store import ObjectStore, TensorRef
+    from aftune.core.store import ObjectStore, TensorRef
     from safetensors.torch import save
     import zstandard
 
@@ -171,19 +171,19 @@ def test_console_script_exit_codes(builtin_run):
 
 
 def test_agreed_base_model_and_data_are_checked(builtin_run, tmp_path):
-    from aftune.train import BUILTIN
+    from aftune.builtin import DATA_FILE, MODEL_DIR
 
     ok = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0,
-                "--base-model", BUILTIN / "model", "--data", BUILTIN / "data" / "train.jsonl")
+                "--base-model", MODEL_DIR, "--data", DATA_FILE)
     assert ok.exit_code == 0, ok.output
     other = tmp_path / "other.jsonl"
-    other.write_text((BUILTIN / "data" / "train.jsonl").read_text().replace("plus", "minus", 1))
+    other.write_text((DATA_FILE).read_text().replace("plus", "minus", 1))
     r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0, "--data", other)
     assert r.exit_code == 1 and "not trained on the agreed dataset" in r.output
     import torch
     from transformers import AutoModelForCausalLM
 
-    shutil.copytree(BUILTIN / "model", tmp_path / "base")
+    shutil.copytree(MODEL_DIR, tmp_path / "base")
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     with torch.no_grad():
         m.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3  # a base model one weight away from the agreed one

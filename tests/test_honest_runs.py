@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from aftune.config import LoraSettings
+from aftune.training.settings import LoraSettings
 from aftune.errors import RecordError
-from aftune.prepare import prepare
+from aftune.training.regenerate import prepare
 from conftest import verify_all
 
 
@@ -45,7 +45,7 @@ def test_lora_passes(record, family):
 
 
 def test_checkpoint_interval_through_prepare(record):
-    from aftune.verify import Verifier
+    from aftune.training.verify import Verifier
 
     run_dir, key = record("llama", steps=6, steps_per_block=2, checkpoint_interval=3)
     with pytest.raises(RecordError, match="aftune prepare"):  # committed by digest only: exit 2, not a verdict

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from aftune.errors import InputError
-from aftune.inference import (GenerationSettings, InferenceEngine, InferenceRecord, RecordSettings, ServedModel,
+from aftune.inference.engine import (GenerationSettings, InferenceEngine, InferenceRecord, RecordSettings, ServedModel,
                               ServingDeviation, boundary_key, sample_token, sample_uniform)
-from aftune.receipt import Receipt, verify_receipt
-from aftune.signing import SigningKey
-from aftune.verify_inference import InferenceVerifier, prepare_inference
+from aftune.inference.receipt import Receipt, verify_receipt
+from aftune.core.signing import SigningKey
+from aftune.inference.verify import InferenceVerifier, prepare_inference
 
 PROMPT = "Q: what colour is the sky?"
 TEXT = "good fine okay great"
@@ -140,7 +140,7 @@ def test_seeded_sampling_is_reproducible_and_documented(model_dir, tmp_path):
 
 
 def test_records_are_named_by_full_digest_and_never_overwritten(model_dir, tmp_path):
-    from aftune.inference import RecordDir, record_id
+    from aftune.inference.engine import RecordDir, record_id
 
     rec = tmp_path / "rec"
     results = [infer(model_dir("llama"), rec)[0] for _ in range(3)]
@@ -344,8 +344,8 @@ def test_spec_vectors():
     import blake3
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from aftune.inference import record_id
-    from aftune.receipt import issue_receipt
+    from aftune.inference.engine import record_id
+    from aftune.inference.receipt import issue_receipt
 
     def h(alg, data):
         return blake3.blake3(data).digest() if alg == "blake3" else hashlib.sha256(data).digest()
@@ -369,9 +369,9 @@ def test_spec_vectors():
     for alg, (d_hex, u, rid, message, signature) in want.items():
         d = h(alg, b"aftune.v1.sample\x00" + struct.pack(">QQ", 7, 3))
         assert d.hex() == d_hex and (int.from_bytes(d[:8], "big") >> 11) / 2**53 == u == sample_uniform(alg, 7, 3)
-        doc = b'{"format":"aftune.inference.v1"}'
+        doc = b'{"format":"aftune.inference.engine.v1"}'
         assert h(alg, b"aftune.v1.inference-record\x00" + doc).hex() == rid == record_id(alg, doc).hex()
-        m = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v1") + lp(alg.encode()) + bytes([0x11]) * 32
+        m = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.inference.receipt.v1") + lp(alg.encode()) + bytes([0x11]) * 32
               + bytes([0x22]) * 32 + bytes([0x33]) * 32 + bytes([0x44]) * 32 + lp(time.encode()) + key.public_key.raw)
         assert m.hex() == message
         sig = private.sign(b"aftune.v1.signature\x00" + lp(b"inference-receipt") + m)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from aftune.errors import InputError
-from aftune.inference import GenerationSettings, sample_token
-from aftune.verify_inference import DEFAULT_TOLERANCE, InferenceTolerance, InferenceVerifier, sampled_token_possible
+from aftune.inference.engine import GenerationSettings, sample_token
+from aftune.inference.verify import DEFAULT_TOLERANCE, InferenceTolerance, InferenceVerifier, sampled_token_possible
 from test_inference import QuantizedServing, failing, infer, verify
 
 FAMILIES = ["llama", "gpt2", "bert", "vit", "resnet"]

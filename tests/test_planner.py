@@ -13,9 +13,9 @@ from fractions import Fraction
 
 import pytest
 
-from aftune.challenge import derive_challenge
+from aftune.protocol.challenge import derive_challenge
 from aftune.errors import InputError
-from aftune.planner import (
+from aftune.protocol.planner import (
     Threat,
     assess_challenge,
     detection_probability,
@@ -258,7 +258,7 @@ def test_binomial_acceptance_interval():
 
 
 # ---------------------------------------------------------------------------------------------
-# The command (registered by aftune.cli_plan).
+# The command (registered by aftune.cli.plan).
 
 from conftest import invoke  # noqa: E402
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from aftune.audit import audit_bundle
-from aftune.bundle import open_bundle
-from aftune.challenge import challenge_from_transcript
+from aftune.protocol.audit import audit_bundle
+from aftune.protocol.bundle import open_bundle
+from aftune.protocol.challenge import challenge_from_transcript
 from test_tampering import FlipExponentBit
 
 ray = pytest.importorskip("ray")

@@ -14,10 +14,10 @@ from html.parser import HTMLParser
 import pytest
 from typer.testing import CliRunner
 
-from aftune.challenge import derive_challenge
+from aftune.protocol.challenge import derive_challenge
 from aftune.errors import InputError, MissingExtra
-from aftune.planner import Threat, threat_table
-from aftune.report_html import FAIL, MISSING, NOT_SAMPLED, PASS, block_grid, render_html
+from aftune.protocol.planner import Threat, threat_table
+from aftune.reporting.html import FAIL, MISSING, NOT_SAMPLED, PASS, block_grid, render_html
 
 HOSTILE_REASON = 'differs <script>alert("x")</script> from the committed one'
 HOSTILE_TENSOR = '"><img src=x onerror=alert(1)>'
@@ -43,7 +43,7 @@ def audit():
         expected[(l, s)] = FAIL if bad else PASS
     report = {"verdict": "FAIL", "mode": "strict", "run_dir": "bundle/<iframe src=http://evil>", "errors": [],
               "blocks": blocks}
-    config = {"format": "aftune.run.v1", "settings": {"steps": 16, "steps_per_block": 2, "lr": 0.001,
+    config = {"format": "aftune.training.run.v1", "settings": {"steps": 16, "steps_per_block": 2, "lr": 0.001,
                                                       "optimizer": "adamw", "seed": 0},
               "model": {"config": {"model_type": "llama</td><script>", "architectures": ["LlamaForCausalLM"]},
                         "base_weights": "ab" * 32},
@@ -166,7 +166,7 @@ def _colour_counts(path):
 
 def test_png_grid(audit, tmp_path):
     pytest.importorskip("matplotlib")
-    from aftune.plot import plot_grid
+    from aftune.reporting.plot import plot_grid
 
     report, c, config, *_ = audit
     path = plot_grid(report, tmp_path / "grid.png", challenge=c.to_json(), config=config)
@@ -179,7 +179,7 @@ def test_png_grid(audit, tmp_path):
 def test_png_needs_the_plot_extra(audit, tmp_path, monkeypatch):
     import sys
 
-    from aftune.plot import plot_grid
+    from aftune.reporting.plot import plot_grid
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(MissingExtra, match=r"aftune\[plot\]"):
@@ -202,7 +202,7 @@ def test_page_renders_in_headless_chromium(audit, tmp_path):
 
 
 def test_cli_report(audit, tmp_path):
-    import aftune.cli_plan  # noqa: F401  (registers the commands until cli.py imports it)
+    import aftune.cli.plan  # noqa: F401  (registers the commands until cli.py imports it)
     from aftune.cli import app
 
     report, c, config, *_ = audit

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from aftune.inference import InferenceEngine, RecordSettings, ServedModel
-from aftune.receipt import Receipt, verify_receipt
-from aftune.signing import SigningKey
-from aftune.verify_inference import InferenceVerifier
+from aftune.inference.engine import InferenceEngine, RecordSettings, ServedModel
+from aftune.inference.receipt import Receipt, verify_receipt
+from aftune.core.signing import SigningKey
+from aftune.inference.verify import InferenceVerifier
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -52,9 +52,9 @@ class Server:
 @pytest.fixture(scope="module")
 def served_run(tmp_path_factory, model_dir, datasets):
     """A tiny fine-tuned Llama run and a server for it."""
-    from aftune.config import TrainSettings
-    from aftune.serve import create_app
-    from aftune.train import train
+    from aftune.training.settings import TrainSettings
+    from aftune.inference.serve import create_app
+    from aftune.training.train import train
 
     root = tmp_path_factory.mktemp("serve")
     run = root / "run"
@@ -67,7 +67,7 @@ def served_run(tmp_path_factory, model_dir, datasets):
 
 
 def test_fifty_concurrent_requests_get_distinct_verifiable_receipts_and_records(served_run, tmp_path):
-    from aftune.serve import download_record
+    from aftune.inference.serve import download_record
 
     run, pub, url, engine = served_run
     requests = []
@@ -146,7 +146,7 @@ def test_bad_lookups(served_run):
 
 def test_served_answer_matches_cli_verification(served_run, tmp_path):
     """One request end to end with the CLI an auditor would run."""
-    from aftune.serve import download_record
+    from aftune.inference.serve import download_record
     from test_inference import cli
 
     run, pub, url, _ = served_run

@@ -15,9 +15,9 @@ import zstandard
 from safetensors.torch import save as st_save
 
 from aftune.errors import CommitmentMismatch
-from aftune.signing import SigningKey
-from aftune.train import Deviation
-from aftune.verify import Verifier
+from aftune.core.signing import SigningKey
+from aftune.training.train import Deviation
+from aftune.training.verify import Verifier
 from conftest import failing, verify_all
 
 SETUP = dict(steps=6, steps_per_block=2)
@@ -157,8 +157,8 @@ def test_poisoned_label_fails_the_head_block(record):
 def test_lora_init_not_from_the_seed_fails_at_step_block_0(record, monkeypatch):
     """The provider picks its own adapter initialisation (and signs it): the blocks holding
     adapters fail at step block 0, naming the tensor; later step blocks replay consistently."""
-    from aftune.config import LoraSettings
-    import aftune.train as train_module
+    from aftune.training.settings import LoraSettings
+    import aftune.training.train as train_module
 
     original = train_module.instantiate
 
@@ -182,7 +182,7 @@ def test_lora_init_not_from_the_seed_fails_at_step_block_0(record, monkeypatch):
 
 def test_optimizer_state_not_empty_at_the_start_fails(record, monkeypatch):
     """Momentum smuggled into the first step (the honest optimizer starts from zeros)."""
-    import aftune.engine as engine_module
+    import aftune.training.engine as engine_module
 
     original = engine_module.init_state
 
@@ -220,8 +220,8 @@ def test_edited_tensor_file_fails_the_block_that_reads_it(honest):
     run_dir, key = honest
     row = next(r for r in _manifest(run_dir, 1)["common"] if r[0].endswith("boundary/0001/activation"))
     path = _object_path(run_dir, row[4])
-    from aftune.store import ObjectStore, TensorRef
-    from aftune.encoding import parse_hex_digest
+    from aftune.core.store import ObjectStore, TensorRef
+    from aftune.core.encoding import parse_hex_digest
 
     ref = TensorRef(row[1], row[2], tuple(row[3]), parse_hex_digest(row[4], "x"))
     t = ObjectStore(run_dir / "objects", "blake3").get(ref, "test")
@@ -239,7 +239,7 @@ def test_oversized_tensor_file_fails_without_being_read_whole(honest):
     path = _object_path(run_dir, row[4])
     with open(path, "ab") as f:  # a valid frame followed by far more bytes than the tensor can need
         f.write(b"\0" * (1 << 22))
-    from aftune.jsonio import read_capped
+    from aftune.core.jsonio import read_capped
 
     assert len(read_capped(path, 100)) == 101
     from aftune.errors import RecordError
@@ -278,8 +278,8 @@ def test_edited_transcript_entry_fails(honest):
 
 
 def _resign(lines, signer, algorithm="blake3"):
-    from aftune.manifest import chained_root
-    from aftune.transcript import run_root
+    from aftune.training.manifest import chained_root
+    from aftune.training.transcript import run_root
 
     head = lines[0]
     config = bytes.fromhex(head["config_digest"])
@@ -312,7 +312,7 @@ def test_root_changed_after_signing_fails_against_the_clients_copy(honest, tmp_p
     m = _manifest(run_dir, 1)
     m["common"][0][4] = "22" * 32
     (run_dir / "manifests" / "000001.json").write_text(json.dumps(m))
-    from aftune.manifest import StepBlockManifest
+    from aftune.training.manifest import StepBlockManifest
 
     new_root = StepBlockManifest.from_json(m, 2).merkle_root("blake3")
     provider_key = SigningKey.load(run_dir / "provider.key")

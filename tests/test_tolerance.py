@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from aftune.calibrate import calibrate
-from aftune.verify import Verifier
+from aftune.training.calibrate import calibrate
+from aftune.training.verify import Verifier
 from conftest import failing
 from test_tampering import FlipExponentBit
 
@@ -45,7 +45,7 @@ def test_lora_run_replayed_in_float64_checks_the_seeded_init(record):
     draws differ): it re-instantiates them in the run's dtype, and the honest run passes."""
     import torch
 
-    from aftune.config import LoraSettings
+    from aftune.training.settings import LoraSettings
 
     run, key = record("llama", lora=LoraSettings(r=4, alpha=8), steps=4, steps_per_block=2)
     c = calibrate(run, key, replay_dtype="float64")

@@ -6,3 +6,7 @@ blocks and a verifier replays them. See SPEC.md for every byte that is hashed, s
 """
 
 __version__ = "0.1.0"
+
+from . import _moved
+
+_moved.install()

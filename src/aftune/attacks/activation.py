@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inference import ServedModel, ServingDeviation
+from ..inference.engine import ServedModel, ServingDeviation
 
 
 def forward_from(served: ServedModel, blocks, block: int, hidden: torch.Tensor, ctx) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..signing import PublicKey
+from ..core.signing import PublicKey
 from . import bitflip, lazy
 from .quant_objective import QuantObjective
 from .quantize import quantize_model_
@@ -94,8 +94,8 @@ class Bench:
     def owner_map(self) -> tuple[dict[str, int], list]:
         """(parameter name -> layer block, layer-block layout) of the agreed model."""
         if not hasattr(self, "_owner"):
-            from ..engine import BlockedModel
-            from ..instantiate import instantiate
+            from ..training.engine import BlockedModel
+            from ..training.instantiate import instantiate
             from ..models import load_pretrained
 
             hf_config, model = load_pretrained(self.assets.base_model, self.settings.attn_implementation,
@@ -292,8 +292,8 @@ class Bench:
         right after the last update, inside training. (a) fails the final-model check; (b) fails
         the replay of its block, also in tolerance mode with thresholds calibrated on the
         honest run replayed in float64: the margin is printed."""
-        from ..calibrate import calibrate
-        from ..verify import Verifier
+        from ..training.calibrate import calibrate
+        from ..training.verify import Verifier
         from .bitflip import triggered_inputs
         from .lazy import poison_trigger
         from .parameter import EditDuringTraining, layer_weights, smallest_edit

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..train import Deviation
+from ..training.train import Deviation
 from .task import TaskAssets, finetune_settings, make_images, normalize, predict
 
 PAGE_ELEMENTS = 1024  # 4 KiB of float32

@@ -27,14 +27,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..audit import audit_bundle
-from ..bundle import open_bundle
-from ..challenge import derive_challenge
-from ..planner import placement_detection
-from ..report import Report
-from ..signing import PublicKey
-from ..transcript import Transcript
-from ..verify import Verifier
+from ..protocol.audit import audit_bundle
+from ..protocol.bundle import open_bundle
+from ..protocol.challenge import derive_challenge
+from ..protocol.planner import placement_detection
+from ..verdict.findings import Report
+from ..core.signing import PublicKey
+from ..training.transcript import Transcript
+from ..training.verify import Verifier
 
 SAMPLE_RATES = (0.05, 0.1, 0.25, 0.5)
 

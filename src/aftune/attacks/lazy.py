@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from ..train import Deviation
+from ..training.train import Deviation
 
 
 def _params(blocked):

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..inference import ServingDeviation
-from ..train import Deviation
+from ..inference.engine import ServingDeviation
+from ..training.train import Deviation
 
 
 def layer_weights(model: nn.Module, prefix: str) -> list[str]:

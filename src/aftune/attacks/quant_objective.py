@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..train import Deviation
+from ..training.train import Deviation
 from .quantize import quantizable_names, quantized_params
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inference import ServingDeviation
+from ..inference.engine import ServingDeviation
 from .quantize import quantize_model_
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..challenge import derive_challenge
-from ..inference import InferenceEngine, RecordSettings, ServedModel
-from ..planner import placement_detection
+from ..protocol.challenge import derive_challenge
+from ..inference.engine import InferenceEngine, RecordSettings, ServedModel
+from ..protocol.planner import placement_detection
 from ..errors import InputError
-from ..signing import SigningKey
-from ..verify_inference import InferenceTolerance, InferenceVerifier
+from ..core.signing import SigningKey
+from ..inference.verify import InferenceTolerance, InferenceVerifier
 from .detection import SAMPLE_RATES, nonce_for
 from .task import accuracy, load_classifier
 
@@ -184,7 +184,7 @@ def quant_serving(bench, bits: int = 4, requests: int = 8, model: str = "honest"
 def _quantized_blocks_expected(sb: ServingBench, rec_dir: Path, result) -> list[int]:
     """Every layer block but the last computes other activations; the last (the head) is caught
     only if the float head, fed the committed input, answers differently from the served label."""
-    from ..inference import InferenceRecord, boundary_key
+    from ..inference.engine import InferenceRecord, boundary_key
 
     served = sb.served()
     blocks = served.blocks(sb.settings.layers_per_block)

@@ -203,7 +203,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def _image_folder_order(root: Path) -> list[tuple[int, int]]:
     """(class, index within class) in aftune's dataset order (data._load_image_folder)."""
-    from ..data import load_dataset
+    from ..data.datasets import load_dataset
 
     ds = load_dataset(root)
     out = []
@@ -263,7 +263,7 @@ class torch_threads:
 def finetune_settings(steps: int = 48, **overrides):
     """The agreed fine-tuning configuration of the attack experiments: SGD with momentum (as
     WBP's victim), 1 layer per layer block (4 layer blocks), 4 steps per step block."""
-    from ..config import TrainSettings
+    from ..training.settings import TrainSettings
 
     values = dict(steps=steps, batch_size=16, optimizer="sgd", lr=0.005, momentum=0.9, max_grad_norm=1.0,
                   layers_per_block=1, steps_per_block=4, attn_implementation="eager")
@@ -273,7 +273,7 @@ def finetune_settings(steps: int = 48, **overrides):
 def fine_tune(assets: TaskAssets, run_dir: str | Path, settings=None, deviation=None, threads: int | None = 1):
     """Record a fine-tune of the agreed base model on the agreed data (honest without a deviation).
     Returns aftune.train.TrainResult."""
-    from ..train import train
+    from ..training.train import train
 
     with torch_threads(threads):
         return train(assets.base_model, assets.train_data, run_dir, settings or finetune_settings(),

@@ -1,0 +1,12 @@
+"""The `aftune` command line: a thin layer over the library, one module per command group.
+
+    aftune --help
+
+`app.py` holds the Typer app and `main`, the only place that turns an `AftuneError` into an exit
+code; each other module registers its commands on the app. Nothing below `aftune.cli` imports it.
+"""
+
+from . import training, inference, audit, plan, attack  # noqa: F401,I001  (register their commands, in this order)
+from .app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,177 @@
+"""`aftune open` and `aftune audit`: the provider opens a challenge, the client audits it.
+
+    aftune open RUN --challenge challenge.json --out bundle/             # provider
+    aftune audit bundle/ --transcript my-transcript.jsonl --challenge challenge.json --public-key provider.pub
+    aftune audit RUN --public-key PUB --sample-rate 0.1                  # all three steps, locally
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import _PUBKEY_HELP, _fail, _progress, app, escape, finish_report, out, tolerance_from_options
+from ..errors import AftuneError, CommitmentMismatch, InputError
+
+
+@app.command("open")
+def open_(
+    run_dir: Path = typer.Argument(..., help="The provider's run directory (or record directory, for inference)."),
+    challenge: Path = typer.Option(..., "--challenge", help="The client's challenge (aftune challenge)."),
+    out_dir: Path = typer.Option(..., "--out", help="New directory for the bundle."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model (default: the record's)."),
+):
+    """Open the challenged blocks: a bundle with exactly what their replay needs, and proofs."""
+    from ..protocol.bundle import open_bundle
+    from ..protocol.challenge import Challenge
+
+    try:
+        c = Challenge.load(challenge)
+        if c.kind == "inference":
+            from ..protocol.inference_audit import open_inference_bundle
+
+            summary = open_inference_bundle(run_dir, c, out_dir, model=model)
+            out.print(f"bundle written to {out_dir}: {summary['blocks']} layer blocks, {summary['tensors']} tensors")
+            return
+        _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
+        with _progress() as bar:
+            task = bar.add_task("opening", total=len(c.blocks), note="")
+            summary = open_bundle(run_dir, list(c.blocks), c.digest_bytes, out_dir,
+                                  progress=lambda done, total: bar.update(task, completed=done))
+    except AftuneError as exc:
+        _fail(exc)
+    out.print(f"bundle written to {out_dir}: {summary['blocks']} blocks, {summary['tensors']} tensors, "
+              f"{summary['bytes'] / 1e6:.1f} MB")
+
+
+def _check_run_root(challenge, transcript_path: Path, public_key, config_path: Path | None = None) -> None:
+    from ..training.transcript import Transcript
+
+    key = public_key or Transcript.header_key(transcript_path)
+    t = Transcript.load(transcript_path, key)
+    if challenge.kind != "training":
+        raise InputError(f"this is an {challenge.kind} challenge; open and audit take training challenges here")
+    if t.run is None or t.run.root.hex() != challenge.run_root:
+        raise CommitmentMismatch("the challenge was drawn from another run root than this transcript signs: the "
+                                 "transcript was re-signed after the challenge, or belongs to another run")
+    if challenge.num_step_blocks != len(t.step_blocks) - 1:
+        raise CommitmentMismatch("the challenge's grid does not match the transcript's step blocks")
+    if config_path is not None and config_path.is_file():
+        from ..core import jsonio
+        from ..training.run import config_digest
+
+        data = config_path.read_bytes()
+        if config_digest(t.algorithm, data) != t.config_digest:
+            raise CommitmentMismatch(f"{config_path} is not the run config the transcript signs")
+        layer_blocks = jsonio.loads(data).get("layout", {}).get("layer_blocks")
+        if not isinstance(layer_blocks, list) or len(layer_blocks) != challenge.num_layer_blocks:
+            raise CommitmentMismatch("the challenge's grid does not match the run's layer blocks")
+
+
+@app.command()
+def audit(
+    target: Path = typer.Argument(..., help="A bundle (from aftune open), or a run directory to audit locally."),
+    public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    transcript: Optional[Path] = typer.Option(None, "--transcript", help="Your copy of the transcript (bundle mode)."),
+    challenge: Optional[Path] = typer.Option(None, "--challenge", help="Your challenge (bundle mode)."),
+    sample_rate: Optional[float] = typer.Option(None, "--sample-rate", help="Local mode: fraction of blocks to check."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help="Local mode: number of blocks to check."),
+    strategy: str = typer.Option("uniform", "--strategy", help="Local mode: uniform, weighted, stratified or all."),
+    mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
+    tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local processes (default: one per core)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Verify on an existing Ray cluster at this address."),
+    report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the JSON report here."),
+    report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write a self-contained HTML report."),
+    report_png: Optional[Path] = typer.Option(None, "--report-png", help="Write a PNG of the block grid."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Inference: your copy of the model (or run directory)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Inference: your prompt, which the record must answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+):
+    """Verify an opened challenge (or challenge, open and verify a run locally). Exit 0 PASS, 1 FAIL, 2 bad input."""
+    from ..protocol.audit import audit_bundle
+    from ..protocol.challenge import Challenge, challenge_from_transcript
+    from ..core.signing import PublicKey
+
+    try:
+        key = PublicKey.load(public_key)
+        if (target / "bundle.json").is_file():
+            if challenge is None:
+                raise InputError("auditing a bundle needs --challenge (and --transcript, your copy, for a training run)")
+            c = Challenge.load(challenge)
+            if c.kind == "training" and transcript is None:
+                raise InputError("auditing a training bundle needs --transcript (your copy)")
+            if c.kind == "inference":
+                if model is None:
+                    raise InputError("auditing an inference record needs --model (your copy of the model or run)")
+                from ..protocol.inference_audit import audit_inference_bundle
+
+                report = audit_inference_bundle(target, c, key, model, mode=mode, replay_dtype=dtype,
+                                                expected_prompt=prompt)
+                finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
+            bundle, transcript_path, scratch = target, transcript, None
+        elif (target / "transcript.jsonl").is_file():
+            if (sample_rate is None) == (blocks is None) and strategy != "all":
+                raise InputError("a local audit needs --sample-rate or --blocks (or --strategy all)")
+            transcript_path = transcript or target / "transcript.jsonl"
+            c = challenge_from_transcript(transcript_path, key, strategy, count=blocks, sample_rate=sample_rate,
+                                          config_path=target / "config.json")
+            scratch = tempfile.TemporaryDirectory(prefix="aftune-bundle-")
+            bundle = Path(scratch.name) / "bundle"
+            from ..protocol.bundle import open_bundle
+
+            open_bundle(target, list(c.blocks), c.digest_bytes, bundle)
+        else:
+            raise InputError(f"{target} is neither a bundle (bundle.json) nor a run directory (transcript.jsonl)")
+        _check_run_root(c, transcript_path, key, bundle / "config.json")
+        with _progress() as bar:
+            task = bar.add_task("auditing", total=len(c.blocks), note="")
+            report = audit_bundle(bundle, transcript_path, key, list(c.blocks), c.digest_bytes, mode=mode,
+                                  tolerance=tolerance_from_options(tolerance_file), replay_dtype=dtype, workers=workers, ray_address=ray,
+                                  on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
+    except CommitmentMismatch as exc:
+        out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except AftuneError as exc:
+        _fail(exc)
+    document = {**report.to_json(), "challenge": c.to_json()}
+    try:
+        _write_reports(document, c, report_json, report_html, report_png, bundle)
+    except AftuneError as exc:
+        _fail(exc)
+    finish_report(report, document, as_json, heading=c.describe())
+
+
+def _write_reports(document, challenge, json_path, html_path, png_path, bundle: Path) -> None:
+    if json_path:
+        json_path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+    if not (html_path or png_path):
+        return
+    config = None
+    if (bundle / "config.json").is_file():
+        from ..core import jsonio
+
+        config = jsonio.loads((bundle / "config.json").read_bytes())
+    threats = _threats(challenge)
+    if html_path:
+        from ..reporting.html import render_html
+
+        html_path.write_text(render_html(document, challenge.to_json(), config, threats), encoding="utf-8")
+    if png_path:
+        from ..reporting.plot import plot_grid
+
+        plot_grid(document, png_path, challenge=challenge.to_json())
+
+
+def _threats(challenge):
+    """Detection probability each threat model had under this challenge (planner)."""
+    try:
+        from ..protocol.planner import threat_table
+    except ImportError:
+        return None
+    return threat_table(challenge)

@@ -1,0 +1,531 @@
+"""The audit planner: how many blocks to challenge, and how, to catch a threat with a target probability.
+
+    aftune plan --layer-blocks 8 --step-blocks 64 --target 0.99 --skip-steps 0.05 --poison-examples 0.01
+
+Every probability is exact (closed form or an exact recursion; no simulation) and is for the worst
+case the threat allows: where a threat leaves the provider free to choose which blocks it
+tampers, it is assumed to choose the blocks each strategy is least likely to draw.
+SPEC.md 9.5 states each threat model and formula.
+
+Grid: L layer blocks x S step blocks, N = L*S blocks; a challenge draws K of them (aftune.challenge).
+A tampered block is one whose replay fails; a threat is caught when a challenge draws at least one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from .challenge import DEFAULT_EDGE_WEIGHT, MAX_EDGE_WEIGHT, STRATEGIES, Challenge
+from ..errors import InputError
+
+THREAT_KINDS = ("tampered_blocks", "skip_steps", "poison_examples", "tamper_params", "substitute_layers")
+PLANNED_STRATEGIES = ("uniform", "stratified", "weighted")  # order = preference when counts tie
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact miss probabilities of each sampler (P(detect) = 1 - P(miss)).
+
+def hypergeometric_miss(num_blocks: int, tampered: int, count: int) -> float:
+    """P(no tampered block among K drawn uniformly without replacement) = C(N-m, K) / C(N, K),
+    evaluated as the product over the shorter of m and K of (N-K-i)/(N-i) or (N-m-i)/(N-i)
+    (the same ratio, no huge integers; relative error below min(m, K) * 2^-53)."""
+    n, m, k = num_blocks, tampered, count
+    if not 0 <= m <= n or not 0 <= k <= n:
+        raise InputError(f"need 0 <= tampered ({m}) <= N ({n}) and 0 <= K ({k}) <= N")
+    if m == 0 or k == 0:
+        return 1.0
+    if m > n - k:
+        return 0.0
+    a, b = (n - k, m) if m <= k else (n - m, k)
+    if b <= 64:
+        p = 1.0
+        for i in range(b):
+            p *= (a - i) / (n - i)
+        return p
+    i = np.arange(b, dtype=np.float64)
+    return float(np.prod((a - i) / (n - i)))
+
+
+def hypergeometric_miss_exact(num_blocks: int, tampered: int, count: int) -> Fraction:
+    """C(N-m, K) / C(N, K) as an exact fraction (for tests and small grids)."""
+    return Fraction(math.comb(num_blocks - tampered, count), math.comb(num_blocks, count))
+
+
+def detection_probability(num_blocks: int, tampered: int, count: int) -> float:
+    """Uniform sampling: P(detect) = 1 - C(N-m, K) / C(N, K) (THREATS.md)."""
+    return 1.0 - hypergeometric_miss(num_blocks, tampered, count)
+
+
+def edge_layer_blocks(num_layer_blocks: int) -> int:
+    """How many layer blocks count as 'edge' (first or last) for the weighted strategy: 1 or 2."""
+    return min(num_layer_blocks, 2)
+
+
+def weighted_miss(num_layer_blocks: int, num_step_blocks: int, count: int, edge_tampered: int,
+                  interior_tampered: int, edge_weight: int = DEFAULT_EDGE_WEIGHT) -> float:
+    """P(miss) for the weighted strategy: Efraimidis-Spirakis top-K keys u^(1/w) are distributed
+    as K successive draws without replacement, each block drawn with probability proportional to
+    its weight among those left (Efraimidis & Spirakis 2006). Exact recursion over the draws on
+    the all-miss path, state i = untampered edge blocks drawn so far (t - i interior):
+
+        p_{t+1}(i+1) += p_t(i) * w (E_u - i) / R,   p_{t+1}(i) += p_t(i) * (I_u - (t - i)) / R,
+        R = w (E - i) + (I - (t - i)),
+
+    with E = e*S edge blocks (e = min(L, 2)), I = (L - e)*S interior, E_u, I_u the untampered
+    ones; P(miss) = sum_i p_K(i). O(K * min(K, E)) operations."""
+    if not 0 <= count <= num_layer_blocks * num_step_blocks:
+        raise InputError(f"K = {count} is not in [0, {num_layer_blocks * num_step_blocks}]")
+    miss = 1.0
+    for k, miss in enumerate(_weighted_miss_curve(num_layer_blocks, num_step_blocks, edge_tampered,
+                                                  interior_tampered, edge_weight)):
+        if k == count or miss == 0.0:
+            break
+    return miss
+
+
+def _weighted_miss_curve(num_layer_blocks: int, num_step_blocks: int, edge_tampered: int, interior_tampered: int,
+                         edge_weight: int):
+    """Yield P(miss) of the weighted strategy for K = 0, 1, 2, ... (one recursion serves every K)."""
+    L, S, w = num_layer_blocks, num_step_blocks, edge_weight
+    e = edge_layer_blocks(L)
+    edge, interior = e * S, (L - e) * S
+    if not 0 <= edge_tampered <= edge or not 0 <= interior_tampered <= interior:
+        raise InputError(f"tampered blocks out of range: {edge_tampered} of {edge} edge blocks, "
+                         f"{interior_tampered} of {interior} interior blocks")
+    edge_u, interior_u = edge - edge_tampered, interior - interior_tampered
+    if interior == 0 or w == 1:  # every weight equal: plain uniform sampling
+        for k in range(L * S + 1):
+            yield hypergeometric_miss(L * S, edge_tampered + interior_tampered, k)
+        return
+    width = edge_u + 1  # i never exceeds the untampered edge blocks
+    p = np.zeros(width)
+    p[0] = 1.0
+    yield 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for t in range(edge_u + interior_u):
+            top = min(t, width - 1)
+            i = np.arange(top + 1, dtype=np.float64)
+            j = t - i
+            remaining = w * (edge - i) + (interior - j)
+            to_edge = np.where(remaining > 0, w * np.maximum(edge_u - i, 0) / remaining, 0.0)
+            to_interior = np.where(remaining > 0, np.maximum(interior_u - j, 0) / remaining, 0.0)
+            nxt = np.zeros(width)
+            nxt[:top + 1] += p[:top + 1] * to_interior
+            up = min(top + 1, width - 1)
+            nxt[1:up + 1] += (p[:top + 1] * to_edge)[:up]
+            p = nxt
+            yield float(p.sum())
+    while True:  # more draws than untampered blocks: a tampered one is always drawn
+        yield 0.0
+
+
+def stratified_miss(num_layer_blocks: int, num_step_blocks: int, count: int, per_step_tampered: Iterable[int]) -> float:
+    """P(miss) for the stratified strategy. With k, r = divmod(K, S), every step block gets k
+    draws and a uniformly random r of them one more; within a step block holding m_s tampered
+    blocks the draw misses them with q(m_s, j) = C(L - m_s, j) / C(L, j). Exact recursion over
+    the tampered step blocks (the untampered ones contribute 1), state x = extra draws given so
+    far among them: the next step block gets an extra draw with probability (r - x) / (S - idx)."""
+    L, S, k_total = num_layer_blocks, num_step_blocks, count
+    counts = [m for m in per_step_tampered if m]
+    if len(counts) > S or any(not 0 < m <= L for m in counts):
+        raise InputError(f"per-step tampered counts {counts[:8]} do not fit {S} step blocks of {L} layer blocks")
+    if not 0 <= k_total <= L * S:
+        raise InputError(f"K = {k_total} is not in [0, {L * S}]")
+    k, r = divmod(k_total, S)
+    f = np.zeros(r + 1)
+    f[0] = 1.0
+    x = np.arange(r + 1, dtype=np.float64)
+    for idx, m in enumerate(counts):
+        extra = (r - x) / (S - idx)
+        base, more = hypergeometric_miss(L, m, k), hypergeometric_miss(L, m, k + 1) if k < L else 0.0
+        nxt = f * (1.0 - extra) * base
+        nxt[1:] += (f * extra * more)[:-1]
+        f = nxt
+    return float(f.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Threats: how many blocks each makes fail, and where.
+
+@dataclass(frozen=True)
+class Threat:
+    """A deviation the audit should catch. `amount` is a block count for "tampered_blocks" and a
+    fraction in (0, 1] for the others."""
+
+    kind: str
+    amount: float
+    name: str = ""  # shown instead of "kind amount" when given
+
+    def __post_init__(self):
+        if self.kind not in THREAT_KINDS:
+            raise InputError(f"unknown threat {self.kind!r}: choose one of {', '.join(THREAT_KINDS)}")
+        a = self.amount
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise InputError(f"{self.label}: the amount must be a number, got {a!r}")
+        if self.kind == "tampered_blocks":
+            if not isinstance(a, int) and not float(a).is_integer() or a < 1:
+                raise InputError(f"--tampered-blocks must be a positive integer, got {a!r}")
+        elif not 0 < a <= 1:
+            raise InputError(f"--{self.kind.replace('_', '-')} is a fraction in (0, 1], got {a!r}")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        amount = int(self.amount) if self.kind == "tampered_blocks" else f"{self.amount:g}"
+        return f"{self.kind.replace('_', '-')} {amount}"
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What a threat does to the grid, as far as detection depends on it.
+
+    shape: "free" (m blocks anywhere the provider likes), "step_blocks" (every layer block of
+    `units` step blocks), "layer_blocks" (`units` layer blocks in every step block), or
+    "last_layer_block" (the last layer block of `units` step blocks)."""
+
+    threat: Threat
+    tampered: int  # m: the fewest blocks this threat makes fail
+    shape: str
+    units: int
+    model: str  # one line: the assumption behind m
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threat": self.threat.label, "kind": self.threat.kind, "amount": self.threat.amount,
+                "tampered_blocks": self.tampered, "shape": self.shape, "model": self.model}
+
+
+def threat_model(threat: Threat, num_layer_blocks: int | None, num_step_blocks: int | None, *,
+                 num_blocks: int | None = None, layer_block_params: list[int] | None = None) -> ThreatModel:
+    """Translate a threat into the fewest blocks it makes fail (SPEC.md 9.5.2).
+
+    Without the grid's shape (only N), m is a lower bound valid for every shape and only uniform
+    sampling can be assessed."""
+    L, S = num_layer_blocks, num_step_blocks
+    n = L * S if L and S else num_blocks
+    if not n or n < 1:
+        raise InputError("give the grid: --layer-blocks and --step-blocks, or at least --blocks")
+    f = float(threat.amount)
+    shaped = L is not None and S is not None
+    if threat.kind == "tampered_blocks":
+        m = int(threat.amount)
+        if m > n:
+            raise InputError(f"{threat.label}: the grid has only {n} blocks")
+        return ThreatModel(threat, m, "free", m, f"{_n(m, 'block')} fail, wherever the provider chooses")
+    if threat.kind == "skip_steps":
+        if not shaped:
+            m = _ceil_times(threat.amount, n)
+            return ThreatModel(threat, m, "free", m, f"a fraction {f:g} of steps skipped fails at least "
+                               f"ceil(F*N) = {_n(m, 'block')} (ceil(F*S)*L >= F*N for any shape)")
+        units = _ceil_times(threat.amount, S)
+        return ThreatModel(threat, units * L, "step_blocks", units,
+                           f"skipped steps packed into ceil(F*S) = {_n(units, 'step block')}; a skipped optimizer step "
+                           f"fails every layer block of its step block: {units} x {L} blocks")
+    if threat.kind == "poison_examples":
+        if not shaped:
+            return ThreatModel(threat, 1, "free", 1, "a poisoned example fails at least 1 block (grid shape unknown)")
+        units = _ceil_times(threat.amount, S)
+        return ThreatModel(threat, units, "last_layer_block", units,
+                           f"poisoned examples packed into ceil(F*S) = {_n(units, 'step block')}; label-only poisoning "
+                           f"fails only the last layer block (labels, loss) of each: {_n(units, 'block')}")
+    if threat.kind == "tamper_params":
+        if not shaped:
+            return ThreatModel(threat, 1, "free", 1, "tampered parameters fail at least 1 block (grid shape unknown)")
+        c, how = _layer_blocks_holding(f, L, layer_block_params)
+        return ThreatModel(threat, c, "free", c,
+                           f"a fraction {f:g} of parameters spans at least {_n(c, 'layer block')} ({how}); an edit made "
+                           f"once fails only the block where it happens: {_n(c, 'block')}, wherever the provider chooses")
+    # substitute_layers
+    if not shaped:
+        m = _ceil_times(threat.amount, n)
+        return ThreatModel(threat, m, "free", m, f"substituted layers fail at least ceil(F*N) = {_n(m, 'block')}")
+    c = _ceil_times(threat.amount, L)
+    return ThreatModel(threat, c * S, "layer_blocks", c,
+                       f"a fraction {f:g} of layers spans ceil(F*L) = {_n(c, 'layer block')}, substituted for every "
+                       f"step: {c} x {S} blocks")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _exact(fraction: float) -> Fraction:
+    """The fraction the user wrote (0.1 is 1/10, not the nearest double), so 0.1 x 30 is 3, not 4."""
+    return Fraction(repr(float(fraction)))
+
+
+def _ceil_times(fraction: float, n: int) -> int:
+    return max(1, math.ceil(_exact(fraction) * n))
+
+
+def _layer_blocks_holding(fraction: float, num_layer_blocks: int, sizes: list[int] | None) -> tuple[int, str]:
+    if sizes is None:
+        return _ceil_times(fraction, num_layer_blocks), "assuming layer blocks of equal size"
+    if len(sizes) != num_layer_blocks or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes) \
+            or not sum(sizes):
+        raise InputError(f"layer_block_params must list {num_layer_blocks} non-negative parameter counts")
+    need, held, c = _exact(fraction) * sum(sizes), 0, 0
+    for size in sorted(sizes, reverse=True):  # the largest blocks hold the fraction in the fewest blocks
+        held, c = held + size, c + 1
+        if held >= need:
+            break
+    return max(1, c), "the largest layer blocks first"
+
+
+def threat_detection(model: ThreatModel, strategy: str, count: int, num_layer_blocks: int | None,
+                     num_step_blocks: int | None, *, num_blocks: int | None = None,
+                     edge_weight: int = DEFAULT_EDGE_WEIGHT) -> float:
+    """P(detect) of a threat by a challenge of K blocks with `strategy`, for the placement of the
+    tampered blocks least likely to be drawn by that strategy (SPEC.md 9.5.3)."""
+    L, S = num_layer_blocks, num_step_blocks
+    n = L * S if L and S else num_blocks
+    m = model.tampered
+    if strategy == "all":
+        return 1.0 if m else 0.0
+    if strategy == "uniform":
+        return 1.0 - hypergeometric_miss(n, m, count)
+    if L is None or S is None:
+        raise InputError(f"the {strategy} strategy needs the grid's shape: give --layer-blocks and --step-blocks")
+    if strategy == "weighted":
+        edge = _weighted_edge_tampered(model, L, S)
+        return 1.0 - weighted_miss(L, S, count, edge, m - edge, edge_weight)
+    if strategy == "stratified":
+        if model.shape == "free":  # as even as possible over the step blocks (the miss probability is Schur-concave)
+            per_step = [m // S + (i < m % S) for i in range(min(m, S))]
+        elif model.shape == "step_blocks":
+            per_step = [L] * model.units
+        elif model.shape == "last_layer_block":
+            per_step = [1] * model.units
+        else:
+            per_step = [model.units] * S
+        return 1.0 - stratified_miss(L, S, count, per_step)
+    raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+
+
+def _weighted_edge_tampered(model: ThreatModel, num_layer_blocks: int, num_step_blocks: int) -> int:
+    """How many of the threat's blocks lie in the first or last layer block, in the placement the
+    weighted strategy is least likely to catch (interior blocks first, where the threat allows)."""
+    e = edge_layer_blocks(num_layer_blocks)
+    interior_rows = num_layer_blocks - e
+    if model.shape == "free":
+        return max(0, model.tampered - interior_rows * num_step_blocks)
+    if model.shape == "step_blocks":
+        return model.units * e
+    if model.shape == "last_layer_block":
+        return model.units
+    return num_step_blocks * max(0, model.units - interior_rows)  # layer_blocks: interior rows first
+
+
+def placement_detection(strategy: str, count: int, num_layer_blocks: int, num_step_blocks: int,
+                        tampered: Iterable[tuple[int, int]], *, edge_weight: int = DEFAULT_EDGE_WEIGHT) -> float:
+    """P(detect) for a concrete set of tampered blocks (layer_block, step_block)."""
+    L, S = num_layer_blocks, num_step_blocks
+    blocks = set(tampered)
+    if any(not (0 <= l < L and 0 <= s < S) for l, s in blocks):
+        raise InputError("a tampered block lies outside the grid")
+    if strategy == "all":
+        return 1.0 if blocks else 0.0
+    if strategy == "uniform":
+        return 1.0 - hypergeometric_miss(L * S, len(blocks), count)
+    if strategy == "weighted":
+        edge = sum(1 for l, _ in blocks if l in (0, L - 1))
+        return 1.0 - weighted_miss(L, S, count, edge, len(blocks) - edge, edge_weight)
+    if strategy == "stratified":
+        per_step: dict[int, int] = {}
+        for _, s in blocks:
+            per_step[s] = per_step.get(s, 0) + 1
+        return 1.0 - stratified_miss(L, S, count, per_step.values())
+    raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+
+
+def smallest_count(probability: Callable[[int], float], num_blocks: int, target: float) -> int:
+    """The smallest K in [1, N] with probability(K) >= target, by bisection (probability is
+    non-decreasing in K for every strategy: the top-K draws of a fixed seed grow with K)."""
+    if probability(num_blocks) < target:
+        raise InputError(f"even challenging all {num_blocks} blocks does not reach {target}")
+    lo, hi = 1, num_blocks
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if probability(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def threat_smallest_count(model: ThreatModel, strategy: str, target: float, num_layer_blocks: int | None,
+                          num_step_blocks: int | None, *, num_blocks: int | None = None,
+                          edge_weight: int = DEFAULT_EDGE_WEIGHT) -> int:
+    """The smallest K with which `strategy` catches the threat with probability >= target."""
+    L, S = num_layer_blocks, num_step_blocks
+    n = L * S if L and S else num_blocks
+    if strategy == "all":
+        return n
+    if strategy == "weighted" and L is not None and S is not None:
+        edge = _weighted_edge_tampered(model, L, S)
+        for k, miss in enumerate(_weighted_miss_curve(L, S, edge, model.tampered - edge, edge_weight)):
+            if k >= 1 and 1.0 - miss >= target:
+                return k
+            if k >= n:
+                break
+        raise InputError(f"even challenging all {n} blocks does not reach {target}")
+    return smallest_count(lambda k: threat_detection(model, strategy, k, L, S, num_blocks=n, edge_weight=edge_weight),
+                          n, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans.
+
+@dataclass(frozen=True)
+class StrategyOption:
+    strategy: str
+    count: int  # the smallest K reaching the target for every threat
+    detection: tuple[float, ...]  # P(detect) of each threat at that K
+
+    def to_json(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "count": self.count, "detection": list(self.detection)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: float
+    num_blocks: int
+    num_layer_blocks: int | None
+    num_step_blocks: int | None
+    edge_weight: int
+    threats: tuple[ThreatModel, ...]
+    options: tuple[StrategyOption, ...]  # one per strategy assessed
+    recommended: StrategyOption
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "num_blocks": self.num_blocks, "num_layer_blocks": self.num_layer_blocks,
+                "num_step_blocks": self.num_step_blocks, "edge_weight": self.edge_weight,
+                "threats": [t.to_json() for t in self.threats], "options": [o.to_json() for o in self.options],
+                "recommended": self.recommended.to_json(), "notes": list(self.notes)}
+
+
+def _grid(num_blocks: int | None, num_layer_blocks: int | None, num_step_blocks: int | None):
+    for name, v in (("blocks", num_blocks), ("layer blocks", num_layer_blocks), ("step blocks", num_step_blocks)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InputError(f"the number of {name} must be a positive integer, got {v!r}")
+    L, S, n = num_layer_blocks, num_step_blocks, num_blocks
+    if L is not None and S is not None:
+        if n is not None and n != L * S:
+            raise InputError(f"--blocks {n} is not --layer-blocks {L} x --step-blocks {S} = {L * S}")
+        return L * S, L, S
+    if n is not None:
+        if L is not None:
+            if n % L:
+                raise InputError(f"--blocks {n} is not a multiple of --layer-blocks {L}")
+            return n, L, n // L
+        if S is not None:
+            if n % S:
+                raise InputError(f"--blocks {n} is not a multiple of --step-blocks {S}")
+            return n, n // S, S
+        return n, None, None
+    raise InputError("give the grid: --layer-blocks and --step-blocks (or --blocks N, which allows uniform sampling only)")
+
+
+def plan(threats: Iterable[Threat], *, target: float = 0.99, num_blocks: int | None = None,
+         num_layer_blocks: int | None = None, num_step_blocks: int | None = None,
+         edge_weight: int = DEFAULT_EDGE_WEIGHT, strategies: Iterable[str] | None = None,
+         layer_block_params: list[int] | None = None) -> Plan:
+    """For each strategy, the smallest K that catches every threat with probability >= target;
+    the recommendation is the strategy needing the fewest blocks ("all" when every one needs N)."""
+    threats = tuple(threats)
+    if not threats:
+        raise InputError("name at least one threat (--tampered-blocks, --skip-steps, --poison-examples, "
+                         "--tamper-params or --substitute-layers)")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise InputError(f"the target probability must be in (0, 1], got {target!r}")
+    if isinstance(edge_weight, bool) or not isinstance(edge_weight, int) or not 1 <= edge_weight <= MAX_EDGE_WEIGHT:
+        raise InputError(f"the edge weight must be an integer in [1, {MAX_EDGE_WEIGHT}], got {edge_weight!r}")
+    n, L, S = _grid(num_blocks, num_layer_blocks, num_step_blocks)
+    models = tuple(threat_model(t, L, S, num_blocks=n, layer_block_params=layer_block_params) for t in threats)
+    notes = []
+    wanted = tuple(strategies) if strategies is not None else PLANNED_STRATEGIES
+    for s in wanted:
+        if s not in STRATEGIES:
+            raise InputError(f"unknown strategy {s!r}: choose from {', '.join(STRATEGIES)}")
+    if L is None:
+        if any(s in ("weighted", "stratified") for s in wanted):
+            notes.append("only uniform sampling is assessed: weighted and stratified need --layer-blocks and --step-blocks")
+        wanted = tuple(s for s in wanted if s not in ("weighted", "stratified")) or ("uniform",)
+
+    def probabilities(strategy: str, k: int) -> tuple[float, ...]:
+        return tuple(threat_detection(mod, strategy, k, L, S, num_blocks=n, edge_weight=edge_weight) for mod in models)
+
+    options = []
+    for strategy in wanted:  # each threat's detection grows with K: the plan needs the largest of their counts
+        k = max(threat_smallest_count(mod, strategy, target, L, S, num_blocks=n, edge_weight=edge_weight)
+                for mod in models)
+        options.append(StrategyOption(strategy, k, probabilities(strategy, k)))
+    best = min(options, key=lambda o: (o.count, wanted.index(o.strategy)))
+    if best.count == n and best.strategy != "all":
+        best = StrategyOption("all", n, probabilities("all", n))
+        notes.append("reaching the target needs every block: challenge them all")
+    if any(m.tampered == 1 for m in models):
+        notes.append("a threat that fails a single block is caught only with probability about K/N: "
+                     "structural checks of every block still apply (THREATS.md)")
+    return Plan(float(target), n, L, S, edge_weight, models, tuple(options), best, tuple(notes))
+
+
+@dataclass(frozen=True)
+class ChallengeAssessment:
+    """The detection probability each threat had under one challenge."""
+
+    challenge_digest: str
+    strategy: str
+    count: int
+    num_blocks: int
+    threats: tuple[ThreatModel, ...]
+    detection: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `threats` argument of aftune.report_html.render_html."""
+        return {"challenge": self.challenge_digest, "strategy": self.strategy, "count": self.count,
+                "num_blocks": self.num_blocks,
+                "threats": [{**m.to_json(), "detection_probability": p} for m, p in zip(self.threats, self.detection)]}
+
+
+def unit_threat_models(num_layer_blocks: int, num_step_blocks: int) -> tuple[ThreatModel, ...]:
+    """The smallest instance of each threat: what a challenge catches at the very least."""
+    L, S = num_layer_blocks, num_step_blocks
+    return (
+        ThreatModel(Threat("tampered_blocks", 1, "one tampered block"), 1, "free", 1,
+                    "1 block fails, wherever the provider chooses (also: one edited parameter)"),
+        ThreatModel(Threat("skip_steps", 1 / S, "one skipped step"), L, "step_blocks", 1,
+                    f"every layer block of one step block fails: {L} blocks"),
+        ThreatModel(Threat("poison_examples", 1 / S, "one poisoned example"), 1, "last_layer_block", 1,
+                    "label-only poisoning fails the last layer block of one step block: 1 block"),
+        ThreatModel(Threat("substitute_layers", 1 / L, "one substituted layer block"), S, "layer_blocks", 1,
+                    f"one layer block substituted for every step: {S} blocks"),
+    )
+
+
+def assess_challenge(challenge: Challenge, threats: Iterable[Threat] | None = None, *,
+                     layer_block_params: list[int] | None = None) -> ChallengeAssessment:
+    """P(detect) of each threat under this challenge's strategy, K and grid (worst-case placement);
+    without threats, of the smallest instance of each (`unit_threat_models`)."""
+    L, S, k = challenge.num_layer_blocks, challenge.num_step_blocks, challenge.num_challenged
+    if threats is None:
+        models = unit_threat_models(L, S)
+    else:
+        models = tuple(threat_model(t, L, S, layer_block_params=layer_block_params) for t in threats)
+    if not models:
+        raise InputError("name at least one threat to assess the challenge against")
+    weight = challenge.edge_weight or DEFAULT_EDGE_WEIGHT
+    detection = tuple(threat_detection(m, challenge.strategy, k, L, S, edge_weight=weight) for m in models)
+    return ChallengeAssessment(challenge.digest, challenge.strategy, k, L * S, models, detection)
+
+
+def threat_table(challenge: Challenge, threats: Iterable[Threat] | None = None) -> dict[str, Any]:
+    """The `threats` argument of aftune.report_html.render_html for this challenge."""
+    return assess_challenge(challenge, threats).to_json()

@@ -1,0 +1,56 @@
+"""Calibrate tolerance-mode thresholds on honest replays (`aftune calibrate`).
+
+Replay an honest run in the precision the audit will use, measure the largest per-tensor errors
+for each kind of tensor (activations, gradients, weights, optimizer state), and set each kind's
+thresholds a margin above them. The margin must stay below the smallest deviation an attack
+needs: the attack suite measures that side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..core.signing import PublicKey
+from .verify import TENSOR_KINDS, Tolerance, Verifier
+
+
+_NEVER = 1e300  # thresholds no honest error reaches: calibration only measures
+
+
+@dataclass(frozen=True)
+class Calibration:
+    blocks: int
+    observed: dict[str, tuple[float, float]]  # kind -> (max relative L2 error, max element error / rms)
+    suggested: Tolerance
+
+    @property
+    def max_rel_l2(self) -> float:
+        return max(v[0] for v in self.observed.values())
+
+    @property
+    def max_elem(self) -> float:
+        return max(v[1] for v in self.observed.values())
+
+
+def calibrate(run_dir: str | Path, public_key: PublicKey, replay_dtype: str | None = None,
+              margin: float = 4.0, floor: float = 1e-7) -> Calibration:
+    if not math.isfinite(margin) or margin < 1:
+        raise InputError(f"margin must be at least 1, got {margin}")
+    v = Verifier(run_dir, public_key, mode="tolerance", replay_dtype=replay_dtype,
+                 tolerance=Tolerance(rel_l2=_NEVER, max_elem=_NEVER))
+    report = v.verify_all()
+    if report.verdict != "PASS":
+        raise InputError(f"calibration needs an honest run whose replay succeeds: {report.summary()}")
+    observed = {}
+    for kind in TENSOR_KINDS:
+        seen = [r.errors_by_kind[kind] for r in report.results if kind in r.errors_by_kind]
+        if seen:
+            observed[kind] = (max(s[0] for s in seen), max(s[1] for s in seen))
+    if not observed:
+        raise InputError("calibration compared no floating-point tensor: nothing to calibrate on")
+    per_kind = tuple((k, max(rel * margin, floor), max(elem * margin, floor)) for k, (rel, elem) in observed.items())
+    fallback = (max(t[1] for t in per_kind), max(t[2] for t in per_kind))
+    return Calibration(len(report.results), observed, Tolerance(*fallback, per_kind=per_kind))

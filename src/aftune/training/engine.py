@@ -1,0 +1,296 @@
+"""Block-decomposed execution: the one code path that both the provider's trainer and the
+verifier's replay run (SPEC.md 5).
+
+The provider trains by running each layer block on a detached copy of the previous block's
+output, then back-propagating block by block from the loss. The tensors crossing block
+boundaries are exactly what is recorded, and a verifier that replays one block alone, fed the
+committed boundary tensors, performs the same arithmetic in the same order. That is what makes
+strict (bitwise) verification possible on the same kind of hardware.
+
+Parameters used by more than one layer block (tied input and output embeddings) are owned by the
+first block that uses them. Other blocks use a detached alias, so each block's gradient
+contribution is separate and can be committed; the full gradient is accumulated in a fixed
+order: for each micro-batch, the owner's contribution, then the others' in block order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .settings import LayerBlocks, TrainSettings
+from ..core.encoding import TAG_RNG, hash_message, u64
+from ..errors import InputError
+from .manifest import common_key
+from ..models.base import Adapter, Batch, Context
+from .optim import STATE_NAMES, apply_update, clip_coefficient, init_state, tensor_norms
+
+
+def rng_seed(algorithm: str, seed: int, step: int, micro: int, block: int) -> int:
+    """Seed of the global torch RNG before layer block `block` runs forward (dropout masks)."""
+    d = hash_message(algorithm, TAG_RNG, u64(seed), u64(step), u64(micro), u64(block))
+    return int.from_bytes(d[:8], "big") & ((1 << 63) - 1)
+
+
+@dataclass
+class BlockLayout:
+    """Which tensors layer block b owns, and which shared parameters it uses but does not own."""
+
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    foreign: list[tuple[str, nn.Parameter, int]] = field(default_factory=list)  # (name, param, owner)
+    aliases: dict[int, dict[str, str]] = field(default_factory=dict)  # stage -> {local name: name}
+
+    @property
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.params if p.requires_grad]
+
+
+@dataclass
+class MicroResult:
+    output: torch.Tensor  # block output (the loss for the last block)
+    input_grad: torch.Tensor | None  # gradient w.r.t. the block input (None for block 0)
+    owner_parts: dict[str, torch.Tensor]  # shared params owned here: this block's gradient part
+    alias_parts: dict[str, torch.Tensor]  # shared params owned elsewhere: this block's gradient part
+
+
+class BlockedModel:
+    """A model split into layer blocks, with per-tensor optimizer state."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, settings: TrainSettings):
+        self.model, self.adapter, self.settings = model, adapter, settings
+        self.algorithm = settings.hash_algorithm
+        self.optimizer = settings.optimizer_spec()
+        stages = adapter.stages
+        self.stage_names = [s.name for s in stages]
+        self.blocks = LayerBlocks(len(stages) - 2, settings.layers_per_block)
+        self.layout = self._layout()
+        self.optim_state: dict[str, dict[str, torch.Tensor]] = {}
+        for layout in self.layout:
+            for name, p in layout.trainable:
+                self.optim_state[name] = init_state(self.optimizer, p.detach())
+        self.owner = {name: b for b, lay in enumerate(self.layout) for name, _ in lay.params}
+
+    # --- layout ------------------------------------------------------------------------------
+    def _layout(self) -> list[BlockLayout]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        persistent = set(self.model.state_dict().keys())
+        buffer_names = {id(b): n for n, b in self.model.named_buffers() if n in persistent}
+        layouts = [BlockLayout() for _ in range(len(self.blocks))]
+        owner: dict[str, int] = {}
+        seen_buffers: set[str] = set()
+        for b in range(len(self.blocks)):
+            lay = layouts[b]
+            for s in self.blocks.stages(b):
+                module = self.adapter.stages[s].module
+                for local, p in module.named_parameters(remove_duplicate=False):
+                    name = names.get(id(p))
+                    if name is None:
+                        raise InputError(f"adapter bug: stage {self.stage_names[s]} uses a parameter outside the model")
+                    if name not in owner:
+                        owner[name] = b
+                        lay.params.append((name, p))
+                    elif owner[name] != b:
+                        lay.aliases.setdefault(s, {})[local] = name
+                        if all(n != name for n, _, _ in lay.foreign):
+                            lay.foreign.append((name, p, owner[name]))
+                for local, buf in module.named_buffers(remove_duplicate=False):
+                    name = buffer_names.get(id(buf))
+                    if name is not None and name not in seen_buffers:
+                        seen_buffers.add(name)
+                        lay.buffers.append((name, buf))
+        uncovered = sorted(set(names.values()) - set(owner))
+        if uncovered:
+            raise InputError(f"adapter bug: parameters used by no stage: {uncovered[:5]}")
+        return layouts
+
+    def describe(self, block: int) -> str:
+        return self.blocks.describe(block, self.stage_names)
+
+    # --- state -------------------------------------------------------------------------------
+    def state_tensors(self, block: int) -> dict[str, tuple[str, torch.Tensor]]:
+        """Live tensors of the block's state: {key: (digest name, tensor)} (SPEC.md 3.3)."""
+        lay = self.layout[block]
+        out: dict[str, tuple[str, torch.Tensor]] = {}
+        for name, p in lay.params:
+            out[f"state/{name}"] = (name, p.data)
+        for name, buf in lay.buffers:
+            out[f"state/{name}"] = (name, buf)
+        for name, _ in lay.trainable:
+            for s in STATE_NAMES[self.optimizer.name]:
+                out[f"optim/{name}/{s}"] = (f"{name}/{s}", self.optim_state[name][s])
+        return out
+
+    def foreign_state_keys(self, block: int) -> list[tuple[str, int]]:
+        """(key in the owner's subtree, owner) for each shared tensor this block needs."""
+        keys = []
+        for name, p, owner in self.layout[block].foreign:
+            keys.append((f"state/{name}", owner))
+            if p.requires_grad:
+                keys += [(f"optim/{name}/{s}", owner) for s in STATE_NAMES[self.optimizer.name]]
+        return keys
+
+    @torch.no_grad()
+    def assign(self, key: str, tensor: torch.Tensor) -> None:
+        """Load one committed state tensor (by key) into the live model or optimizer state."""
+        kind, _, rest = key.partition("/")
+        if kind == "state":
+            target = self._state_target(rest)
+        elif kind == "optim":
+            name, _, slot = rest.rpartition("/")
+            if name not in self.optim_state or slot not in self.optim_state[name]:
+                raise InputError(f"unknown optimizer state {key!r}")
+            target = self.optim_state[name][slot]
+        else:
+            raise InputError(f"unknown state key {key!r}")
+        if target.shape != tensor.shape or target.dtype != tensor.dtype:
+            raise InputError(f"{key}: committed {tensor.dtype}{list(tensor.shape)}, model has {target.dtype}{list(target.shape)}")
+        target.copy_(tensor)
+
+    def _state_target(self, name: str) -> torch.Tensor:
+        for lay in self.layout:
+            for n, p in lay.params:
+                if n == name:
+                    return p.data
+            for n, b in lay.buffers:
+                if n == name:
+                    return b
+        raise InputError(f"unknown state tensor {name!r}")
+
+    # --- one micro-batch through one block -----------------------------------------------------
+    def context(self, batch: Batch) -> Context:
+        with torch.no_grad():
+            return self.adapter.context(batch)
+
+    def forward(self, block: int, x_in: torch.Tensor | None, context: Context, step: int, micro: int):
+        """Run layer block `block`; returns (output, aliases used for foreign parameters)."""
+        lay = self.layout[block]
+        aliases = {name: p.detach().requires_grad_(p.requires_grad) for name, p, _ in lay.foreign}
+        torch.manual_seed(rng_seed(self.algorithm, self.settings.seed, step, micro, block))
+        h = x_in
+        for s in self.blocks.stages(block):
+            module = self.adapter.stages[s].module
+            local = lay.aliases.get(s)
+            if local:
+                h = functional_call(module, {ln: aliases[n] for ln, n in local.items()}, (h, context))
+            else:
+                h = module(h, context)
+        return h, aliases
+
+    def backward(self, block: int, output: torch.Tensor, grad_output: torch.Tensor, x_in: torch.Tensor | None,
+                 aliases: dict[str, torch.Tensor]) -> MicroResult:
+        lay = self.layout[block]
+        owned_shared = [(n, p) for n, p in lay.params if p.requires_grad and self._is_shared(n)]
+        parts: dict[str, torch.Tensor] = {}
+        handles = [p.register_hook(self._capture(parts, n)) for n, p in owned_shared]
+        try:
+            torch.autograd.backward(output, grad_tensors=grad_output)
+        finally:
+            for h in handles:
+                h.remove()
+        for n, _ in owned_shared:
+            parts.setdefault(n, torch.zeros_like(dict(lay.params)[n]))
+        alias_parts = {}
+        for name, a in aliases.items():
+            if a.requires_grad:
+                alias_parts[name] = a.grad if a.grad is not None else torch.zeros_like(a)
+        return MicroResult(output.detach(), None if x_in is None else x_in.grad, parts, alias_parts)
+
+    @staticmethod
+    def _capture(parts: dict[str, torch.Tensor], name: str):
+        def hook(grad):
+            parts[name] = grad.detach().clone()
+
+        return hook
+
+    def _is_shared(self, name: str) -> bool:
+        return any(n == name for lay in self.layout for n, _, _ in lay.foreign)
+
+    def loss_gradient(self, loss: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(loss, 1.0 / self.settings.grad_accum)
+
+    @torch.no_grad()
+    def add_gradient(self, param: torch.Tensor, part: torch.Tensor) -> None:
+        """Accumulate one gradient part into `param.grad` (the order is fixed by the caller)."""
+        if param.grad is None:
+            param.grad = part.clone()
+        else:
+            param.grad.add_(part)
+
+    # --- one optimizer step of the whole model (the provider's side) ------------------------
+    def train_step(self, step: int, batches: list[Batch], fields: tuple[str, ...], record=None,
+                   before_update=None, after_update=None) -> float:
+        """Run optimizer step `step` over its micro-batches, block by block. `record(key, name,
+        tensor)` receives every cross-block tensor under its manifest key (SPEC.md 3.3): the batch,
+        boundary activations and gradients, tied-weight gradient parts, losses and gradient norms.
+        Returns the mean loss."""
+        record = record or (lambda key, name, tensor: None)
+        nb = len(self.blocks)
+        losses = []
+        for m, batch in enumerate(batches):
+            for field_name in fields:
+                record(common_key(step, m, "batch", field_name), field_name, batch[field_name])
+            ctx = self.context(batch)
+            inputs, outputs, aliases = [], [], []
+            for b in range(nb):
+                x_in = None if b == 0 else outputs[-1].detach().requires_grad_(True)
+                out, alias = self.forward(b, x_in, ctx, step, m)
+                inputs.append(x_in)
+                outputs.append(out)
+                aliases.append(alias)
+            loss = outputs[-1]
+            grad_out = self.loss_gradient(loss)
+            alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+            for b in reversed(range(nb)):
+                r = self.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
+                if b > 0:
+                    record(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
+                    record(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
+                    grad_out = r.input_grad
+                for name, part in {**r.owner_parts, **r.alias_parts}.items():
+                    record(common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
+                for name, part in r.alias_parts.items():
+                    alias_parts.setdefault(name, []).append((b, part))
+            for name, parts in alias_parts.items():  # the fixed order: owner's part (autograd), then by block
+                param = dict(self.layout[self.owner[name]].params)[name]
+                for _, part in sorted(parts, key=lambda x: x[0]):
+                    self.add_gradient(param, part)
+            record(common_key(step, m, "loss"), "loss", loss.detach().float())
+            losses.append(float(loss.detach()))
+        norms = [self.grad_norms(b) for b in range(nb)]
+        for b in range(nb):
+            record(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
+        coef = self.clip(norms)
+        if before_update:
+            before_update(step, self)
+        for b in range(nb):
+            self.update(b, step, coef)
+        if after_update:
+            after_update(step, self)
+        return sum(losses) / len(losses)
+
+    # --- optimizer ---------------------------------------------------------------------------
+    def grad_norms(self, block: int) -> torch.Tensor:
+        grads = []
+        for name, p in self.layout[block].trainable:
+            grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        return tensor_norms(grads)
+
+    def clip(self, all_norms: list[torch.Tensor]) -> float | None:
+        return clip_coefficient(self.optimizer.max_grad_norm, all_norms)
+
+    @torch.no_grad()
+    def update(self, block: int, step: int, coef: float | None, include_foreign: bool = False) -> None:
+        """Clip and apply the optimizer to the block's trainable tensors, then clear gradients."""
+        targets = list(self.layout[block].trainable)
+        if include_foreign:
+            targets += [(n, p) for n, p, _ in self.layout[block].foreign if p.requires_grad]
+        for name, p in targets:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if coef is not None:
+                g = g.mul(coef)
+            apply_update(self.optimizer, p.data, g, self.optim_state[name], step)
+            p.grad = None

@@ -1,0 +1,177 @@
+"""A run directory: the files a provider writes and a verifier reads (SPEC.md 3.1).
+
+    RUN/config.json         the run config (its digest opens the chain)
+    RUN/transcript.jsonl    signed step-block roots and the run root
+    RUN/manifests/NNNNNN.json   one per step block, plus the final state
+    RUN/objects/            content-addressed tensors (zstd safetensors)
+    RUN/base_model.json     per-tensor digests of the base weights
+    RUN/tokenizer/          tokenizer files (text models)
+    RUN/data/               a copy of the dataset
+    RUN/model/              the fine-tuned model, Hugging Face format
+    RUN/provider.key(.pub)  the provider's signing key, when none was given
+
+`RunRecord.open` loads and checks the config against the transcript; every later read goes
+through it, so no file is used before its digest was checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import jsonio
+from .settings import RUN_FORMAT, TrainSettings
+from ..core.encoding import TAG_RUN_CONFIG, hash_message, parse_hex_digest
+from ..errors import CommitmentMismatch, InputError, RecordError
+from .manifest import StepBlockManifest
+from ..core.merkle import files_root
+from ..core.signing import PublicKey
+from ..core.store import ObjectStore
+from .transcript import Transcript
+
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def config_digest(algorithm: str, data: bytes) -> bytes:
+    return hash_message(algorithm, TAG_RUN_CONFIG, data)
+
+
+@dataclass
+class RunRecord:
+    root: Path
+    config: dict[str, Any]
+    settings: TrainSettings
+    transcript: Transcript
+    store: ObjectStore
+
+    @classmethod
+    def open(cls, run_dir: str | Path, public_key: PublicKey, transcript_path: str | Path | None = None) -> "RunRecord":
+        """Open a run. `transcript_path` is the client's own copy of the transcript, received
+        while training ran; without it the run directory's copy is used."""
+        root = Path(run_dir)
+        if not root.is_dir():
+            raise InputError(f"run directory {root} does not exist")
+        transcript = Transcript.load(Path(transcript_path or root / "transcript.jsonl"), public_key)
+        path = root / "config.json"
+        if not path.is_file():
+            raise RecordError(f"{path} is missing")
+        data = jsonio.read_capped(path, MAX_CONFIG_BYTES)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        if config_digest(transcript.algorithm, data) != transcript.config_digest:
+            raise CommitmentMismatch(f"{path} does not match the config digest signed in the transcript: it was edited")
+        try:
+            config = jsonio.loads(data)
+        except ValueError:
+            raise RecordError(f"{path} is not valid JSON") from None
+        if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+            raise RecordError(f"{path} is not an {RUN_FORMAT} document")
+        settings = TrainSettings.from_json(config.get("settings"))
+        if transcript.run is not None and len(transcript.step_blocks) != settings.num_step_blocks + 1:
+            raise CommitmentMismatch(f"the transcript closes the run after {len(transcript.step_blocks)} step blocks; "
+                                     f"the config needs {settings.num_step_blocks} plus the final state")
+        if settings.hash_algorithm != transcript.algorithm:
+            raise RecordError("config and transcript name different hash algorithms")
+        return cls(root, config, settings, transcript, ObjectStore(root / "objects", transcript.algorithm))
+
+    @property
+    def algorithm(self) -> str:
+        return self.transcript.algorithm
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.config["layout"]["layer_blocks"])
+
+    @property
+    def num_step_blocks(self) -> int:
+        return self.settings.num_step_blocks
+
+    def manifest(self, step_block: int) -> StepBlockManifest:
+        """The manifest of `step_block` (num_step_blocks is the final state), checked against the
+        signed transcript entry."""
+        entries = self.transcript.step_blocks
+        if step_block >= len(entries):
+            raise RecordError(f"step block {step_block} has no signed root in the transcript "
+                              f"({len(entries)} signed): the run is incomplete")
+        m = StepBlockManifest.read(self.root / "manifests" / f"{step_block:06d}.json", self.num_blocks)
+        e = entries[step_block]
+        if m.step_block != step_block or (m.first_step, m.num_steps) != (e.first_step, e.num_steps):
+            raise CommitmentMismatch(f"manifest {step_block:06d}.json describes other steps than its signed entry")
+        if m.merkle_root(self.algorithm) != e.merkle_root:
+            raise CommitmentMismatch(f"manifest {step_block:06d}.json does not match the root signed for step block "
+                              f"{step_block}: the manifest was altered after signing")
+        return m
+
+    def section(self, name: str) -> dict[str, Any]:
+        v = self.config.get(name)
+        if not isinstance(v, dict):
+            raise RecordError(f"run config: '{name}' is missing or malformed")
+        return v
+
+    @property
+    def num_examples(self) -> int:
+        n = self.section("data").get("num_examples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RecordError("run config: data.num_examples must be a positive integer")
+        return n
+
+    def dataset(self):
+        """The agreed dataset, from the run directory's copy, checked against the dataset root."""
+        from ..data.datasets import load_dataset
+
+        data = self.section("data")
+        rel = data.get("path")
+        if not isinstance(rel, str) or ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise RecordError("run config: data.path must be a relative path inside the run directory")
+        dataset = load_dataset(self.root / rel, data.get("kind"))
+        if dataset.root(self.algorithm) != parse_hex_digest(data.get("root"), "run config: data.root"):
+            raise CommitmentMismatch(f"the dataset in {self.root / rel} does not match the committed dataset root")
+        if list(dataset.labels) != data.get("labels") or len(dataset.examples) != self.num_examples:
+            raise CommitmentMismatch("the dataset's labels or size differ from the committed ones")
+        return dataset
+
+    def base_digests(self) -> dict[str, bytes]:
+        """Per-tensor digests of the agreed base model (RUN/base_model.json, checked)."""
+        return read_base_digests((self.root / "base_model.json").read_bytes() if (self.root / "base_model.json").is_file()
+                                 else None, self.section("model").get("base_weights"), self.algorithm)
+
+    def tokenizer_dir(self) -> Path | None:
+        tok = self.section("model").get("tokenizer")
+        return None if tok is None else self.checked_files("tokenizer", tok)
+
+    def checked_files(self, subdir: str, expected_root_hex: str) -> Path:
+        """A directory of small files whose root is committed in the config (tokenizer)."""
+        d = self.root / subdir
+        if not d.is_dir():
+            raise RecordError(f"{d} is missing")
+        files = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+        if files_root(self.algorithm, files) != parse_hex_digest(expected_root_hex, f"config: {subdir} digest"):
+            raise CommitmentMismatch(f"{d} does not match the digest committed in the run config")
+        return d
+
+
+def read_base_digests(data: bytes | None, root_hex: Any, algorithm: str) -> dict[str, bytes]:
+    """Parse base_model.json ({name: digest hex}) and check it against the committed root."""
+    from ..core.merkle import merkle_root
+
+    if data is None:
+        raise RecordError("base_model.json is missing")
+    try:
+        obj = jsonio.loads(data)
+    except ValueError:
+        raise RecordError("base_model.json is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise RecordError("base_model.json must map tensor names to digests")
+    try:
+        digests = {str(k): parse_hex_digest(v, f"base_model.json: {k}") for k, v in obj.items()}
+        expected = parse_hex_digest(root_hex, "run config: model.base_weights")
+    except InputError as exc:
+        raise RecordError(str(exc)) from None
+    if merkle_root(algorithm, digests) != expected:
+        raise CommitmentMismatch("base_model.json does not match the base-weights digest committed in the run config")
+    return digests
