@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from aftune.inference.engine import GenerationSettings, InferenceEngine, RecordSettings, ServedModel
+from aftune.inference.engine import InferenceEngine
+from aftune.inference.served import ServedModel
+from aftune.inference.settings import GenerationSettings, RecordingSettings
 from aftune.core.signing import SigningKey
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "aftune" / "builtin" / "model"
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
         model_path = make_model(args.config, Path(tmp) / "model")
         served = ServedModel.load(model_path)
         engine = InferenceEngine(served, Path(tmp) / "records", SigningKey.generate(),
-                                 RecordSettings(args.layers_per_block, args.activation_interval))
+                                 RecordingSettings(args.layers_per_block, args.activation_interval))
         gen = GenerationSettings(max_new_tokens=n)
         tok, model = served.tokenizer, served.model
         params = sum(p.numel() for p in model.parameters())

@@ -73,9 +73,10 @@ from pathlib import Path
 import torch
 
 from aftune import builtin
+from aftune.models import load_tokenizer
 import aftune.training.train as aftune_train
 from aftune.training.settings import LayerBlocks, TrainSettings
-from aftune.data.datasets import OrderCache, build_batch, load_dataset
+from aftune.data import OrderCache, build_batch, load_dataset
 from aftune.training.engine import BlockedModel
 from aftune.training.instantiate import instantiate
 from aftune.models import adapter_class, load_pretrained, read_config
@@ -100,7 +101,7 @@ def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Pat
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir = work / "llama100m"
-    tokenizer = aftune_train.load_tokenizer(builtin.MODEL_DIR)
+    tokenizer = load_tokenizer(builtin.MODEL_DIR)
     tokenizer.model_max_length = max(1024, 4 * seq_len)  # the synthetic texts are longer than seq_len
     cfg = LlamaConfig(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -141,7 +142,7 @@ class Inputs:
 def load_inputs(model_dir: Path, data: Path, settings: TrainSettings) -> Inputs:
     hf_config = read_config(model_dir)
     adapter_cls = adapter_class(hf_config["model_type"])
-    tokenizer = aftune_train.load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     spec = aftune_train.batch_spec(hf_config, settings, adapter_cls.batch_fields, adapter_cls.task)
     return Inputs(model_dir, data, hf_config, load_dataset(data), tokenizer, spec)
 
@@ -188,7 +189,7 @@ class BlockedTrainer:
         s = self.settings
         batches = [build_batch(self.inp.dataset, self.order.indices(step * s.grad_accum + m, s.batch_size),
                                self.inp.spec, self.inp.tokenizer) for m in range(s.grad_accum)]
-        return self.blocked.train_step(step, batches, self.inp.spec.fields)  # no record callback
+        return self.blocked.train_step(step, batches, self.inp.spec.fields)  # nothing committed
 
 
 TRAINERS = {"plain": PlainTrainer, "blocked": BlockedTrainer}

@@ -13,7 +13,7 @@ from aftune.attacks.bench import Bench
 from aftune.attacks.detection import (failing_blocks, first_hitting_nonce, measure_detection, real_audit, run_root,
                                       simulate)
 from aftune.attacks.task import load_classifier
-from aftune.protocol.planner import detection_probability
+from aftune.protocol.probability import detection_probability
 from aftune.core.signing import PublicKey
 from aftune.training.verify import Verifier
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from aftune.protocol.audit import audit_bundle
-from aftune.protocol.bundle import open_bundle
+from aftune.protocol.opening import open_bundle
 from aftune.protocol.challenge import Challenge, challenge_from_transcript, derive_challenge
 from aftune.core.signing import SigningKey
 from aftune.training.transcript import Transcript

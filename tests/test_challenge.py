@@ -133,7 +133,7 @@ TAMPERED = {
     "grid changed": lambda d: d["grid"].update(num_step_blocks=9),
     "unknown field": lambda d: d.update(note="hello"),
     "missing field": lambda d: d.pop("digest"),
-    "wrong format": lambda d: d.update(format="aftune.protocol.challenge.v0"),
+    "wrong format": lambda d: d.update(format="aftune.challenge.v0"),
     "bool as integer": lambda d: d["grid"].update(num_layer_blocks=True),
     "huge grid": lambda d: d["grid"].update(num_step_blocks=10**12),
     "negative block": lambda d: d["blocks"].__setitem__(0, [-1, 0]),

@@ -12,11 +12,16 @@ import pytest
 import torch
 
 from aftune.errors import InputError
-from aftune.inference.engine import (GenerationSettings, InferenceEngine, InferenceRecord, RecordSettings, ServedModel,
-                              ServingDeviation, boundary_key, sample_token, sample_uniform)
+from aftune.attacks import quant_serving
+from aftune.inference.engine import InferenceEngine, ServingDeviation
+from aftune.inference.record import InferenceRecord, boundary_key
+from aftune.inference.sampling import sample_token, sample_uniform
+from aftune.inference.served import ServedModel
+from aftune.inference.settings import GenerationSettings, RecordingSettings
 from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.core.signing import SigningKey
-from aftune.inference.verify import InferenceVerifier, prepare_inference
+from aftune.inference.regenerate import prepare_inference
+from aftune.inference.verify import InferenceVerifier
 
 PROMPT = "Q: what colour is the sky?"
 TEXT = "good fine okay great"
@@ -24,23 +29,9 @@ TEXT = "good fine okay great"
 
 # --- helpers shared by the inference tests ----------------------------------------------------
 
-class QuantizedServing(ServingDeviation):
-    """Qu-ANTI-zation threat B: serve symmetric per-tensor fake-quantized weights of every
-    Linear / Conv1D / Conv2d layer (scale = (2^(b-1)-1) / max|w|, round to nearest) while the
-    record claims the float model's digest."""
-
-    def __init__(self, bits: int):
-        self.bits = bits
-
-    def weights(self, model):
-        from transformers.pytorch_utils import Conv1D
-
-        qmax = 2 ** (self.bits - 1) - 1
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Conv2d)):
-                w = m.weight.data
-                scale = qmax / w.abs().max().float()
-                m.weight.data.copy_((torch.round(w.float() * scale).clamp(-qmax, qmax) / scale).to(w.dtype))
+# Qu-ANTI-zation threat B, as the attack suite builds it: every Linear / Conv1D / Conv2d weight
+# fake-quantized (symmetric, per tensor) while the record claims the float model's digest.
+QuantizedServing = quant_serving.QuantizedServing
 
 
 def image_file(directory: Path) -> Path:
@@ -61,7 +52,7 @@ def infer(model, record_dir, family=None, *, prompt=PROMPT, gen=GenerationSettin
     """One recorded request; returns (result, engine)."""
     served = ServedModel.load(model, dtype=dtype, attn_implementation=attn)
     engine = InferenceEngine(served, record_dir, key or SigningKey.generate(),
-                             RecordSettings(layers_per_block, activation_interval), deviation=deviation)
+                             RecordingSettings(layers_per_block, activation_interval), deviation=deviation)
     if served.task == "causal_lm":
         result = engine.generate(prompt, gen)
     elif served.family == "bert":
@@ -140,7 +131,7 @@ def test_seeded_sampling_is_reproducible_and_documented(model_dir, tmp_path):
 
 
 def test_records_are_named_by_full_digest_and_never_overwritten(model_dir, tmp_path):
-    from aftune.inference.engine import RecordDir, record_id
+    from aftune.inference.record import RecordDir, record_id
 
     rec = tmp_path / "rec"
     results = [infer(model_dir("llama"), rec)[0] for _ in range(3)]
@@ -344,7 +335,7 @@ def test_spec_vectors():
     import blake3
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from aftune.inference.engine import record_id
+    from aftune.inference.record import record_id
     from aftune.inference.receipt import issue_receipt
 
     def h(alg, data):
@@ -369,9 +360,9 @@ def test_spec_vectors():
     for alg, (d_hex, u, rid, message, signature) in want.items():
         d = h(alg, b"aftune.v1.sample\x00" + struct.pack(">QQ", 7, 3))
         assert d.hex() == d_hex and (int.from_bytes(d[:8], "big") >> 11) / 2**53 == u == sample_uniform(alg, 7, 3)
-        doc = b'{"format":"aftune.inference.engine.v1"}'
+        doc = b'{"format":"aftune.inference.v1"}'
         assert h(alg, b"aftune.v1.inference-record\x00" + doc).hex() == rid == record_id(alg, doc).hex()
-        m = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.inference.receipt.v1") + lp(alg.encode()) + bytes([0x11]) * 32
+        m = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v1") + lp(alg.encode()) + bytes([0x11]) * 32
               + bytes([0x22]) * 32 + bytes([0x33]) * 32 + bytes([0x44]) * 32 + lp(time.encode()) + key.public_key.raw)
         assert m.hex() == message
         sig = private.sign(b"aftune.v1.signature\x00" + lp(b"inference-receipt") + m)

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from aftune.protocol.challenge import challenge_for_inference
-from aftune.protocol.inference_audit import audit_inference_bundle, open_inference_bundle
+from aftune.protocol.audit import audit_inference_bundle
+from aftune.protocol.opening import open_inference_bundle
 from aftune.core.signing import SigningKey
 from test_inference import PROMPT, infer
 from test_inference_tampering import PerturbBoundary

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from aftune.errors import CommitmentMismatch
-from aftune.inference.engine import (GenerationSettings, InferenceRecord, ServingDeviation, boundary_key, greedy_token)
+from aftune.inference.engine import ServingDeviation
+from aftune.inference.record import InferenceRecord, boundary_key
+from aftune.inference.sampling import greedy_token
+from aftune.inference.settings import GenerationSettings
 from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.core.signing import SigningKey
 from test_inference import PROMPT, QuantizedServing, cli, failing, infer, verify
@@ -170,7 +173,7 @@ def test_edited_record_file_fails(model_dir, tmp_path):
 
 def test_rehashed_record_without_a_receipt_fails(model_dir, tmp_path):
     from aftune.core.encoding import canonical_json
-    from aftune.inference.engine import record_id
+    from aftune.inference.record import record_id
 
     key = SigningKey.generate()
     result, _ = infer(model_dir("llama"), tmp_path / "rec", key=key)
@@ -220,7 +223,7 @@ def test_receipt_from_another_key_or_for_another_record_fails(model_dir, tmp_pat
 
 def test_receipt_malformed_is_bad_input(tmp_path):
     p = tmp_path / "r.json"
-    for text in ("{", "[]", json.dumps({"format": "aftune.inference.receipt.v1"}), json.dumps({"x": 1})):
+    for text in ("{", "[]", json.dumps({"format": "aftune.receipt.v1"}), json.dumps({"x": 1})):
         p.write_text(text)
         r = cli("verify-receipt", p, "--public-key", "ed25519:" + "00" * 32)
         assert r.exit_code == 2, (text, r.output)

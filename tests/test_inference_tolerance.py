@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from aftune.errors import InputError
-from aftune.inference.engine import GenerationSettings, sample_token
-from aftune.inference.verify import DEFAULT_TOLERANCE, InferenceTolerance, InferenceVerifier, sampled_token_possible
+from aftune.inference.sampling import sample_token
+from aftune.inference.settings import GenerationSettings
+from aftune.inference.sampling import sampled_token_possible
+from aftune.inference.verify import InferenceVerifier
+from aftune.verdict.policy import INFERENCE_DEFAULTS, Tolerance
 from test_inference import QuantizedServing, failing, infer, verify
 
 FAMILIES = ["llama", "gpt2", "bert", "vit", "resnet"]
@@ -39,7 +42,7 @@ def test_higher_precision_replay_of_honest_records_passes(model_dir, tmp_path):
                 assert report.verdict == "PASS", (dtype, family, report.summary())
                 worst = [max(a, b) for a, b in zip(worst, errors(report))]
         seen[dtype] = worst
-        limits = DEFAULT_TOLERANCE[dtype]
+        limits = INFERENCE_DEFAULTS[dtype]
         print(f"\n{dtype} records replayed in {replay}: largest honest error rel L2 {worst[0]:.3g} "
               f"(threshold {limits[0]:.3g}, {limits[0] / worst[0]:.1f}x), element {worst[1]:.3g} x rms "
               f"(threshold {limits[1]:.3g}, {limits[1] / worst[1]:.1f}x), token logit tolerance needed "
@@ -53,7 +56,7 @@ def test_quantized_serving_of_the_float_model_fails_tolerance(model_dir, tmp_pat
     """The client paid for the float32 model; the provider serves int8 / int4 fake-quantized
     weights and claims the float model. A float64 replay with float32 thresholds fails it at
     block 0, by orders of magnitude; the honest bfloat16 noise (previous test) sits far below."""
-    t32 = InferenceTolerance.for_dtype("float32")
+    t32 = Tolerance.for_dtype("float32")
     for bits in (8, 4):
         rec = tmp_path / f"q{bits}"
         result, _ = infer(model_dir(family), rec, gen=GREEDY, deviation=QuantizedServing(bits))
@@ -75,7 +78,7 @@ def test_int4_serving_of_a_bfloat16_model_fails_tolerance(model_dir, tmp_path, f
     result, _ = infer(model_dir(family), tmp_path / "rec", gen=GREEDY, dtype="bfloat16", deviation=QuantizedServing(4))
     _, report = verify(tmp_path / "rec", result, model=model_dir(family), mode="tolerance", replay_dtype="float32")
     assert report.verdict == "FAIL", report.summary()
-    tb = InferenceTolerance.for_dtype("bfloat16")
+    tb = Tolerance.for_dtype("bfloat16")
     worst = max(r.max_error for r in report.results)
     print(f"\n{family} int4 served as bfloat16: largest block relative error {worst:.3g} = {worst / tb.rel_l2:.1f}x "
           f"the bfloat16 threshold {tb.rel_l2:g}")
@@ -102,7 +105,7 @@ def test_strict_mode_rejects_another_dtype_and_bad_tolerances(model_dir, tmp_pat
     with pytest.raises(InputError, match="--mode tolerance"):
         InferenceVerifier(tmp_path / "rec", replay_dtype="float64")
     with pytest.raises(InputError, match="invalid tolerance"):
-        InferenceVerifier(tmp_path / "rec", mode="tolerance", tolerance=InferenceTolerance(-1, 1, 1))
+        InferenceVerifier(tmp_path / "rec", mode="tolerance", tolerance=Tolerance(-1, 1, logit=1))
     with pytest.raises(InputError, match="--dtype must be one of"):
         InferenceVerifier(tmp_path / "rec", mode="tolerance", replay_dtype="int8")
 
@@ -128,4 +131,4 @@ def test_tolerance_token_check_never_rejects_a_token_within_its_bound():
             assert sampled_token_possible(z, token, temperature, top_p, u, eps), (trial, token)
     z = torch.tensor([0.0, 5.0, 1.0])
     assert not sampled_token_possible(z, 0, 1.0, 1.0, 0.5, 1e-3)  # far from the draw: rejected
-    assert math.isfinite(DEFAULT_TOLERANCE["bfloat16"][2])
+    assert math.isfinite(INFERENCE_DEFAULTS["bfloat16"][2])

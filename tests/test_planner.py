@@ -15,18 +15,9 @@ import pytest
 
 from aftune.protocol.challenge import derive_challenge
 from aftune.errors import InputError
-from aftune.protocol.planner import (
-    Threat,
-    assess_challenge,
-    detection_probability,
-    hypergeometric_miss,
-    hypergeometric_miss_exact,
-    placement_detection,
-    plan,
-    threat_detection,
-    threat_model,
-    weighted_miss,
-)
+from aftune.protocol.planner import Threat, assess_challenge, plan, threat_detection, threat_model
+from aftune.protocol.probability import (detection_probability, hypergeometric_miss, hypergeometric_miss_exact,
+                                         placement_detection, weighted_miss)
 
 # ---------------------------------------------------------------------------------------------
 # Brute force (exact fractions, tiny grids).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aftune.protocol.audit import audit_bundle
-from aftune.protocol.bundle import open_bundle
+from aftune.protocol.opening import open_bundle
 from aftune.protocol.challenge import challenge_from_transcript
 from test_tampering import FlipExponentBit
 

@@ -54,3 +54,13 @@ def test_readme_demo_and_two_party_flow_run_and_pass(tmp_path):
     out = run_commands(readme_commands("two-party"), tmp_path)
     assert "PASS: 4/4 blocks pass" in out  # 10% of 32 blocks, rounded up
     assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    text = README.read_text()
+    block = re.search(r"<!-- readme-test: python-api -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its python-api block"
+    done = subprocess.run([sys.executable, "-c", block.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS: 8/8 blocks pass (strict mode)" in done.stdout

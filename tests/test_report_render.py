@@ -43,7 +43,7 @@ def audit():
         expected[(l, s)] = FAIL if bad else PASS
     report = {"verdict": "FAIL", "mode": "strict", "run_dir": "bundle/<iframe src=http://evil>", "errors": [],
               "blocks": blocks}
-    config = {"format": "aftune.training.run.v1", "settings": {"steps": 16, "steps_per_block": 2, "lr": 0.001,
+    config = {"format": "aftune.run.v1", "settings": {"steps": 16, "steps_per_block": 2, "lr": 0.001,
                                                       "optimizer": "adamw", "seed": 0},
               "model": {"config": {"model_type": "llama</td><script>", "architectures": ["LlamaForCausalLM"]},
                         "base_weights": "ab" * 32},

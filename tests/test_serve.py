@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from aftune.inference.engine import InferenceEngine, RecordSettings, ServedModel
+from aftune.inference.engine import InferenceEngine
+from aftune.inference.served import ServedModel
+from aftune.inference.settings import RecordingSettings
 from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.core.signing import SigningKey
 from aftune.inference.verify import InferenceVerifier
@@ -61,7 +63,7 @@ def served_run(tmp_path_factory, model_dir, datasets):
     train(model_dir("llama"), datasets["text"], run, TrainSettings(steps=2, batch_size=4, seq_len=32,
                                                                    layers_per_block=2, steps_per_block=2))
     key = SigningKey.load(run / "provider.key")
-    engine = InferenceEngine(ServedModel.load(run), root / "records", key, RecordSettings(layers_per_block=1))
+    engine = InferenceEngine(ServedModel.load(run), root / "records", key, RecordingSettings(layers_per_block=1))
     with Server(create_app(engine, max_new_tokens_limit=64)) as url:
         yield run, key.public_key, url, engine
 

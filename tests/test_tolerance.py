@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from aftune.errors import InputError
 from aftune.training.calibrate import calibrate
 from aftune.training.verify import Verifier
 from conftest import failing
@@ -53,3 +54,45 @@ def test_lora_run_replayed_in_float64_checks_the_seeded_init(record):
     assert report.verdict == "PASS", report.summary()
     v = Verifier(run, key, mode="tolerance", replay_dtype="float64", tolerance=c.suggested)
     assert v._lora_initial() and all(t.dtype == torch.float32 for t in v._lora_initial().values())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0.0, -float("inf")])
+@pytest.mark.parametrize("field", ["rel_l2", "max_elem", "logit"])
+def test_thresholds_must_be_finite_and_positive(field, value):
+    """One Tolerance for training and inference: a threshold that would accept everything (inf,
+    nan) or nothing (zero, negative) is bad input before anything is compared."""
+    from aftune.verdict.policy import Tolerance
+
+    with pytest.raises(InputError, match=f"invalid tolerance: {field} must be a finite positive number"):
+        Tolerance(**{field: value})
+    with pytest.raises(InputError, match="activation.rel_l2 must be a finite positive number"):
+        Tolerance(per_kind=(("activation", value, 1e-2),))
+    assert Tolerance(**{field: 0.5}).to_json()[field] == 0.5  # honest values still build
+
+
+@pytest.mark.parametrize("option", [("--rel-l2", "nan"), ("--rel-l2", "inf"), ("--max-elem", "-1"),
+                                    ("--rel-l2", "0")])
+def test_verify_cli_rejects_bad_thresholds_with_exit_2(record, option):
+    from conftest import invoke
+
+    run, key = record("llama", steps=2)
+    r = invoke("verify", run, "--public-key", key.text, "--all", "--mode", "tolerance", *option)
+    assert r.exit_code == 2, r.output
+    assert "must be a finite positive number" in r.output
+    # and thresholds given in strict mode are refused rather than ignored
+    r = invoke("verify", run, "--public-key", key.text, "--all", "--rel-l2", "1e-3")
+    assert r.exit_code == 2 and "apply to --mode tolerance" in r.output
+
+
+def test_verify_inference_cli_rejects_bad_thresholds_with_exit_2(model_dir, tmp_path):
+    from conftest import invoke
+    from test_inference import infer
+
+    infer(model_dir("llama"), tmp_path / "rec")
+    for option in (("--logit-tol", "inf"), ("--rel-l2", "nan"), ("--max-elem", "-0.5"), ("--logit-tol", "0")):
+        r = invoke("verify-inference", tmp_path / "rec", "--all", "--model", model_dir("llama"),
+                   "--mode", "tolerance", *option)
+        assert r.exit_code == 2, r.output
+        assert "must be a finite positive number" in r.output
+    r = invoke("verify-inference", tmp_path / "rec", "--all", "--model", model_dir("llama"), "--mode", "tolerance")
+    assert r.exit_code == 0, r.output  # the defaults of the record's dtype

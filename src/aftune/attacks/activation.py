@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inference.engine import ServedModel, ServingDeviation
+from ..inference.engine import ServingDeviation
+from ..inference.served import ServedModel
 
 
 def forward_from(served: ServedModel, blocks, block: int, hidden: torch.Tensor, ctx) -> torch.Tensor:

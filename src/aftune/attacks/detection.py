@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol.audit import audit_bundle
-from ..protocol.bundle import open_bundle
+from ..protocol.opening import open_bundle
 from ..protocol.challenge import derive_challenge
-from ..protocol.planner import placement_detection
+from ..protocol.probability import placement_detection
 from ..verdict.findings import Report
 from ..core.signing import PublicKey
 from ..training.transcript import Transcript

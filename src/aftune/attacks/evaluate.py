@@ -113,7 +113,7 @@ def plot_detection(doc: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..protocol.planner import detection_probability
+    from ..protocol.probability import detection_probability
 
     rows = [r for r in doc["rows"] if r["detection"]["tampered_blocks"] > 0]
     panels = [("training runs", [r for r in rows if not r["detection"].get("inference")]),

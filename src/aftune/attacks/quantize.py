@@ -1,8 +1,9 @@
 """Fake quantization shared by the Qu-ANTI-zation attacks (seed 004): symmetric signed per-layer
 weights, scale (2^(b-1) - 1) / max|w|, round to nearest, straight-through gradient.
 
-Only the weights of Linear and Conv2d modules are quantized (the classifier included); biases,
-norms and embeddings stay in float, as in the paper's weight quantizer. Activations are not
+Only the weights of linear layers are quantized: `nn.Linear`, `nn.Conv2d` and GPT-2's `Conv1D`
+(a linear layer with transposed weights), the classifier included; biases, norms and embeddings
+stay in float, as in the paper's weight quantizer. Activations are not
 quantized here (the paper also quantizes them, asymmetric unsigned; weight-only is enough to
 show both attacks and their detection).
 """
@@ -13,13 +14,27 @@ import torch
 from torch import nn
 
 
+def linear_layer_types() -> tuple[type[nn.Module], ...]:
+    """The module types whose weights are quantized: Linear, Conv2d, and transformers' Conv1D."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return nn.Linear, nn.Conv2d
+    return nn.Linear, nn.Conv2d, Conv1D
+
+
 def quantizable_names(model: nn.Module) -> list[str]:
     """Parameter names of the weights a per-layer weight quantizer rounds."""
-    out = []
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            out.append(f"{mod_name}.weight" if mod_name else "weight")
-    return out
+    types = linear_layer_types()
+    return [f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, types)]
+
+
+def round_to_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """`w` rounded to its `bits`-bit symmetric grid: round(w * scale) / scale, scale =
+    (2^(bits-1) - 1) / max|w| (what a quantized deployment computes with)."""
+    levels = 2 ** (bits - 1) - 1
+    scale = levels / w.abs().max().clamp_min(1e-12)
+    return torch.clamp(torch.round(w * scale), -levels, levels) / scale
 
 
 def fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -35,10 +50,12 @@ def fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_model_(model: nn.Module, bits: int) -> nn.Module:
-    """Round the model's quantizable weights in place (what a quantized deployment computes with)."""
+    """Round the model's quantizable weights in place (what a quantized deployment computes with),
+    in float32 whatever the model's dtype, then back to it."""
     params = dict(model.named_parameters())
     for name in quantizable_names(model):
-        params[name].copy_(fake_quant(params[name], bits))
+        w = params[name]
+        w.copy_(round_to_grid(w.float(), bits).to(w.dtype))
     return model
 
 

@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 from ..protocol.challenge import derive_challenge
-from ..inference.engine import InferenceEngine, RecordSettings, ServedModel
-from ..protocol.planner import placement_detection
+from ..inference.engine import InferenceEngine
+from ..inference.served import ServedModel
+from ..inference.settings import RecordingSettings
+from ..protocol.probability import placement_detection
 from ..errors import InputError
 from ..core.signing import SigningKey
-from ..inference.verify import InferenceTolerance, InferenceVerifier
+from ..inference.verify import InferenceVerifier
+from ..verdict.policy import Tolerance
 from .detection import SAMPLE_RATES, nonce_for
 from .task import accuracy, load_classifier
 
@@ -77,7 +80,7 @@ class ServingBench:
         self.bench = bench
         self.run_dir = run_dir or bench.honest().run_dir
         self.key = SigningKey.load(self.run_dir / "provider.key")  # the provider trains and serves
-        self.settings = RecordSettings(layers_per_block=layers_per_block)
+        self.settings = RecordingSettings(layers_per_block=layers_per_block)
         self.root = bench.work / "serving"
         self.images = self.root / "images"
         self.images.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,7 @@ def quant_serving(bench, bits: int = 4, requests: int = 8, model: str = "honest"
         if expected is None:
             expected = _quantized_blocks_expected(sb, rec_dir, result)
     tol = sb.verify(rec_dir, result, mode="tolerance", replay_dtype="float64")
-    threshold = InferenceTolerance.for_dtype("float32").rel_l2
+    threshold = Tolerance.for_dtype("float32").rel_l2
     first = next((r for r in tol.results if r.verdict == "FAIL"), None)
     attack_error = first.findings[0].error if first and first.findings and first.findings[0].error else 0.0
     honest = sb.honest_error()
@@ -184,7 +187,7 @@ def quant_serving(bench, bits: int = 4, requests: int = 8, model: str = "honest"
 def _quantized_blocks_expected(sb: ServingBench, rec_dir: Path, result) -> list[int]:
     """Every layer block but the last computes other activations; the last (the head) is caught
     only if the float head, fed the committed input, answers differently from the served label."""
-    from ..inference.engine import InferenceRecord, boundary_key
+    from ..inference.record import InferenceRecord, boundary_key
 
     served = sb.served()
     blocks = served.blocks(sb.settings.layers_per_block)
@@ -220,7 +223,7 @@ def activation(bench, boundary: int = 2, requests: int = 4, rounds: int = 10) ->
         tol_reports.append(sb.verify(rec_dir, result, mode="tolerance", replay_dtype="float64"))
     if not attacks:
         raise InputError("PGD changed no answer within a perturbation of relative size 2: attack another boundary")
-    threshold = InferenceTolerance.for_dtype("float32").rel_l2
+    threshold = Tolerance.for_dtype("float32").rel_l2
     smallest = min(attacks, key=lambda a: a.eps)
     # the error the verifier measured on the record served with the smallest perturbation
     k = attacks.index(smallest)
@@ -287,7 +290,7 @@ def parameter(bench, layer: str = "vit.layers.2", target: int = 0, rounds: int =
         s.update(e.to_json(), goal_met=goal_met)
         records.append(s)
         tol_reports.append(sb.verify(rec_dir, result, mode="tolerance", replay_dtype="float64"))
-    threshold = InferenceTolerance.for_dtype("float32").rel_l2
+    threshold = Tolerance.for_dtype("float32").rel_l2
     smallest = min(range(len(edits)), key=lambda k: edits[k].rel_l2)
     observed = max((f.error or 0.0) for r in tol_reports[smallest].results for f in r.findings)
     honest = sb.honest_error()

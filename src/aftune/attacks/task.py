@@ -203,7 +203,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def _image_folder_order(root: Path) -> list[tuple[int, int]]:
     """(class, index within class) in aftune's dataset order (data._load_image_folder)."""
-    from ..data.datasets import load_dataset
+    from ..data import load_dataset
 
     ds = load_dataset(root)
     out = []

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -49,23 +47,27 @@ def _distinct_checks(findings, limit: int = 6):
     return out[:limit]
 
 
-def tolerance_from_options(tolerance_file=None, rel_l2=None, max_elem=None):
-    """Thresholds from `aftune calibrate --out FILE`, optionally overridden by --rel-l2/--max-elem."""
+def tolerance_from_options(mode: str, base=None, tolerance_file=None, rel_l2=None, max_elem=None, logit=None):
+    """The thresholds of tolerance mode: `base` (the defaults), or those of `aftune calibrate
+    --out FILE`, overridden by --rel-l2/--max-elem/--logit-tol. Every threshold must be finite
+    and positive (InputError, exit 2); in strict mode none may be given."""
     from dataclasses import replace
 
     from ..core import jsonio
     from ..errors import InputError
-    from ..training.verify import Tolerance
+    from ..verdict.policy import Tolerance
 
-    tol = Tolerance()
+    given = (tolerance_file, rel_l2, max_elem, logit) != (None, None, None, None)
+    if mode != "tolerance" and given:
+        raise InputError("--tolerance, --rel-l2, --max-elem and --logit-tol apply to --mode tolerance")
+    tol = base if base is not None else Tolerance()
     if tolerance_file is not None:
-        try:
-            tol = Tolerance.from_json(jsonio.loads(Path(tolerance_file).read_bytes()))
-        except ValueError as exc:
-            raise InputError(f"{tolerance_file}: {exc}") from None
+        tol = Tolerance.from_json(jsonio.read_json(tolerance_file, 1 << 20, "tolerance file", InputError))
     if rel_l2 is not None or max_elem is not None:
         tol = replace(tol, rel_l2=rel_l2 if rel_l2 is not None else tol.rel_l2,
                       max_elem=max_elem if max_elem is not None else tol.max_elem, per_kind=())
+    if logit is not None:
+        tol = replace(tol, logit=logit)
     return tol
 
 

@@ -26,13 +26,13 @@ def open_(
     model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model (default: the record's)."),
 ):
     """Open the challenged blocks: a bundle with exactly what their replay needs, and proofs."""
-    from ..protocol.bundle import open_bundle
+    from ..protocol.opening import open_bundle
     from ..protocol.challenge import Challenge
 
     try:
         c = Challenge.load(challenge)
         if c.kind == "inference":
-            from ..protocol.inference_audit import open_inference_bundle
+            from ..protocol.opening import open_inference_bundle
 
             summary = open_inference_bundle(run_dir, c, out_dir, model=model)
             out.print(f"bundle written to {out_dir}: {summary['blocks']} layer blocks, {summary['tensors']} tensors")
@@ -61,13 +61,9 @@ def _check_run_root(challenge, transcript_path: Path, public_key, config_path: P
     if challenge.num_step_blocks != len(t.step_blocks) - 1:
         raise CommitmentMismatch("the challenge's grid does not match the transcript's step blocks")
     if config_path is not None and config_path.is_file():
-        from ..core import jsonio
-        from ..training.run import config_digest
+        from ..training.run import signed_run_config
 
-        data = config_path.read_bytes()
-        if config_digest(t.algorithm, data) != t.config_digest:
-            raise CommitmentMismatch(f"{config_path} is not the run config the transcript signs")
-        layer_blocks = jsonio.loads(data).get("layout", {}).get("layer_blocks")
+        layer_blocks = (signed_run_config(config_path, t).get("layout") or {}).get("layer_blocks")
         if not isinstance(layer_blocks, list) or len(layer_blocks) != challenge.num_layer_blocks:
             raise CommitmentMismatch("the challenge's grid does not match the run's layer blocks")
 
@@ -109,7 +105,7 @@ def audit(
             if c.kind == "inference":
                 if model is None:
                     raise InputError("auditing an inference record needs --model (your copy of the model or run)")
-                from ..protocol.inference_audit import audit_inference_bundle
+                from ..protocol.audit import audit_inference_bundle
 
                 report = audit_inference_bundle(target, c, key, model, mode=mode, replay_dtype=dtype,
                                                 expected_prompt=prompt)
@@ -123,7 +119,7 @@ def audit(
                                           config_path=target / "config.json")
             scratch = tempfile.TemporaryDirectory(prefix="aftune-bundle-")
             bundle = Path(scratch.name) / "bundle"
-            from ..protocol.bundle import open_bundle
+            from ..protocol.opening import open_bundle
 
             open_bundle(target, list(c.blocks), c.digest_bytes, bundle)
         else:
@@ -132,7 +128,7 @@ def audit(
         with _progress() as bar:
             task = bar.add_task("auditing", total=len(c.blocks), note="")
             report = audit_bundle(bundle, transcript_path, key, list(c.blocks), c.digest_bytes, mode=mode,
-                                  tolerance=tolerance_from_options(tolerance_file), replay_dtype=dtype, workers=workers, ray_address=ray,
+                                  tolerance=tolerance_from_options(mode, None, tolerance_file), replay_dtype=dtype, workers=workers, ray_address=ray,
                                   on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
     except CommitmentMismatch as exc:
         out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -155,8 +151,9 @@ def _write_reports(document, challenge, json_path, html_path, png_path, bundle: 
     config = None
     if (bundle / "config.json").is_file():
         from ..core import jsonio
+        from ..training.run import MAX_CONFIG_BYTES
 
-        config = jsonio.loads((bundle / "config.json").read_bytes())
+        config = jsonio.read_json(bundle / "config.json", MAX_CONFIG_BYTES, "run config")
     threats = _threats(challenge)
     if html_path:
         from ..reporting.html import render_html

@@ -15,31 +15,11 @@ from typing import Optional
 
 import typer
 
-from .app import _fail, _progress, app, err, escape, fail_on_mismatch, finish_report, out
+from .app import _fail, _progress, app, err, escape, fail_on_mismatch, finish_report, out, tolerance_from_options
 from ..errors import AftuneError, CommitmentMismatch
 
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
 _RECORD_HELP = "Record id (its full digest, or a unique prefix); optional when the directory holds one record."
-
-
-def provider_key(key: Optional[Path], model_path: Path, record_dir: Path):
-    """The signing key: --key, else the run's own provider key, else RECORD_DIR/provider.key
-    (created once; hand out only the .pub)."""
-    from ..inference.engine import is_run_dir
-    from ..core.signing import SigningKey
-
-    if key is not None:
-        return SigningKey.load(key), Path(str(key) + ".pub")
-    run = model_path if is_run_dir(model_path) else (
-        model_path.parent if model_path.name == "model" and is_run_dir(model_path.parent) else None)
-    if run is not None and (run / "provider.key").is_file():
-        return SigningKey.load(run / "provider.key"), run / "provider.key.pub"
-    path = record_dir / "provider.key"
-    if path.is_file():
-        return SigningKey.load(path), record_dir / "provider.key.pub"
-    record_dir.mkdir(parents=True, exist_ok=True)
-    k = SigningKey.generate()
-    return k, k.save(path)
 
 
 @app.command()
@@ -61,14 +41,17 @@ def infer(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result."),
 ):
     """Run one recorded inference: tokens or label, a record named by its digest, a signed receipt."""
-    from ..inference.engine import GenerationSettings, InferenceEngine, RecordSettings, ServedModel
+    from ..inference.engine import InferenceEngine
+    from ..inference.keys import provider_key
+    from ..inference.served import ServedModel
+    from ..inference.settings import GenerationSettings, RecordingSettings
 
     try:
         given = [x for x in (prompt, text, image) if x is not None]
         if len(given) != 1:
             raise AftuneError("give exactly one input: --prompt (causal LM), --text (BERT) or --image (vision)")
         gen = GenerationSettings(max_new_tokens, temperature, top_p, seed).validate()
-        settings = RecordSettings(layers_per_block, activation_interval).validate()
+        settings = RecordingSettings(layers_per_block, activation_interval).validate()
         signing_key, pub = provider_key(key, model, record_dir)
         served = ServedModel.load(model, dtype=dtype, hash_algorithm=hash_algorithm)
         engine = InferenceEngine(served, record_dir, signing_key, settings)
@@ -99,12 +82,6 @@ def infer(
     out.print(f"provider public key: {pub} ({signing_key.public_key.text})", highlight=False, soft_wrap=True)
 
 
-def _tolerance(mode, rel_l2, max_elem, logit_tol):
-    if mode != "tolerance" and (rel_l2, max_elem, logit_tol) != (None, None, None):
-        raise AftuneError("--rel-l2, --max-elem and --logit-tol apply to --mode tolerance")
-    return rel_l2, max_elem, logit_tol
-
-
 @app.command("verify-inference")
 def verify_inference(
     record_dir: Path = typer.Argument(..., help="The record directory."),
@@ -127,23 +104,20 @@ def verify_inference(
 ):
     """Replay layer blocks of an inference record and check every token. Exit 0 PASS, 1 FAIL, 2 bad input."""
     from ..core.signing import PublicKey
-    from ..inference.verify import InferenceTolerance, InferenceVerifier
+    from ..inference.record import InferenceRecord
+    from ..inference.verify import InferenceVerifier
+    from ..verdict.policy import Tolerance
 
     try:
         if all_blocks == (layer_block is not None):
             raise AftuneError("give either --all or --layer-block")
         if run is not None and public_key is None:
             raise AftuneError("--run needs --public-key: a run is only evidence under the provider's pinned key")
-        rel_l2, max_elem, logit_tol = _tolerance(mode, rel_l2, max_elem, logit_tol)
         key = PublicKey.load(public_key) if public_key else None
         tol = None
-        if (rel_l2, max_elem, logit_tol) != (None, None, None):
-            from ..inference.engine import InferenceRecord
-
-            base = InferenceTolerance.for_dtype(InferenceRecord.open(record_dir, record).model["dtype"])
-            tol = InferenceTolerance(rel_l2 if rel_l2 is not None else base.rel_l2,
-                                     max_elem if max_elem is not None else base.max_elem,
-                                     logit_tol if logit_tol is not None else base.logit)
+        if mode == "tolerance" or (rel_l2, max_elem, logit_tol) != (None, None, None):
+            base = Tolerance.for_dtype(InferenceRecord.open(record_dir, record).model["dtype"])
+            tol = tolerance_from_options(mode, base, None, rel_l2, max_elem, logit_tol)
         v = InferenceVerifier(record_dir, record, model=model, mode=mode, tolerance=tol, replay_dtype=dtype,
                               public_key=key, run_dir=run, transcript=transcript, expected_prompt=prompt,
                               expected_text=text, expected_image=image)
@@ -173,7 +147,7 @@ def prepare_inference(
     layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="Only what this block needs (default: every missing boundary)."),
 ):
     """Regenerate boundary activations committed by digest only (I_A > 1) from the nearest stored one."""
-    from ..inference.verify import prepare_inference as run_prepare
+    from ..inference.regenerate import prepare_inference as run_prepare
 
     try:
         done = run_prepare(record_dir, record, layer_block, model)
@@ -220,14 +194,17 @@ def serve(
     max_new_tokens_limit: int = typer.Option(512, "--max-new-tokens-limit", help="Largest max_new_tokens a request may ask."),
 ):
     """Serve the model over HTTP: POST /v1/generate, GET /v1/model, GET /v1/records/{id}."""
-    from ..inference.engine import InferenceEngine, RecordSettings, ServedModel
+    from ..inference.engine import InferenceEngine
+    from ..inference.keys import provider_key
     from ..inference.serve import create_app, run_server
+    from ..inference.served import ServedModel
+    from ..inference.settings import RecordingSettings
 
     try:
         rdir = record_dir or (run_dir / "inference")
         signing_key, pub = provider_key(key, run_dir, rdir)
         engine = InferenceEngine(ServedModel.load(run_dir), rdir, signing_key,
-                                 RecordSettings(layers_per_block, activation_interval).validate())
+                                 RecordingSettings(layers_per_block, activation_interval).validate())
         application = create_app(engine, max_new_tokens_limit=max_new_tokens_limit)
     except AftuneError as exc:
         _fail(exc)

@@ -218,15 +218,7 @@ def report(
 
 
 def _load_json(path: Path, what: str, jsonio):
-    if not path.is_file():
-        raise InputError(f"{what} file {path} does not exist")
-    data = jsonio.read_capped(path, MAX_REPORT_BYTES)
-    if len(data) > MAX_REPORT_BYTES:
-        raise InputError(f"{what} file {path} is larger than {MAX_REPORT_BYTES} bytes")
-    try:
-        obj = jsonio.loads(data)
-    except ValueError as exc:
-        raise InputError(f"{what} file {path} is not valid JSON: {str(exc)[:200]}") from None
+    obj = jsonio.read_json(path, MAX_REPORT_BYTES, f"{what} file", InputError)
     if not isinstance(obj, dict):
         raise InputError(f"{what} file {path} must hold a JSON object")
     return obj

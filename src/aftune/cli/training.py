@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from ..errors import AftuneError, CommitmentMismatch
 from .app import (_PUBKEY_HELP, _TRANSCRIPT_HELP, _fail, _progress, app, err, fail_on_mismatch, finish_report, out,
@@ -93,7 +92,7 @@ def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_e
     from ..core.signing import PublicKey
     from ..training.verify import Verifier
 
-    tol = tolerance_from_options(tolerance_file, rel_l2, max_elem)
+    tol = tolerance_from_options(mode, None, tolerance_file, rel_l2, max_elem)
     return Verifier(run_dir, PublicKey.load(public_key), mode=mode, tolerance=tol, replay_dtype=dtype,
                     transcript=transcript)
 
@@ -201,7 +200,7 @@ def digest(
     """Print the weights digest of a model (compare with a run's base_weights or final model)."""
     from ..core.merkle import tensors_root
     from ..models import load_pretrained, model_weights
-    from ..training.run import DTYPE_BY_NAME
+    from ..core.encoding import DTYPE_BY_NAME
 
     try:
         if dtype not in DTYPE_BY_NAME:

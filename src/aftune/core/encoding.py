@@ -58,6 +58,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+# Compute dtypes as settings, records and the command line name them.
+DTYPE_BY_NAME: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                         "float16": torch.float16, "float64": torch.float64}
 
 # Large tensors are hashed with several threads (BLAKE3 only; the digest is the same).
 _PARALLEL_HASH_BYTES = 1 << 22

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,33 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .encoding import DTYPES_BY_NAME, dtype_name, tensor_digest
 from ..errors import CommitmentMismatch, RecordError
 from .jsonio import read_capped
+from .rows import TensorRef
 
 OBJECT_SUFFIX = ".safetensors.zst"
 _HEADER_ALLOWANCE = 1 << 16  # safetensors JSON header and padding for a single tensor
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """What a manifest commits for one tensor: logical name, dtype, shape and digest."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    digest: bytes
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=DTYPES_BY_NAME[self.dtype]).element_size()
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor, algorithm: str) -> "TensorRef":
-        return cls(name, dtype_name(tensor.dtype), tuple(tensor.shape), tensor_digest(name, tensor, algorithm))
 
 
 class ObjectStore:

@@ -1,4 +1,4 @@
-"""Datasets, the dataset root, the seeded example order and batch building (SPEC.md 4).
+"""Datasets and the dataset root (SPEC.md 4.1): the agreed examples, as committed bytes.
 
 Three kinds of dataset:
 - `text`: JSONL, one `{"text": ...}` or `{"messages": [{"role", "content"}, ...]}` per line, for causal LMs;
@@ -6,26 +6,23 @@ Three kinds of dataset:
 - `image_folder`: a directory with one subdirectory per class, for image classifiers.
 
 The dataset root is a Merkle root over per-example digests, so the client can check that every
-batch was built from exactly the agreed examples. The order is derived from the seed with
-BLAKE3/SHA-256 (not a framework RNG), so an independent verifier can recompute it.
+batch was built from exactly the agreed examples (`order.py` says which, `batches.py` how).
+
+    load_dataset("data.jsonl").root("blake3")
 """
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..core.encoding import TAG_EXAMPLE, TAG_ORDER, hash_message, length_prefixed, u64
+from ..core import jsonio
+from ..core.encoding import TAG_EXAMPLE, hash_message, length_prefixed
 from ..errors import InputError
 from ..core.merkle import merkle_root
-from ..models.base import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_LINE_BYTES = 1 << 20
@@ -68,8 +65,8 @@ def example_from_raw(kind: str, raw: bytes) -> Example:
         cls, _, _ = split_image_raw(raw)
         return Example(raw, label=cls)
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        obj = jsonio.loads(raw)
+    except ValueError as exc:
         raise InputError(f"example is not JSON: {exc}") from None
     try:
         return _parse_example(obj, raw, kind)
@@ -100,8 +97,8 @@ def detect_kind(path: Path) -> str:
     with path.open("rb") as f:
         first = f.readline(MAX_LINE_BYTES)
     try:
-        obj = json.loads(first)
-    except json.JSONDecodeError:
+        obj = jsonio.loads(first)
+    except ValueError:
         raise InputError(f"{path}: the first line is not JSON; expected JSONL with 'text', 'messages' or 'text'+'label'") from None
     return "labeled_text" if isinstance(obj, dict) and "label" in obj else "text"
 
@@ -131,8 +128,8 @@ def _load_jsonl(path: Path, kind: str) -> Dataset:
             problems.append(f"line {lineno}: longer than {MAX_LINE_BYTES} bytes")
             continue
         try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            obj = jsonio.loads(raw)
+        except ValueError as exc:
             problems.append(f"line {lineno}: not JSON ({exc})")
             continue
         try:
@@ -206,117 +203,3 @@ def copy_into(dataset: Dataset, target: Path) -> Path:
     else:
         shutil.copyfile(src, dest)
     return dest
-
-
-# --- order -----------------------------------------------------------------------------------
-
-def epoch_order(algorithm: str, seed: int, epoch: int, num_examples: int) -> list[int]:
-    """Example indices of one epoch: sorted by H(TAG_ORDER || seed || epoch || index)."""
-    keys = [(hash_message(algorithm, TAG_ORDER, u64(seed), u64(epoch), u64(i)), i) for i in range(num_examples)]
-    return [i for _, i in sorted(keys)]
-
-
-class OrderCache:
-    """Memoises epoch orders across many micro-batches of one run."""
-
-    def __init__(self, algorithm: str, seed: int, num_examples: int):
-        self.algorithm, self.seed, self.n = algorithm, seed, num_examples
-        self._epochs: dict[int, list[int]] = {}
-
-    def indices(self, micro_index: int, batch_size: int) -> list[int]:
-        out = []
-        for k in range(micro_index * batch_size, (micro_index + 1) * batch_size):
-            epoch, offset = divmod(k, self.n)
-            if epoch not in self._epochs:
-                self._epochs[epoch] = epoch_order(self.algorithm, self.seed, epoch, self.n)
-            out.append(self._epochs[epoch][offset])
-        return out
-
-
-# --- batches ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BatchSpec:
-    """How examples become tensors: committed in the run config."""
-
-    task: str  # causal_lm | classification
-    seq_len: int = 128
-    image_size: int = 0
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    fields: tuple[str, ...] = ()
-
-
-def chat_text(messages: tuple[tuple[str, str], ...]) -> str:
-    return "".join(f"<|{role}|>\n{content}\n" for role, content in messages)
-
-
-def build_batch(dataset: Dataset, indices: list[int], spec: BatchSpec, tokenizer) -> dict[str, torch.Tensor]:
-    examples = [dataset.examples[i] for i in indices]
-    if dataset.kind == "image_folder":
-        return _image_batch(dataset, examples, spec)
-    if spec.task == "causal_lm":
-        return _causal_batch(examples, spec, tokenizer)
-    return _classification_batch(dataset, examples, spec, tokenizer)
-
-
-def _causal_batch(examples, spec: BatchSpec, tokenizer) -> dict[str, torch.Tensor]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise InputError("the tokenizer has neither a pad nor an eos token")
-    rows = []
-    for e in examples:
-        text = e.text if e.text is not None else chat_text(e.messages)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
-        if tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        rows.append(ids[: spec.seq_len])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.int64)
-    attention = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        attention[i, : len(r)] = 1
-    labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def _classification_batch(dataset, examples, spec: BatchSpec, tokenizer) -> dict[str, torch.Tensor]:
-    enc = tokenizer(
-        [e.text for e in examples], truncation=True, max_length=spec.seq_len, padding="longest", return_tensors="pt"
-    )
-    batch = {"input_ids": enc["input_ids"].to(torch.int64), "attention_mask": enc["attention_mask"].to(torch.int64)}
-    if "token_type_ids" in spec.fields:
-        tt = enc.get("token_type_ids")
-        batch["token_type_ids"] = tt.to(torch.int64) if tt is not None else torch.zeros_like(batch["input_ids"])
-    batch["labels"] = torch.tensor([dataset.label_index(e) for e in examples], dtype=torch.int64)
-    return batch
-
-
-def _image_batch(dataset, examples, spec: BatchSpec) -> dict[str, torch.Tensor]:
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        from ..errors import MissingExtra
-
-        raise MissingExtra("pillow", "hf") from None
-    if spec.image_size <= 0:
-        raise InputError("image datasets need a positive image size")
-    mean = torch.tensor(spec.image_mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(spec.image_std, dtype=torch.float32)[:, None, None]
-    pixels = []
-    for e in examples:
-        try:
-            with Image.open(io.BytesIO(e.image_bytes)) as im:
-                im = im.convert("RGB").resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
-                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"cannot read image {e.image_path or split_image_raw(e.raw)[1]}: {exc}") from None
-        x = data.reshape(spec.image_size, spec.image_size, 3).permute(2, 0, 1).to(torch.float32) / 255.0
-        pixels.append((x - mean) / std)
-    return {
-        "pixel_values": torch.stack(pixels),
-        "labels": torch.tensor([dataset.label_index(e) for e in examples], dtype=torch.int64),
-    }

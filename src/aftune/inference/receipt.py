@@ -84,13 +84,7 @@ class Receipt:
         p = Path(path)
         if not p.is_file():
             raise InputError(f"receipt {p} does not exist")
-        data = jsonio.read_capped(p, MAX_RECEIPT_BYTES)
-        if len(data) > MAX_RECEIPT_BYTES:
-            raise InputError(f"receipt {p} is larger than {MAX_RECEIPT_BYTES} bytes")
-        try:
-            return cls.from_json(jsonio.loads(data))
-        except ValueError as exc:
-            raise InputError(f"receipt {p} is not valid JSON: {exc}") from None
+        return cls.from_json(jsonio.read_json(p, MAX_RECEIPT_BYTES, "receipt", InputError))
 
 
 def issue_receipt(key: SigningKey, algorithm: str, model_digest: bytes, input_digest: bytes, output_digest: bytes,
@@ -112,7 +106,7 @@ def verify_receipt(receipt: Receipt, public_key: PublicKey, record_dir: str | Pa
     if record_dir is None:
         return
     # 3. the record named by the receipt: its bytes hash to the id, its commitments are the receipt's
-    from .engine import InferenceRecord
+    from .record import InferenceRecord
 
     root = Path(record_dir)
     if not (root / "records" / f"{receipt.record_root.hex()}.json").is_file():

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import AftuneError, InputError, MissingExtra
-from .engine import MAX_PROMPT_CHARS, GenerationSettings, InferenceEngine, InferenceRecord, parse_rows
+from ..core.rows import rows_from_json
+from ..data.inputs import MAX_PROMPT_CHARS
+from .engine import InferenceEngine
+from .record import InferenceRecord
+from .settings import GenerationSettings
 from ..core.store import OBJECT_SUFFIX
 
 _HEX = set("0123456789abcdef")
@@ -105,7 +109,7 @@ def create_app(engine: InferenceEngine, max_new_tokens_limit: int = 512):
         data = path.read_bytes()
         rec = InferenceRecord.open(records.root, record_id)
         receipt_path = records.receipt_path(rec.record_id)
-        objects = sorted({r.digest.hex() for k, r in parse_rows(rec.doc["tensors"]).items()
+        objects = sorted({r.digest.hex() for k, r in rows_from_json(rec.doc["tensors"], "record: tensors").items()
                           if records.store.has(r.digest)})
         tok = rec.model.get("tokenizer")
         tokenizer = None

@@ -1,8 +1,10 @@
 """Causal decoder LMs: the Llama family (Llama, Qwen2, Qwen3, Mistral) and GPT-2.
 
 Stages: token embedding (GPT-2: plus position embedding and dropout), one per decoder layer, and
-the head (final norm, LM head, shifted cross-entropy). Full-vocabulary logits live only inside
-the head stage: they are recomputed from the last hidden state, never recorded.
+the head. In training the head is the final norm, the LM head and the shifted cross-entropy;
+full-vocabulary logits live only inside it and are recomputed from the last hidden state, never
+recorded. In serving (SPEC.md 8.5) the layers run with their layer block's KV cache and the head
+returns the logits of the next token at the step's last position.
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ import torch
 from torch import nn
 
 from .base import Adapter, Batch, Context, Stage, causal_lm_loss, model_dtype, padding_causal_mask
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _cache_kwargs(context) -> dict:
+    """Serving passes its layer block's KV cache; training passes none (and no cache kwarg)."""
+    cache = context.get("cache")
+    return {"use_cache": False} if cache is None else {"past_key_values": cache, "use_cache": True}
 
 
 class _TokenEmbedding(nn.Module):
@@ -28,14 +40,8 @@ class _LlamaLayer(nn.Module):
         self.layer = layer
 
     def forward(self, hidden, context):
-        out = self.layer(
-            hidden,
-            attention_mask=context["attention_mask"],
-            position_ids=context["position_ids"],
-            position_embeddings=context["position_embeddings"],
-            use_cache=False,
-        )
-        return out[0] if isinstance(out, tuple) else out
+        return _first(self.layer(hidden, attention_mask=context["attention_mask"], position_ids=context["position_ids"],
+                                 position_embeddings=context["position_embeddings"], **_cache_kwargs(context)))
 
 
 class _LMHead(nn.Module):
@@ -48,10 +54,51 @@ class _LMHead(nn.Module):
         return causal_lm_loss(self.lm_head(self.norm(hidden)), context["batch"]["labels"])
 
 
-class LlamaAdapter(Adapter):
-    families = ("llama", "qwen2", "qwen3", "mistral")
+class _NextTokenLogits(nn.Module):
+    """Serving: final norm and LM head on the step's last position, the logits of the next token."""
+
+    def __init__(self, head: _LMHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden, context):
+        return self.head.lm_head(self.head.norm(hidden[:, -1:, :]))[0, -1]
+
+
+class _DecoderAdapter(Adapter):
     task = "causal_lm"
     batch_fields = ("input_ids", "attention_mask", "labels")
+
+    def inference_stages(self) -> list[Stage]:
+        return self.stages[:-1] + [Stage("head", _NextTokenLogits(self.stages[-1].module))]
+
+    def inference_context(self, first: int, inputs: Batch) -> Context:
+        """Step context at position `first`: a prefill (q > 1 positions) attends causally, a
+        decode step (q = 1) to every cached position. SDPA's own causal mode serves a prefill
+        from position 0; otherwise an explicit additive mask [1, 1, q, first + q] is built."""
+        dtype = model_dtype(self.model)
+        ids = inputs["input_ids"]
+        q = ids.shape[1]
+        positions = torch.arange(first, first + q, dtype=torch.int64, device=ids.device)[None, :]
+        mask = None
+        sdpa = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
+        if q > 1 and not (first == 0 and sdpa):
+            allowed = torch.arange(first + q, device=ids.device)[None, :] <= positions[0][:, None]  # [q, first+q]
+            mask = torch.zeros(1, 1, q, first + q, dtype=dtype, device=ids.device)
+            mask = mask.masked_fill(~allowed[None, None], torch.finfo(dtype).min)
+        return {"batch": {"input_ids": ids}, "position_ids": positions, "attention_mask": mask, "cache": None,
+                "position_embeddings": self.rotary_embeddings(positions, dtype)}
+
+    def rotary_embeddings(self, positions: torch.Tensor, dtype: torch.dtype):
+        return None
+
+    def sliding_window(self) -> int | None:
+        """The attention window, when the config enables one (aftune does not replay beyond it)."""
+        return None
+
+
+class LlamaAdapter(_DecoderAdapter):
+    families = ("llama", "qwen2", "qwen3", "mistral")
 
     def build_stages(self):
         inner = self.model.model
@@ -60,18 +107,29 @@ class LlamaAdapter(Adapter):
         stages.append(Stage("head", _LMHead(inner.norm, self.model.lm_head)))
         return stages
 
+    def rotary_embeddings(self, positions: torch.Tensor, dtype: torch.dtype):
+        probe = torch.empty(0, dtype=dtype, device=positions.device)
+        return self.model.model.rotary_emb(probe, positions)
+
     def context(self, batch: Batch) -> Context:
-        inner = self.model.model
         dtype = model_dtype(self.model)
         ids = batch["input_ids"]
         position_ids = torch.arange(ids.shape[1], device=ids.device)[None, :].expand(ids.shape[0], -1)
-        probe = torch.empty(0, dtype=dtype, device=ids.device)
         return {
             "batch": batch,
             "attention_mask": padding_causal_mask(batch["attention_mask"], dtype),
             "position_ids": position_ids,
-            "position_embeddings": inner.rotary_emb(probe, position_ids),
+            "position_embeddings": self.rotary_embeddings(position_ids, dtype),
         }
+
+    def sliding_window(self) -> int | None:
+        c = self.model.config
+        window = getattr(c, "sliding_window", None)
+        if c.model_type == "mistral" and window:
+            return int(window)
+        if c.model_type in ("qwen2", "qwen3") and getattr(c, "use_sliding_window", False) and window:
+            return int(window)
+        return None
 
 
 class _GPT2Embedding(nn.Module):
@@ -90,14 +148,11 @@ class _GPT2Layer(nn.Module):
         self.block = block
 
     def forward(self, hidden, context):
-        out = self.block(hidden, attention_mask=context["attention_mask"], use_cache=False)
-        return out[0] if isinstance(out, tuple) else out
+        return _first(self.block(hidden, attention_mask=context["attention_mask"], **_cache_kwargs(context)))
 
 
-class GPT2Adapter(Adapter):
+class GPT2Adapter(_DecoderAdapter):
     families = ("gpt2",)
-    task = "causal_lm"
-    batch_fields = ("input_ids", "attention_mask", "labels")
 
     def build_stages(self):
         tr = self.model.transformer

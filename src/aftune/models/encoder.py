@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import IGNORE_INDEX, Adapter, Batch, Context, Stage, model_dtype, padding_bidirectional_mask
+from .base import Adapter, Batch, ClassifierHead, Context, Stage, model_dtype, padding_bidirectional_mask
 
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -37,16 +37,6 @@ def check_single_label(config, family: str) -> None:
         raise InputError(
             f"{family}: problem_type {problem_type!r} is not supported; only single_label_classification is"
         )
-
-
-def single_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of [B, C] logits against integer labels [B] (IGNORE_INDEX skipped)."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise InputError(f"classification labels must be integers, got {labels.dtype}")
-    num_labels = logits.shape[-1]
-    return nn.functional.cross_entropy(
-        logits.view(-1, num_labels), labels.to(logits.device).view(-1), ignore_index=IGNORE_INDEX
-    )
 
 
 def check_attention(config, family: str) -> None:
@@ -82,16 +72,15 @@ class _BertLayer(nn.Module):
         return layer_output(self.layer(hidden, attention_mask=context["attention_mask"]))
 
 
-class _BertHead(nn.Module):
+class _BertHead(ClassifierHead):
     def __init__(self, pooler: nn.Module, dropout: nn.Module, classifier: nn.Module):
         super().__init__()
         self.pooler = pooler
         self.dropout = dropout
         self.classifier = classifier
 
-    def forward(self, hidden, context):
-        logits = self.classifier(self.dropout(self.pooler(hidden)))
-        return single_label_loss(logits, context["batch"]["labels"])
+    def logits(self, hidden):
+        return self.classifier(self.dropout(self.pooler(hidden)))
 
 
 class BertAdapter(Adapter):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import Adapter, Batch, Context, Stage
-from .encoder import check_single_label, layer_output, single_label_loss
+from .base import Adapter, Batch, ClassifierHead, Context, Stage
+from .encoder import check_single_label, layer_output
 
 
 class _PatchEmbedding(nn.Module):
@@ -48,30 +48,25 @@ class _TransformerLayer(nn.Module):
         return layer_output(self.layer(hidden, context["attention_mask"]))
 
 
-class _ViTHead(nn.Module):
+class _ViTHead(ClassifierHead):
     def __init__(self, layernorm: nn.Module, classifier: nn.Module):
         super().__init__()
         self.layernorm = layernorm
         self.classifier = classifier
 
-    def forward(self, hidden, context):
-        sequence = self.layernorm(hidden)
-        logits = self.classifier(sequence[:, 0, :])
-        return single_label_loss(logits, context["batch"]["labels"])
+    def logits(self, hidden):
+        return self.classifier(self.layernorm(hidden)[:, 0, :])
 
 
-class _Dinov2Head(nn.Module):
+class _Dinov2Head(ClassifierHead):
     def __init__(self, layernorm: nn.Module, classifier: nn.Module):
         super().__init__()
         self.layernorm = layernorm
         self.classifier = classifier
 
-    def forward(self, hidden, context):
+    def logits(self, hidden):
         sequence = self.layernorm(hidden)
-        cls_token = sequence[:, 0]
-        patch_tokens = sequence[:, 1:]
-        logits = self.classifier(torch.cat([cls_token, patch_tokens.mean(dim=1)], dim=1))
-        return single_label_loss(logits, context["batch"]["labels"])
+        return self.classifier(torch.cat([sequence[:, 0], sequence[:, 1:].mean(dim=1)], dim=1))
 
 
 def _image_context(batch: Batch) -> Context:
@@ -142,15 +137,14 @@ class _ResNetLayer(nn.Module):
         return self.layer(hidden)
 
 
-class _ResNetHead(nn.Module):
+class _ResNetHead(ClassifierHead):
     def __init__(self, pooler: nn.Module, classifier: nn.Module):
         super().__init__()
         self.pooler = pooler
         self.classifier = classifier  # nn.Sequential(Flatten, Linear)
 
-    def forward(self, hidden, context):
-        logits = self.classifier(self.pooler(hidden))
-        return single_label_loss(logits, context["batch"]["labels"])
+    def logits(self, hidden):
+        return self.classifier(self.pooler(hidden))
 
 
 class ResNetAdapter(Adapter):

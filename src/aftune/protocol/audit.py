@@ -1,10 +1,11 @@
-"""The client's audit of an opened bundle: every challenged block replayed, in parallel.
+"""The client's audit of an opened bundle: every challenged block replayed (SPEC.md 9.7, 9.7a).
 
     aftune audit BUNDLE --transcript MY_COPY --challenge CHALLENGE --public-key PUB
 
-The verifier reads nothing but the bundle, the client's own transcript and challenge, and the
-provider's public key. Blocks are spread over a local process pool (each worker opens the bundle
-itself), or over an existing Ray cluster with `ray_address`.
+The verifier reads nothing but the bundle, the client's own transcript (or, for an inference
+record, its own copy of the model) and challenge, and the provider's public key. Training blocks
+are spread over a local process pool (each worker opens the bundle itself), or over an existing
+Ray cluster with `ray_address`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .bundle import BundleRecord
-from ..errors import RecordError
-from ..verdict.findings import BlockResult, Finding, Report
+from ..core import jsonio
 from ..core.signing import PublicKey
+from ..errors import InputError, MissingExtra, RecordError
 from ..training.transcript import Transcript
-from ..training.verify import Tolerance, Verifier
+from ..training.verify import Verifier
+from ..verdict.findings import RECORD, BlockResult, Finding, Report
+from ..verdict.policy import Tolerance
+from .bundle import INFERENCE_BUNDLE_FORMAT, MAX_BUNDLE_JSON, BundleStore, TrainingBundle
 
 
 def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: list[tuple[int, int]],
@@ -30,7 +33,7 @@ def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: 
 
         torch.set_num_threads(threads)
     transcript = Transcript.load(Path(transcript_path), PublicKey.from_text(key_text))
-    record = BundleRecord.load(bundle_dir, transcript, challenge_digest, all_blocks)
+    record = TrainingBundle.load(bundle_dir, transcript, challenge_digest, all_blocks)
     verifier = Verifier(None, None, mode=mode, tolerance=tolerance, replay_dtype=replay_dtype, record=record)
     return [verifier.verify_block(l, s)[0] for l, s in blocks]
 
@@ -45,8 +48,8 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     report = Report(str(bundle_dir), mode)
     transcript = Transcript.load(Path(transcript_path), public_key)
     try:  # structural checks once, in this process, before any work is spread out
-        record = BundleRecord.load(bundle_dir, transcript, challenge_digest, blocks)
-        record.dataset(), record.base_digests(), record.tokenizer_dir()
+        record = TrainingBundle.load(bundle_dir, transcript, challenge_digest, blocks)
+        record.dataset(), record.base_digests(), record.tokenizer_files()
     except RecordError as exc:  # missing, corrupt or contradicting: the provider failed to open
         report.errors.append(Finding(-1, -1, "opening", str(exc)))
         return report
@@ -83,8 +86,6 @@ def _ray_map(address: str, args, chunks, rest) -> list[BlockResult]:
     try:
         import ray
     except ImportError:
-        from ..errors import MissingExtra
-
         raise MissingExtra("ray", "ray") from None
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(_verify_chunk)
@@ -93,3 +94,51 @@ def _ray_map(address: str, args, chunks, rest) -> list[BlockResult]:
     for chunk_results in ray.get(futures):
         out += chunk_results
     return out
+
+
+# --- inference records ---------------------------------------------------------------------------
+
+def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey, model: str | Path, *,
+                           mode: str = "strict", replay_dtype: str | None = None,
+                           expected_prompt: str | None = None, on_block=None) -> Report:
+    """Replay the challenged layer blocks of the record the challenge names, from the bundle alone.
+    A bundle missing anything, or answering another record, FAILs."""
+    from ..inference.verify import InferenceVerifier
+
+    report = Report(str(bundle), mode)
+    opening = lambda reason: Finding(-1, 0, "opening", reason, scope=RECORD)  # noqa: E731
+    if challenge.kind != "inference":
+        raise InputError(f"this is a {challenge.kind} challenge, not an inference one")
+    if not challenge.blocks:
+        report.errors.append(opening("the challenge names no blocks: nothing was compared"))
+        return report
+    doc = jsonio.read_json(Path(bundle) / "bundle.json", MAX_BUNDLE_JSON, "inference bundle", InputError)
+    if not isinstance(doc, dict) or doc.get("format") != INFERENCE_BUNDLE_FORMAT:
+        raise InputError(f"{bundle} is not an {INFERENCE_BUNDLE_FORMAT} bundle")
+    if doc.get("challenge_digest") != challenge.digest or doc.get("blocks") != [[l, s] for l, s in challenge.blocks]:
+        report.errors.append(opening("this bundle answers another challenge"))
+        return report
+    try:
+        v = InferenceVerifier(bundle, challenge.run_root, model=model, mode=mode, replay_dtype=replay_dtype,
+                              public_key=public_key, expected_prompt=expected_prompt)
+    except (InputError, RecordError) as exc:  # the record the challenge names is not (properly) in the bundle
+        report.errors.append(opening(f"the bundle does not open record {challenge.run_root[:16]}…: {exc}"))
+        return report
+    if v.record.record_id.hex() != challenge.run_root:
+        report.errors.append(opening("the bundle opens another record than the challenge names"))
+        return report
+    if len(v.blocks) != challenge.num_layer_blocks:
+        report.errors.append(opening("the challenge's grid does not match the record's layer blocks"))
+        return report
+    report.errors.extend(v.errors)
+    v.record.records.store = BundleStore(v.record.records.store.root, v.record.algorithm)
+    for l, _ in challenge.blocks:
+        try:
+            result, _ = v.verify_block(l)
+        except RecordError as exc:  # something the replay needs is not in the bundle
+            result = BlockResult(l, 0, v.served.describe(v.blocks, l), scope=RECORD)
+            result.fail("opening", f"the bundle cannot be replayed: {exc}")
+        report.results.append(result)
+        if on_block:
+            on_block(result)
+    return report

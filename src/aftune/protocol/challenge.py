@@ -28,7 +28,7 @@ from typing import Any
 from ..core import jsonio
 from ..core.encoding import (HASH_ALGORITHMS, TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM,
                        canonical_json, hash_message, length_prefixed, u8, u64)
-from ..errors import CommitmentMismatch, InputError, RecordError
+from ..errors import InputError, RecordError
 
 CHALLENGE_FORMAT = "aftune.challenge.v1"
 
@@ -184,14 +184,7 @@ class Challenge:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"challenge file {path} does not exist")
-        data = jsonio.read_capped(path, MAX_CHALLENGE_BYTES)
-        if len(data) > MAX_CHALLENGE_BYTES:
-            raise InputError(f"challenge file {path} is larger than {MAX_CHALLENGE_BYTES} bytes")
-        try:
-            obj = jsonio.loads(data)
-        except ValueError as exc:
-            raise InputError(f"challenge file {path} is not valid JSON: {str(exc)[:200]}") from None
-        return cls.from_json(obj)
+        return cls.from_json(jsonio.read_json(path, MAX_CHALLENGE_BYTES, "challenge file", InputError))
 
 
 def new_nonce() -> bytes:
@@ -341,7 +334,7 @@ def challenge_from_transcript(transcript_path: str | Path, public_key, strategy:
     The grid has len(step_blocks) - 1 step blocks (the last entry is the final state) and
     `num_layer_blocks` layer blocks; without it, they are read from the run config (default: the
     config.json beside the transcript), whose digest must be the one the transcript signs."""
-    from ..training.run import MAX_CONFIG_BYTES, config_digest
+    from ..training.run import signed_run_config
     from ..training.transcript import Transcript
 
     transcript_path = Path(transcript_path)
@@ -356,17 +349,7 @@ def challenge_from_transcript(transcript_path: str | Path, public_key, strategy:
         path = Path(config_path) if config_path is not None else transcript_path.parent / "config.json"
         if not path.is_file():
             raise InputError(f"{path} is missing: pass the run config or give the number of layer blocks")
-        data = jsonio.read_capped(path, MAX_CONFIG_BYTES)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-        if config_digest(transcript.algorithm, data) != transcript.config_digest:
-            raise CommitmentMismatch(f"{path} does not match the config digest signed in the transcript: "
-                                     "it belongs to another run or was edited")
-        try:
-            config = jsonio.loads(data)
-            layer_blocks = config["layout"]["layer_blocks"]
-        except (ValueError, KeyError, TypeError):
-            raise RecordError(f"{path} has no readable layout.layer_blocks") from None
+        layer_blocks = (signed_run_config(path, transcript).get("layout") or {}).get("layer_blocks")
         if not isinstance(layer_blocks, list) or not layer_blocks:
             raise RecordError(f"{path}: layout.layer_blocks must be a non-empty list")
         num_layer_blocks = len(layer_blocks)

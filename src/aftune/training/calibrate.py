@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..core.signing import PublicKey
-from .verify import TENSOR_KINDS, Tolerance, Verifier
+from ..verdict.policy import TENSOR_KINDS, Tolerance
+from .verify import Verifier
 
 
 _NEVER = 1e300  # thresholds no honest error reaches: calibration only measures

@@ -221,18 +221,18 @@ class BlockedModel:
             param.grad.add_(part)
 
     # --- one optimizer step of the whole model (the provider's side) ------------------------
-    def train_step(self, step: int, batches: list[Batch], fields: tuple[str, ...], record=None,
+    def train_step(self, step: int, batches: list[Batch], fields: tuple[str, ...], commit=None,
                    before_update=None, after_update=None) -> float:
-        """Run optimizer step `step` over its micro-batches, block by block. `record(key, name,
+        """Run optimizer step `step` over its micro-batches, block by block. `commit(key, name,
         tensor)` receives every cross-block tensor under its manifest key (SPEC.md 3.3): the batch,
         boundary activations and gradients, tied-weight gradient parts, losses and gradient norms.
         Returns the mean loss."""
-        record = record or (lambda key, name, tensor: None)
+        commit = commit or (lambda key, name, tensor: None)
         nb = len(self.blocks)
         losses = []
         for m, batch in enumerate(batches):
             for field_name in fields:
-                record(common_key(step, m, "batch", field_name), field_name, batch[field_name])
+                commit(common_key(step, m, "batch", field_name), field_name, batch[field_name])
             ctx = self.context(batch)
             inputs, outputs, aliases = [], [], []
             for b in range(nb):
@@ -247,22 +247,22 @@ class BlockedModel:
             for b in reversed(range(nb)):
                 r = self.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
                 if b > 0:
-                    record(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
-                    record(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
+                    commit(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
+                    commit(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
                     grad_out = r.input_grad
                 for name, part in {**r.owner_parts, **r.alias_parts}.items():
-                    record(common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
+                    commit(common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
                 for name, part in r.alias_parts.items():
                     alias_parts.setdefault(name, []).append((b, part))
             for name, parts in alias_parts.items():  # the fixed order: owner's part (autograd), then by block
                 param = dict(self.layout[self.owner[name]].params)[name]
                 for _, part in sorted(parts, key=lambda x: x[0]):
                     self.add_gradient(param, part)
-            record(common_key(step, m, "loss"), "loss", loss.detach().float())
+            commit(common_key(step, m, "loss"), "loss", loss.detach().float())
             losses.append(float(loss.detach()))
         norms = [self.grad_norms(b) for b in range(nb)]
         for b in range(nb):
-            record(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
+            commit(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
         coef = self.clip(norms)
         if before_update:
             before_update(step, self)

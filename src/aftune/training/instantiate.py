@@ -13,7 +13,7 @@ from torch import nn
 from .settings import TrainSettings
 from ..errors import InputError, MissingExtra
 from ..models import Adapter, adapter_class, build_model
-from .run import DTYPE_BY_NAME
+from ..core.encoding import DTYPE_BY_NAME
 
 CLASSIFIER_PREFIXES = ("classifier.", "score.")
 

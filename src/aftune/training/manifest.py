@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core import jsonio
-from ..core.encoding import DTYPES_BY_NAME, TAG_STEP_BLOCK, hash_message, parse_hex_digest, u64
-from ..errors import InputError, RecordError
+from ..core.encoding import TAG_STEP_BLOCK, hash_message, u64
 from ..core.merkle import merkle_root
-from ..core.store import TensorRef
+from ..core.rows import TensorRef, rows_from_json, rows_to_json
+from ..errors import AftuneError, InputError, RecordError
 
 MANIFEST_FORMAT = "aftune.manifest.v1"
-MAX_ENTRIES = 5_000_000
-MAX_KEY = 1024
-MAX_DIM = 1 << 40
-MAX_NDIM = 8
+MAX_MANIFEST_BYTES = 1 << 30
 
 
 def common_key(step: int, micro: int | None, *rest: str) -> str:
@@ -60,8 +57,8 @@ class StepBlockManifest:
             "step_block": self.step_block,
             "first_step": self.first_step,
             "num_steps": self.num_steps,
-            "common": _entries_json(self.common),
-            "blocks": [_entries_json(b) for b in self.blocks],
+            "common": rows_to_json(self.common),
+            "blocks": [rows_to_json(b) for b in self.blocks],
         }
 
     def write(self, path: Path) -> None:
@@ -73,31 +70,27 @@ class StepBlockManifest:
     def read(cls, path: Path, num_blocks: int) -> "StepBlockManifest":
         if not path.is_file():
             raise RecordError(f"manifest {path} is missing: the record is incomplete")
-        try:
-            obj = jsonio.loads(path.read_bytes())
-        except ValueError as exc:
-            raise RecordError(f"manifest {path} is not valid JSON ({exc}): truncated or corrupt") from None
-        try:
-            return cls.from_json(obj, num_blocks)
-        except InputError as exc:
-            raise RecordError(f"manifest {path}: {exc}") from None
+        where = f"manifest {path}"
+        return cls.from_json(jsonio.read_json(path, MAX_MANIFEST_BYTES, "manifest"), num_blocks, where, RecordError)
 
     @classmethod
-    def from_json(cls, obj: Any, num_blocks: int) -> "StepBlockManifest":
+    def from_json(cls, obj: Any, num_blocks: int, where: str = "manifest",
+                  error: type[AftuneError] = InputError) -> "StepBlockManifest":
+        """Parse a manifest from hostile JSON; `error` names `where` and the bad field."""
         if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
-            raise InputError(f"not an {MANIFEST_FORMAT} document")
+            raise error(f"{where}: not an {MANIFEST_FORMAT} document")
         ints = {}
         for k in ("step_block", "first_step", "num_steps"):
             v = obj.get(k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InputError(f"'{k}' must be a non-negative integer")
+                raise error(f"{where}: '{k}' must be a non-negative integer")
             ints[k] = v
         blocks = obj.get("blocks")
         if not isinstance(blocks, list) or len(blocks) != num_blocks:
-            raise InputError(f"'blocks' must list {num_blocks} layer blocks")
+            raise error(f"{where}: 'blocks' must list {num_blocks} layer blocks")
         return cls(ints["step_block"], ints["first_step"], ints["num_steps"],
-                    _entries_from_json(obj.get("common"), "common"),
-                    [_entries_from_json(b, f"block {i}") for i, b in enumerate(blocks)])
+                    rows_from_json(obj.get("common"), f"{where}: common", error),
+                    [rows_from_json(b, f"{where}: block {i}", error) for i, b in enumerate(blocks)])
 
 
 def chained_root(algorithm: str, step_block: int, prev: bytes, merkle: bytes) -> bytes:
@@ -106,32 +99,3 @@ def chained_root(algorithm: str, step_block: int, prev: bytes, merkle: bytes) ->
 
 def _root(algorithm: str, entries: dict[str, TensorRef]) -> bytes:
     return merkle_root(algorithm, {k: r.digest for k, r in entries.items()})
-
-
-def _entries_json(entries: dict[str, TensorRef]) -> list[list[Any]]:
-    return [[k, r.name, r.dtype, list(r.shape), r.digest.hex()] for k, r in sorted(entries.items())]
-
-
-def _entries_from_json(rows: Any, where: str) -> dict[str, TensorRef]:
-    if not isinstance(rows, list) or len(rows) > MAX_ENTRIES:
-        raise InputError(f"{where}: entries must be a list")
-    out: dict[str, TensorRef] = {}
-    for row in rows:
-        if not isinstance(row, list) or len(row) != 5:
-            raise InputError(f"{where}: each entry is [key, name, dtype, shape, digest]")
-        key, name, dtype, shape, digest = row
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY or not isinstance(name, str) or len(name) > MAX_KEY:
-            raise InputError(f"{where}: bad key or name {str(key)[:80]!r}")
-        if key in out:
-            raise InputError(f"{where}: duplicate key {key!r}")
-        try:
-            key.encode("utf-8"), name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError(f"{where}: key or name is not valid Unicode text") from None
-        if dtype not in DTYPES_BY_NAME:
-            raise InputError(f"{where}: {key}: unknown dtype {str(dtype)[:20]!r}")
-        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)):
-            raise InputError(f"{where}: {key}: bad shape")
-        out[key] = TensorRef(name, dtype, tuple(shape), parse_hex_digest(digest, f"{where}: {key}"))
-    return out

@@ -32,7 +32,7 @@ def prepare(run_dir: str | Path, public_key: PublicKey, layer_block: int, step_b
         if result.findings or not state:
             raise RecordError(f"cannot regenerate step block {s + 1}: replaying step block {s} failed: {result.headline()}")
         manifest = v.record.manifest(s + 1)
-        for key, (ref, _) in v._state_refs(manifest, layer_block).items():
+        for key, (ref, _) in v.state_refs(manifest, layer_block).items():
             if ref is not None and not v.record.store.has(ref.digest):
                 v.record.store.put(ref, state[key])
         regenerated.append(s + 1)

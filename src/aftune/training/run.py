@@ -20,25 +20,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..core import jsonio
 from .settings import RUN_FORMAT, TrainSettings
 from ..core.encoding import TAG_RUN_CONFIG, hash_message, parse_hex_digest
 from ..errors import CommitmentMismatch, InputError, RecordError
 from .manifest import StepBlockManifest
-from ..core.merkle import files_root
+from ..core.merkle import files_root, merkle_root
+from ..models import tokenizer_files
 from ..core.signing import PublicKey
 from ..core.store import ObjectStore
 from .transcript import Transcript
 
-DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "float64": torch.float64}
 MAX_CONFIG_BYTES = 16 << 20
+MAX_BASE_MODEL_BYTES = 256 << 20
 
 
 def config_digest(algorithm: str, data: bytes) -> bytes:
     return hash_message(algorithm, TAG_RUN_CONFIG, data)
+
+
+def signed_run_config(path: str | Path, transcript: Transcript, what: str = "run config") -> dict[str, Any]:
+    """The run config at `path`, checked against the digest the transcript signs, then parsed
+    (an edited config is a CommitmentMismatch; a missing, oversized or malformed one a RecordError)."""
+    data = jsonio.read_bytes(path, MAX_CONFIG_BYTES, what)
+    if config_digest(transcript.algorithm, data) != transcript.config_digest:
+        raise CommitmentMismatch(f"{path} does not match the config digest signed in the transcript: it was edited, "
+                                 "or belongs to another run")
+    config = jsonio.parse(data, f"{what} {path}")
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise RecordError(f"{path} is not an {RUN_FORMAT} document")
+    return config
 
 
 @dataclass
@@ -57,20 +69,7 @@ class RunRecord:
         if not root.is_dir():
             raise InputError(f"run directory {root} does not exist")
         transcript = Transcript.load(Path(transcript_path or root / "transcript.jsonl"), public_key)
-        path = root / "config.json"
-        if not path.is_file():
-            raise RecordError(f"{path} is missing")
-        data = jsonio.read_capped(path, MAX_CONFIG_BYTES)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise RecordError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-        if config_digest(transcript.algorithm, data) != transcript.config_digest:
-            raise CommitmentMismatch(f"{path} does not match the config digest signed in the transcript: it was edited")
-        try:
-            config = jsonio.loads(data)
-        except ValueError:
-            raise RecordError(f"{path} is not valid JSON") from None
-        if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
-            raise RecordError(f"{path} is not an {RUN_FORMAT} document")
+        config = signed_run_config(root / "config.json", transcript)
         settings = TrainSettings.from_json(config.get("settings"))
         if transcript.run is not None and len(transcript.step_blocks) != settings.num_step_blocks + 1:
             raise CommitmentMismatch(f"the transcript closes the run after {len(transcript.step_blocks)} step blocks; "
@@ -122,7 +121,7 @@ class RunRecord:
 
     def dataset(self):
         """The agreed dataset, from the run directory's copy, checked against the dataset root."""
-        from ..data.datasets import load_dataset
+        from ..data import load_dataset
 
         data = self.section("data")
         rel = data.get("path")
@@ -137,34 +136,29 @@ class RunRecord:
 
     def base_digests(self) -> dict[str, bytes]:
         """Per-tensor digests of the agreed base model (RUN/base_model.json, checked)."""
-        return read_base_digests((self.root / "base_model.json").read_bytes() if (self.root / "base_model.json").is_file()
-                                 else None, self.section("model").get("base_weights"), self.algorithm)
+        return read_base_digests(self.root / "base_model.json", self.section("model").get("base_weights"), self.algorithm)
 
-    def tokenizer_dir(self) -> Path | None:
+    def tokenizer_files(self) -> dict[str, bytes] | None:
+        """The tokenizer files (RUN/tokenizer), checked against the files root the config commits;
+        None for image models."""
         tok = self.section("model").get("tokenizer")
-        return None if tok is None else self.checked_files("tokenizer", tok)
-
-    def checked_files(self, subdir: str, expected_root_hex: str) -> Path:
-        """A directory of small files whose root is committed in the config (tokenizer)."""
-        d = self.root / subdir
+        if tok is None:
+            return None
+        d = self.root / "tokenizer"
         if not d.is_dir():
             raise RecordError(f"{d} is missing")
-        files = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
-        if files_root(self.algorithm, files) != parse_hex_digest(expected_root_hex, f"config: {subdir} digest"):
-            raise CommitmentMismatch(f"{d} does not match the digest committed in the run config")
-        return d
+        try:
+            files = tokenizer_files(d)
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+        if files_root(self.algorithm, files) != parse_hex_digest(tok, "run config: model.tokenizer"):
+            raise CommitmentMismatch(f"{d} does not match the tokenizer digest committed in the run config")
+        return files
 
 
-def read_base_digests(data: bytes | None, root_hex: Any, algorithm: str) -> dict[str, bytes]:
+def read_base_digests(path: Path, root_hex: Any, algorithm: str) -> dict[str, bytes]:
     """Parse base_model.json ({name: digest hex}) and check it against the committed root."""
-    from ..core.merkle import merkle_root
-
-    if data is None:
-        raise RecordError("base_model.json is missing")
-    try:
-        obj = jsonio.loads(data)
-    except ValueError:
-        raise RecordError("base_model.json is not valid JSON") from None
+    obj = jsonio.read_json(path, MAX_BASE_MODEL_BYTES, "base model digests")
     if not isinstance(obj, dict):
         raise RecordError("base_model.json must map tensor names to digests")
     try:

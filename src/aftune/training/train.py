@@ -16,17 +16,20 @@ from typing import Callable
 
 import torch
 
-from .. import __version__, builtin
+from .. import builtin
+from ..version import __version__
 from .settings import RUN_FORMAT, TrainSettings
-from ..data.datasets import BatchSpec, Dataset, OrderCache, build_batch, copy_into, load_dataset
+from ..data import BatchSpec, Dataset, OrderCache, build_batch, copy_into, load_dataset
 from ..core.encoding import canonical_json
 from .engine import BlockedModel
-from ..errors import InputError, MissingExtra
+from ..errors import InputError
 from .instantiate import instantiate
 from ..core.merkle import files_root, tensors_root
-from ..models import adapter_class, load_pretrained, model_weights
+from ..models import (adapter_class, load_pretrained, load_tokenizer, model_weights, tokenizer_files,
+                      tokenizer_from_files)
 from .recorder import Recorder
-from .run import DTYPE_BY_NAME, config_digest
+from ..core.encoding import DTYPE_BY_NAME
+from .run import config_digest
 from ..core.signing import SigningKey
 from .transcript import TranscriptWriter
 
@@ -55,21 +58,6 @@ class TrainResult:
     final_model_digest: bytes
     public_key_path: Path | None
     final_loss: float
-
-
-def _tokenizer(model_dir: Path):
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise MissingExtra("transformers", "hf") from None
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load a tokenizer from {model_dir}: {exc}") from None
-
-
-def load_tokenizer(directory: Path):
-    return _tokenizer(directory)
 
 
 def batch_spec(hf_config: dict, settings: TrainSettings, fields: tuple[str, ...], task: str) -> BatchSpec:
@@ -122,10 +110,9 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     (run / "base_model.json").write_text(json.dumps({k: v.hex() for k, v in sorted(base_digests.items())}, indent=0))
     tokenizer, tokenizer_digest = None, None
     if dataset.kind != "image_folder":
-        tokenizer = _tokenizer(model_dir)
-        tokenizer.save_pretrained(str(run / "tokenizer"))
-        tokenizer = _tokenizer(run / "tokenizer")  # train with exactly what the verifier will load
-        files = {p.name: p.read_bytes() for p in sorted((run / "tokenizer").iterdir()) if p.is_file()}
+        load_tokenizer(model_dir).save_pretrained(str(run / "tokenizer"))
+        files = tokenizer_files(run / "tokenizer")
+        tokenizer = tokenizer_from_files(files)  # train with exactly what the verifier will load
         tokenizer_digest = files_root(algorithm, files).hex()
     data_copy = copy_into(dataset, run / "data")
     spec = batch_spec(hf_config, settings, adapter.batch_fields, task)
@@ -205,7 +192,7 @@ def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, da
             future.result()
         deviation.before_update(step, model)
 
-    return blocked.train_step(step, batches, spec.fields, record=lambda key, name, t: recorder.common(s, key, name, t),
+    return blocked.train_step(step, batches, spec.fields, commit=lambda key, name, t: recorder.common(s, key, name, t),
                               before_update=before_update, after_update=deviation.after_update)
 
 

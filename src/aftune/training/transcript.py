@@ -109,11 +109,7 @@ class Transcript:
     def load(cls, path: Path, pinned_key: PublicKey) -> "Transcript":
         """Parse and check a transcript: the key must be the pinned one, every signature valid,
         every chain link consistent. Raises RecordError naming the first bad line."""
-        if not path.is_file():
-            raise RecordError(f"transcript {path} is missing")
-        data = jsonio.read_capped(path, MAX_TRANSCRIPT_BYTES)
-        if len(data) > MAX_TRANSCRIPT_BYTES:
-            raise RecordError(f"transcript {path} is larger than {MAX_TRANSCRIPT_BYTES} bytes")
+        data = jsonio.read_bytes(path, MAX_TRANSCRIPT_BYTES, "transcript")
         lines = data.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()

@@ -1,7 +1,8 @@
 """Verdicts: what a verification compared, what failed, and why (machine-readable too).
 
-A block PASSes only if at least one commitment was compared and none failed: a check that
-compared nothing is a FAIL.
+Shared by every verifier. A block PASSes only if at least one commitment was compared and none
+failed: a check that compared nothing is a FAIL. A report PASSes only if it has blocks, all of
+them pass, and nothing failed at the level of the whole run or record.
 """
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PASS, FAIL = "PASS", "FAIL"
+MAX_FINDINGS_PER_CHECK = 8  # per block and kind of check: the first ones locate the cause
+RUN, RECORD = "run", "record"  # scopes: a training run (blocks x step blocks), an inference record (blocks)
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One failed comparison, located to the block, step and tensor."""
+    """One failed comparison, located to the block, step and tensor. `layer_block` -1 is the
+    whole run or record; inference records have no step blocks (their `step_block` is 0 and not
+    shown), and their `step` is the generation step."""
 
     layer_block: int
     step_block: int
-    check: str  # batch | output | input_gradient | loss | shared_gradient | grad_norms | end_state | base_weights | initial_state | record
+    check: str  # batch | output | input_gradient | loss | shared_gradient | grad_norms | end_state | base_weights | initial_state | record | token | label | ...
     reason: str
     tensor: str = ""
     step: int | None = None
@@ -26,14 +31,14 @@ class Finding:
     expected: str | None = None
     actual: str | None = None
     error: float | None = None
+    scope: str = RUN
 
     def location(self, block_label: str = "") -> list[str]:
-        """Where the finding is: the block (or the run) and the step block."""
-        if self.layer_block < 0 and self.step_block < 0:
-            return [block_label or "run"]
-        if self.layer_block < 0:
-            return [block_label or "run", f"step block {self.step_block}"]
-        return [block_label or f"layer block {self.layer_block}", f"step block {self.step_block}"]
+        """Where the finding is: the block (or the run or record) and, in a run, the step block."""
+        where = [block_label or (self.scope if self.layer_block < 0 else f"layer block {self.layer_block}")]
+        if self.scope == RUN and self.step_block >= 0:
+            where.append(f"step block {self.step_block}")
+        return where
 
     def describe(self, block_label: str = "") -> str:
         where = self.location(block_label)
@@ -54,6 +59,8 @@ class Finding:
 
 @dataclass
 class BlockResult:
+    """The verdict on one block: (layer block, step block) of a run, or a layer block of a record."""
+
     layer_block: int
     step_block: int
     label: str
@@ -63,25 +70,46 @@ class BlockResult:
     max_elem_error: float = 0.0  # largest element error / rms of any tensor (tolerance mode)
     seconds: float = 0.0
     errors_by_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [max rel L2, max elem]
+    scope: str = RUN
 
     @property
     def verdict(self) -> str:
         return PASS if self.compared > 0 and not self.findings else FAIL
 
+    def fail(self, check: str, reason: str, *, capped: bool = True, **kw) -> None:
+        """Add a finding about this block; past MAX_FINDINGS_PER_CHECK of one check, the rest
+        are dropped (`capped=False` keeps them, for findings ranked and cut afterwards)."""
+        same = sum(1 for f in self.findings if f.check == check)
+        if not capped or same < MAX_FINDINGS_PER_CHECK:
+            self.findings.append(Finding(self.layer_block, self.step_block, check, reason, scope=self.scope, **kw))
+
+    def observe(self, kind: str, rel: float, elem: float) -> None:
+        """Note a tolerance-mode error of a tensor of `kind` (for calibration and the report)."""
+        self.max_error, self.max_elem_error = max(self.max_error, rel), max(self.max_elem_error, elem)
+        seen = self.errors_by_kind.setdefault(kind, [0.0, 0.0])
+        seen[0], seen[1] = max(seen[0], rel), max(seen[1], elem)
+
+    def where(self) -> str:
+        return self.label if self.scope == RECORD else f"{self.label}, step block {self.step_block}"
+
     def headline(self) -> str:
         if self.verdict == PASS:
-            return f"PASS {self.label}, step block {self.step_block}: {self.compared} commitments match"
+            text = f"PASS {self.where()}: {self.compared} commitments match"
+            if self.max_error or self.max_elem_error:
+                text += f" (largest relative error {self.max_error:.3g}, element {self.max_elem_error:.3g} x rms)"
+            return text
         if not self.findings:
-            return f"FAIL {self.label}, step block {self.step_block}: nothing was compared"
+            return f"FAIL {self.where()}: nothing was compared"
         return f"FAIL {self.findings[0].describe(self.label)}"
 
 
 @dataclass
 class Report:
-    run_dir: str
+    run_dir: str  # the run directory, record directory or bundle verified
     mode: str
     results: list[BlockResult] = field(default_factory=list)
-    errors: list[Finding] = field(default_factory=list)  # run-level failures (final model, structure)
+    errors: list[Finding] = field(default_factory=list)  # failures of the whole run or record
+    notes: list[str] = field(default_factory=list)  # what was not checked, in words (unsafe options)
 
     @property
     def verdict(self) -> str:
@@ -96,6 +124,8 @@ class Report:
             text += "; " + self.errors[0].describe()
         elif failed:
             text += "; first failure: " + failed[0].headline()
+        elif not self.results:
+            text += "; nothing was verified"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -103,10 +133,12 @@ class Report:
             "verdict": self.verdict,
             "mode": self.mode,
             "run_dir": self.run_dir,
+            "notes": list(self.notes),
             "errors": [asdict(e) for e in self.errors],
             "blocks": [
                 {"layer_block": r.layer_block, "step_block": r.step_block, "label": r.label, "verdict": r.verdict,
-                 "compared": r.compared, "max_error": r.max_error, "max_elem_error": r.max_elem_error, "errors_by_kind": r.errors_by_kind, "seconds": round(r.seconds, 4),
+                 "compared": r.compared, "max_error": r.max_error, "max_elem_error": r.max_elem_error,
+                 "errors_by_kind": r.errors_by_kind, "seconds": round(r.seconds, 4),
                  "findings": [asdict(f) for f in r.findings]}
                 for r in self.results
             ],

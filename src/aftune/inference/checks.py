@@ -1,0 +1,201 @@
+"""The record-level checks of an inference record (SPEC.md 8.8 steps 1-3): the receipt, the
+model and its run, the layout, the input (re-tokenised from the recorded prompt or text, or the
+client's own image) and the output (tokens, steps, stop rule, text). Findings are collected on
+the verifier (`errors`); one that makes block replays meaningless sets `fatal`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..core.signing import PublicKey
+from ..data.inputs import classification_inputs, image_pixels, prompt_ids
+from ..errors import CommitmentMismatch, InputError
+from ..models import IMAGE_FAMILIES, tokenizer_from_files
+from ..training.run import RunRecord
+from ..training.transcript import run_root
+from .receipt import Receipt, verify_receipt
+from .served import eos_token_ids
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(d: bytes) -> str:
+    return d.hex()[:16] + "…"
+
+
+class RecordChecks:
+    """Mixed into `InferenceVerifier`: reads `record`, `served`, `blocks`; fills `inputs`,
+    `tokens`, and findings through `_error`."""
+
+    def _check_receipt(self, public_key: PublicKey) -> None:
+        path = self.record.receipt_path()
+        if not path.is_file():
+            self._error("receipt", f"no receipt for this record at {path}: the provider signed nothing")
+            return
+        try:
+            receipt = Receipt.load(path)
+            if receipt.record_root != self.record.record_id:
+                raise CommitmentMismatch(f"the receipt names record {_short(receipt.record_root)}, not this one")
+            verify_receipt(receipt, public_key, self.record.records.root)
+        except (CommitmentMismatch, InputError) as exc:
+            self._error("receipt", str(exc))
+
+    def _check_model(self) -> None:
+        rec, served = self.record, self.served
+        if served.hf_config != rec.model["config"]:
+            diff = sorted(k for k in set(served.hf_config) | set(rec.model["config"])
+                          if served.hf_config.get(k) != rec.model["config"].get(k))
+            self._error("model", f"the model's config.json differs from the committed config (fields {diff[:6]})")
+        if served.algorithm != rec.algorithm or served.digest != rec.model_digest:
+            self._error("model", "the model's weights are not the ones the record commits to (another model, or "
+                        "weights changed)", expected=_short(rec.model_digest), actual=_short(served.digest))
+
+    def _check_run(self, public_key, run_dir, transcript) -> None:
+        rec = self.record
+        binding = rec.run
+        if binding is not None:
+            if run_root(rec.algorithm, binding.config_digest, binding.last_root,
+                        binding.final_model_digest) != binding.root:
+                self._error("run", "the committed run root does not follow from its parts")
+            if binding.final_model_digest != rec.model_digest:
+                self._error("run", "the record's model digest is not the run's final model digest",
+                            expected=_short(binding.final_model_digest), actual=_short(rec.model_digest))
+        if run_dir is None or public_key is None:
+            return
+        try:
+            run = RunRecord.open(run_dir, public_key, transcript)
+        except CommitmentMismatch as exc:
+            self._error("run", f"the run directory's signed record is not valid: {exc}")
+            return
+        signed = run.transcript.run
+        if signed is None:
+            self._error("run", "the run has no signed run root: training did not finish")
+        elif signed.final_model_digest != rec.model_digest:
+            self._error("run", "the served model is not the run's fine-tuned model: the record's model digest "
+                        "differs from the signed final_model_digest", expected=_short(signed.final_model_digest),
+                        actual=_short(rec.model_digest))
+        elif binding is None or binding.root != signed.root:
+            self._error("run", "the record is not bound to this run's signed run root")
+        tok = (run.config.get("model") or {}).get("tokenizer")
+        if tok is not None and rec.model.get("tokenizer") != tok:
+            self._error("run", "the record's tokenizer is not the run's committed tokenizer")
+
+    def _check_layout(self) -> None:
+        layout = self.record.doc["layout"]
+        if layout["stages"] != self.served.stage_names or \
+                layout["layer_blocks"] != [list(r) for r in self.blocks.ranges]:
+            self._error("record", "the committed layer-block layout differs from the model's", fatal=True)
+        if self.record.task != self.served.task:
+            self._error("record", f"the record is a {self.record.task} record, the model a {self.served.task}",
+                        fatal=True)
+
+    def _tokenizer(self):
+        """The record's tokenizer (checked against its committed files root), loaded once."""
+        if getattr(self, "_loaded_tokenizer", None) is None:
+            self._loaded_tokenizer = tokenizer_from_files(self.record.tokenizer_files(), "the record's tokenizer")
+        return self._loaded_tokenizer
+
+    def _check_input(self, expected_prompt, expected_text, expected_image) -> None:
+        rec, served = self.record, self.served
+        inp = rec.doc["input"]
+        if rec.rows_root("input/") != rec.declared_digest("input"):
+            self._error("input", "the input digest does not match the committed input tensors", fatal=True)
+        fields = {"causal_lm": ["input_ids"], "bert": ["attention_mask", "input_ids", "token_type_ids"],
+                  "image": ["pixel_values"]}
+        kind = "causal_lm" if rec.task == "causal_lm" else ("image" if served.family in IMAGE_FAMILIES else "bert")
+        have = sorted(k[len("input/"):] for k in rec.rows if k.startswith("input/"))
+        if have != fields[kind]:
+            self._error("input", f"committed input tensors {have}, expected {fields[kind]}", fatal=True)
+            return
+        self.inputs = {f: rec.tensor(f"input/{f}") for f in fields[kind]}
+        if kind == "causal_lm":
+            prompt = inp.get("prompt")
+            if inp.get("kind") != "prompt" or not isinstance(prompt, str):
+                self._error("input", "the record has no prompt", fatal=True)
+                return
+            if expected_prompt is not None and prompt != expected_prompt:
+                self._error("input", f"the record answers another prompt: {prompt[:60]!r}, not yours "
+                            f"{expected_prompt[:60]!r}")
+            try:
+                ids = prompt_ids(self._tokenizer(), prompt)
+            except InputError as exc:
+                self._error("input", f"the recorded prompt cannot be tokenised: {exc}", fatal=True)
+                return
+            if not torch.equal(ids, self.inputs["input_ids"]):
+                self._error("input", "the committed input ids are not the tokens of the recorded prompt: the model "
+                            "was run on another prompt", tensor="input/input_ids")
+        elif kind == "bert":
+            text = inp.get("text")
+            if inp.get("kind") != "text" or not isinstance(text, str):
+                self._error("input", "the record has no text", fatal=True)
+                return
+            if expected_text is not None and text != expected_text:
+                self._error("input", f"the record classifies another text: {text[:60]!r}")
+            try:
+                want = classification_inputs(self._tokenizer(), text, served.max_positions)
+            except InputError as exc:
+                self._error("input", f"the recorded text cannot be tokenised: {exc}", fatal=True)
+                return
+            for f in fields[kind]:
+                if not torch.equal(want[f], self.inputs[f]):
+                    self._error("input", f"the committed {f} are not those of the recorded text: the model was run "
+                                "on another input", tensor=f"input/{f}")
+        else:
+            info = inp.get("image")
+            px = self.inputs["pixel_values"]
+            if inp.get("kind") != "image" or not isinstance(info, dict) or px.dim() != 4 or px.shape[0] != 1:
+                self._error("input", "the record has no image input of shape [1, 3, S, S]", fatal=True)
+                return
+            if expected_image is not None:
+                pixels, got = image_pixels(expected_image, int(px.shape[-1]), rec.algorithm)
+                if got["digest"] != info.get("digest") or not torch.equal(pixels, px):
+                    self._error("input", f"the committed pixels are not those of your image {Path(expected_image).name}")
+
+    def _check_output(self) -> None:
+        rec = self.record
+        out = rec.doc["output"]
+        if rec.rows_root("output/") != rec.declared_digest("output"):
+            self._error("output", "the output digest does not match the committed output tensors", fatal=True)
+        steps = rec.steps
+        if rec.task == "classification":
+            label = out.get("label")
+            t = rec.tensor("output/label") if "output/label" in rec.rows else None
+            if (t is None or t.dtype != torch.int64 or not _is_int(label) or t.tolist() != [label]
+                    or steps != [(0, 1)]):
+                self._error("output", "the committed label, its tensor and the single step disagree", fatal=True)
+                return
+            self.tokens = [label]
+            return
+        tokens = out.get("tokens")
+        t = rec.tensor("output/tokens") if "output/tokens" in rec.rows else None
+        if (t is None or not isinstance(tokens, list) or not all(_is_int(x) for x in tokens)
+                or t.dtype != torch.int64 or t.tolist() != tokens):
+            self._error("output", "the committed tokens and their tensor disagree", fatal=True)
+            return
+        self.tokens = tokens
+        gen = rec.generation
+        eos = set(eos_token_ids(rec.model["config"]))
+        if sorted(eos) != sorted(rec.doc["generation"]["eos_token_ids"]):
+            self._error("output", "the committed end-of-sequence tokens are not the model config's")
+        p = self.inputs["input_ids"].shape[1] if "input_ids" in self.inputs else 0
+        want_steps = [(0, p)] + [(p + k - 1, 1) for k in range(1, len(tokens))]
+        if steps != want_steps or not tokens:
+            self._error("output", f"the committed steps {steps[:3]}… do not match a prompt of {p} tokens and "
+                        f"{len(tokens)} generated tokens", fatal=True)
+            return
+        if len(tokens) > gen.max_new_tokens:
+            self._error("output", f"{len(tokens)} tokens generated, max_new_tokens is {gen.max_new_tokens}")
+        early = [i for i, tok in enumerate(tokens[:-1]) if tok in eos]
+        if early:
+            self._error("output", f"generation went on after an end-of-sequence token at step {early[0]}")
+        if len(tokens) < gen.max_new_tokens and tokens[-1] not in eos:
+            self._error("output", f"generation stopped after {len(tokens)} of {gen.max_new_tokens} tokens without "
+                        "an end-of-sequence token")
+        text = out.get("text")
+        if text != self._tokenizer().decode(tokens, skip_special_tokens=True):
+            self._error("output", "the committed text is not the decoding of the committed tokens")

@@ -1,0 +1,300 @@
+"""Inference records (SPEC.md 8.3-8.4): the record directory, the keys of a record's tensor rows,
+and reading one record as hostile input.
+
+    R/records/<id>.json     one canonical-JSON record file, named by its id (the digest of its bytes)
+    R/objects/              the content-addressed tensor store
+    R/tokenizers/<root>/    the tokenizer files, named by their files root
+    R/receipts/<id>.json    the provider's signed receipt
+
+    record = InferenceRecord.open("records", "3fa1…")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import jsonio
+from ..core.encoding import DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, hash_message, parse_hex_digest
+from ..core.merkle import files_root, merkle_root
+from ..core.rows import TensorRef, rows_from_json
+from ..core.store import ObjectStore
+from ..errors import CommitmentMismatch, InputError, RecordError
+from ..models import tokenizer_files
+from .served import RunBinding
+from .settings import MAX_NEW_TOKENS, GenerationSettings, RecordingSettings
+
+RECORD_FORMAT = "aftune.inference.v1"
+MAX_RECORD_BYTES = 256 << 20
+
+
+# --- keys of the tensor rows ---------------------------------------------------------------------
+
+def step_key(step: int, boundary: int) -> str:
+    return f"step/{step:06d}/boundary/{boundary:04d}"
+
+
+def boundary_key(boundary: int) -> str:
+    return f"boundary/{boundary:04d}"
+
+
+def input_key(field_name: str) -> str:
+    return f"input/{field_name}"
+
+
+def digests_root(algorithm: str, rows: dict[str, TensorRef], prefix: str) -> bytes:
+    return merkle_root(algorithm, {k: r.digest for k, r in rows.items() if k.startswith(prefix)})
+
+
+def record_id(algorithm: str, data: bytes) -> bytes:
+    return hash_message(algorithm, TAG_INFERENCE_RECORD, data)
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC time with microseconds, e.g. 2025-01-31T12:00:00.123456Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- the record directory --------------------------------------------------------------------
+
+class RecordDir:
+    """R/records/<id>.json, R/objects/, R/tokenizers/<root>/, R/receipts/<id>.json."""
+
+    def __init__(self, root: str | Path, algorithm: str):
+        self.root = Path(root)
+        self.algorithm = algorithm
+        self.store = ObjectStore(self.root / "objects", algorithm)
+
+    def record_path(self, rid: bytes) -> Path:
+        return self.root / "records" / f"{rid.hex()}.json"
+
+    def receipt_path(self, rid: bytes) -> Path:
+        return self.root / "receipts" / f"{rid.hex()}.json"
+
+    def tokenizer_dir(self, digest: bytes) -> Path:
+        return self.root / "tokenizers" / digest.hex()
+
+    def keep_tokenizer(self, source: Path, digest: bytes) -> Path:
+        """Copy the tokenizer files once, named by their files root."""
+        target = self.tokenizer_dir(digest)
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        for name, data in tokenizer_files(source).items():
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another writer was first: same content by construction
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def write_new(self, path: Path, data: bytes) -> None:
+        """Create `path` with `data`; an existing file is never overwritten."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if path.read_bytes() != data:
+                    raise RecordError(f"{path} exists with other content: records are never overwritten") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def record_ids(self) -> list[str]:
+        d = self.root / "records"
+        if not d.is_dir():
+            return []
+        return sorted(p.stem for p in d.glob("*.json") if len(p.stem) == 64 and not p.stem.strip("0123456789abcdef"))
+
+
+# --- reading a record ------------------------------------------------------------------------
+
+def _need(obj: Any, name: str, kind, where: str = "record"):
+    v = obj.get(name) if isinstance(obj, dict) else None
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise RecordError(f"{where}: '{name}' is missing or malformed")
+    return v
+
+
+@dataclass
+class InferenceRecord:
+    """One record, read from hostile files: its bytes hash to its name before anything is used."""
+
+    records: RecordDir
+    record_id: bytes
+    doc: dict[str, Any]
+    rows: dict[str, TensorRef]
+
+    @classmethod
+    def open(cls, record_dir: str | Path, record: str | None = None) -> "InferenceRecord":
+        root = Path(record_dir)
+        if not root.is_dir():
+            raise InputError(f"record directory {root} does not exist")
+        ids = RecordDir(root, "blake3").record_ids()
+        if record is None:
+            if len(ids) != 1:
+                raise InputError(f"{root} holds {len(ids)} records: choose one with --record ID "
+                                 f"({', '.join(i[:16] + '…' for i in ids[:5])})" if ids else f"{root} holds no records")
+            name = ids[0]
+        else:
+            rec = record.strip().lower()
+            if rec.endswith(".json"):
+                rec = Path(rec).stem
+            if not rec or rec.strip("0123456789abcdef"):
+                raise InputError(f"a record id is hexadecimal, got {record[:80]!r}")
+            matches = [i for i in ids if i.startswith(rec)]
+            if len(matches) != 1:
+                raise InputError(f"{'no' if not matches else 'more than one'} record in {root} starts with {rec[:64]}")
+            name = matches[0]
+        path = root / "records" / f"{name}.json"
+        data = jsonio.read_bytes(path, MAX_RECORD_BYTES, "inference record")
+        doc = jsonio.parse(data, f"inference record {path}")
+        if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+            raise RecordError(f"{path} is not an {RECORD_FORMAT} record")
+        algorithm = doc.get("hash")
+        if algorithm not in HASH_ALGORITHMS:
+            raise RecordError(f"{path}: unknown hash {str(algorithm)[:20]!r}")
+        rid = record_id(algorithm, data)
+        if rid.hex() != name:
+            raise CommitmentMismatch(f"record {name[:16]}…: the file's bytes hash to {rid.hex()[:16]}…, not to its "
+                                     "name: the record was edited after it was written")
+        rec = cls(RecordDir(root, algorithm), rid, doc, rows_from_json(doc.get("tensors"), "record: tensors"))
+        rec._check_structure()
+        return rec
+
+    # --- structure -------------------------------------------------------------------------
+    def _check_structure(self) -> None:
+        d = self.doc
+        if d.get("task") not in ("causal_lm", "classification"):
+            raise RecordError("record: 'task' must be causal_lm or classification")
+        model = _need(d, "model", dict)
+        _need(model, "config", dict, "record: model")
+        for k in ("dtype", "attn_implementation"):
+            _need(model, k, str, "record: model")
+        if model["dtype"] not in DTYPE_BY_NAME:
+            raise RecordError(f"record: model.dtype {model['dtype']!r} is not supported")
+        layout = _need(d, "layout", dict)
+        for k in ("layers_per_block", "activation_interval"):
+            v = _need(layout, k, int, "record: layout")
+            if v < 1:
+                raise RecordError(f"record: layout.{k} must be positive")
+        _need(layout, "stages", list, "record: layout")
+        _need(layout, "layer_blocks", list, "record: layout")
+        steps = _need(d, "steps", list)
+        if not steps or len(steps) > MAX_NEW_TOKENS or not all(
+                isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                            for x in s) for s in steps):
+            raise RecordError("record: 'steps' must be a non-empty list of [first position, positions] pairs")
+        _need(d, "input", dict)
+        _need(d, "output", dict)
+        if self.task == "causal_lm":
+            gen = _need(d, "generation", dict)
+            try:
+                self.generation.validate()
+            except InputError as exc:
+                raise RecordError(f"record: {exc}") from None
+            ids = gen.get("eos_token_ids")
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise RecordError("record: generation.eos_token_ids must be a list of integers")
+
+    @property
+    def algorithm(self) -> str:
+        return self.records.algorithm
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.records.store
+
+    @property
+    def task(self) -> str:
+        return self.doc["task"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.doc["model"]
+
+    @property
+    def model_digest(self) -> bytes:
+        try:
+            return parse_hex_digest(self.model.get("digest"), "record: model.digest")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+
+    @property
+    def run(self) -> RunBinding | None:
+        r = self.model.get("run")
+        return None if r is None else RunBinding.from_json(r)
+
+    @property
+    def settings(self) -> RecordingSettings:
+        layout = self.doc["layout"]
+        return RecordingSettings(layout["layers_per_block"], layout["activation_interval"], self.algorithm)
+
+    @property
+    def generation(self) -> GenerationSettings:
+        g = self.doc.get("generation") or {}
+        return GenerationSettings(g.get("max_new_tokens"), g.get("temperature"), g.get("top_p"), g.get("seed"))
+
+    @property
+    def steps(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b in self.doc["steps"]]
+
+    def declared_digest(self, section: str) -> bytes:
+        try:
+            return parse_hex_digest(self.doc[section].get("digest"), f"record: {section}.digest")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+
+    def rows_root(self, prefix: str) -> bytes:
+        return digests_root(self.algorithm, self.rows, prefix)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        ref = self.rows.get(key)
+        if ref is None:
+            raise RecordError(f"record {self.record_id.hex()[:16]}…: no tensor {key!r}")
+        return self.store.get(ref, f"record {self.record_id.hex()[:16]}…, {key}")
+
+    def has_tensor(self, key: str) -> bool:
+        ref = self.rows.get(key)
+        return ref is not None and self.store.has(ref.digest)
+
+    def receipt_path(self) -> Path:
+        return self.records.receipt_path(self.record_id)
+
+    def tokenizer_dir(self) -> Path | None:
+        """The record's tokenizer directory (R/tokenizers/<root>/), or None for image models."""
+        tok = self.model.get("tokenizer")
+        if tok is None:
+            return None
+        try:
+            digest = parse_hex_digest(tok, "record: model.tokenizer")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+        d = self.records.tokenizer_dir(digest)
+        if not d.is_dir():
+            raise RecordError(f"the record's tokenizer is missing: {d}")
+        return d
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The record's tokenizer files, checked against the files root the record commits."""
+        d = self.tokenizer_dir()
+        if d is None:
+            raise RecordError("the record commits no tokenizer")
+        try:
+            files = tokenizer_files(d)
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+        if files_root(self.algorithm, files).hex() != self.model.get("tokenizer"):
+            raise CommitmentMismatch(f"{d} does not match the tokenizer digest committed in the record")
+        return files

@@ -1,0 +1,119 @@
+"""Token choice (SPEC.md 8.6.2): greedy, or sampling whose uniform is derived from the seed and
+the step by a hash, so any verifier re-derives every token; and the sound test of tolerance mode
+that asks whether logits within eps of the recomputed ones could have made a draw pick a token.
+
+    choose_token(logits, GenerationSettings(temperature=0.8, seed=7), "blake3", step=3)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.encoding import TAG_SAMPLE, hash_message, u64
+from ..errors import InputError
+from .settings import GenerationSettings
+
+
+def sample_uniform(algorithm: str, seed: int, step: int) -> float:
+    """The uniform of generation step `step`: the first 8 bytes of H(TAG_SAMPLE || u64(seed) ||
+    u64(step)), big-endian, top 53 bits, divided by 2^53: in [0, 1), exact in binary64."""
+    d = hash_message(algorithm, TAG_SAMPLE, u64(seed), u64(step))
+    return (int.from_bytes(d[:8], "big") >> 11) / float(1 << 53)
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The index of the largest logit; the smallest such index on ties."""
+    z = logits.detach().double()
+    return int(torch.nonzero(z == z.max())[0, 0])
+
+
+def nucleus_probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Binary64 probabilities after temperature and nucleus filtering (unnormalised inside the
+    nucleus, zero outside). The nucleus: tokens sorted by probability (ties by index) are kept
+    while the mass before them is below top_p (the first is always kept)."""
+    z = logits.detach().double() / float(temperature)
+    p = torch.softmax(z, dim=-1)
+    if top_p >= 1.0:
+        return p
+    order = torch.sort(p, descending=True, stable=True).indices
+    sorted_p = p[order]
+    before = torch.cumsum(sorted_p, dim=0) - sorted_p
+    keep_sorted = before < float(top_p)
+    keep_sorted[0] = True
+    keep = torch.zeros_like(keep_sorted)
+    keep[order] = keep_sorted
+    return torch.where(keep, p, torch.zeros_like(p))
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: float) -> int:
+    """Inverse-CDF draw in vocabulary order: the first index j with u * total < C[j], where C is
+    the running sum of the nucleus probabilities and total its last value."""
+    q = nucleus_probabilities(logits, temperature, top_p)
+    c = torch.cumsum(q, dim=0)
+    x = torch.tensor([u * float(c[-1])], dtype=torch.float64)
+    j = int(torch.searchsorted(c, x, right=True)[0])
+    if j >= q.numel():  # rounding at the very top: the last token of the nucleus
+        j = int(torch.nonzero(q > 0)[-1, 0])
+    return j
+
+
+def choose_token(logits: torch.Tensor, gen: GenerationSettings, algorithm: str, step: int) -> int:
+    if not bool(torch.isfinite(logits).all()):
+        raise InputError(f"generation step {step}: the model produced non-finite logits")
+    if not gen.sampling:
+        return greedy_token(logits)
+    return sample_token(logits, gen.temperature, gen.top_p, sample_uniform(algorithm, gen.seed, step))
+
+
+def sampled_token_possible(z: torch.Tensor, token: int, temperature: float, top_p: float, u: float,
+                           eps: float) -> bool:
+    """Could logits within `eps` (each) of `z` make the seeded draw pick `token`? A sound,
+    conservative test for tolerance mode: every probability of the provider's distribution lies
+    within a factor r = exp(2 eps / T) of ours, which bounds nucleus membership and the
+    cumulative sums on both sides of the token."""
+    p = torch.softmax(z.double() / float(temperature), dim=-1)
+    r = math.exp(2.0 * eps / float(temperature))
+    n = p.numel()
+    if top_p >= 1.0:
+        maybe = torch.ones(n, dtype=torch.bool)
+        surely = maybe
+    else:
+        ps = torch.sort(p, descending=True).values
+        cs = torch.cumsum(ps, dim=0)
+        neg = -ps  # ascending
+
+        def mass_above(x: torch.Tensor, inclusive: bool) -> torch.Tensor:
+            count = torch.searchsorted(neg, -x, right=inclusive)
+            return torch.where(count > 0, cs[(count - 1).clamp(min=0)], torch.zeros_like(x))
+
+        sure_above = mass_above(p * r * r, inclusive=False) / r
+        maybe_above = (mass_above(p / (r * r), inclusive=True) - p).clamp(min=0) * r
+        top = float(ps[0])
+        maybe = (sure_above < top_p) | (p * r * r >= top)
+        surely = maybe_above < top_p
+        surely = surely & maybe
+    if not bool(maybe[token]):
+        return False
+    lo = float(p[:token][surely[:token]].sum()) / r
+    hi = float(p[: token + 1][maybe[: token + 1]].sum()) * r
+    tot_lo = float(p[surely].sum()) / r
+    tot_hi = float(p[maybe].sum()) * r
+    return u * tot_hi >= lo and u * tot_lo < hi
+
+
+def needed_logit_tolerance(z: torch.Tensor, token: int, gen, u: float) -> float:
+    """The smallest absolute logit error under which `sampled_token_possible` accepts the token
+    (bisection; for calibration only, never a verdict)."""
+    if sampled_token_possible(z, token, gen.temperature, gen.top_p, u, 0.0):
+        return 0.0
+    lo, hi = 0.0, max(float(z.abs().max()), 1.0)
+    while not sampled_token_possible(z, token, gen.temperature, gen.top_p, u, hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            return math.inf
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if sampled_token_possible(z, token, gen.temperature, gen.top_p, u, mid) else (mid, hi)
+    return hi

@@ -1,0 +1,224 @@
+"""The replay of one (layer block, step block) of a run: SPEC.md 6.2 steps 3 to 6.
+
+Every committed tensor the replay feeds into its own computation (start state, input boundary,
+output gradient, other blocks' tied-weight gradient parts and gradient norms) is first checked
+against the shape and dtype the agreed computation gives it (`models.shapes`): a committed
+tensor that does not fit is the provider's fault and a finding; an error the computation still
+raises afterwards is aftune's own and propagates (exit 3), never a verdict.
+
+    BlockReplay(verifier, result, layer_block=1, step_block=2).run(start_state=None)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.encoding import DTYPE_BY_NAME, DTYPE_NAMES, tensor_digest
+from ..core.rows import TensorRef
+from ..errors import CommitmentMismatch, RecordError
+from ..models.shapes import TensorSpec
+from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
+from ..verdict.policy import tensor_kind
+from .manifest import StepBlockManifest, common_key
+
+REASONS = {
+    "batch": "the committed batch is not the one the agreed data and order give (swapped batch or edited labels)",
+    "output": "the block's recomputed output differs from the committed one",
+    "loss": "the recomputed loss differs from the committed one",
+    "input_gradient": "the recomputed input gradient differs from the committed one",
+    "shared_gradient": "the recomputed tied-weight gradient part differs from the committed one",
+    "grad_norms": "the recomputed gradient norms differ from the committed ones",
+    "end_state": "replaying the committed steps does not reach the committed end-of-block state",
+}
+
+
+class StopReplay(Exception):
+    """Ends one block's replay after a finding that makes the rest meaningless."""
+
+
+def check_fits(ref: TensorRef | None, want: TensorSpec, key: str) -> TensorRef:
+    """The committed tensor `key` must exist and have the shape (and, unless `want.dtype` is
+    empty, the dtype) the replay expects."""
+    if ref is None:
+        raise CommitmentMismatch(f"{key}: the replay needs this tensor but it is not committed")
+    if ref.shape != want.shape or (want.dtype and ref.dtype != want.dtype):
+        raise CommitmentMismatch(f"{key}: committed {ref.dtype}{list(ref.shape)}, but the agreed computation gives "
+                                 f"{want.describe()} here")
+    return ref
+
+
+class BlockReplay:
+    """One block's replay, reading the verifier's model, data and record."""
+
+    def __init__(self, verifier, result: BlockResult, layer_block: int, step_block: int):
+        self.v, self.res, self.l, self.s = verifier, result, layer_block, step_block
+        self.bm = verifier.blocked
+        self.last = layer_block == len(self.bm.blocks) - 1
+        self.run_dtype = DTYPE_NAMES[DTYPE_BY_NAME[verifier.record.settings.dtype]]  # committed floats are in it
+
+    # --- comparisons --------------------------------------------------------------------------
+    def compare(self, ref: TensorRef | None, actual: torch.Tensor, *, check: str, tensor: str, step=None, micro=None,
+                where: str = "") -> None:
+        v, res = self.v, self.res
+        if ref is None:
+            res.fail(check, "no commitment for this tensor in the manifest", tensor=tensor, step=step, micro=micro)
+            return
+        res.compared += 1
+        loadable = not v.policy.strict or (check == "end_state" and v.record.store.has(ref.digest))
+        committed = (lambda: v.record.store.get(ref, where or tensor)) if loadable else None
+        kind = tensor_kind(check, tensor)
+        outcome = v.policy.compare(ref, actual, committed, v.algorithm, kind, measure_mismatch=check == "end_state")
+        if outcome.elem is not None:
+            res.observe(kind, outcome.rel, outcome.elem)
+        if outcome.matched:
+            return
+        reason = outcome.reason if outcome.reason.startswith("shape") else REASONS.get(check, "mismatch")
+        if outcome.elem is not None:
+            reason += f"; {outcome.reason}"
+        res.fail(check, reason, capped=check != "end_state", tensor=tensor, step=step, micro=micro,
+                 expected=outcome.expected, actual=outcome.actual, error=outcome.rel)
+
+    def load(self, ref: TensorRef, key: str) -> torch.Tensor:
+        t = self.v.record.store.get(ref, key)
+        return t.to(self.v.replay_dtype) if t.is_floating_point() else t
+
+
+    # --- the block ----------------------------------------------------------------------------
+    def run(self, start_state) -> dict[str, torch.Tensor]:
+        v, bm, l, s = self.v, self.bm, self.l, self.s
+        m_start, m_end = v.record.manifest(s), v.record.manifest(s + 1)
+        expected_steps = v.settings.steps_of(s)
+        if (m_start.first_step, m_start.num_steps) != (expected_steps.start, len(expected_steps)):
+            raise RecordError(f"step block {s} covers steps {m_start.first_step}..+{m_start.num_steps}, "
+                              f"the config says {expected_steps.start}..+{len(expected_steps)}")
+        extra = sorted(set(m_start.blocks[l]) - set(bm.state_tensors(l)))
+        if extra:
+            self.res.fail("record", f"{len(extra)} committed state tensors the architecture does not have", tensor=extra[0])
+        self.load_start_state(m_start, start_state)
+        for step in expected_steps:
+            for m in range(v.settings.grad_accum):
+                self.replay_micro(m_start, step, m)
+            self.update(m_start, step)
+        return self.end_state(m_end)
+
+    def load_start_state(self, m_start: StepBlockManifest, start_state) -> None:
+        """3. The committed start state (s = 0: the agreed base model, seeded adapters, empty
+        optimizer), or the previous replay's end state where it has the committed digest."""
+        v, bm, s = self.v, self.bm, self.s
+        live = {**bm.state_tensors(self.l)}
+        for name, p, owner in bm.layout[self.l].foreign:
+            live[f"state/{name}"] = (name, p.data)
+            live.update({k: x for k, x in bm.state_tensors(owner).items() if k.startswith(f"optim/{name}/")})
+        for key, (ref, owner) in v.state_refs(m_start, self.l).items():
+            if ref is None:
+                self.res.fail("record", "state tensor missing from the manifest", tensor=key)
+                continue
+            # the shape only: adapters may keep another float dtype than the run's, and digests bind it
+            check_fits(ref, TensorSpec(tuple(live[key][1].shape), ""), f"step block {s}, layer block {owner}: {key}")
+            t = start_state.get(key) if start_state else None
+            if t is None or tensor_digest(ref.name, t, v.algorithm) != ref.digest:
+                t = v.record.store.get(ref, f"step block {s}, layer block {owner}")
+            if s == 0 and key.startswith("state/"):
+                v.initial.check_state(self.res, key[len("state/"):], t)
+            elif s == 0 and key.startswith("optim/"):
+                v.initial.check_optimizer(self.res, key, t)
+            bm.assign(key, t.to(v.replay_dtype) if t.is_floating_point() else t)
+
+    def replay_micro(self, manifest: StepBlockManifest, step: int, m: int) -> None:
+        """4-5. One micro-batch through the block: batch, forward, backward, tied-weight parts."""
+        v, bm, l, common = self.v, self.bm, self.l, manifest.common
+        indices, batch = v.agreed_batch(step, m)
+        for field in v.fields_entering(l):
+            key = common_key(step, m, "batch", field)
+            before = len(self.res.findings)
+            self.compare(common.get(key), batch[field], check="batch", tensor=key, step=step, micro=m)
+            if len(self.res.findings) > before:
+                f = self.res.findings[-1]
+                self.res.findings[-1] = Finding(**{**f.__dict__, "reason": f.reason + f"; the agreed examples are {indices}"})
+                raise StopReplay  # later tensors were computed from another batch
+        outputs = v.shapes.training_outputs(bm.blocks, batch)
+        if v.replay_dtype != torch.float32 and "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(v.replay_dtype)
+        ctx = bm.context(batch)
+        x_in = None
+        if l > 0:
+            key = common_key(step, m, "boundary", f"{l:04d}", "activation")
+            x_in = self.load(check_fits(common.get(key), outputs[l - 1], key), key).requires_grad_(True)
+        out, aliases = bm.forward(l, x_in, ctx, step, m)
+        if self.last:
+            key = common_key(step, m, "loss")
+            self.compare(common.get(key), out.detach().float(), check="loss", tensor=key, step=step, micro=m)
+            grad_out = bm.loss_gradient(out)
+        else:
+            key = common_key(step, m, "boundary", f"{l + 1:04d}", "activation")
+            self.compare(common.get(key), out.detach(), check="output", tensor=key, step=step, micro=m)
+            gkey = common_key(step, m, "boundary", f"{l + 1:04d}", "gradient")
+            grad_out = self.load(check_fits(common.get(gkey), outputs[l], gkey), gkey)
+        r = bm.backward(l, out, grad_out, x_in, aliases)
+        if l > 0:
+            key = common_key(step, m, "boundary", f"{l:04d}", "gradient")
+            self.compare(common.get(key), r.input_grad, check="input_gradient", tensor=key, step=step, micro=m)
+        for name, part in {**r.owner_parts, **r.alias_parts}.items():
+            key = common_key(step, m, "shared", name, f"{l:04d}")
+            self.compare(common.get(key), part, check="shared_gradient", tensor=key, step=step, micro=m)
+        self.add_tied_parts(common, step, m, r)
+
+    def shared_part(self, common, step: int, m: int, name: str, block: int, param: torch.Tensor) -> torch.Tensor:
+        key = common_key(step, m, "shared", name, f"{block:04d}")
+        want = TensorSpec(tuple(param.shape), self.run_dtype)
+        return self.load(check_fits(common.get(key), want, key), key)
+
+    def add_tied_parts(self, common, step: int, m: int, r) -> None:
+        """Tied parameters: accumulate the other blocks' committed parts in the fixed order."""
+        bm, l = self.bm, self.l
+        users = lambda name: [b for b in range(len(bm.blocks)) if any(n == name for n, _, _ in bm.layout[b].foreign)]  # noqa: E731
+        for name, p in bm.layout[l].params:
+            if name in r.owner_parts:
+                for b in users(name):
+                    if b != l:
+                        bm.add_gradient(p, self.shared_part(common, step, m, name, b, p))
+        for name, p, owner in bm.layout[l].foreign:
+            if not p.requires_grad:
+                continue
+            bm.add_gradient(p, self.shared_part(common, step, m, name, owner, p))
+            for b in users(name):
+                if b != owner:
+                    bm.add_gradient(p, r.alias_parts[name] if b == l else self.shared_part(common, step, m, name, b, p))
+
+    def update(self, manifest: StepBlockManifest, step: int) -> None:
+        """5. Gradient norms (compared), global clipping with every block's committed norms, update."""
+        bm, l = self.bm, self.l
+        norms = bm.grad_norms(l)
+        key = common_key(step, None, "grad_norms", f"{l:04d}")
+        self.compare(manifest.common.get(key), norms, check="grad_norms", tensor=key, step=step)
+        all_norms = []
+        for b in range(len(bm.blocks)):
+            k = common_key(step, None, "grad_norms", f"{b:04d}")
+            want = TensorSpec((len(bm.layout[b].trainable),), "F32")
+            all_norms.append(self.v.record.store.get(check_fits(manifest.common.get(k), want, k), k))
+        bm.update(l, step, bm.clip(all_norms), include_foreign=True)
+
+    def end_state(self, m_end: StepBlockManifest) -> dict[str, torch.Tensor]:
+        """6. The end state, compared with the commitment of the next step block."""
+        v, bm, l, s = self.v, self.bm, self.l, self.s
+        live = {**bm.state_tensors(l)}
+        for name, p, owner in bm.layout[l].foreign:
+            live[f"state/{name}"] = (name, p.data)
+            live.update({k: x for k, x in bm.state_tensors(owner).items() if k.startswith(f"optim/{name}/")})
+        end_state = {}
+        for key, (ref, owner) in v.state_refs(m_end, l).items():
+            _, t = live[key]
+            self.compare(ref, t, check="end_state", tensor=key, where=f"step block {s + 1}, layer block {owner}")
+            end_state[key] = t.detach().clone()
+        self.rank_end_state()
+        return end_state
+
+    def rank_end_state(self) -> None:
+        """Largest deviations first: the tensor an attack touched usually stands out."""
+        findings = self.res.findings
+        ends = [f for f in findings if f.check == "end_state"]
+        ends.sort(key=lambda f: -(f.error if f.error is not None else -1.0))
+        findings[:] = [f for f in findings if f.check != "end_state"] + ends[:MAX_FINDINGS_PER_CHECK]
+
+
+__all__ = ["BlockReplay", "StopReplay", "check_fits"]

@@ -1,0 +1,198 @@
+"""How a verifier compares what it recomputed with what was committed (SPEC.md 6.3 and 8.8).
+
+One policy for every verifier (training blocks, inference blocks, audits of either):
+
+- `strict`: the recomputed tensor, in the committed dtype, must hash to the committed digest
+  (bitwise: replay on the same kind of hardware as the provider);
+- `tolerance`: per-tensor relative errors must stay under finite, positive thresholds, set per
+  kind of tensor (replay on another device or in another precision). Integer tensors (batches,
+  token ids, labels) are compared bitwise in both modes.
+
+    policy = ComparisonPolicy("tolerance", Tolerance(rel_l2=1e-3, max_elem=1e-2))
+    outcome = policy.compare(ref, recomputed, load_committed, algorithm="blake3", kind="activation")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..core.encoding import DTYPES_BY_NAME, tensor_digest
+from ..core.rows import TensorRef
+from ..errors import InputError
+
+MODES = ("strict", "tolerance")
+TENSOR_KINDS = ("activation", "gradient", "weights", "optimizer")
+TOLERANCE_FORMAT = "aftune.tolerance.v1"
+
+# Inference defaults per record dtype (rel_l2, max_elem, logit): a few times the largest honest
+# error measured on tiny models of every family replayed one precision up (tests/test_inference_
+# tolerance.py prints them): bfloat16 -> float32 honest 4.7e-3, 2.2e-2, 6.0e-3; float32 -> float64
+# honest 3.1e-7, 1.6e-6, 2.3e-7.
+INFERENCE_DEFAULTS = {
+    "bfloat16": (1.5e-2, 8e-2, 2.5e-2),
+    "float16": (2e-3, 1e-2, 3e-3),
+    "float32": (1e-5, 1e-4, 1e-5),
+    "float64": (1e-12, 1e-11, 1e-12),
+}
+
+
+def threshold_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be a threshold (None when it can): thresholds are finite and positive."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        return f"{name} must be a finite positive number, got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Thresholds of tolerance mode. `per_kind` overrides (rel_l2, max_elem) for one kind of
+    tensor (activation, gradient, weights, optimizer); `logit` bounds the logit error of a token
+    choice, as a fraction of the step's largest |logit| (inference). Calibrate them on honest
+    replays (`aftune calibrate`); construction rejects infinite, NaN, zero and negative values."""
+
+    rel_l2: float = 1e-3  # ||recomputed - committed|| / ||committed||
+    max_elem: float = 1e-2  # max |recomputed - committed| / rms(committed)
+    per_kind: tuple[tuple[str, float, float], ...] = ()  # (kind, rel_l2, max_elem)
+    logit: float = 1e-2  # token choice: allowed logit error / largest |logit| of the step
+
+    def __post_init__(self):
+        problems = [threshold_problem(n, v) for n, v in
+                    (("rel_l2", self.rel_l2), ("max_elem", self.max_elem), ("logit", self.logit))]
+        for entry in self.per_kind:
+            if not isinstance(entry, tuple) or len(entry) != 3:
+                problems.append(f"per-kind thresholds are (kind, rel_l2, max_elem), got {entry!r}")
+                continue
+            kind, rel, elem = entry
+            if kind not in TENSOR_KINDS:
+                problems.append(f"unknown tensor kind {kind!r} (kinds: {', '.join(TENSOR_KINDS)})")
+            problems += [threshold_problem(f"{kind}.rel_l2", rel), threshold_problem(f"{kind}.max_elem", elem)]
+        problems = [p for p in problems if p]
+        if problems:
+            raise InputError("invalid tolerance: " + "; ".join(problems))
+
+    @classmethod
+    def for_dtype(cls, dtype: str) -> "Tolerance":
+        """The inference defaults for a record computed in `dtype`: honest replay error scales
+        with the provider's precision, and that dtype is bound by the model digest."""
+        if dtype not in INFERENCE_DEFAULTS:
+            raise InputError(f"no default tolerance for dtype {dtype!r}")
+        rel, elem, logit = INFERENCE_DEFAULTS[dtype]
+        return cls(rel, elem, logit=logit)
+
+    def limits(self, kind: str) -> tuple[float, float]:
+        for k, rel, elem in self.per_kind:
+            if k == kind:
+                return rel, elem
+        return self.rel_l2, self.max_elem
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": TOLERANCE_FORMAT, "rel_l2": self.rel_l2, "max_elem": self.max_elem, "logit": self.logit,
+                "per_kind": {k: {"rel_l2": rel, "max_elem": elem} for k, rel, elem in self.per_kind}}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "Tolerance":
+        try:
+            if obj.get("format") != TOLERANCE_FORMAT:
+                raise ValueError("format")
+            per_kind = tuple((k, float(v["rel_l2"]), float(v["max_elem"])) for k, v in obj.get("per_kind", {}).items())
+            return cls(float(obj["rel_l2"]), float(obj["max_elem"]), per_kind, float(obj.get("logit", cls.logit)))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise InputError(f"not an {TOLERANCE_FORMAT} document (write one with `aftune calibrate --out`)") from None
+
+
+def tensor_kind(check: str, tensor: str) -> str:
+    """The kind of tensor a training comparison is about, which picks its thresholds."""
+    if check in ("output", "loss"):
+        return "activation"
+    if check in ("input_gradient", "shared_gradient", "grad_norms"):
+        return "gradient"
+    return "optimizer" if tensor.startswith("optim/") else "weights"
+
+
+def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(||a - e|| / ||e||, max |a - e| / rms(e)) in binary64; infinite when either side holds a
+    NaN or an infinity, or when the norms overflow: such tensors never match."""
+    a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return math.inf, math.inf
+    if a.numel() == 0:
+        return 0.0, 0.0
+    diff = a - e
+    norm = float(torch.linalg.vector_norm(e))
+    rms = norm / (e.numel() ** 0.5)
+    tiny = 1e-30
+    rel = float(torch.linalg.vector_norm(diff)) / max(norm, tiny)
+    elem = float(diff.abs().max()) / max(rms, tiny)
+    if not (math.isfinite(rel) and math.isfinite(elem)):
+        return math.inf, math.inf
+    return rel, elem
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one comparison: `matched`, or why not."""
+
+    matched: bool
+    reason: str = ""  # what differs, when it is not (or not only) the value: a shape, a digest
+    expected: str | None = None  # committed digest prefix (strict mode)
+    actual: str | None = None  # recomputed digest prefix (strict mode)
+    rel: float | None = None  # relative L2 error (tolerance mode, or measured on a strict mismatch)
+    elem: float | None = None  # largest element error / rms (tolerance mode)
+
+
+def _short(digest: bytes) -> str:
+    return digest.hex()[:16] + "…"
+
+
+class ComparisonPolicy:
+    """strict or tolerance, with the thresholds: the one way every verifier compares tensors."""
+
+    def __init__(self, mode: str = "strict", tolerance: Tolerance | None = None):
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        self.tolerance = tolerance if tolerance is not None else Tolerance()
+
+    @property
+    def strict(self) -> bool:
+        return self.mode == "strict"
+
+    def compare(self, ref: TensorRef, actual: torch.Tensor, committed: Callable[[], torch.Tensor] | None,
+                algorithm: str, kind: str, measure_mismatch: bool = False) -> Outcome:
+        """Compare `actual` with the commitment `ref`. `committed()` loads the committed tensor
+        (tolerance mode, or `measure_mismatch` in strict mode: the relative error of a strict
+        mismatch, to rank findings). Shapes must match exactly in both modes."""
+        if tuple(actual.shape) != ref.shape:
+            return Outcome(False, f"shape {list(actual.shape)} recomputed, {list(ref.shape)} committed")
+        if self.strict or not actual.is_floating_point():
+            got = tensor_digest(ref.name, actual.to(DTYPES_BY_NAME[ref.dtype]), algorithm)
+            if got == ref.digest:
+                return Outcome(True)
+            rel = None
+            if measure_mismatch and actual.is_floating_point() and committed is not None:
+                rel = relative_errors(actual, committed())[0]
+            return Outcome(False, expected=_short(ref.digest), actual=_short(got), rel=rel)
+        if committed is None:
+            raise InputError("tolerance mode needs the committed tensor, which is committed by digest only")
+        rel, elem = relative_errors(actual, committed())
+        max_rel, max_elem = self.tolerance.limits(kind)
+        matched = rel <= max_rel and elem <= max_elem
+        return Outcome(matched, "" if matched else f"largest element error {elem:.3g} x rms", rel=rel, elem=elem)
+
+
+class Verifying:
+    """A verifier's `mode` and `tolerance`, read from its `policy` (training and inference alike)."""
+
+    policy: ComparisonPolicy
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return self.policy.tolerance
