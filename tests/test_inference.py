@@ -13,7 +13,7 @@ import torch
 
 from aftune.errors import InputError
 from aftune.attacks import quant_serving
-from aftune.inference.engine import InferenceEngine, ServingDeviation
+from aftune.inference.engine import InferenceEngine
 from aftune.inference.record import InferenceRecord, boundary_key
 from aftune.inference.sampling import sample_token, sample_uniform
 from aftune.inference.served import ServedModel
