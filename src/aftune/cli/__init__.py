@@ -7,6 +7,7 @@ code; each other module registers its commands on the app. Nothing below `aftune
 """
 
 from . import training, inference, audit, plan, attack  # noqa: F401,I001  (register their commands, in this order)
+from . import attestation  # noqa: F401,E402  (`aftune attestation ...`)
 from .app import app, main
 
 __all__ = ["app", "main"]
