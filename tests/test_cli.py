@@ -51,7 +51,9 @@ def test_model_written_in_hugging_face_format(builtin_run):
     assert model.config.model_type == "llama" and tok("Q: hi")["input_ids"]
     digest = invoke("digest", builtin_run / "model")
     final = json.loads((builtin_run / "transcript.jsonl").read_text().splitlines()[-1])["final_model_digest"]
-    assert digest.output.strip() == final
+    assert f"model   {final}" in digest.output  # the run root binds weights, config and tokenizer files
+    config = json.loads((builtin_run / "config.json").read_text())
+    assert f"weights {config['model']['base_weights']}" not in digest.output  # fine-tuned: not the base weights
 
 
 @pytest.mark.parametrize("args, message", [

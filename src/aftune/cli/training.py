@@ -197,16 +197,18 @@ def digest(
     dtype: str = typer.Option("float32", "--dtype", help="The dtype the weights are trained in."),
     hash_algorithm: str = typer.Option("blake3", "--hash"),
 ):
-    """Print the weights digest of a model (compare with a run's base_weights or final model)."""
-    from ..core.merkle import tensors_root
-    from ..models import load_pretrained, model_weights
+    """Print a model's weights digest (compare with a run's base_weights) and its model digest
+    (weights, config, generation config and tokenizer: compare with a run's final model)."""
     from ..core.encoding import DTYPE_BY_NAME
+    from ..core.merkle import model_digest, tensors_root
+    from ..models import load_pretrained, model_files, model_weights
 
     try:
         if dtype not in DTYPE_BY_NAME:
             raise AftuneError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}")
         _, model = load_pretrained(model_dir, "eager", DTYPE_BY_NAME[dtype])
         root, _ = tensors_root(hash_algorithm, model_weights(model))
+        whole = model_digest(hash_algorithm, root, model_files(model_dir))
     except AftuneError as exc:
         _fail(exc)
-    out.print(root.hex())
+    out.print(f"weights {root.hex()}\nmodel   {whole.hex()}")

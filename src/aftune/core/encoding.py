@@ -43,6 +43,7 @@ TAG_CHALLENGE_STRATUM = b"aftune.v1.challenge-stratum\x00"
 TAG_CHALLENGE_DIGEST = b"aftune.v1.challenge-digest\x00"
 TAG_ATTESTATION_BINDING = b"aftune.v1.attestation-binding\x00"  # TEE user data (SPEC.md 10.2)
 TAG_ATTESTED_VERDICT = b"aftune.v1.attested-verdict\x00"  # attested verdict message (SPEC.md 10.4)
+TAG_MODEL = b"aftune.v1.model\x00"  # a model: its weights and the files that say how to run it (SPEC.md 3.6)
 
 # dtype names as in the safetensors format.
 DTYPE_NAMES: dict[torch.dtype, str] = {

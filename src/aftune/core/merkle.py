@@ -115,3 +115,12 @@ def files_root(algorithm: str, files: dict[str, bytes]) -> bytes:
     from .encoding import TAG_FILE, hash_message
 
     return merkle_root(algorithm, {name: hash_message(algorithm, TAG_FILE, data) for name, data in files.items()})
+
+
+def model_digest(algorithm: str, weights_root: bytes, files: dict[str, bytes]) -> bytes:
+    """Digest of a model (SPEC.md 3.6): H(TAG_MODEL || weights root || files_root(files)), where
+    `files` are its config, generation config and tokenizer files: what says how to run the
+    weights is bound with them."""
+    from .encoding import TAG_MODEL, hash_message
+
+    return hash_message(algorithm, TAG_MODEL, weights_root, files_root(algorithm, files))

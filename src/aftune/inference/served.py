@@ -16,10 +16,10 @@ from torch import nn
 
 from ..core import jsonio
 from ..core.encoding import DTYPE_BY_NAME, parse_hex_digest
-from ..core.merkle import files_root, tensors_root
+from ..core.merkle import files_root
 from ..data.inputs import classification_inputs, image_pixels, prompt_ids
 from ..errors import InputError, RecordError
-from ..models import IMAGE_FAMILIES, Stage, adapter_class, load_pretrained, load_tokenizer, model_weights
+from ..models import IMAGE_FAMILIES, Stage, adapter_class, load_pretrained, load_tokenizer, model_commitment
 from ..models import tokenizer_files
 from ..training.settings import LayerBlocks
 
@@ -151,7 +151,7 @@ class ServedModel:
         caller (a verifier uses the record's)."""
         src = ModelSource.resolve(path, dtype, attn_implementation, hash_algorithm, plain)
         hf_config, model = load_pretrained(src.model_dir, src.attn_implementation, DTYPE_BY_NAME[src.dtype])
-        digest, _ = tensors_root(src.hash_algorithm, model_weights(model))
+        digest, _ = model_commitment(model, src.model_dir, src.hash_algorithm)
         run = None
         if src.run_dir is not None:
             run = _run_binding(src.run_dir, src.hash_algorithm)

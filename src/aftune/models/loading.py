@@ -109,15 +109,38 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in aliases}
 
 
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def model_files(directory: str | Path) -> dict[str, bytes]:
+    """{file name: bytes} of the files a model digest binds besides the weights: config.json,
+    generation_config.json and the tokenizer files, those of them present (SPEC.md 3.6)."""
+    d = Path(directory)
+    files = {name: jsonio.read_bytes(d / name, MAX_CONFIG_BYTES, "model file", InputError)
+             for name in MODEL_CONFIG_FILES if (d / name).is_file()}
+    if "config.json" not in files:
+        raise InputError(f"{d} is not a model directory: it has no config.json")
+    return {**files, **_present_tokenizer_files(d)}  # none for image models
+
+
+def model_commitment(model: nn.Module, directory: str | Path, algorithm: str) -> tuple[bytes, dict[str, bytes]]:
+    """(model digest, per-tensor weight digests) of `model` as loaded from `directory`."""
+    from ..core.merkle import model_digest, tensors_root
+
+    weights_root, digests = tensors_root(algorithm, model_weights(model))
+    return model_digest(algorithm, weights_root, model_files(directory)), digests
+
+
+def _present_tokenizer_files(d: Path) -> dict[str, bytes]:
+    return {name: jsonio.read_bytes(d / name, MAX_TOKENIZER_FILE_BYTES, "tokenizer file", InputError)
+            for name in TOKENIZER_FILES if (d / name).is_file()}
+
+
 def tokenizer_files(directory: str | Path) -> dict[str, bytes]:
     """{file name: bytes} of the tokenizer files in `directory` (only names in TOKENIZER_FILES)."""
-    d = Path(directory)
-    files = {}
-    for name in TOKENIZER_FILES:
-        if (d / name).is_file():
-            files[name] = jsonio.read_bytes(d / name, MAX_TOKENIZER_FILE_BYTES, "tokenizer file", InputError)
+    files = _present_tokenizer_files(Path(directory))
     if not files:
-        raise InputError(f"{d} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        raise InputError(f"{directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return files
 
 

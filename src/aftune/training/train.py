@@ -25,8 +25,8 @@ from .engine import BlockedModel
 from ..errors import InputError
 from .instantiate import instantiate
 from ..core.merkle import files_root, tensors_root
-from ..models import (adapter_class, load_pretrained, load_tokenizer, model_weights, tokenizer_files,
-                      tokenizer_from_files)
+from ..models import (adapter_class, load_pretrained, load_tokenizer, model_commitment, model_weights,
+                      tokenizer_files, tokenizer_from_files)
 from .recorder import Recorder
 from ..core.encoding import DTYPE_BY_NAME
 from .run import config_digest
@@ -209,7 +209,7 @@ def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSetting
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     _, saved = load_pretrained(out, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
-    return tensors_root(algorithm, model_weights(saved))[0]
+    return model_commitment(saved, out, algorithm)[0]
 
 
 def _versions() -> dict[str, str]:

@@ -33,7 +33,7 @@ from ..core.merkle import tensors_root
 from ..core.signing import PublicKey
 from ..data import BatchSpec, OrderCache, build_batch
 from ..errors import CommitmentMismatch, InputError, RecordError
-from ..models import load_pretrained, model_weights, tokenizer_from_files
+from ..models import load_pretrained, model_commitment, model_weights, tokenizer_from_files
 from ..models.shapes import ShapeOracle
 from ..verdict.findings import BlockResult, Finding, Report
 from ..verdict.policy import (MODES, TENSOR_KINDS, ComparisonPolicy, Tolerance, Verifying,  # noqa: F401
@@ -190,9 +190,10 @@ class Verifier(Verifying):
                                        DTYPE_BY_NAME[self.record.settings.dtype])
         except InputError as exc:
             return [Finding(-1, ns, "final_model", str(exc))]
-        root, digests = tensors_root(self.algorithm, model_weights(saved))
+        root, digests = model_commitment(saved, self.record.root / "model", self.algorithm)
         if root != run.final_model_digest:
-            return [Finding(-1, ns, "final_model", "RUN/model is not the model whose digest the run root signs",
+            return [Finding(-1, ns, "final_model", "RUN/model is not the model whose digest the run root signs (its "
+                            "weights, config, generation config or tokenizer files changed)",
                             expected=run.final_model_digest.hex()[:16] + "…", actual=root.hex()[:16] + "…")]
         if self.settings.lora is not None:
             return []
