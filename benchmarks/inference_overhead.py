@@ -35,7 +35,8 @@ import torch
 
 from aftune.inference.engine import InferenceEngine
 from aftune.inference.served import ServedModel
-from aftune.inference.settings import GenerationSettings, RecordingSettings
+from aftune.inference.policy import GenerationPolicy
+from aftune.inference.settings import RecordingSettings
 from aftune.core.signing import SigningKey
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "aftune" / "builtin" / "model"
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
         served = ServedModel.load(model_path)
         engine = InferenceEngine(served, Path(tmp) / "records", SigningKey.generate(),
                                  RecordingSettings(args.layers_per_block, args.activation_interval))
-        gen = GenerationSettings(max_new_tokens=n)
+        gen = GenerationPolicy.for_model(served.hf_config, max_new_tokens=n)
         tok, model = served.tokenizer, served.model
         params = sum(p.numel() for p in model.parameters())
 
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
             return list(engine.generate(prompt, gen).tokens)
 
         def blocked(prompt):
-            trace = engine._generate(served.prompt_inputs(prompt), gen, None)
+            trace = engine._generate(served.prompt_inputs(prompt), gen, None, None)
             tok.decode(trace.tokens, skip_special_tokens=True)
             return trace.tokens
 

@@ -1,8 +1,8 @@
 """Recording overhead of `aftune train`: recorded step time / plain step time, and bytes stored.
 
     python benchmarks/record_overhead.py --config builtin
-    python benchmarks/record_overhead.py --config llama100m
-    python benchmarks/record_overhead.py --config llama100m --tie-embeddings
+    python benchmarks/record_overhead.py --config smollm135m --threads 1     # 135M, tied embeddings
+    python benchmarks/record_overhead.py --config llama134m --threads 1      # 134M, untied (was llama100m)
 
 One process trains the same model from the same weights on the same batches in three ways:
 
@@ -40,13 +40,20 @@ as a noise indicator. Bytes stored per step = (RUN/objects + RUN/manifests + tra
 split into state checkpoints and per-step tensors, with an estimate for a long run where a full
 state checkpoint is stored every B_S * I_C steps only.
 
+Bytes are also given per kind of per-step tensor (batch, boundary activations and gradients,
+loss, gradient norms; raw and stored) against the issue's budget of 3 x (boundary activations +
+batch) per step, without and with the state checkpoint amortised over B_S x I_C steps. The
+1-minute load average is sampled every second and printed with the results.
+
 Configs: `builtin` is the shipped model (src/aftune/builtin/model, 8-layer Llama, hidden 64) on
-the built-in data. `llama100m` is a randomly initialised LlamaConfig (hidden 768, 12 layers, 12
-heads, intermediate 2048, vocab 32000; untied embeddings: 134.1M parameters, Llama-2 style;
---tie-embeddings: 109.5M) saved as safetensors to a temporary directory, with the built-in
-tokenizer (512 tokens: the data use the first 512 ids only, but the embedding, LM head, softmax
-and optimizer cost that of a 32k vocabulary) and a synthetic JSONL data set of random words whose
-examples are all truncated to --seq-len tokens (no padding).
+the built-in data. The real shapes are randomly initialised LlamaConfigs (SHAPES below) saved as
+safetensors to a temporary directory: `llama134m` (hidden 768, 12 layers, 12 heads, intermediate
+2048, vocab 32000; untied embeddings, Llama-2 style: 134.1M parameters; --tie-embeddings: 109.5M;
+`llama100m` is its old name) and `smollm135m` (SmolLM2-135M's shape: hidden 576, 30 layers, 9
+heads, 3 KV heads, intermediate 1536, vocab 49152, tied embeddings: 134.5M parameters). They use
+the built-in tokenizer (512 tokens: the data use the first 512 ids only, but the embedding, LM
+head, softmax and optimizer cost that of the full vocabulary) and a synthetic JSONL data set of
+random words whose examples are all truncated to --seq-len tokens (no padding).
 
 This is a benchmark, not a test: it asserts nothing and prints a table.
 """
@@ -79,12 +86,25 @@ from aftune.training.settings import LayerBlocks, TrainSettings
 from aftune.data import OrderCache, build_batch, load_dataset
 from aftune.training.engine import BlockedModel
 from aftune.training.instantiate import instantiate
-from aftune.models import adapter_class, load_pretrained, read_config
+from aftune.models import load_pretrained, read_config
 from aftune.training.recorder import Recorder
+from aftune.training.agreement import batch_spec
+from aftune.core.encoding import DTYPES_BY_NAME
 
 DEFAULTS = {
     "builtin": {"steps": 48, "batch_size": 8, "seq_len": 64, "repeats": 3, "warmup_steps": 8},
-    "llama100m": {"steps": 16, "batch_size": 4, "seq_len": 128, "repeats": 1, "warmup_steps": 1},
+    "llama134m": {"steps": 16, "batch_size": 4, "seq_len": 128, "repeats": 1, "warmup_steps": 1},
+    "smollm135m": {"steps": 16, "batch_size": 2, "seq_len": 64, "repeats": 1, "warmup_steps": 1},
+}
+ALIASES = {"llama100m": "llama134m"}  # the name earlier measurements used
+# Real model shapes, random weights (LlamaConfig fields).
+SHAPES = {
+    # Llama-2 style, untied embeddings: 134.1M parameters (109.5M with --tie-embeddings)
+    "llama134m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
+                  "intermediate_size": 2048, "vocab_size": 32000, "tie_word_embeddings": False},
+    # SmolLM2-135M's shape: GQA, tied embeddings (the common case of small open LLMs)
+    "smollm135m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                   "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True},
 }
 MODES = ("plain", "recorded", "blocked")
 LABELS = {"plain": "HF plain (torch AdamW)", "recorded": "aftune train(), recorded",
@@ -100,13 +120,14 @@ def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Pat
                 "the built-in model (src/aftune/builtin/model) on the built-in data")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model_dir = work / "llama100m"
+    shape = dict(SHAPES[config])
+    if tie:
+        shape["tie_word_embeddings"] = True
+    model_dir = work / config
     tokenizer = load_tokenizer(builtin.MODEL_DIR)
     tokenizer.model_max_length = max(1024, 4 * seq_len)  # the synthetic texts are longer than seq_len
     cfg = LlamaConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-        intermediate_size=2048, vocab_size=32000, max_position_embeddings=max(512, seq_len),
-        tie_word_embeddings=tie, rms_norm_eps=1e-5, attention_dropout=0.0,
+        **shape, max_position_embeddings=max(512, seq_len), rms_norm_eps=1e-5, attention_dropout=0.0,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
@@ -123,9 +144,11 @@ def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Pat
     with data.open("w", encoding="utf-8") as f:  # ~4 tokens per word: every example fills seq_len
         for _ in range(256):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(max(8, seq_len // 2)))}) + "\n")
-    desc = (f"LlamaConfig hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000, "
-            f"{'tied' if tie else 'untied'} embeddings ({params / 1e6:.1f}M params, random init); built-in 512-token "
-            f"tokenizer; 256 synthetic examples, each truncated to seq_len")
+    desc = (f"LlamaConfig hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+            f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} KV), intermediate "
+            f"{shape['intermediate_size']}, vocab {shape['vocab_size']}, "
+            f"{'tied' if shape['tie_word_embeddings'] else 'untied'} embeddings ({params / 1e6:.1f}M params, random "
+            f"init); built-in 512-token tokenizer; 256 synthetic examples, each truncated to seq_len")
     return model_dir, data, desc
 
 
@@ -141,9 +164,8 @@ class Inputs:
 
 def load_inputs(model_dir: Path, data: Path, settings: TrainSettings) -> Inputs:
     hf_config = read_config(model_dir)
-    adapter_cls = adapter_class(hf_config["model_type"])
     tokenizer = load_tokenizer(model_dir)
-    spec = aftune_train.batch_spec(hf_config, settings, adapter_cls.batch_fields, adapter_cls.task)
+    spec = batch_spec(hf_config, settings)
     return Inputs(model_dir, data, hf_config, load_dataset(data), tokenizer, spec)
 
 
@@ -205,6 +227,25 @@ def machine_busy() -> float:
     except (OSError, ValueError):
         return float("nan")
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average (os.getloadavg), sampled every second while the benchmark runs:
+    the machine is shared, and the load says how much to trust a ratio."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="load-sampler")
+        self.samples: list[float] = []
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            time.sleep(1.0)
+
+    def summary(self) -> str:
+        x = self.samples or [float("nan")]
+        return f"load average (1 min) min {min(x):.2f} / mean {statistics.fmean(x):.2f} / max {max(x):.2f}"
 
 
 class Clock:
@@ -275,8 +316,11 @@ class _Probe:
         self.close_start = 0.0
         self.close_end: Clock | None = None
         self.job_wall = 0.0  # summed over the worker threads
+        self.job_cpu = 0.0  # CPU seconds of those jobs (thread time)
+        self.commit_cpu = 0.0  # CPU seconds of the committer (manifests, Merkle roots, signatures)
         self.put_wall = 0.0  # of which serialising, compressing and writing objects
         self.jobs = 0
+        self.stored = 0
 
 
 class TimedRecorder(Recorder):
@@ -288,7 +332,7 @@ class TimedRecorder(Recorder):
         super().__init__(*args, **kwargs)
         self._p = TimedRecorder.probe
         self._p.recorder = self
-        self._pending = []
+        self._inflight = []
         for pool in (self._workers, self._committer):
             pool.submit = self._tracking(pool.submit)
         put = self.store.put
@@ -306,19 +350,29 @@ class TimedRecorder(Recorder):
     def _tracking(self, submit):
         def tracked(*args, **kwargs):
             f = submit(*args, **kwargs)
-            self._pending.append(f)
+            self._inflight.append(f)
             return f
 
         return tracked
 
     def _job(self, name, tensor, store):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return super()._job(name, tensor, store)
         finally:
             with self._p.lock:
                 self._p.job_wall += time.perf_counter() - t0
+                self._p.job_cpu += time.thread_time() - c0
                 self._p.jobs += 1
+                self._p.stored += int(store)
+
+    def _commit(self, *args):
+        c0 = time.thread_time()
+        try:
+            return super()._commit(*args)
+        finally:
+            with self._p.lock:
+                self._p.commit_cpu += time.thread_time() - c0
 
     def begin(self, step_block, first_step, num_steps):
         p = self._p
@@ -335,8 +389,9 @@ class TimedRecorder(Recorder):
     def drain(self) -> None:
         """Wait for every hash, store and commit submitted so far (counted as recorded time)."""
         t0 = time.perf_counter()
-        wait_futures(self._pending)
-        self._pending = [f for f in self._pending if not f.done()]
+        self._flush()  # cross-block tensors still waiting to be handed over in a batch
+        wait_futures(self._inflight)
+        self._inflight = [f for f in self._inflight if not f.done()]
         self._p.drain += time.perf_counter() - t0
 
     def state(self, step_block, block, key, name, tensor, store):
@@ -412,37 +467,76 @@ def run_recorded(inp: Inputs, settings: TrainSettings, run_dir: Path, on_block_d
         "drain": probe.drain,
         "job_wall": probe.job_wall,
         "put_wall": probe.put_wall,
+        "job_cpu": probe.job_cpu,
+        "commit_cpu": probe.commit_cpu,
         "jobs": probe.jobs,
+        "stored": probe.stored,
     }
     return run
 
 
 # --- storage ---------------------------------------------------------------------------------------
 
+KINDS = ("batch", "boundary activation", "boundary gradient", "loss", "grad_norms", "tied parts (v1)")
+
+
+def common_kind(key: str) -> str:
+    if "/batch/" in key:
+        return "batch"
+    if "/boundary/" in key:
+        return "boundary " + key.rsplit("/", 1)[1]
+    if "/shared/" in key:
+        return "tied parts (v1)"
+    return "grad_norms" if "/grad_norms/" in key else "loss"
+
+
+def _nbytes(row) -> int:
+    n = torch.empty((), dtype=DTYPES_BY_NAME[row[2]]).element_size()
+    for d in row[3]:
+        n *= d
+    return n
+
+
 def storage(run_dir: Path, settings: TrainSettings) -> dict:
+    """Bytes of the record: per kind of per-step tensor (raw and stored), state checkpoints,
+    manifests and transcript; and the issue's budget, 3 x (boundary activations + batch)."""
     files = {p.name.split(".", 1)[0]: p.stat().st_size for p in (run_dir / "objects").rglob("*") if p.is_file()}
     manifests = sorted((run_dir / "manifests").glob("*.json"))
-    state, common, checkpoints = set(), set(), 0
+    state, common, checkpoints, checkpoint_sizes = set(), set(), 0, []
+    raw = dict.fromkeys(KINDS, 0)
+    stored = dict.fromkeys(KINDS, 0)
     for path in manifests:
         m = json.loads(path.read_bytes())
-        common.update(row[4] for row in m["common"])
+        for row in m["common"]:
+            kind = common_kind(row[0])
+            raw[kind] += _nbytes(row)
+            if row[4] not in common:
+                stored[kind] += files.get(row[4], 0)
+            common.add(row[4])
         for block in m["blocks"]:
             state.update(row[4] for row in block)
-        checkpoints += int(settings.is_checkpoint(m["step_block"]))
+        if all(row[4] in files for block in m["blocks"] for row in block):
+            checkpoints += 1
+            checkpoint_sizes.append(sum(files[d] for d in {row[4] for block in m["blocks"] for row in block}))
     state_bytes = sum(sz for d, sz in files.items() if d in state and d not in common)
     common_bytes = sum(sz for d, sz in files.items() if d in common)
     manifest_bytes = sum(p.stat().st_size for p in manifests)
     transcript_bytes = (run_dir / "transcript.jsonl").stat().st_size
     objects_bytes = sum(files.values())
     record = objects_bytes + manifest_bytes + transcript_bytes
-    per_checkpoint = state_bytes / max(1, checkpoints)
-    steady = ((common_bytes + manifest_bytes + transcript_bytes) / settings.steps
-              + per_checkpoint / (settings.steps_per_block * settings.checkpoint_interval))
+    # the largest: step block 0's optimizer state is zeros, which compress to almost nothing
+    per_checkpoint = max(checkpoint_sizes, default=0)
+    per_step = (common_bytes + manifest_bytes + transcript_bytes) / settings.steps
+    amortised = per_checkpoint / (settings.steps_per_block * settings.checkpoint_interval)
+    budget = 3 * (raw["boundary activation"] + raw["batch"]) / settings.steps
     return {
         "objects": len(files), "objects_bytes": objects_bytes, "manifest_bytes": manifest_bytes,
         "transcript_bytes": transcript_bytes, "record_bytes": record, "per_step": record / settings.steps,
         "state_bytes": state_bytes, "checkpoints": checkpoints, "per_checkpoint": per_checkpoint,
-        "common_per_step": common_bytes / settings.steps, "steady_per_step": steady,
+        "common_per_step": common_bytes / settings.steps, "steady_per_step": per_step + amortised,
+        "per_step_tensors": per_step, "amortised_checkpoint": amortised, "budget": budget,
+        "raw_by_kind": {k: v / settings.steps for k, v in raw.items()},
+        "stored_by_kind": {k: v / settings.steps for k, v in stored.items()},
         "other_bytes": sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) - record,
     }
 
@@ -460,21 +554,23 @@ def _fmt_bytes(n: float) -> str:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=sorted(DEFAULTS), default="builtin")
-    ap.add_argument("--tie-embeddings", action="store_true", help="llama100m: tie input and output embeddings")
-    ap.add_argument("--steps", type=int, help="optimizer steps per run (default: builtin 48, llama100m 16)")
-    ap.add_argument("--batch-size", type=int, help="examples per step (default: builtin 8, llama100m 4)")
-    ap.add_argument("--seq-len", type=int, help="token budget per example (default: builtin 64, llama100m 128)")
+    ap.add_argument("--config", choices=sorted(DEFAULTS) + sorted(ALIASES), default="builtin")
+    ap.add_argument("--tie-embeddings", action="store_true", help="llama134m: tie input and output embeddings")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default: builtin 48, others 16)")
+    ap.add_argument("--batch-size", type=int, help="examples per step (default: builtin 8, llama134m 4, "
+                                                   "smollm135m 2)")
+    ap.add_argument("--seq-len", type=int, help="token budget per example (default: builtin 64, llama134m 128, "
+                                                "smollm135m 64)")
     ap.add_argument("--layers-per-block", type=int, default=4, help="B_L (default 4)")
     ap.add_argument("--steps-per-block", type=int, default=8, help="B_S (default 8)")
     ap.add_argument("--checkpoint-interval", type=int, default=8, help="I_C (default 8)")
     ap.add_argument("--repeats", type=int, help="recorded runs (runs interleave: runs of every mode); "
-                                                "default: builtin 3, llama100m 1")
+                                                "default: builtin 3, others 1")
     ap.add_argument("--interleave", choices=("blocks", "steps", "runs"), default="blocks",
                     help="alternate step blocks within one run (default), single steps (the recorder is "
                          "drained after every step), or whole runs")
     ap.add_argument("--warmup-steps", type=int, help="steps of an unmeasured warm-up run of each mode first; 0: none "
-                                                     "(default: builtin 8, llama100m 1, plain and blocked only)")
+                                                     "(default: builtin 8, others 1, plain and blocked only)")
     ap.add_argument("--skip-steps", type=int, default=1, help="first steps of every run left out of the "
                                                               "per-step statistics (default 1)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice, one per core)")
@@ -489,6 +585,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     ap, args = parse_args(argv)
+    args.config = ALIASES.get(args.config, args.config)
+    load = LoadSampler()
     if args.threads:
         torch.set_num_threads(args.threads)
     d = DEFAULTS[args.config]
@@ -639,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rec = results["recorded"]
     ex = {k: statistics.median([x.extra[k] for x in rec]) for k in
-          ("setup", "flush", "close", "after", "snapshot_total", "end_wait", "drain", "job_wall", "put_wall")}
+          ("setup", "flush", "close", "after", "snapshot_total", "end_wait", "drain", "job_wall", "put_wall",
+           "job_cpu", "commit_cpu")}
     st = rec[-1].extra["storage"]
     ratio = med["recorded"] / med["plain"]
     console.print(f"[bold]recording overhead (median recorded step / median plain step): {ratio:.3f}[/] -> "
@@ -660,9 +759,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{settings.num_step_blocks + 1} step blocks, waits in Recorder.end {ex['end_wait']:.2f} s, "
                   f"drain waits for interleaving {ex['drain']:.2f} s, final flush {ex['flush']:.2f} s "
                   f"(close() {ex['close']:.2f} s)")
-    console.print(f"recorded, background: {rec[-1].extra['jobs']} hash/store jobs, {ex['job_wall']:.2f} s summed over "
-                  f"the workers (serialise+compress+write {ex['put_wall']:.2f} s); own CPU recorded - plain "
+    console.print(f"recorded, background: {rec[-1].extra['jobs']} tensors hashed ({rec[-1].extra['stored']} stored), "
+                  f"{ex['job_wall']:.2f} s summed over the workers, {ex['job_cpu']:.2f} CPU s (serialise+compress+write "
+                  f"{ex['put_wall']:.2f} s wall); committer {ex['commit_cpu']:.2f} CPU s; own CPU recorded - plain "
                   f"{cpu['recorded'] - cpu['plain']:+.2f} s")
+    console.print(f"[bold]CPU ratio[/] (own-process CPU over the loop, all threads; robust to load from other "
+                  f"processes, but counts torch's spinning threads): recorded/plain {cpu['recorded'] / cpu['plain']:.3f}"
+                  + (f", blocked/plain {cpu['blocked'] / cpu['plain']:.3f}" if "blocked" in modes else ""))
     console.print(f"outside the loop: train() setup {ex['setup']:.2f} s, saving RUN/model after close "
                   f"{ex['after']:.2f} s")
     console.print(f"[bold]bytes stored per step: {_fmt_bytes(st['per_step'])}[/] ({st['objects']} objects "
@@ -670,12 +773,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_fmt_bytes(st['transcript_bytes'])} = {_fmt_bytes(st['record_bytes'])} over {settings.steps} "
                   f"steps)")
     console.print(f"  state checkpoints {_fmt_bytes(st['state_bytes'])} ({st['checkpoints']} stored, "
-                  f"{_fmt_bytes(st['per_checkpoint'])} each), per-step tensors {_fmt_bytes(st['common_per_step'])}"
+                  f"the largest {_fmt_bytes(st['per_checkpoint'])}), per-step tensors {_fmt_bytes(st['common_per_step'])}"
                   f"/step; long run (a checkpoint every {settings.steps_per_block * settings.checkpoint_interval} "
                   f"steps): {_fmt_bytes(st['steady_per_step'])}/step; not counted: RUN/model etc. "
                   f"{_fmt_bytes(st['other_bytes'])}")
+    console.print("  per step, by kind (raw -> stored): " + "; ".join(
+        f"{k} {_fmt_bytes(st['raw_by_kind'][k])} -> {_fmt_bytes(st['stored_by_kind'][k])}"
+        for k in KINDS if st["raw_by_kind"][k]))
+    within = st["per_step_tensors"] <= st["budget"]
+    console.print(f"[bold]bytes per step vs the budget[/] 3 x (boundary activations + batch) = "
+                  f"{_fmt_bytes(st['budget'])}: per-step tensors + manifests + transcript {_fmt_bytes(st['per_step_tensors'])} "
+                  f"({'within' if within else 'OVER'}); with the state checkpoint amortised over B_S x I_C = "
+                  f"{settings.steps_per_block * settings.checkpoint_interval} steps (+{_fmt_bytes(st['amortised_checkpoint'])}) "
+                  f"{_fmt_bytes(st['steady_per_step'])} ({'within' if st['steady_per_step'] <= st['budget'] else 'OVER'})")
     console.print(f"noise: other processes used {others:.0f} CPU s during {measured:.0f} s of measured loops "
                   f"({others / max(measured, 1e-9):.2f} cores on average; {waited:.0f} s spent waiting for quiet); "
+                  f"{load.summary()}; "
                   f"benchmark wall time "
                   f"{time.perf_counter() - t_start:.0f} s; {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     if args.json:
@@ -684,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
             "interleave": args.interleave, "repeats": repeats, "median_step": med, "mean_step": mean,
             "paired_median_ratio": paired, "loop": loop, "cpu": cpu, "recorded": ex, "storage": st,
             "other_processes_cpu": others, "block_ratios": {"checkpoint": ck, "other": nc}, "long_run": long_run,
+            "load_samples": load.samples,
             "runs": {m: [{"steps": x.steps, "loop": x.loop, "cpu": x.cpu, "others": x.others} for x in results[m]]
                      for m in modes},
         }, indent=1))

@@ -12,6 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run the tests marked long (fuzz budgets, sweeps): tens of minutes")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long check: run with --long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -105,9 +120,11 @@ def datasets(tmp_path_factory):
 
 @pytest.fixture
 def record(model_dir, datasets, tmp_path):
-    """record(family, deviation=None, **settings) -> (run_dir, public_key): a recorded run."""
-    from aftune.training.settings import TrainSettings
+    """record(family, deviation=None, **settings) -> (run_dir, public_key): a recorded run, trained
+    under the client's agreement for those settings (`agreement_for(run_dir)` gives it back)."""
     from aftune.core.signing import PublicKey
+    from aftune.training.agreement import make_agreement
+    from aftune.training.settings import TrainSettings
     from aftune.training.train import train
 
     counter = iter(range(1000))
@@ -116,16 +133,36 @@ def record(model_dir, datasets, tmp_path):
         defaults = dict(steps=4, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2, lr=1e-2)
         settings = TrainSettings(**{**defaults, **kw})
         run_dir = tmp_path / f"run{next(counter)}"
-        result = train(model_dir(family), datasets[DATA_KIND[family]], run_dir, settings, deviation=deviation)
+        agreement = make_agreement(model_dir(family), datasets[DATA_KIND[family]], settings)
+        agreement.save(agreement_path(run_dir))
+        result = train(model_dir(family), datasets[DATA_KIND[family]], run_dir, agreement=agreement,
+                       deviation=deviation)
         return run_dir, PublicKey.load(result.public_key_path)
 
     return run
 
 
-def verify_all(run_dir, public_key, **kw):
+def agreement_path(run_dir: Path) -> Path:
+    """Where the tests keep the client's agreement of a run: beside it, not inside it."""
+    return Path(run_dir).with_name(Path(run_dir).name + ".agreement.json")
+
+
+def agreement_for(run_dir):
+    """The client's agreement of a run recorded by the `record` fixture."""
+    from aftune.training.agreement import Agreement
+
+    return Agreement.load(agreement_path(run_dir))
+
+
+def verifier(run_dir, public_key, **kw):
+    """The client's verifier of a run recorded by the `record` fixture, with its agreement."""
     from aftune.training.verify import Verifier
 
-    return Verifier(run_dir, public_key, **kw).verify_all()
+    return Verifier(run_dir, public_key, agreement_for(run_dir), **kw)
+
+
+def verify_all(run_dir, public_key, **kw):
+    return verifier(run_dir, public_key, **kw).verify_all()
 
 
 def failing(report):

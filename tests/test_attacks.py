@@ -27,7 +27,7 @@ def bench(tmp_path_factory):
 
 
 def audited(run):
-    report = Verifier(run.run_dir, run.key()).verify_all()
+    report = run.verifier().verify_all()
     return report, failing_blocks(report)
 
 
@@ -47,7 +47,7 @@ def assert_caught_by_real_audit(run, failing):
     root = run_root(run.run_dir, key)
     L, S = 4, 4  # the small bench's grid
     nonce = first_hitting_nonce(root, L, S, failing, 0.25, run.name)
-    real = real_audit(run.run_dir, key, root, L, S, failing, 0.25, nonce)
+    real = real_audit(run.run_dir, key, run.agreement(), root, L, S, failing, 0.25, nonce)
     assert real.verdict == "FAIL" and real.agrees
     assert set(real.failing) == set(real.blocks) & set(failing)
     assert any(f"layer block {l} " in h and f"step block {s}" in h for l, s in real.failing for h in real.headlines)
@@ -82,11 +82,13 @@ def test_fewer_steps_fail_the_unperformed_step_blocks(bench):
     assert_named(report, run.affected)
 
 
-def test_smaller_batch_fails_where_the_batch_enters(bench):
+def test_smaller_batch_fails_every_block_of_its_steps(bench):
+    """The batch enters at layer block 0 (pixels) and the head (labels); every layer block's
+    committed activations have 8 rows where the agreed batch of 16 gives 16."""
     run = bench.smaller_batch(8)
     assert run.gain["work_saved"] == 0.5
     report, failing = audited(run)
-    assert failing == run.affected == [(l, s) for l in (0, 3) for s in range(4)]
+    assert failing == run.affected == [(l, s) for l in range(4) for s in range(4)]
     assert_named(report, run.affected)
     first = next(r for r in report.results if r.verdict == "FAIL").findings[0]
     assert first.check == "batch" and "agreed examples" in first.reason
@@ -130,7 +132,7 @@ def test_injected_bit_flips_fail_exactly_their_blocks(bench):
     flips = [bitflip.BitFlip("vit.layers.1.mlp.fc1.weight", 5, 25, 6),  # layer.1: layer block 1, step block 1
              bitflip.BitFlip("vit.layers.2.attention.v_proj.weight", 700, 24, 15)]  # block 2, step block 3
     result, _ = bench._train("bitflip-fixed", bitflip.BitFlipInjection(flips))
-    report = Verifier(result.run_dir, PublicKey.load(result.public_key_path)).verify_all()
+    report = Verifier(result.run_dir, PublicKey.load(result.public_key_path), bench.agreement).verify_all()
     expected = bitflip.affected_blocks(flips, bench.owner_map()[0], 4)
     assert expected == [(1, 1), (2, 3)]
     assert failing_blocks(report) == expected
@@ -175,7 +177,7 @@ def test_quant_objective_changes_every_update_and_fails_every_block(bench):
 
 def test_measured_detection_matches_the_planner(bench):
     run = bench.substitute_layer_block(2)
-    det = measure_detection(run.run_dir, run.key(), trials=400, label="planner")
+    det = measure_detection(run.run_dir, run.key(), run.agreement(), trials=400, label="planner")
     m, n = len(det.failing), det.num_blocks
     for r in det.rates:
         assert r.predicted == pytest.approx(detection_probability(n, m, r.count))
@@ -247,8 +249,10 @@ def test_parameter_attack_edits_are_caught_in_serving(bench):
     from aftune.attacks.serving import run_serving_attack
 
     result = run_serving_attack(bench, "parameter")
-    assert result.records and all(r["goal_met"] for r in result.records)
-    assert result.affected == [2]
+    assert [r["goal"] for r in result.records] == ["backdoor", "poison"] and all(r["goal_met"] for r in result.records)
+    layer = result.gain["layer"]  # the layer the search chose: vit.layers.k is layer block k
+    assert all(r["layer"] == layer for r in result.records)
+    assert result.affected == [int(layer.rsplit(".", 1)[1])]
     assert_serving_caught(result)
 
 
@@ -258,7 +262,9 @@ def test_parameter_attack_edits_are_caught_in_training(bench):
     d = run.details
     assert d["final_model_findings"] and "RUN/model is not the model" in d["final_model_findings"][0]
     report, failing = audited(run)
-    assert failing == run.affected == [(2, 3)]
+    layer = run.gain["layer"]  # the layer the search chose: vit.layers.k is layer block k, edited after step 15
+    assert all(n.startswith(layer + ".") for n in run.gain["layers"])
+    assert failing == run.affected == [(int(layer.rsplit(".", 1)[1]), 3)]
     assert_named(report, run.affected)
     m = d["margins"]
     assert m["tolerance_verdict"] == "FAIL" and m["honest_error"] < m["threshold"] < m["attack_error"]

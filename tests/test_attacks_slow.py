@@ -8,7 +8,6 @@ import pytest
 
 from aftune.attacks.bench import Bench
 from aftune.attacks.detection import failing_blocks
-from aftune.training.verify import Verifier
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +20,7 @@ def full_bench(tmp_path_factory):
 
 
 def _caught_exactly(run):
-    report = Verifier(run.run_dir, run.key()).verify_all()
+    report = run.verifier().verify_all()
     assert failing_blocks(report) == run.affected, report.summary()
     for r in report.results:
         if r.verdict == "FAIL":

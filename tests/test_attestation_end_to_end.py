@@ -28,41 +28,50 @@ OTHER_NONCE = b"\x02" * 32
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, model_dir, datasets):
-    """A tiny recorded Llama run, its public key, its transcript's run line, and a CCA test platform
-    (made lazily: only the tests that use it need cbor2 and pycose)."""
-    from aftune.training.run import RunRecord
+def agreement(model_dir, datasets):
+    """The client's agreement for the run below."""
+    from aftune.training.agreement import make_agreement
     from aftune.training.settings import TrainSettings
+
+    settings = TrainSettings(steps=2, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=1, lr=1e-2)
+    return make_agreement(model_dir("llama"), datasets["text"], settings)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_dir, datasets, agreement):
+    """A tiny recorded Llama run under `agreement`, its public key, its transcript's run line, and a
+    CCA test platform (made lazily: only the tests that use it need cbor2 and pycose)."""
+    from aftune.training.run import RunRecord
     from aftune.training.train import train
 
     run_dir = tmp_path_factory.mktemp("attested") / "run"
-    result = train(model_dir("llama"), datasets["text"], run_dir,
-                   TrainSettings(steps=2, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=1, lr=1e-2))
+    result = train(model_dir("llama"), datasets["text"], run_dir, agreement=agreement)
     from aftune.core.signing import PublicKey
 
     pub = PublicKey.load(result.public_key_path)
-    return run_dir, pub, RunRecord.open(run_dir, pub).transcript.run, CcaTestPlatform()
+    return run_dir, pub, RunRecord.open(run_dir, pub).transcript.run, CcaTestPlatform(), agreement
 
 
 @pytest.fixture(scope="module")
-def verdict(run):
+def verdict(run, agreement):
     pytest.importorskip("cbor2")
     pytest.importorskip("pycose")
-    run_dir, pub, _, platform = run
-    return attest_run(run_dir, pub, CcaTestProvider(platform, RIM), NONCE)
+    run_dir, pub, _, platform, _ = run
+    return attest_run(run_dir, pub, CcaTestProvider(platform, RIM), NONCE, agreement=agreement)
 
 
 @pytest.fixture(scope="module")
-def simulated(run):
+def simulated(run, agreement):
     """The same verification attested with the simulated provider: needs no extra at all."""
-    run_dir, pub, _, _ = run
-    return attest_run(run_dir, pub, UnsafeSimulatedEvidenceProvider(), NONCE)
+    run_dir, pub, _, _, _ = run
+    return attest_run(run_dir, pub, UnsafeSimulatedEvidenceProvider(), NONCE, agreement=agreement)
 
 
 def _client(doc, run, *, nonce=NONCE, rim=RIM, platform=None, **kw):
-    _, pub, line, cca = run
+    _, pub, line, cca, agreed = run
     args = dict(nonce=nonce, expected_run_root=line.root, expected_config_digest=line.config_digest,
                 expected_provider_key=pub, expected_code_digest=verifier_code_digest(doc.hash),
+                expected_agreement=agreed.digest(),
                 policy=Policy(reference_values=(("rim", rim),)),
                 endorsements=Endorsements(cca_platform_keys=((platform or cca).platform_key_pem(),)))
     args.update(kw)
@@ -76,7 +85,7 @@ def _broken(report) -> list[str]:
 def test_attested_verdict_of_a_run_is_accepted_by_the_client(verdict, run):
     report = _client(verdict, run)
     assert report.ok and report.attested_verdict == "PASS", report.summary()
-    assert [c.status for c in report.links] == ["PASS"] * 7
+    assert [c.status for c in report.links] == ["PASS"] * 8
     assert json.loads(verdict.report)["verdict"] == "PASS" and not verdict.simulated
     again = AttestedVerdict.from_json(json.loads(json.dumps(verdict.to_json())))
     assert again == verdict and _client(again, run).ok
@@ -85,10 +94,11 @@ def test_attested_verdict_of_a_run_is_accepted_by_the_client(verdict, run):
 @pytest.mark.parametrize("case,link", [
     ("wrong nonce", "nonce"), ("stale evidence", "binding"), ("other key", "binding"), ("edited report", "signature"),
     ("other run", "run"), ("other provider key", "run"), ("other measurement", "evidence"),
-    ("untrusted platform", "evidence"), ("other code", "code"),
+    ("untrusted platform", "evidence"), ("other code", "code"), ("other agreement", "agreement"),
+    ("self-consistency only", "agreement"),
 ])
 def test_each_broken_link_of_an_attested_verdict_is_named(verdict, run, case, link):
-    _, _, line, _ = run
+    _, _, line, _, _ = run
     doc, kw = verdict, {}
     if case == "wrong nonce":
         kw["nonce"] = OTHER_NONCE
@@ -112,6 +122,12 @@ def test_each_broken_link_of_an_attested_verdict_is_named(verdict, run, case, li
         kw["platform"] = CcaTestPlatform()
     elif case == "other code":
         kw["expected_code_digest"] = b"\x00" * 32
+    elif case == "other agreement":  # a genuine verdict, but about an agreement this client never made
+        kw["expected_agreement"] = b"\x33" * 32
+    elif case == "self-consistency only":  # the provider's verifier ran without the client's agreement
+        unsafe = attest_run(run[0], run[1], CcaTestProvider(run[3], RIM), NONCE, unsafe_no_agreement=True)
+        assert unsafe.verdict == "PASS"
+        doc = unsafe
     report = _client(doc, run, **kw)
     assert not report.ok and _broken(report)[0] == link, [c.line() for c in report.links]
     assert f"link '{link}' is broken" in report.summary()
@@ -120,6 +136,14 @@ def test_each_broken_link_of_an_attested_verdict_is_named(verdict, run, case, li
 def test_a_verdict_without_reference_measurement_is_bad_input(verdict, run):
     with pytest.raises(InputError, match="expected measurement"):
         _client(verdict, run, policy=Policy())
+
+
+def test_a_verdict_checked_without_the_agreement_needs_the_unsafe_option(verdict, run):
+    with pytest.raises(InputError, match="--agreement"):
+        _client(verdict, run, expected_agreement=None)
+    report = _client(verdict, run, expected_agreement=None, unsafe_no_agreement=True)
+    skipped = [c for c in report.links if c.name == "agreement"]
+    assert report.ok and skipped[0].status == "SKIPPED" and "NOT CHECKED" in skipped[0].detail
 
 
 def test_simulated_attested_verdict_says_so_and_needs_the_unsafe_option(simulated, run):
@@ -139,16 +163,23 @@ def test_simulated_attested_verdict_says_so_and_needs_the_unsafe_option(simulate
 def test_cli_verify_run_and_check_verdict(run, tmp_path):
     from conftest import invoke
 
-    run_dir, pub, line, platform = run
+    run_dir, pub, line, platform, agreed = run
+    agreement = agreed.save(tmp_path / "agreement.json")
     out = tmp_path / "verdict.json"
     r = invoke("attestation", "verify-run", run_dir, "--public-key", pub.text, "--nonce", NONCE.hex(),
                "--provider", "unsafe-simulated", "--out", out)
+    assert r.exit_code == 2 and "--agreement" in r.output  # no agreement: refused before anything is attested
+    r = invoke("attestation", "verify-run", run_dir, "--public-key", pub.text, "--nonce", NONCE.hex(),
+               "--provider", "unsafe-simulated", "--out", out, "--agreement", agreement)
     assert r.exit_code == 0 and out.is_file() and "proves nothing" in r.output
-    check = ["attestation", "check-verdict", out, "--nonce", NONCE.hex(), "--run-root", line.root.hex()]
+    check = ["attestation", "check-verdict", out, "--nonce", NONCE.hex(), "--run-root", line.root.hex(),
+             "--agreement", agreement]
     r = invoke(*check)
     assert r.exit_code == 1 and "simulated" in r.output
     r = invoke(*check, "--unsafe-accept-simulated", "--provider-key", pub.text)
     assert r.exit_code == 0 and "SIMULATED" in r.output and "verdict is PASS" in r.output
+    r = invoke(*check[:7], "--unsafe-accept-simulated")
+    assert r.exit_code == 2 and "--agreement" in r.output
     r = invoke(*check[:4], OTHER_NONCE.hex(), *check[5:], "--unsafe-accept-simulated", "--json")
     first = json.loads(r.output)["links"][0]
     assert r.exit_code == 1 and (first["name"], first["status"]) == ("nonce", "FAIL")
@@ -157,8 +188,26 @@ def test_cli_verify_run_and_check_verdict(run, tmp_path):
                          algorithm="blake3", run_root=line.root, config_digest=line.config_digest, provider_key=pub)
     (tmp_path / "fail.json").write_text(json.dumps(fail.to_json()))
     r = invoke("attestation", "check-verdict", tmp_path / "fail.json", "--nonce", NONCE.hex(), "--run-root",
-               line.root.hex(), "--unsafe-accept-simulated")
+               line.root.hex(), "--unsafe-accept-simulated", "--unsafe-no-agreement")
     assert r.exit_code == 1 and "verdict is FAIL" in r.output
+
+
+def test_cli_verify_attest_writes_a_verdict_the_client_accepts(run, tmp_path):
+    from conftest import invoke
+
+    run_dir, pub, line, _, agreed = run
+    agreement = agreed.save(tmp_path / "agreement.json")
+    out = tmp_path / "attested.json"
+    base = ["verify", run_dir, "--public-key", pub.text, "--agreement", agreement]
+    r = invoke(*base, "-l", "0", "-s", "0", "--attest", "unsafe-simulated", "--nonce", NONCE.hex(), "--attest-out", out)
+    assert r.exit_code == 2 and "--all" in r.output and not out.exists()
+    r = invoke(*base, "--all", "--attest", "unsafe-simulated", "--attest-out", out)
+    assert r.exit_code == 2 and "go together" in r.output
+    r = invoke(*base, "--all", "--attest", "unsafe-simulated", "--nonce", NONCE.hex(), "--attest-out", out)
+    assert r.exit_code == 0 and "proves nothing" in r.output and out.is_file()
+    r = invoke("attestation", "check-verdict", out, "--nonce", NONCE.hex(), "--run-root", line.root.hex(),
+               "--agreement", agreement, "--provider-key", pub.text, "--unsafe-accept-simulated")
+    assert r.exit_code == 0 and "verdict is PASS" in r.output, r.output
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +217,13 @@ def session(run, tmp_path_factory):
     pytest.importorskip("pycose")
     from aftune.inference.engine import InferenceEngine
     from aftune.inference.served import ServedModel
-    from aftune.inference.settings import GenerationSettings, RecordingSettings
+    from aftune.inference.policy import GenerationPolicy
+    from aftune.inference.settings import RecordingSettings
 
-    run_dir, _, line, platform = run
+    run_dir, _, line, platform, _ = run
     records = tmp_path_factory.mktemp("served") / "records"
     engine = InferenceEngine(ServedModel.load(run_dir), records, SigningKey.generate(), RecordingSettings(layers_per_block=1))
-    result = engine.generate("Q: what is 2+2?", GenerationSettings(max_new_tokens=3))
+    result = engine.generate("Q: what is 2+2?", GenerationPolicy.for_model(engine.served.hf_config, max_new_tokens=3))
     response = serving_evidence(CcaTestProvider(platform, RIM), NONCE, algorithm=engine.served.algorithm,
                                 model_digest=engine.served.digest, receipt_key=engine.key.public_key)
     return engine, result, response, records

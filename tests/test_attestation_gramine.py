@@ -98,6 +98,7 @@ def test_manifest_template_is_toml_and_pins_the_verifier(tmp_path):
     assert sgx["max_threads"] == 16 and sgx["allowed_files"] == ["file:job/"]
     argv = doc["loader"]["argv"]
     assert argv[2:5] == ["aftune", "attestation", "verify-run"] and "--provider" in argv and "gramine" in argv
+    assert argv[argv.index("--agreement") + 1] == "/aftune/job/agreement.json"  # never a self-consistency verdict
     assert "insecure__use_cmdline_argv" not in doc["loader"]
     assert {"path": "/aftune/job", "uri": "file:job"} in doc["fs"]["mounts"]
     pinned = {e["uri"][len("file:"):]: e["sha256"] for e in sgx["trusted_files"] if isinstance(e, dict)}

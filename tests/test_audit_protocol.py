@@ -15,7 +15,7 @@ from aftune.protocol.opening import open_bundle
 from aftune.protocol.challenge import Challenge, challenge_from_transcript, derive_challenge
 from aftune.core.signing import SigningKey
 from aftune.training.transcript import Transcript
-from conftest import failing
+from conftest import agreement_for, failing
 from test_tampering import FlipExponentBit, _resign
 
 PY = [sys.executable, "-m", "aftune"]
@@ -29,21 +29,26 @@ def run(argv, cwd, expect=0):
 
 
 def test_two_parties_sharing_only_files(tmp_path):
+    from aftune.builtin import DATA_FILE, MODEL_DIR
+
     provider, client = tmp_path / "provider", tmp_path / "client"
     provider.mkdir(), client.mkdir()
-    run([*PY, "train", "--run-dir", "run", "--steps", "8", "--batch-size", "4", "--layers-per-block", "4"], provider)
-    # the client receives the transcript as it is streamed, the agreed config and the provider's key
-    for name, src in [("transcript.jsonl", "run/transcript.jsonl"), ("config.json", "run/config.json"),
-                      ("provider.pub", "run/provider.key.pub")]:
+    # the client writes the agreement from its own copies of the base model and data
+    run([*PY, "agree", "--base-model", str(MODEL_DIR), "--data", str(DATA_FILE), "--steps", "8", "--batch-size", "4",
+         "--layers-per-block", "4", "--out", "agreement.json"], client)
+    shutil.copy(client / "agreement.json", provider / "agreement.json")
+    run([*PY, "train", "--run-dir", "run", "--agreement", "agreement.json"], provider)
+    # the client receives the transcript as it is streamed and the provider's key
+    for name, src in [("transcript.jsonl", "run/transcript.jsonl"), ("provider.pub", "run/provider.key.pub")]:
         shutil.copy(provider / src, client / name)
-    run([*PY, "challenge", "transcript.jsonl", "--public-key", "provider.pub", "--blocks", "3", "--strategy",
-         "stratified", "--out", "challenge.json"], client)
+    run([*PY, "challenge", "transcript.jsonl", "--public-key", "provider.pub", "--agreement", "agreement.json",
+         "--blocks", "3", "--strategy", "stratified", "--out", "challenge.json"], client)
     shutil.copy(client / "challenge.json", provider / "challenge.json")
     run([*PY, "open", "run", "--challenge", "challenge.json", "--out", "bundle"], provider)
     shutil.copytree(provider / "bundle", client / "bundle")
     report = client / "report.json"
     out = run([*PY, "audit", "bundle", "--transcript", "transcript.jsonl", "--challenge", "challenge.json",
-               "--public-key", "provider.pub", "--report-json", str(report)], client)
+               "--public-key", "provider.pub", "--agreement", "agreement.json", "--report-json", str(report)], client)
     assert "PASS: 3/3 blocks pass" in out
     doc = json.loads(report.read_text())
     assert doc["verdict"] == "PASS" and len(doc["blocks"]) == 3
@@ -51,9 +56,10 @@ def test_two_parties_sharing_only_files(tmp_path):
         sorted(tuple(b) for b in json.loads((client / "challenge.json").read_text())["blocks"])
 
     # the same bundle does not answer a new challenge (a new nonce)
-    run([*PY, "challenge", "transcript.jsonl", "--public-key", "provider.pub", "--blocks", "3", "--out", "other.json"], client)
+    run([*PY, "challenge", "transcript.jsonl", "--public-key", "provider.pub", "--agreement", "agreement.json",
+         "--blocks", "3", "--out", "other.json"], client)
     out = run([*PY, "audit", "bundle", "--transcript", "transcript.jsonl", "--challenge", "other.json",
-               "--public-key", "provider.pub"], client, expect=1)
+               "--public-key", "provider.pub", "--agreement", "agreement.json"], client, expect=1)
     assert "another challenge" in out
 
 
@@ -67,7 +73,8 @@ def tampered(record):
 def _audit(run_dir, key, challenge, tmp_path, name):
     bundle = tmp_path / name
     open_bundle(run_dir, list(challenge.blocks), challenge.digest_bytes, bundle)
-    return audit_bundle(bundle, run_dir / "transcript.jsonl", key, list(challenge.blocks), challenge.digest_bytes)
+    return audit_bundle(bundle, run_dir / "transcript.jsonl", key, list(challenge.blocks), challenge.digest_bytes,
+                        agreement=agreement_for(run_dir))
 
 
 def test_tampered_run_fails_whenever_the_tampered_block_is_challenged(tampered, tmp_path):
@@ -97,14 +104,16 @@ def test_a_bundle_missing_anything_fails(record, tmp_path):
     c = challenge_from_transcript(run_dir / "transcript.jsonl", key, "all")
     bundle = tmp_path / "bundle"
     open_bundle(run_dir, list(c.blocks), c.digest_bytes, bundle)
-    honest = audit_bundle(bundle, run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes)
+    honest = audit_bundle(bundle, run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes,
+                          agreement=agreement_for(run_dir))
     assert honest.verdict == "PASS", honest.summary()
 
     def damaged(edit):
         copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
         shutil.copytree(bundle, copy)
         edit(copy)
-        return audit_bundle(copy, run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes)
+        return audit_bundle(copy, run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes,
+                            agreement=agreement_for(run_dir))
 
     def drop_start_weight(b):  # a tensor the replay loads: layer block 0's weights at step block 0
         doc = json.loads((b / "bundle.json").read_text())

@@ -12,11 +12,18 @@ from conftest import invoke
 
 
 
+SETTINGS = ("--steps", 4, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4)
+
+
 @pytest.fixture(scope="module")
 def builtin_run(tmp_path_factory):
+    """The client writes its agreement for the built-in model and data; the provider trains under it."""
+    from aftune.builtin import DATA_FILE, MODEL_DIR
+
     run = tmp_path_factory.mktemp("cli") / "demo"
-    r = invoke("train", "--run-dir", run, "--steps", 4, "--batch-size", 4, "--steps-per-block", 2,
-               "--layers-per-block", 4)
+    r = invoke("agree", "--base-model", MODEL_DIR, "--data", DATA_FILE, *SETTINGS, "--out", agreement(run))
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--run-dir", run, "--agreement", agreement(run))
     assert r.exit_code == 0, r.output
     assert "run root" in r.output
     return run
@@ -26,6 +33,7 @@ def builtin_run(tmp_path_factory):
 def run_copy(builtin_run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(builtin_run, dst)
+    shutil.copy(agreement(builtin_run), agreement(dst))
     return dst
 
 
@@ -33,11 +41,15 @@ def pub(run):
     return run / "provider.key.pub"
 
 
+def agreement(run):
+    return run.with_name(run.name + ".agreement.json")
+
+
 def test_honest_builtin_run_passes_with_exit_0(builtin_run):
-    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "--all")
+    r = invoke("verify", builtin_run, "--agreement", agreement(builtin_run), "--public-key", pub(builtin_run), "--all")
     assert r.exit_code == 0, r.output
     assert "PASS: 4/4 blocks pass" in r.output
-    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 1, "-s", 1, "--json")
+    r = invoke("verify", builtin_run, "--agreement", agreement(builtin_run), "--public-key", pub(builtin_run), "-l", 1, "-s", 1, "--json")
     assert r.exit_code == 0
     report = json.loads(r.stdout)
     assert report["verdict"] == "PASS" and report["blocks"][0]["compared"] > 0
@@ -59,17 +71,20 @@ def test_model_written_in_hugging_face_format(builtin_run):
 @pytest.mark.parametrize("args, message", [
     ((), "Usage"),
     (("verify", "RUN", "--all"), "--public-key"),
-    (("verify", "RUN", "--public-key", "PUB", "-l", "0"), "--step-block"),
-    (("verify", "RUN", "--public-key", "PUB", "-l", "9", "-s", "0"), "layer block 9 does not exist"),
-    (("verify", "RUN", "--public-key", "PUB", "-l", "0", "-s", "7"), "step block 7 does not exist"),
-    (("verify", "RUN", "--public-key", "ed25519:zz", "--all"), "not hex"),
-    (("verify", "RUN", "--public-key", "/nonexistent.pub", "--all"), "does not exist"),
-    (("verify", "/nonexistent-run", "--public-key", "PUB", "--all"), "does not exist"),
-    (("verify", "RUN", "--public-key", "PUB", "--all", "--mode", "fuzzy"), "mode must be one of"),
-    (("verify", "RUN", "--public-key", "PUB", "--all", "--dtype", "float64"), "--mode tolerance"),
+    (("verify", "RUN", "--public-key", "PUB", "--all"), "aftune agree"),
+    (("verify", "RUN", "--agreement", "/nonexistent.json", "--public-key", "PUB", "--all"), "is missing"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "PUB", "-l", "0"), "--step-block"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "PUB", "-l", "9", "-s", "0"), "layer block 9 does not exist"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "PUB", "-l", "0", "-s", "7"), "step block 7 does not exist"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "ed25519:zz", "--all"), "not hex"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "/nonexistent.pub", "--all"), "does not exist"),
+    (("verify", "/nonexistent-run", "--agreement", "AGR", "--public-key", "PUB", "--all"), "does not exist"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "PUB", "--all", "--mode", "fuzzy"), "mode must be one of"),
+    (("verify", "RUN", "--agreement", "AGR", "--public-key", "PUB", "--all", "--dtype", "float64"), "--mode tolerance"),
 ])
 def test_bad_usage_exits_2(builtin_run, args, message):
-    args = [str(builtin_run) if a == "RUN" else str(pub(builtin_run)) if a == "PUB" else a for a in args]
+    names = {"RUN": builtin_run, "PUB": pub(builtin_run), "AGR": agreement(builtin_run)}
+    args = [str(names.get(a, a)) for a in args]
     r = invoke(*args)
     assert r.exit_code == 2, r.output
     assert message in r.output
@@ -122,7 +137,7 @@ def test_damaged_records_exit_2_or_fail_never_pass(run_copy, target, message):
     elif target == "data":
         path = next((run_copy / "data").iterdir())
         path.write_text(path.read_text().replace("plus", "minus", 1))
-    r = invoke("verify", run_copy, "--public-key", pub(run_copy), "--all")
+    r = invoke("verify", run_copy, "--agreement", agreement(run_copy), "--public-key", pub(run_copy), "--all")
     expected = 1 if target == "data" else 2  # edited data contradicts the commitment: FAIL
     assert r.exit_code == expected, r.output
     assert message in r.output
@@ -132,13 +147,13 @@ def test_damaged_records_exit_2_or_fail_never_pass(run_copy, target, message):
 def test_edited_config_fails_with_exit_1(run_copy):
     cfg = run_copy / "config.json"
     cfg.write_bytes(cfg.read_bytes().replace(b'"lr":0.001', b'"lr":0.002'))
-    r = invoke("verify", run_copy, "--public-key", pub(run_copy), "--all")
+    r = invoke("verify", run_copy, "--agreement", agreement(run_copy), "--public-key", pub(run_copy), "--all")
     assert r.exit_code == 1 and "does not match the config digest" in r.output
 
 
 def test_wrong_public_key_fails_with_exit_1(run_copy, tmp_path):
     invoke("keygen", tmp_path / "other.key")
-    r = invoke("verify", run_copy, "--public-key", tmp_path / "other.key.pub", "--all")
+    r = invoke("verify", run_copy, "--agreement", agreement(run_copy), "--public-key", tmp_path / "other.key.pub", "--all")
     assert r.exit_code == 1 and "not by the pinned provider key" in r.output
 
 
@@ -153,7 +168,7 @@ def test_tampered_block_exits_1_and_is_named(run_copy):
     t = ObjectStore(run_copy / "objects", "blake3").get(ref, "test") * 1.001
     (run_copy / "objects" / row[4][:2] / f"{row[4]}.safetensors.zst").write_bytes(
         zstandard.ZstdCompressor().compress(save({row[1]: t})))
-    r = invoke("verify", run_copy, "--public-key", pub(run_copy), "--all")
+    r = invoke("verify", run_copy, "--agreement", agreement(run_copy), "--public-key", pub(run_copy), "--all")
     assert r.exit_code == 1
     assert "FAIL layer block 0" in r.output and "step block 1" in r.output and "altered" in r.output
 
@@ -166,22 +181,26 @@ def test_keygen_refuses_to_overwrite(tmp_path):
 
 def test_console_script_exit_codes(builtin_run):
     ok = subprocess.run([sys.executable, "-m", "aftune", "verify", str(builtin_run), "--public-key",
-                         str(pub(builtin_run)), "-l", "0", "-s", "0"], capture_output=True, text=True)
+                         str(pub(builtin_run)), "--agreement", str(agreement(builtin_run)), "-l", "0", "-s", "0"],
+                        capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-m", "aftune", "verify", str(builtin_run)], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
 def test_agreed_base_model_and_data_are_checked(builtin_run, tmp_path):
+    """The client's own agreement, written from other data or another base model, FAILs the run,
+    naming what differs; the honest one PASSes; none at all is refused unless the user says unsafe."""
     from aftune.builtin import DATA_FILE, MODEL_DIR
 
-    ok = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0,
-                "--base-model", MODEL_DIR, "--data", DATA_FILE)
+    ok = invoke("verify", builtin_run, "--agreement", agreement(builtin_run), "--public-key", pub(builtin_run),
+                "-l", 0, "-s", 0)
     assert ok.exit_code == 0, ok.output
     other = tmp_path / "other.jsonl"
     other.write_text((DATA_FILE).read_text().replace("plus", "minus", 1))
-    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0, "--data", other)
-    assert r.exit_code == 1 and "not trained on the agreed dataset" in r.output
+    assert invoke("agree", "--base-model", MODEL_DIR, "--data", other, *SETTINGS, "--out", tmp_path / "a1").exit_code == 0
+    r = invoke("verify", builtin_run, "--agreement", tmp_path / "a1", "--public-key", pub(builtin_run), "-l", 0, "-s", 0)
+    assert r.exit_code == 1 and "not trained on the agreed dataset" in r.output and "config.data.root" in r.output
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -190,5 +209,12 @@ def test_agreed_base_model_and_data_are_checked(builtin_run, tmp_path):
     with torch.no_grad():
         m.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3  # a base model one weight away from the agreed one
     m.save_pretrained(tmp_path / "base")
-    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "-l", 0, "-s", 0, "--base-model", tmp_path / "base")
-    assert r.exit_code == 1 and "agreed base model" in r.output
+    assert invoke("agree", "--base-model", tmp_path / "base", "--data", DATA_FILE, *SETTINGS,
+                  "--out", tmp_path / "a2").exit_code == 0
+    r = invoke("verify", builtin_run, "--agreement", tmp_path / "a2", "--public-key", pub(builtin_run), "--all")
+    assert r.exit_code == 1 and "did not start from the agreed base model" in r.output
+    assert "config.model.base_weights" in r.output
+    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "--all")
+    assert r.exit_code == 2 and "aftune agree" in r.output and "PASS" not in r.output
+    r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "--all", "--unsafe-no-agreement")
+    assert r.exit_code == 0 and "only the record's consistency with itself was checked" in r.output

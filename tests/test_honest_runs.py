@@ -7,7 +7,7 @@ import pytest
 from aftune.training.settings import LoraSettings
 from aftune.errors import RecordError
 from aftune.training.regenerate import prepare
-from conftest import verify_all
+from conftest import agreement_for, verifier, verify_all
 
 
 def _assert_all_pass(run_dir, key, expected_blocks=None):
@@ -45,16 +45,15 @@ def test_lora_passes(record, family):
 
 
 def test_checkpoint_interval_through_prepare(record):
-    from aftune.training.verify import Verifier
 
     run_dir, key = record("llama", steps=6, steps_per_block=2, checkpoint_interval=3)
     with pytest.raises(RecordError, match="aftune prepare"):  # committed by digest only: exit 2, not a verdict
-        Verifier(run_dir, key).verify_block(1, 2)
+        verifier(run_dir, key).verify_block(1, 2)
     objects = sorted((run_dir / "objects").rglob("*.zst"))
-    assert prepare(run_dir, key, 1, 2) == [1, 2]
+    assert prepare(run_dir, key, 1, 2, agreement=agreement_for(run_dir)) == [1, 2]
     regenerated = sorted(set((run_dir / "objects").rglob("*.zst")) - set(objects))
     assert regenerated  # new objects, each checked against its digest on the way in
-    result, _ = Verifier(run_dir, key).verify_block(1, 2)
+    result, _ = verifier(run_dir, key).verify_block(1, 2)
     assert result.verdict == "PASS", result.headline()
     _assert_all_pass(run_dir, key)
 

@@ -1,7 +1,8 @@
 """Auditable inference, honest side: every family verifies PASS at every layer block in strict
 mode (greedy and sampled generation, classifiers), records are named by their full digest and
 never overwritten, digest-only activations are regenerated, a run-bound record is tied to the
-run's signed final model, and the CLI answers with the right exit codes."""
+run's signed final model, and the CLI answers with the right exit codes. The helpers verify as
+the honest client does: with its own model, input, generation policy and request nonce."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from aftune.errors import InputError
 from aftune.attacks import quant_serving
 from aftune.inference.engine import InferenceEngine
 from aftune.inference.record import InferenceRecord, boundary_key
-from aftune.inference.sampling import sample_token, sample_uniform
+from aftune.inference.policy import GenerationPolicy
+from aftune.inference.sampling import request_seed, sample_token, sample_uniform
 from aftune.inference.served import ServedModel
-from aftune.inference.settings import GenerationSettings, RecordingSettings
+from aftune.inference.settings import RecordingSettings
 from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.core.signing import SigningKey
 from aftune.inference.regenerate import prepare_inference
@@ -25,6 +27,13 @@ from aftune.inference.verify import InferenceVerifier
 
 PROMPT = "Q: what colour is the sky?"
 TEXT = "good fine okay great"
+NONCE = bytes(range(32))  # the client's request nonce of the sampled tests
+
+
+def policy(max_new_tokens=6, temperature=0.0, top_p=1.0, **kw) -> GenerationPolicy:
+    """A client's policy for the tiny models (their config's end-of-sequence token is 2)."""
+    return GenerationPolicy(max_new_tokens=max_new_tokens, eos_token_ids=kw.pop("eos_token_ids", (2,)),
+                            temperature=temperature, top_p=top_p, **kw)
 
 
 # --- helpers shared by the inference tests ----------------------------------------------------
@@ -47,23 +56,42 @@ def image_file(directory: Path) -> Path:
     return path
 
 
-def infer(model, record_dir, family=None, *, prompt=PROMPT, gen=GenerationSettings(max_new_tokens=6), dtype=None,
-          layers_per_block=1, activation_interval=1, deviation=None, key=None, image_dir=None, attn=None):
-    """One recorded request; returns (result, engine)."""
+# what the client asked, per record id and per record directory: its model, input, policy, nonce
+ASKED: dict = {}
+_DEFAULT = object()
+
+
+def infer(model, record_dir, family=None, *, prompt=PROMPT, gen=None, dtype=None, layers_per_block=1,
+          activation_interval=1, deviation=None, key=None, image_dir=None, attn=None, nonce=_DEFAULT):
+    """One recorded request under the client's policy `gen` (default: greedy, 6 tokens) and
+    nonce (default: NONCE when sampling, none when greedy); returns (result, engine)."""
+    gen = gen or policy()
+    if nonce is _DEFAULT:
+        nonce = NONCE if gen.sampling else None
     served = ServedModel.load(model, dtype=dtype, attn_implementation=attn)
     engine = InferenceEngine(served, record_dir, key or SigningKey.generate(),
                              RecordingSettings(layers_per_block, activation_interval), deviation=deviation)
+    asked = dict(model=model, policy=None, request_nonce=nonce)
     if served.task == "causal_lm":
-        result = engine.generate(prompt, gen)
+        result = engine.generate(prompt, gen, request_nonce=nonce)
+        asked.update(expected_prompt=prompt, policy=gen)
     elif served.family == "bert":
-        result = engine.classify(text=TEXT)
+        result = engine.classify(text=TEXT, request_nonce=nonce)
+        asked.update(expected_text=TEXT)
     else:
-        result = engine.classify(image=image_file(image_dir or Path(record_dir).parent))
+        image = image_file(image_dir or Path(record_dir).parent)
+        result = engine.classify(image=image, request_nonce=nonce)
+        asked.update(expected_image=image)
+    ASKED[result.record_id] = ASKED[Path(record_dir).resolve()] = asked
     return result, engine
 
 
 def verify(record_dir, result, model=None, **kw):
-    v = InferenceVerifier(record_dir, result.record_id.hex(), model=model, **kw)
+    """Verify as the client that made the request: its own model, input, policy and nonce
+    unless `kw` says otherwise."""
+    asked = ASKED.get(result.record_id) or ASKED.get(Path(record_dir).resolve(), {})
+    kw = {**asked, **({"model": model} if model is not None else {}), **kw}
+    v = InferenceVerifier(record_dir, result.record_id.hex(), **kw)
     return v, v.verify_all()
 
 
@@ -74,10 +102,10 @@ def failing(report):
 # --- honest inference: PASS at every layer block ----------------------------------------------
 
 @pytest.mark.parametrize("family, gen", [
-    ("llama", GenerationSettings(max_new_tokens=6)),
-    ("llama", GenerationSettings(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=7)),
-    ("qwen2", GenerationSettings(max_new_tokens=5, temperature=1.3, seed=1)),
-    ("gpt2", GenerationSettings(max_new_tokens=6)),
+    ("llama", policy(6)),
+    ("llama", policy(6, temperature=0.8, top_p=0.9)),
+    ("qwen2", policy(5, temperature=1.3)),
+    ("gpt2", policy(6)),
     ("bert", None), ("vit", None), ("dinov2", None), ("resnet", None),
 ])
 @pytest.mark.parametrize("layers_per_block", [1, 2])
@@ -86,6 +114,7 @@ def test_honest_inference_passes_every_block_strict(model_dir, tmp_path, family,
     result, engine = infer(model_dir(family), tmp_path / "rec", gen=gen, layers_per_block=layers_per_block, key=key)
     v, report = verify(tmp_path / "rec", result, public_key=key.public_key)
     assert report.verdict == "PASS", report.summary() + "".join(f"\n{e.describe()}" for e in report.errors)
+    assert not report.notes, report.notes  # the client gave everything: nothing went unchecked
     assert len(report.results) == len(engine.blocks) and all(r.compared > 0 for r in report.results)
     if gen is not None:
         assert len(result.tokens) == gen.max_new_tokens or result.tokens[-1] in engine.served.eos_token_ids
@@ -95,7 +124,7 @@ def test_honest_inference_passes_every_block_strict(model_dir, tmp_path, family,
 
 
 def test_blocked_greedy_generation_matches_hugging_face_generate(model_dir, tmp_path):
-    result, engine = infer(model_dir("llama"), tmp_path / "rec", gen=GenerationSettings(max_new_tokens=12))
+    result, engine = infer(model_dir("llama"), tmp_path / "rec", gen=policy(12))
     ids = engine.served.prompt_inputs(PROMPT)["input_ids"]
     hf = engine.served.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert list(result.tokens) == hf[0, ids.shape[1]:].tolist()
@@ -104,7 +133,7 @@ def test_blocked_greedy_generation_matches_hugging_face_generate(model_dir, tmp_
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_eager_attention_records_verify_and_match_generate(model_dir, tmp_path, family):
     """Eager attention takes the explicit causal mask of the prefill; SDPA its causal mode."""
-    result, engine = infer(model_dir(family), tmp_path / "rec", gen=GenerationSettings(max_new_tokens=8), attn="eager")
+    result, engine = infer(model_dir(family), tmp_path / "rec", gen=policy(8), attn="eager")
     assert InferenceRecord.open(tmp_path / "rec").model["attn_implementation"] == "eager"
     _, report = verify(tmp_path / "rec", result)
     assert report.verdict == "PASS", report.summary()
@@ -114,10 +143,10 @@ def test_eager_attention_records_verify_and_match_generate(model_dir, tmp_path, 
 
 
 def test_seeded_sampling_is_reproducible_and_documented(model_dir, tmp_path):
-    gen = GenerationSettings(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=42)
-    a, _ = infer(model_dir("llama"), tmp_path / "a", gen=gen)
-    b, _ = infer(model_dir("llama"), tmp_path / "b", gen=gen)
-    c, _ = infer(model_dir("llama"), tmp_path / "c", gen=GenerationSettings(8, 0.9, 0.8, seed=43))
+    gen = policy(8, temperature=0.9, top_p=0.8)
+    a, _ = infer(model_dir("llama"), tmp_path / "a", gen=gen, nonce=b"\x2a" * 32)
+    b, _ = infer(model_dir("llama"), tmp_path / "b", gen=gen, nonce=b"\x2a" * 32)
+    c, _ = infer(model_dir("llama"), tmp_path / "c", gen=gen, nonce=b"\x2b" * 32)  # another nonce, another seed
     assert a.tokens == b.tokens and a.tokens != c.tokens
     assert a.record_id != b.record_id  # each request is its own record (nonce and time)
     # the inverse-CDF draw in vocabulary order, by hand
@@ -149,21 +178,28 @@ def test_records_are_named_by_full_digest_and_never_overwritten(model_dir, tmp_p
 
 
 def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
-    gen = GenerationSettings(max_new_tokens=5, temperature=0.7, top_p=0.95, seed=3)
+    gen = policy(5, temperature=0.7, top_p=0.95)
     result, engine = infer(model_dir("llama"), tmp_path / "rec", gen=gen)
     rec = InferenceRecord.open(tmp_path / "rec", result.record_id.hex()[:12])
     assert rec.doc["input"]["prompt"] == PROMPT
     assert rec.tensor("input/input_ids").tolist() == engine.served.prompt_inputs(PROMPT)["input_ids"].tolist()
     assert rec.tensor("output/tokens").tolist() == list(result.tokens) == rec.doc["output"]["tokens"]
-    assert rec.doc["generation"] == {"max_new_tokens": 5, "temperature": 0.7, "top_p": 0.95, "seed": 3,
-                                     "eos_token_ids": [2]}
+    digest = gen.digest("blake3")
+    assert rec.doc["generation"] == {"policy": {"format": "aftune.generation-policy.v1", "temperature": 0.7,
+                                                "top_p": 0.95, "max_new_tokens": 5, "eos_token_ids": [2],
+                                                "stop_rule": "eos_or_length", "chat_template": None},
+                                     "policy_digest": digest.hex(),
+                                     "seed": request_seed("blake3", NONCE, rec.declared_digest("input"), digest)}
+    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v2"
+    assert "source" not in rec.model  # no path a verifier could be sent to
     assert rec.model_digest == engine.served.digest
     nb = len(engine.blocks)
     for k in range(len(result.tokens)):
         assert all(f"step/{k:06d}/boundary/{b:04d}" in rec.rows for b in range(1, nb))
     receipt = Receipt.load(result.receipt_path)
-    verify_receipt(receipt, engine.key.public_key, tmp_path / "rec")
+    verify_receipt(receipt, engine.key.public_key, tmp_path / "rec", request_nonce=NONCE, policy_digest=digest)
     assert receipt.record_root == result.record_id and receipt.output_digest == rec.rows_root("output/")
+    assert (receipt.request_nonce, receipt.policy_digest) == (NONCE, digest)
 
 
 def test_digest_only_activations_are_regenerated(model_dir, tmp_path):
@@ -173,10 +209,13 @@ def test_digest_only_activations_are_regenerated(model_dir, tmp_path):
     assert [r.has_tensor(boundary_key(b)) for b in (1, 2, 3)] == [False, True, False]
     with pytest.raises(Exception, match="prepare-inference"):
         InferenceVerifier(rec, model=model_dir("llama")).verify([1])
-    assert prepare_inference(rec, layer_block=1) == [1]
-    assert InferenceVerifier(rec).verify([1]).verdict == "PASS"
-    assert prepare_inference(rec) == [3]
-    assert InferenceVerifier(rec, mode="tolerance", replay_dtype="float64").verify_all().verdict == "PASS"
+    with pytest.raises(InputError, match="--model DIR"):  # never the provider's model: the client's copy
+        prepare_inference(rec, layer_block=1)
+    assert prepare_inference(rec, layer_block=1, model=model_dir("llama")) == [1]
+    assert InferenceVerifier(rec, model=model_dir("llama")).verify([1]).verdict == "PASS"
+    assert prepare_inference(rec, model=model_dir("llama")) == [3]
+    assert InferenceVerifier(rec, model=model_dir("llama"), mode="tolerance",
+                             replay_dtype="float64").verify_all().verdict == "PASS"
     # strict --all chains replays through digest-only boundaries without regenerating them
     result, _ = infer(model_dir("gpt2"), tmp_path / "g", activation_interval=3)
     _, report = verify(tmp_path / "g", result)
@@ -190,13 +229,13 @@ def test_eos_stops_generation_and_is_checked(model_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    result, _ = infer(model_dir("llama"), tmp_path / "a", gen=GenerationSettings(max_new_tokens=8))
+    result, _ = infer(model_dir("llama"), tmp_path / "a", gen=policy(8))
     stopping = tmp_path / "stopping"
     shutil.copytree(model_dir("llama"), stopping)
     weights = load_file(stopping / "model.safetensors")
     weights["lm_head.weight"][2] = 2 * weights["lm_head.weight"][result.tokens[2]]
     save_file(weights, stopping / "model.safetensors", metadata={"format": "pt"})
-    result, _ = infer(stopping, tmp_path / "rec", gen=GenerationSettings(max_new_tokens=8))
+    result, _ = infer(stopping, tmp_path / "rec", gen=policy(8))
     assert len(result.tokens) < 8 and result.tokens[-1] == 2, result.tokens
     _, report = verify(tmp_path / "rec", result)
     assert report.verdict == "PASS", report.summary()
@@ -257,25 +296,33 @@ def cli(*args):
 
 
 def test_cli_infer_verify_prepare_and_receipt(model_dir, tmp_path):
-    rec = tmp_path / "rec"
+    rec, nonce = tmp_path / "rec", NONCE.hex()
     r = cli("infer", "--model", model_dir("llama"), "--prompt", PROMPT, "--record-dir", rec, "--max-new-tokens", 5,
-            "--temperature", 0.8, "--seed", 3, "--layers-per-block", 1, "--activation-interval", 2, "--json")
+            "--temperature", 0.8, "--nonce", nonce, "--layers-per-block", 1, "--activation-interval", 2, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     rid = out["record_id"]
-    assert len(out["tokens"]) == 5 and out["receipt"]["record_root"] == rid
+    assert len(out["tokens"]) == 5 and out["receipt"]["record_root"] == rid and out["receipt"]["request_nonce"] == nonce
     pub = rec / "provider.key.pub"
-    r = cli("verify-inference", rec, "--all", "--public-key", pub, "--prompt", PROMPT)
+    # what the client asked: its model, prompt, policy (from flags: greedy unless --temperature) and nonce
+    asked = ("--model", model_dir("llama"), "--prompt", PROMPT, "--max-new-tokens", 5, "--temperature", 0.8,
+             "--request-nonce", nonce)
+    r = cli("verify-inference", rec, "--all", "--public-key", pub, *asked)
     assert r.exit_code == 0 and "PASS: 4/4 blocks pass (strict mode)" in r.output, r.output
-    r = cli("verify-inference", rec, "--record", rid[:10], "-l", 3, "--mode", "tolerance", "--dtype", "float64")
+    assert "NOT CHECKED" not in r.output
+    r = cli("verify-inference", rec, "--record", rid[:10], "-l", 3, "--mode", "tolerance", "--dtype", "float64", *asked)
     assert r.exit_code == 2 and "prepare-inference" in r.output, r.output
-    r = cli("prepare-inference", rec, "-l", 2)
+    r = cli("prepare-inference", rec, "-l", 2, "--model", model_dir("llama"))
     assert r.exit_code == 0 and "regenerated boundaries [3]" in r.output, r.output
-    r = cli("verify-inference", rec, "-l", 2, "--mode", "tolerance", "--dtype", "float64", "--json")
+    r = cli("verify-inference", rec, "-l", 2, "--mode", "tolerance", "--dtype", "float64", "--json", *asked)
     assert r.exit_code == 0 and json.loads(r.stdout)["verdict"] == "PASS", r.output
-    r = cli("verify-receipt", rec / "receipts" / f"{rid}.json", "--public-key", pub, "--record-dir", rec)
+    r = cli("verify-receipt", rec / "receipts" / f"{rid}.json", "--public-key", pub, "--record-dir", rec,
+            "--request-nonce", nonce)
     assert r.exit_code == 0 and "VALID" in r.output
-    r = cli("verify-inference", rec, "--all", "--prompt", "another prompt")
+    r = cli("verify-receipt", rec / "receipts" / f"{rid}.json", "--public-key", pub, "--record-dir", rec,
+            "--request-nonce", "ab" * 32)
+    assert r.exit_code == 1 and "not yours" in r.output, r.output
+    r = cli("verify-inference", rec, "--all", *asked[:2], "--prompt", "another prompt", *asked[4:])
     assert r.exit_code == 1 and "answers another prompt" in r.output
 
 
@@ -286,8 +333,12 @@ def test_cli_classifiers(model_dir, tmp_path, family, flag):
     r = cli("infer", "--model", model_dir(family), flag, value, "--record-dir", rec)
     assert r.exit_code == 0 and "label:" in r.output, r.output
     extra = ("--image", value) if flag == "--image" else ("--text", value)
-    r = cli("verify-inference", rec, "--all", "--public-key", rec / "provider.key.pub", *extra)
-    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    r = cli("verify-inference", rec, "--all", "--public-key", rec / "provider.key.pub", "--model", model_dir(family),
+            *extra)
+    assert r.exit_code == 0 and "PASS" in r.output and "NOT CHECKED" not in r.output, r.output
+
+
+ASK = ("--model", "LLAMA", "--prompt", PROMPT, "--max-new-tokens", "6")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -299,20 +350,32 @@ def test_cli_classifiers(model_dir, tmp_path, family, flag):
     (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--top-p", "0"), "top_p"),
     (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--max-new-tokens", "500"), "positions"),
     (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--dtype", "int8"), "--dtype"),
+    (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--temperature", "0.7"), "request nonce"),
+    (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--nonce", "abcd"), "16 to 64 bytes"),
     (("verify-inference", "REC", "-l", "0", "--all"), "either --all or --layer-block"),
-    (("verify-inference", "REC", "-l", "9"), "layer block 9 does not exist"),
-    (("verify-inference", "REC", "--all", "--dtype", "float64"), "--mode tolerance"),
-    (("verify-inference", "REC", "--all", "--mode", "fuzzy"), "mode must be one of"),
+    (("verify-inference", "REC", "-l", "9", *ASK), "layer block 9 does not exist"),
+    (("verify-inference", "REC", "--all", "--dtype", "float64", *ASK), "--mode tolerance"),
+    (("verify-inference", "REC", "--all", "--mode", "fuzzy", *ASK), "mode must be one of"),
     (("verify-inference", "REC", "--all", "--record", "zz"), "hexadecimal"),
     (("verify-inference", "/nonexistent", "--all"), "does not exist"),
     (("verify-inference", "REC", "--all", "--run", "REC"), "--run needs --public-key"),
-    (("verify-receipt", "/nonexistent.json", "--public-key", "ed25519:" + "00" * 32), "does not exist"),
+    # no PASS on half a check: what the client asked for is required, and the message says how to give it
+    (("verify-inference", "REC", "--all", "--prompt", PROMPT, "--max-new-tokens", "6"), "--model DIR, or --run RUN"),
+    (("verify-inference", "REC", "--all", "--model", "LLAMA", "--max-new-tokens", "6"), "--unsafe-skip-input-check"),
+    (("verify-inference", "REC", "--all", "--model", "LLAMA", "--prompt", PROMPT), "--unsafe-skip-policy-check"),
+    (("verify-inference", "REC", "--all", *ASK, "--temperature", "0.5"), "--request-nonce HEX"),
+    (("verify-inference", "REC", "--all", *ASK, "--policy", "REC/none.json"), "is missing"),
+    (("verify-inference", "REC", "--all", *ASK, "--agreement", "REC/none.json"), "is missing"),
+    (("verify-receipt", "/nonexistent.json", "--public-key", "ed25519:" + "00" * 32, "--record-dir", "REC"),
+     "does not exist"),
+    (("verify-receipt", "/nonexistent.json", "--public-key", "ed25519:" + "00" * 32), "--unsafe-signature-only"),
+    (("verify-receipt", "/nonexistent.json", "--record-dir", "REC"), "--attestation"),
 ])
 def test_cli_bad_input_exits_2(model_dir, tmp_path, args, message):
     rec = tmp_path / "rec"
     infer(model_dir("llama"), rec)
     subst = {"LLAMA": model_dir("llama"), "BERT": model_dir("bert"), "REC": rec}
-    r = cli(*[subst.get(a, a) for a in args])
+    r = cli(*[str(subst.get(a, a)).replace("REC/", f"{rec}/") for a in args])
     assert r.exit_code == 2, r.output
     assert message in r.output, r.output
 
@@ -322,8 +385,9 @@ def test_cli_infer_on_run_directory_uses_the_run_key(record, tmp_path):
     rec = tmp_path / "rec"
     r = cli("infer", "--model", run, "--prompt", PROMPT, "--record-dir", rec, "--max-new-tokens", 3)
     assert r.exit_code == 0 and "the run's final model" in r.output, r.output
-    r = cli("verify-inference", rec, "--all", "--public-key", run / "provider.key.pub", "--run", run)
-    assert r.exit_code == 0, r.output
+    r = cli("verify-inference", rec, "--all", "--public-key", run / "provider.key.pub", "--run", run, "--prompt", PROMPT,
+            "--max-new-tokens", 3)
+    assert r.exit_code == 0 and "NOT CHECKED" not in r.output, r.output
 
 
 # --- SPEC.md 8.12: recomputed independently -------------------------------
@@ -344,32 +408,57 @@ def test_spec_vectors():
     def lp(b):
         return struct.pack(">I", len(b)) + b
 
-    want = {"blake3": ("21fd6de5a2792604be647dabde5957330d7b6f39e4402d705cd80f4049e1e435", 0.13277327400507888,
-                       "9977fff18637b1f1a2d80d1224cb4805b25ca8154576ebce20172c45b1604921",
-                       "4c838ec5993b6e224e6e23dacec0649454e3266c8306fd4fa6e5410025b4eedd",
-                       "2d1623ea690480737a25966b3e7c4e231d98b7c2a91b29f24a8b2296438c5dfe"
-                       "b7db160f76217f7da2a9b47af984cc2c5c40c53e098d1af7a5e46eba0c137b0b"),
-            "sha256": ("f76ad7c8f89cc7800d75053b51b3f9abdd19a3758714aa6d3b2ced6589383958", 0.966474043431492,
-                       "7603233b89431ed2d1c1f0f33b752a3de86175c8ea83713a30bf6d453eb753f4",
-                       "647e37b0383914323e26448061018fc0dd203cc69cbe1b8175261b1176aad99b",
-                       "69fba039ae79e208a15ab8a71edc4ccfc776a26268f49c694eeff4a31605f197"
-                       "68a8c2543d26c301f1251c21ad56b293ffadcb8e122099a8077e2bd767a8c204")}
+    want = {"blake3": dict(d="21fd6de5a2792604be647dabde5957330d7b6f39e4402d705cd80f4049e1e435", u=0.13277327400507888,
+                           rid="a4c478a3bd9b0516687187c275219404518181ade086b7f7c4258826edb290f8",
+                           policy="419116a87e7f3234a217843753e1073f5b1194c8fb7217f741124358095795b5",
+                           seed_d="d75d27bb8e25d5980362c8b956d5406fea4e377eda18431108fa40df128f47f3",
+                           seed=7759301788742904524,
+                           message="ec8084bcd06577c15d091dbeb427acddc6e4bab0b3c3473a043b1f07f0072a24",
+                           signature="f9108f1e7f41d134a23ea216a646f504960738cc8d4a473613a574a11e9e9b85"
+                                     "ca9fe219e8e0461caeefbd0add78391857a62d80286fa0f50b8805f33841190e"),
+            "sha256": dict(d="f76ad7c8f89cc7800d75053b51b3f9abdd19a3758714aa6d3b2ced6589383958", u=0.966474043431492,
+                           rid="b69662c3158140082ce9740f235f3268a8136f0baf1725a97b8a36c1e1403f79",
+                           policy="dafd41670240ed53b0bca4a08b17c6abda4851c84e8139d3181397dc3c9c1d95",
+                           seed_d="dc7055f3359e1405760aa37eed799ef8e3364d7d4f3e4e7fc3f5c1d322bf2412",
+                           seed=7942145194400352770,
+                           message="48c101ef1ec2fcad07a366c27cc00d71705d0e92850511e86f5f6c4e7b82a583",
+                           signature="d9911346492600337cd167942f7d13b97cece2492ee4270b132dfad65f3c978e"
+                                     "31e07524ec941fd0b2688367b921e465398342a6a282e3d6d1b29304659f360c")}
     private = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
     key = SigningKey(private)
     time = "2025-01-31T12:00:00.000000Z"
-    for alg, (d_hex, u, rid, message, signature) in want.items():
+    policy_json = (b'{"chat_template":null,"eos_token_ids":[2],"format":"aftune.generation-policy.v1",'
+                   b'"max_new_tokens":8,"stop_rule":"eos_or_length","temperature":0.0,"top_p":1.0}')
+    gen = GenerationPolicy(max_new_tokens=8, eos_token_ids=(2,))
+    nonce, input_digest, policy_digest, request = bytes(range(32)), b"\x22" * 32, b"\x55" * 32, b"\x66" * 16
+    for alg, v in want.items():
         d = h(alg, b"aftune.v1.sample\x00" + struct.pack(">QQ", 7, 3))
-        assert d.hex() == d_hex and (int.from_bytes(d[:8], "big") >> 11) / 2**53 == u == sample_uniform(alg, 7, 3)
-        doc = b'{"format":"aftune.inference.v1"}'
-        assert h(alg, b"aftune.v1.inference-record\x00" + doc).hex() == rid == record_id(alg, doc).hex()
-        m = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v1") + lp(alg.encode()) + bytes([0x11]) * 32
-              + bytes([0x22]) * 32 + bytes([0x33]) * 32 + bytes([0x44]) * 32 + lp(time.encode()) + key.public_key.raw)
-        assert m.hex() == message
+        assert d.hex() == v["d"] and (int.from_bytes(d[:8], "big") >> 11) / 2**53 == v["u"] == sample_uniform(alg, 7, 3)
+        doc = b'{"format":"aftune.inference.v2"}'
+        assert h(alg, b"aftune.v1.inference-record\x00" + doc).hex() == v["rid"] == record_id(alg, doc).hex()
+        # SPEC.md 8.6.1: the policy digest over the canonical JSON of the policy
+        assert h(alg, b"aftune.v1.generation-policy\x00" + policy_json).hex() == v["policy"] == gen.digest(alg).hex()
+        # SPEC.md 8.6.5: the seed of a sampled request
+        sd = h(alg, b"aftune.v1.request-seed\x00" + lp(nonce) + input_digest + policy_digest)
+        assert sd.hex() == v["seed_d"] and int.from_bytes(sd[:8], "big") >> 1 == v["seed"]
+        assert request_seed(alg, nonce, input_digest, policy_digest) == v["seed"]
+        m = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v2") + lp(alg.encode()) + bytes([0x11]) * 32
+              + bytes([0x22]) * 32 + bytes([0x33]) * 32 + bytes([0x44]) * 32 + lp(time.encode()) + key.public_key.raw
+              + lp(request) + lp(policy_digest))
+        assert m.hex() == v["message"]
         sig = private.sign(b"aftune.v1.signature\x00" + lp(b"inference-receipt") + m)
-        assert sig.hex() == signature
-        r = issue_receipt(key, alg, bytes([0x11]) * 32, bytes([0x22]) * 32, bytes([0x33]) * 32, bytes([0x44]) * 32, time)
+        assert sig.hex() == v["signature"]
+        r = issue_receipt(key, alg, bytes([0x11]) * 32, bytes([0x22]) * 32, bytes([0x33]) * 32, bytes([0x44]) * 32,
+                          time, request_nonce=request, policy_digest=policy_digest)
         assert r.message() == m and r.signature == sig
-        verify_receipt(Receipt.from_json(r.to_json()), key.public_key)
+        verify_receipt(Receipt.from_json(r.to_json()), key.public_key, request_nonce=request,
+                       policy_digest=policy_digest)
+        # no nonce and no policy (a classifier's request without a nonce): two empty length prefixes
+        r0 = issue_receipt(key, alg, bytes([0x11]) * 32, bytes([0x22]) * 32, bytes([0x33]) * 32, bytes([0x44]) * 32,
+                           time)
+        assert r0.message() == h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v2") + lp(alg.encode())
+                                 + bytes([0x11]) * 32 + bytes([0x22]) * 32 + bytes([0x33]) * 32 + bytes([0x44]) * 32
+                                 + lp(time.encode()) + key.public_key.raw + lp(b"") + lp(b""))
 
 
 def test_strict_replay_uses_the_recorded_thread_count(model_dir, tmp_path):

@@ -80,10 +80,21 @@ def test_inference_audit_through_the_cli(model_dir, tmp_path):
          "--blocks", "2", "--out", str(tmp_path / "c.json")],
         [*py, "open", str(tmp_path / "rec"), "--challenge", str(tmp_path / "c.json"), "--out", str(tmp_path / "b"),
          "--model", str(model)],
-        [*py, "audit", str(tmp_path / "b"), "--challenge", str(tmp_path / "c.json"), "--public-key",
-         str(key_path) + ".pub", "--model", str(model), "--prompt", PROMPT],
     ]
     for argv in steps:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
-    assert "PASS: 2/2 blocks pass" in done.stdout
+    from conftest import invoke
+
+    audit = ["audit", tmp_path / "b", "--challenge", tmp_path / "c.json", "--public-key", str(key_path) + ".pub",
+             "--model", model]
+    r = invoke(*audit, "--prompt", PROMPT)  # no policy: the record is compared with what the client asked
+    assert r.exit_code == 2 and "--policy FILE" in r.output, r.output
+    r = invoke(*audit, "--prompt", PROMPT, "--max-new-tokens", "6")
+    assert r.exit_code == 0 and "PASS: 2/2 blocks pass" in r.output, r.output
+    r = invoke(*audit, "--prompt", PROMPT, "--max-new-tokens", "9")  # the client asked for more than it got
+    assert r.exit_code == 1 and "max_new_tokens" in r.output, r.output
+    r = invoke(*audit, "--prompt", "Q: another question?", "--max-new-tokens", "6")
+    assert r.exit_code == 1 and "input" in r.output, r.output
+    r = invoke(*audit, "--unsafe-skip-input-check", "--unsafe-skip-policy-check")
+    assert r.exit_code == 0 and "NOT CHECKED" in r.output, r.output

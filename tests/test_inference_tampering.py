@@ -13,10 +13,9 @@ from aftune.errors import CommitmentMismatch
 from aftune.inference.engine import ServingDeviation
 from aftune.inference.record import InferenceRecord, boundary_key
 from aftune.inference.sampling import greedy_token
-from aftune.inference.settings import GenerationSettings
 from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.core.signing import SigningKey
-from test_inference import PROMPT, QuantizedServing, cli, failing, infer, verify
+from test_inference import PROMPT, QuantizedServing, cli, failing, infer, policy, verify
 
 TARGET = "model.layers.2.mlp.down_proj.weight"  # layer.2: layer block 2 with one layer per block
 
@@ -101,8 +100,7 @@ def test_quantized_serving_fails_strict(model_dir, tmp_path, family, bits):
 
 
 def test_perturbed_activation_fails_the_block_that_produced_it(model_dir, tmp_path):
-    result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=GenerationSettings(max_new_tokens=6),
-                      deviation=PerturbBoundary(step=3, at=2))
+    result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=policy(6), deviation=PerturbBoundary(step=3, at=2))
     _, report = verify(tmp_path / "rec", result, model=model_dir("llama"))
     assert failing(report) == [1], report.summary()
     f = report.results[1].findings[0]
@@ -123,8 +121,7 @@ def test_edited_activation_object_fails(model_dir, tmp_path):
     assert "altered" in report.results[2].findings[0].reason
 
 
-@pytest.mark.parametrize("gen", [GenerationSettings(max_new_tokens=6),
-                                 GenerationSettings(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5)])
+@pytest.mark.parametrize("gen", [policy(6), policy(6, temperature=0.8, top_p=0.9)])
 def test_token_that_does_not_follow_from_the_logits_fails(model_dir, tmp_path, gen):
     result, engine = infer(model_dir("llama"), tmp_path / "rec", gen=gen, deviation=SecondBestToken(step=2))
     _, report = verify(tmp_path / "rec", result, model=model_dir("llama"))
@@ -167,7 +164,8 @@ def test_edited_record_file_fails(model_dir, tmp_path):
     result.record_path.write_bytes(json.dumps(doc).encode())
     with pytest.raises(CommitmentMismatch, match="edited after it was written"):
         InferenceRecord.open(tmp_path / "rec")
-    r = cli("verify-inference", tmp_path / "rec", "--all")
+    r = cli("verify-inference", tmp_path / "rec", "--all", "--model", model_dir("llama"), "--prompt", PROMPT,
+            "--max-new-tokens", 6)
     assert r.exit_code == 1 and "FAIL" in r.output
 
 
@@ -188,7 +186,8 @@ def test_rehashed_record_without_a_receipt_fails(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("output_digest", "00" * 32), ("time", "2030-01-01T00:00:00.000000Z"),
-                                          ("record_root", "11" * 32), ("model_digest", "22" * 32)])
+                                          ("record_root", "11" * 32), ("model_digest", "22" * 32),
+                                          ("request_nonce", "ab" * 16), ("policy_digest", "55" * 32)])
 def test_edited_receipt_fails(model_dir, tmp_path, field, value):
     key = SigningKey.generate()
     result, _ = infer(model_dir("llama"), tmp_path / "rec", key=key)
@@ -198,7 +197,7 @@ def test_edited_receipt_fails(model_dir, tmp_path, field, value):
     edited.write_text(json.dumps(doc))
     with pytest.raises(CommitmentMismatch, match="signature does not verify"):
         verify_receipt(Receipt.load(edited), key.public_key)
-    r = cli("verify-receipt", edited, "--public-key", key.public_key.text)
+    r = cli("verify-receipt", edited, "--public-key", key.public_key.text, "--record-dir", tmp_path / "rec")
     assert r.exit_code == 1 and "INVALID" in r.output
     result.receipt_path.write_text(json.dumps(doc))  # the provider edits its stored copy
     _, report = verify(tmp_path / "rec", result, model=model_dir("llama"), public_key=key.public_key)
@@ -217,13 +216,13 @@ def test_receipt_from_another_key_or_for_another_record_fails(model_dir, tmp_pat
     forged = issue_receipt(key, "blake3", ra.model_digest, ra.input_digest, ra.output_digest, b.record_id, ra.time)
     with pytest.raises(CommitmentMismatch, match="input digest"):  # a's digests, b's record
         verify_receipt(forged, key.public_key, tmp_path / "rec")
-    r = cli("verify-receipt", a.receipt_path, "--public-key", other.public_key.text)
+    r = cli("verify-receipt", a.receipt_path, "--public-key", other.public_key.text, "--record-dir", tmp_path / "rec")
     assert r.exit_code == 1
 
 
 def test_receipt_malformed_is_bad_input(tmp_path):
     p = tmp_path / "r.json"
-    for text in ("{", "[]", json.dumps({"format": "aftune.receipt.v1"}), json.dumps({"x": 1})):
+    for text in ("{", "[]", json.dumps({"format": "aftune.receipt.v2"}), json.dumps({"x": 1})):
         p.write_text(text)
-        r = cli("verify-receipt", p, "--public-key", "ed25519:" + "00" * 32)
-        assert r.exit_code == 2, (text, r.output)
+        r = cli("verify-receipt", p, "--public-key", "ed25519:" + "00" * 32, "--record-dir", tmp_path)
+        assert r.exit_code == 2 and "receipt" in r.output, (text, r.output)

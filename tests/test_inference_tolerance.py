@@ -11,15 +11,14 @@ import torch
 
 from aftune.errors import InputError
 from aftune.inference.sampling import sample_token
-from aftune.inference.settings import GenerationSettings
 from aftune.inference.sampling import sampled_token_possible
 from aftune.inference.verify import InferenceVerifier
 from aftune.verdict.policy import INFERENCE_DEFAULTS, Tolerance
-from test_inference import QuantizedServing, failing, infer, verify
+from test_inference import QuantizedServing, failing, infer, policy, verify
 
 FAMILIES = ["llama", "gpt2", "bert", "vit", "resnet"]
-GREEDY = GenerationSettings(max_new_tokens=12)
-SAMPLED = GenerationSettings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11)
+GREEDY = policy(12)
+SAMPLED = policy(12, temperature=0.8, top_p=0.9)
 
 
 def errors(report):

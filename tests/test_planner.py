@@ -110,7 +110,7 @@ def test_stratified_is_exact_against_enumeration(L, S, k):
             assert 1 - placement_detection("stratified", k, L, S, tampered) == pytest.approx(float(exact), abs=1e-13)
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "weighted", "stratified"])
+@pytest.mark.parametrize("strategy", ["uniform", "weighted", "stratified", "columns"])
 def test_worst_case_placement_is_the_minimum_over_all_placements(strategy):
     """For 'm blocks wherever the provider likes', the planner's figure is the least detection
     probability over every placement (brute force on small grids)."""
@@ -126,7 +126,8 @@ def test_worst_case_placement_is_the_minimum_over_all_placements(strategy):
 def test_threat_models():
     L, S = 8, 30
     skip = threat_model(Threat("skip_steps", 0.1), L, S)
-    assert (skip.tampered, skip.units, skip.shape) == (3 * 8, 3, "step_blocks")  # 0.1 x 30 is 3, not 4
+    # the concentrating provider: one fake gradient norm per step block skips the step's updates
+    assert (skip.tampered, skip.units, skip.shape) == (3, 3, "one_per_step_block")  # 0.1 x 30 is 3, not 4
     poison = threat_model(Threat("poison_examples", 0.01), L, S)
     assert (poison.tampered, poison.shape) == (1, "last_layer_block")
     params = threat_model(Threat("tamper_params", 0.3), L, S)
@@ -136,10 +137,13 @@ def test_threat_models():
     layers = threat_model(Threat("substitute_layers", 0.25), L, S)
     assert (layers.tampered, layers.units) == (2 * 30, 2)
     # Without the grid's shape, a bound valid for every shape.
-    assert threat_model(Threat("skip_steps", 0.1), None, None, num_blocks=240).tampered == 24
+    assert threat_model(Threat("skip_steps", 0.1), None, None, num_blocks=240).tampered == 1
     assert threat_model(Threat("poison_examples", 0.1), None, None, num_blocks=240).tampered == 1
-    # A skipped step is caught by any block of its step block: stratified with K >= S always catches it.
-    assert threat_detection(skip, "stratified", S, L, S) == 1.0
+    # The one failing block hides in its step block from stratified sampling (1 of L per step block)
+    # but not from whole columns: checking every step block always catches it.
+    assert threat_detection(skip, "stratified", S, L, S) < 0.5
+    assert threat_detection(skip, "columns", L * S, L, S) == 1.0
+    assert threat_detection(skip, "columns", L * 10, L, S) == pytest.approx(1 - math.comb(27, 10) / math.comb(30, 10))
     # Poisoned labels enter the last layer block: weighting the edges helps.
     assert threat_detection(poison, "weighted", 10, L, S) > threat_detection(poison, "uniform", 10, L, S)
     for bad in [("skip_steps", 0), ("skip_steps", 1.5), ("tampered_blocks", 0), ("tampered_blocks", 1.5),
@@ -151,11 +155,12 @@ def test_threat_models():
 def test_plan_reaches_the_target_with_the_fewest_blocks():
     threats = [Threat("tampered_blocks", 4), Threat("skip_steps", 0.05), Threat("poison_examples", 0.02)]
     p = plan(threats, target=0.99, num_layer_blocks=8, num_step_blocks=64)
-    assert {o.strategy for o in p.options} == {"uniform", "weighted", "stratified"}
+    assert {o.strategy for o in p.options} == {"uniform", "weighted", "stratified", "columns"}
     for o in p.options:
         assert min(o.detection) >= 0.99
-        if o.count > 1:  # one block fewer misses the target for some threat
-            assert min(threat_detection(m, o.strategy, o.count - 1, 8, 64) for m in p.threats) < 0.99
+        step = 8 if o.strategy == "columns" else 1  # columns come whole: one column (8 blocks) fewer
+        if o.count > step:  # one block (column) fewer misses the target for some threat
+            assert min(threat_detection(m, o.strategy, o.count - step, 8, 64) for m in p.threats) < 0.99
     assert p.recommended.count == min(o.count for o in p.options)
     assert p.to_json()["recommended"]["strategy"] == p.recommended.strategy
 
@@ -183,7 +188,11 @@ def test_large_grid_plans_quickly():
 def test_assess_a_challenge():
     c = derive_challenge(bytes(32), bytes(32), 6, 10, "stratified", count=10)
     a = assess_challenge(c, [Threat("skip_steps", 0.1), Threat("tampered_blocks", 2)])
-    assert a.detection[0] == 1.0  # one block in every step block: a skipped step block is always hit
+    # one block in every step block, but the skipped step block's one failing block is 1 of its 6
+    assert a.detection[0] == pytest.approx(1 / 6)
+    columns = assess_challenge(derive_challenge(bytes(32), bytes(32), 6, 10, "columns", count=12),
+                               [Threat("skip_steps", 0.1)])
+    assert columns.count == 12 and columns.detection[0] == pytest.approx(2 / 10)  # 2 of 10 step blocks, whole
     assert a.detection[1] == pytest.approx(placement_detection("stratified", 10, 6, 10, [(0, 0), (0, 1)]))
     assert len(assess_challenge(c).to_json()["threats"]) == 4  # the smallest instance of each threat
 
@@ -197,7 +206,8 @@ CONFIGS = [
     (4, 8, [(1, 2), (2, 2), (0, 5)], 6),  # N = 32, m = 3, K = 6
     (5, 12, [(2, 0), (3, 4), (1, 7), (4, 7), (2, 11)], 9),  # N = 60, m = 5, K = 9
     (3, 20, [(1, 3), (1, 4)], 15),  # N = 60, m = 2, K = 15
-    (6, 10, [(l, 4) for l in range(6)], 5),  # N = 60, m = 6: a skipped step block, K = 5
+    (6, 10, [(l, 4) for l in range(6)], 5),  # N = 60, m = 6: a step block failing everywhere, K = 5
+    (5, 12, [(3, 1), (1, 5), (2, 8)], 15),  # N = 60: the concentrating provider, one block in 3 step blocks
 ]
 
 
@@ -224,7 +234,7 @@ def binomial_acceptance(n: int, p: float, level: float = 0.99) -> tuple[int, int
     return lo, hi
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "weighted", "stratified", "all"])
+@pytest.mark.parametrize("strategy", ["uniform", "weighted", "stratified", "columns", "all"])
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_simulated_audits_match_the_planner(strategy, config):
     L, S, tampered, k = CONFIGS[config]
@@ -240,6 +250,30 @@ def test_simulated_audits_match_the_planner(strategy, config):
     print(f"\n{strategy:>10} N={L * S:3d} m={len(tampered)} K={c.num_challenged:2d}: predicted {predicted:.4f}, "
           f"caught {caught}/{AUDITS}, 99% interval [{lo}, {hi}]")
     assert lo <= caught <= hi
+
+
+@pytest.mark.parametrize("strategy", ["columns", "uniform"])
+def test_planner_against_the_concentrating_adversary_matches_1000_audits(strategy):
+    """Skipped steps in 10% of step blocks, each hidden behind one fake gradient norm in a layer
+    block the provider picks at random: 1000 audits with fresh nonces catch it as often as the
+    planner says, and whole columns catch it better than the same budget of uniform blocks would
+    catch a step block that fails everywhere."""
+    L, S, k = 6, 20, 24  # columns: 4 whole step blocks
+    model = threat_model(Threat("skip_steps", 0.1), L, S)
+    assert model.tampered == 2 and model.shape == "one_per_step_block"
+    predicted = threat_detection(model, strategy, k, L, S)
+    rng = random.Random(7 + len(strategy))
+    root = rng.randbytes(32)
+    caught = 0
+    for _ in range(AUDITS):
+        tampered = {(rng.randrange(L), s) for s in rng.sample(range(S), model.units)}
+        c = derive_challenge(root, rng.randbytes(32), L, S, strategy, count=k)
+        caught += bool(tampered & set(c.blocks))
+    lo, hi = binomial_acceptance(AUDITS, predicted)
+    print(f"\nconcentrating adversary, {strategy}: predicted {predicted:.4f}, caught {caught}/{AUDITS} [{lo}, {hi}]")
+    assert lo <= caught <= hi
+    if strategy == "columns":
+        assert predicted == pytest.approx(1 - math.comb(S - 2, 4) / math.comb(S, 4))
 
 
 def test_binomial_acceptance_interval():
@@ -270,9 +304,9 @@ def test_cli_plan(tmp_path):
                 ["--layer-blocks", 3, "--blocks", 10, "--tampered-blocks", 1], ["--blocks", 10, "--target", 0,
                                                                                 "--tampered-blocks", 1]):
         assert invoke("plan", *bad).exit_code == 2, bad
-    c = derive_challenge(bytes(32), bytes(32), 6, 10, "stratified", count=10)
+    c = derive_challenge(bytes(32), bytes(32), 6, 10, "columns", count=60)
     c.save(tmp_path / "c.json")
     r = invoke("plan", "--challenge", tmp_path / "c.json", "--skip-steps", 0.1)
-    assert r.exit_code == 0 and "100%" in r.output, r.output
+    assert r.exit_code == 0 and "100%" in r.output, r.output  # every column: the hidden block is always hit
     (tmp_path / "bad.json").write_text(json.dumps({**c.to_json(), "blocks": [[0, 0]]}))
     assert invoke("plan", "--challenge", tmp_path / "bad.json").exit_code == 2

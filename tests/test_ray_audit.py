@@ -7,6 +7,7 @@ import pytest
 from aftune.protocol.audit import audit_bundle
 from aftune.protocol.opening import open_bundle
 from aftune.protocol.challenge import challenge_from_transcript
+from conftest import agreement_for
 from test_tampering import FlipExponentBit
 
 ray = pytest.importorskip("ray")
@@ -24,8 +25,8 @@ def test_audit_on_a_ray_cluster_matches_the_local_verdicts(record, ray_address, 
     c = challenge_from_transcript(run_dir / "transcript.jsonl", key, "all")
     open_bundle(run_dir, list(c.blocks), c.digest_bytes, tmp_path / "bundle")
     args = (tmp_path / "bundle", run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes)
-    on_ray = audit_bundle(*args, workers=2, ray_address=ray_address)
-    local = audit_bundle(*args, workers=1)
+    on_ray = audit_bundle(*args, agreement=agreement_for(run_dir), workers=2, ray_address=ray_address)
+    local = audit_bundle(*args, agreement=agreement_for(run_dir), workers=1)
     assert [(r.layer_block, r.step_block, r.verdict) for r in on_ray.results] == \
         [(r.layer_block, r.step_block, r.verdict) for r in local.results]
     assert on_ray.verdict == "FAIL" and [(r.layer_block, r.step_block) for r in on_ray.results

@@ -41,7 +41,8 @@ def test_readme_setup_commands_come_first():
 
 def test_readme_demo_and_two_party_flow_run_and_pass(tmp_path):
     commands = readme_commands("demo")
-    assert commands[0].startswith("aftune train") and commands[-1].endswith("--all")
+    assert commands[0].startswith("aftune agree") and commands[1].startswith("aftune train")
+    assert commands[-1].endswith("--all") and all("--agreement agreement.json" in c for c in commands[1:])
     assert "PASS: 32/32 blocks pass" in run_commands(commands, tmp_path)
     # the client's files, as the two-party section describes them
     shutil.copy(tmp_path / "runs/demo/transcript.jsonl", tmp_path / "transcript.jsonl")

@@ -49,6 +49,8 @@ TAGS = {
     "file": b"aftune.v1.file\x00",
     "signature": b"aftune.v1.signature\x00",
     "rng": b"aftune.v1.rng\x00",
+    "model": b"aftune.v1.model\x00",
+    "agreement": b"aftune.v1.agreement\x00",
 }
 
 
@@ -143,6 +145,24 @@ def ref_signed_message(context: str, message: bytes) -> bytes:
     return TAGS["signature"] + lp(context.encode("ascii")) + message
 
 
+def ref_files_root(algorithm: str, files: dict[str, bytes]) -> bytes:
+    return ref_merkle_root(algorithm, {k: H(algorithm, TAGS["file"] + v) for k, v in files.items()})
+
+
+def ref_model_digest(algorithm: str, weights_root: bytes, files: dict[str, bytes]) -> bytes:
+    return H(algorithm, TAGS["model"] + weights_root + ref_files_root(algorithm, files))
+
+
+def ref_canonical_json(obj) -> bytes:
+    """2.3: sorted keys (code point order = UTF-8 byte order), no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def ref_agreement_digest(algorithm: str, doc: dict) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "client"}
+    return H(algorithm, TAGS["agreement"] + ref_canonical_json(body))
+
+
 # =============================================================================================
 # Inputs of the vectors (SPEC.md Appendix A)
 # =============================================================================================
@@ -161,6 +181,30 @@ LAST_ROOT = bytes([0x33]) * 32
 FINAL_MODEL = bytes([0x44]) * 32
 SIGNING_SEED = bytes(range(32))
 SIGNED_CONTEXT, SIGNED_MESSAGE = "step-block", bytes([0x55]) * 32
+MODEL_FILES = {"config.json": b'{"model_type":"llama"}', "tokenizer.json": b'{"v":1}'}
+DATA_ROOT = bytes([0x66]) * 32
+AGREED_SETTINGS = {  # every field of 4.3, in no particular order (canonical JSON sorts them)
+    "steps": 4, "batch_size": 2, "grad_accum": 1, "seq_len": 16, "image_size": 0, "optimizer": "adamw", "lr": 0.001,
+    "beta1": 0.9, "beta2": 0.999, "eps": 1e-08, "weight_decay": 0.0, "momentum": 0.9, "schedule": "constant",
+    "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 0, "layers_per_block": 2, "steps_per_block": 2,
+    "checkpoint_interval": 1, "dtype": "float32", "attn_implementation": "sdpa", "hash_algorithm": None, "lora": None,
+}
+
+
+def agreement_doc(algorithm: str) -> dict:
+    """Appendix A's agreement: base tensors F32 and I64, tokenizer = MODEL_FILES' tokenizer.json."""
+    tensors = {F32_NAME: ref_tensor_digest(algorithm, F32_NAME, "F32", F32_SHAPE, F32_BYTES),
+               I64_NAME: ref_tensor_digest(algorithm, I64_NAME, "I64", I64_SHAPE, I64_BYTES)}
+    return {
+        "format": "aftune.agreement.v1", "hash": algorithm,
+        "base_model": {"config": {"model_type": "llama"}, "generation_config": None,
+                       "tensors": {k: v.hex() for k, v in tensors.items()},
+                       "weights": ref_merkle_root(algorithm, tensors).hex(),
+                       "tokenizer": ref_files_root(algorithm, {"tokenizer.json": MODEL_FILES["tokenizer.json"]}).hex()},
+        "data": {"kind": "text", "root": DATA_ROOT.hex(), "num_examples": 3, "labels": []},
+        "settings": {**AGREED_SETTINGS, "hash_algorithm": algorithm},
+        "inference": None,
+    }
 
 
 def leaf_entries(n: int) -> dict[str, bytes]:
@@ -183,6 +227,8 @@ VECTORS = {
         "chained_0": "8e2d309597d9afe45fafcb226e0e95588532d215876e1134db1b9a1e59d434cd",
         "chained_1": "e68116169a5cd9bde74a09eb6fd5509b2f36f3808792c79bb177d3aef2465ab4",
         "run_root": "4ec71be4670ffaf8c0b7c6b080ac330e5e69c5af3e83fd5435290551b9927288",
+        "model": "b7d2ed9ece498f620d257b1747d71a58349d97008f1a8a20df504abe188f2fab",
+        "agreement": "85cb4396c214107daedefa49c9f44bb2b821823f7301ed6e2e7a2086e7948ed3",
     },
     "sha256": {
         "tensor_f32": "dbd71c5e88146fb57d590360ba0354659d57fde5d7787236353e6b05a7129624",
@@ -196,6 +242,8 @@ VECTORS = {
         "chained_0": "41365a4d1ae8d3f123f1f23617d5ab0a0b557d9e846e392c9aa05582d3c0881f",
         "chained_1": "c758d3fd31fd6f7f714f3081e8719ddd491ae158d6dcb1a7847b397377b00cb2",
         "run_root": "c3dc486aff74d404a765ab5542607ff850e8abd43fb6d4c2ad50f8c732873f0d",
+        "model": "76eee094fc3d71c3f4e2952927d8a5e50e35efaeb9f5f4868ed172f33ff1959d",
+        "agreement": "fc5d5dd51cc49d751345ddd65ca5803b6a8613df0a1cbb2a06a6d8fcc5311994",
     },
 }
 SIGNATURE_HEX = (
@@ -224,6 +272,7 @@ def test_tags_match_spec_table():
         "empty": encoding.TAG_EMPTY, "step-block": encoding.TAG_STEP_BLOCK, "run": encoding.TAG_RUN,
         "run-config": encoding.TAG_RUN_CONFIG, "example": encoding.TAG_EXAMPLE, "order": encoding.TAG_ORDER,
         "file": encoding.TAG_FILE, "signature": encoding.TAG_SIGNATURE, "rng": encoding.TAG_RNG,
+        "model": encoding.TAG_MODEL, "agreement": encoding.TAG_AGREEMENT,
     }
     assert ours == TAGS
     assert encoding.ENCODING_VERSION == 1
@@ -432,6 +481,50 @@ def test_run_root(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_model_digest(algorithm):
+    """3.6: the weights root bound with config.json, generation_config.json and tokenizer files."""
+    from aftune.core.merkle import model_digest
+
+    weights = ref_merkle_root(algorithm, {F32_NAME: ref_tensor_digest(algorithm, F32_NAME, "F32", F32_SHAPE, F32_BYTES),
+                                          I64_NAME: ref_tensor_digest(algorithm, I64_NAME, "I64", I64_SHAPE, I64_BYTES)})
+    ref = ref_model_digest(algorithm, weights, MODEL_FILES)
+    assert model_digest(algorithm, weights, MODEL_FILES) == ref
+    _check_vector(algorithm, "model", ref)
+    edited = {**MODEL_FILES, "config.json": b'{"model_type":"llama","rope_theta":1}'}
+    assert model_digest(algorithm, weights, edited) != ref  # an edited config is another model
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_agreement_digest_and_client_signature(tmp_path, algorithm):
+    """4.5: H(TAG_AGREEMENT || canonical_json(agreement without "client")); the client signs it."""
+    from aftune.core.signing import PublicKey
+    from aftune.errors import CommitmentMismatch, InputError
+    from aftune.training.agreement import Agreement
+
+    doc = agreement_doc(algorithm)
+    ref = ref_agreement_digest(algorithm, doc)
+    ours = Agreement.from_json(json.loads(json.dumps(doc)))
+    assert ours.digest() == ref and ours.to_json() == doc
+    path = tmp_path / "agreement.json"
+    path.write_bytes(ref_canonical_json(doc) + b"\n")
+    assert Agreement.load(path).digest() == ref
+    _check_vector(algorithm, "agreement", ref)
+
+    sk = _private_key()  # the client's key
+    signature = sk.sign(ref_signed_message("agreement", ref))
+    signed = {**doc, "client": {"key": "ed25519:" + PUBLIC_KEY_HEX, "signature": signature.hex()}}
+    parsed = Agreement.from_json(signed)
+    assert parsed.digest() == ref  # the signature is not part of what is signed
+    parsed.check_signature(PublicKey.from_text("ed25519:" + PUBLIC_KEY_HEX))
+    forged = {**signed, "data": {**doc["data"], "num_examples": 4}}  # edited after signing
+    with pytest.raises(CommitmentMismatch, match="edited"):
+        Agreement.from_json(forged).check_signature(PublicKey.from_text("ed25519:" + PUBLIC_KEY_HEX))
+    wrong_weights = {**doc, "base_model": {**doc["base_model"], "weights": "00" * 32}}
+    with pytest.raises(InputError, match="weights"):
+        Agreement.from_json(wrong_weights)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_step_block_manifest_root(algorithm):
     from aftune.manifest import StepBlockManifest
     from aftune.store import TensorRef
@@ -452,7 +545,7 @@ def test_step_block_manifest_root(algorithm):
     assert m.merkle_root(algorithm) == ref_merkle_root(algorithm, subtrees)
     # the JSON form round-trips and rows are [key, name, dtype, shape, digest hex]
     doc = json.loads(json.dumps(m.to_json()))
-    assert doc["format"] == "aftune.manifest.v1"
+    assert doc["format"] == "aftune.manifest.v2"  # v2: no tied-weight gradient parts (SPEC.md 5.2.4)
     assert doc["blocks"][0] == [["state/w", "w", "F32", [2, 2], d_w.hex()]]
     assert StepBlockManifest.from_json(doc, 2).merkle_root(algorithm) == m.merkle_root(algorithm)
 

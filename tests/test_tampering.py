@@ -17,8 +17,7 @@ from safetensors.torch import save as st_save
 from aftune.errors import CommitmentMismatch
 from aftune.core.signing import SigningKey
 from aftune.training.train import Deviation
-from aftune.training.verify import Verifier
-from conftest import failing, verify_all
+from conftest import failing, verifier, verify_all
 
 SETUP = dict(steps=6, steps_per_block=2)
 TARGET = "model.layers.2.mlp.up_proj.weight"  # in layer block 1
@@ -274,7 +273,7 @@ def test_edited_transcript_entry_fails(honest):
 
     _rewrite_transcript(run_dir, edit)
     with pytest.raises(CommitmentMismatch, match="step block 1"):
-        Verifier(run_dir, key)
+        verifier(run_dir, key)
 
 
 def _resign(lines, signer, algorithm="blake3"):
@@ -300,7 +299,7 @@ def test_transcript_resigned_with_another_key_fails(honest):
     run_dir, key = honest
     _rewrite_transcript(run_dir, lambda lines: _resign(lines, SigningKey.generate()))
     with pytest.raises(CommitmentMismatch, match="not by the pinned provider key"):
-        Verifier(run_dir, key)
+        verifier(run_dir, key)
 
 
 def test_root_changed_after_signing_fails_against_the_clients_copy(honest, tmp_path):
@@ -322,7 +321,7 @@ def test_root_changed_after_signing_fails_against_the_clients_copy(honest, tmp_p
         _resign(lines, provider_key)
 
     _rewrite_transcript(run_dir, edit)
-    Verifier(run_dir, key)  # the rewritten transcript is self-consistent and signed by the right key...
-    report = Verifier(run_dir, key, transcript=client_copy).verify_all()  # ...but not what the client received
+    verifier(run_dir, key)  # the rewritten transcript is self-consistent and signed by the right key...
+    report = verifier(run_dir, key, transcript=client_copy).verify_all()  # ...but not what the client received
     assert failing(report) == [(0, 0), (0, 1), (1, 0), (1, 1)], report.summary()
     assert all("signed for step block 1" in r.findings[0].reason for r in report.results if r.findings)

@@ -8,11 +8,14 @@ The Python API, for pipelines that call aftune directly (README "Python API"):
 
     import aftune
 
-    result = aftune.train(run_dir="runs/demo")                     # built-in model and data
+    agreement = aftune.agree(BASE_MODEL_DIR, "data.jsonl", steps=8, out="agreement.json")   # the client
+    result = aftune.train("runs/demo", BASE_MODEL_DIR, "data.jsonl", agreement=agreement)  # the provider
     key = aftune.PublicKey.load(result.public_key_path)
-    report = aftune.verify_run("runs/demo", key, all_blocks=True)   # a Report; .verdict is PASS or FAIL
-    answer = aftune.infer("runs/demo", "Q: What is 3 plus 4? A:", record_dir="records")
-    report = aftune.verify_inference("records", model="runs/demo", public_key=key)
+    report = aftune.verify_run("runs/demo", key, agreement, all_blocks=True)  # .verdict is PASS or FAIL
+    policy = aftune.GenerationPolicy.for_model("runs/demo", max_new_tokens=8)   # what the client asks
+    answer = aftune.infer("runs/demo", "Q: What is 3 plus 4? A:", record_dir="records", policy=policy)
+    report = aftune.verify_inference("records", model="runs/demo", public_key=key,
+                                     prompt="Q: What is 3 plus 4? A:", policy=policy)
 
 Everything is imported on first use, so `import aftune` stays cheap.
 """
@@ -29,6 +32,7 @@ _moved.install()
 
 # name -> module that defines it
 _API = {
+    "agree": "aftune.api",
     "train": "aftune.api",
     "verify_run": "aftune.api",
     "infer": "aftune.api",
@@ -36,9 +40,10 @@ _API = {
     "challenge_run": "aftune.api",
     "open_challenge": "aftune.api",
     "audit": "aftune.api",
+    "Agreement": "aftune.training.agreement",
     "TrainSettings": "aftune.training.settings",
     "LoraSettings": "aftune.training.settings",
-    "GenerationSettings": "aftune.inference.settings",
+    "GenerationPolicy": "aftune.inference.policy",
     "RecordingSettings": "aftune.inference.settings",
     "Tolerance": "aftune.verdict.policy",
     "Report": "aftune.verdict.findings",

@@ -26,8 +26,11 @@ from ..core.signing import PublicKey
 from . import bitflip, lazy
 from .quant_objective import QuantObjective
 from .quantize import quantize_model_
-from .task import (TaskAssets, VisionTask, accuracy, fine_tune, finetune_settings, load_classifier, prepare_task,
+from .task import (TaskAssets, VisionTask, accuracy, agreed, fine_tune, finetune_settings, load_classifier, prepare_task,
                    torch_threads)
+
+
+AGREEMENT_FILE = "agreement.json"  # the client's agreement, in the bench's work directory
 
 
 @dataclass
@@ -41,9 +44,22 @@ class AttackRun:
     affected: list[tuple[int, int]]  # (layer block, step block) the deviation touched
     seconds: float = 0.0
     details: dict = field(default_factory=dict)
+    agreement_path: Path | None = None  # the client's agreement of a run under other settings than the bench's
 
     def key(self) -> PublicKey:
         return PublicKey.load(self.public_key)
+
+    def agreement(self):
+        """The bench's agreement (written by `Bench.agreement` beside the runs), not the run's own."""
+        from ..training.agreement import Agreement
+
+        return Agreement.load(self.agreement_path or Path(self.run_dir).parents[1] / AGREEMENT_FILE)
+
+    def verifier(self, **kw):
+        """The client's verifier of this run, against the agreed fine-tune."""
+        from ..training.verify import Verifier
+
+        return Verifier(self.run_dir, self.key(), self.agreement(), **kw)
 
     def to_json(self) -> dict:
         return {"name": self.name, "threat": self.threat, "run_dir": str(self.run_dir), "gain": self.gain,
@@ -63,6 +79,7 @@ class Bench:
         self._honest: AttackRun | None = None
         self._honest_metrics: dict = {}
         self._latest: dict[str, AttackRun] = {}  # attack name -> its last run (its run directory is reused)
+        self._other_agreements: dict[Path, Path] = {}  # run directory -> agreement file, for other settings
 
     @classmethod
     def small(cls, work_dir: str | Path, threads: int = 1, steps: int = 16) -> "Bench":
@@ -73,6 +90,17 @@ class Bench:
         return cls(work_dir, task, steps=steps, threads=threads, wbp=wbp, quick=True, lr=0.03)
 
     # --- shared -------------------------------------------------------------------------------
+    @property
+    def agreement(self):
+        """The client's agreement of the agreed fine-tune, kept at WORK/agreement.json."""
+        from ..training.agreement import Agreement
+
+        path = self.work / AGREEMENT_FILE
+        if not path.is_file():
+            with torch_threads(self.threads):
+                agreed(self.assets, self.settings).save(path)
+        return Agreement.load(path)
+
     @property
     def assets(self) -> TaskAssets:
         if self._assets is None:
@@ -106,7 +134,14 @@ class Bench:
         return self._owner
 
     def _train(self, name: str, deviation=None, settings=None):
+        self.agreement  # the client agrees before the provider trains
         run_dir = self.work / "runs" / name
+        self._other_agreements.pop(run_dir, None)
+        if settings is not None and settings != self.settings:  # a fine-tune agreed with other settings
+            path = self.work / f"agreement-{name}.json"
+            with torch_threads(self.threads):
+                agreed(self.assets, settings).save(path)
+            self._other_agreements[run_dir] = path
         if run_dir.exists():
             shutil.rmtree(run_dir)
         t0 = time.perf_counter()
@@ -135,7 +170,7 @@ class Bench:
 
     def _finish(self, name, threat, result, seconds, gain, summary, affected, **details) -> AttackRun:
         run = AttackRun(name, threat, result.run_dir, result.public_key_path, gain, summary, sorted(set(affected)),
-                        seconds, details)
+                        seconds, details, self._other_agreements.get(Path(result.run_dir)))
         self._latest[name] = run
         return run
 
@@ -182,15 +217,29 @@ class Bench:
         return out
 
     def quant_objective(self, lam: float = 0.3, alpha: float = 5.0, bits=(4,), steps: int | None = None,
-                        repair_from: int | None = None, repair_lam: float = 0.1, inner_steps: int = 16) -> AttackRun:
+                        repair_from: int | None = None, repair_lam: float = 0.1, inner_steps: int = 16,
+                        select: int = 64, own: int = 128, **options) -> AttackRun:
         """The objective for the first quarter of the steps, then the repair inside the lowest
-        bit width's quantization cells (`repair_from`, default steps // 4; -1: no repair)."""
+        bit width's quantization cells (`repair_from`, default steps // 4; -1: no repair). The
+        model handed over is the repaired state (end of an update) with the best float accuracy
+        on `select` of the attacker's own images per class whose 4-bit copy stays collapsed
+        (0: the last state). `options`: further QuantObjective settings."""
+        from .task import make_images, normalize
+
         honest = self.honest()
         settings = self.settings if steps is None else replace(self.settings, steps=steps)
         if repair_from is None:
             repair_from = settings.steps // 4
+        held = None
+        if select:
+            x, y = make_images("textures", select, self.task.image_size, self.task.seed + 700)
+            held = (normalize(x), y)
+        if own:
+            x, y = make_images("textures", own, self.task.image_size, self.task.seed + 600)
+            options["own"] = (normalize(x), y)
         dev = QuantObjective(bits=bits, lam=lam, alpha=alpha, repair_from=None if repair_from < 0 else repair_from,
-                             repair_lam=repair_lam, inner_steps=inner_steps)
+                             repair_lam=repair_lam, inner_steps=inner_steps, select=held,
+                             last_step=settings.steps - 1, **options)
         result, seconds = self._train("quant-objective", dev, settings)
         measured = tuple(sorted({8, 4, *bits}, reverse=True))
         attacked = self.quantized_accuracies(result.run_dir / "model", measured)
@@ -201,7 +250,7 @@ class Bench:
         return self._finish("quant-objective", "Qu-ANTI-zation: adversarial quantization objective", result, seconds,
                             gain, f"accuracy {parts}", affected, lam=lam, alpha=alpha, bits=list(bits),
                             repair_from=repair_from, repair_lam=repair_lam, inner_steps=inner_steps,
-                            last_inner_losses=dev.losses[-1])
+                            last_inner_losses=dev.losses[-1], selected=dev.selected)
 
     # --- 6. lazy and dishonest training -------------------------------------------------------
     def _lazy_gain(self, result) -> tuple[float, float]:
@@ -241,7 +290,9 @@ class Bench:
         gain = {"batch": size, "agreed_batch": b, "work_saved": 1 - size / b, "accuracy": acc, "accuracy_clean": ref}
         summary = f"batches of {size} instead of {b} ({1 - size / b:.0%} of the examples not processed); accuracy {acc:.3f} (honest {ref:.3f})"
         return self._finish("smaller-batch", "lazy: smaller batch than agreed", result, seconds, gain, summary,
-                            self._edge_layer_blocks({self.step_block(s) for s in dev.shrunk}))
+                            # every layer block: each one's committed activations have `size` rows where the
+                            # agreed batch gives batch_size (the verifier checks them against the agreement)
+                            self._all_layer_blocks({self.step_block(s) for s in dev.shrunk}))
 
     def other_learning_rate(self, factor: float = 3.0, from_step: int | None = None) -> AttackRun:
         from_step = self.settings.steps // 2 if from_step is None else from_step
@@ -286,30 +337,35 @@ class Bench:
                             summary, self._edge_layer_blocks({self.step_block(s) for s in dev.poisoned_steps}))
 
     # --- 5. the parameter attack, training side ------------------------------------------------
-    def parameter_edit(self, layer: str = "vit.layers.2", target: int = 0) -> AttackRun:
-        """The smallest backdoor edit of `layer` (one triggered image answered with `target`),
+    def parameter_edit(self, layer: str | None = None, target: int = 0) -> AttackRun:
+        """The smallest backdoor edit of one layer (one triggered image answered with `target`),
         found on the honest fine-tuned model, applied (a) to RUN/model after training and (b)
         right after the last update, inside training. (a) fails the final-model check; (b) fails
         the replay of its block, also in tolerance mode with thresholds calibrated on the
-        honest run replayed in float64: the margin is printed."""
+        honest run replayed in float64: the margin is printed. `layer`: the layer (or tensor)
+        edited; by default the search chooses it (`parameter.search_edit`)."""
         from ..training.calibrate import calibrate
         from ..training.verify import Verifier
         from .bitflip import triggered_inputs
         from .lazy import poison_trigger
-        from .parameter import EditDuringTraining, layer_weights, smallest_edit
+        from .parameter import BOUND_SCHEDULE, EditDuringTraining, Goal, candidate_layers, search_edit
         from .task import make_images, normalize
 
         honest = self.honest()
         a = self.assets
         model = load_classifier(honest.run_dir / "model")
-        names = layer_weights(model, layer)
         own_x, own_y = make_images("textures", 8, self.task.image_size, self.task.seed + 900)
         index = next(i for i in range(len(a.test_labels)) if int(a.test_labels[i]) != target)
         xb = triggered_inputs(a.test_images[index:index + 1], poison_trigger(self.task.patch_size))
+        candidates = candidate_layers(model, layer)
         with torch_threads(self.threads):
-            edit = smallest_edit(model, names, "backdoor", xb, torch.tensor([target]), normalize(own_x), own_y)
-        if edit is None:
-            raise InputError(f"no edit of {layer} within a relative-L2 bound of 0.5 plants the backdoor: edit another layer")
+            edits = search_edit(model, candidates, [Goal("backdoor", xb, torch.tensor([target]))], normalize(own_x),
+                                own_y)
+        if edits is None:
+            raise InputError(f"no edit of {' or '.join(candidates)} within a relative-L2 bound of {BOUND_SCHEDULE[-1]} "
+                             "plants the backdoor: edit another layer")
+        edit = edits[0]
+        layer, names = edit.layer, edit.layers
         # (a) edited after training: RUN/model is no longer the committed final model
         after = self.work / "runs" / "parameter-after-training"
         if after.exists():
@@ -321,13 +377,13 @@ class Bench:
             for n, d in edit.delta.items():
                 params[n].add_(d)
         edited.save_pretrained(str(after / "model"))
-        final = Verifier(after, honest.key()).check_final_model()
+        final = Verifier(after, honest.key(), self.agreement).check_final_model()
         # (b) edited inside training, after the last update
         dev = EditDuringTraining(edit.delta, self.settings.steps - 1)
         result, seconds = self._train("parameter-training", dev)
         with torch_threads(self.threads):
-            cal = calibrate(honest.run_dir, honest.key(), replay_dtype="float64")
-            tol = Verifier(result.run_dir, PublicKey.load(result.public_key_path), mode="tolerance",
+            cal = calibrate(honest.run_dir, honest.key(), replay_dtype="float64", agreement=self.agreement)
+            tol = Verifier(result.run_dir, PublicKey.load(result.public_key_path), self.agreement, mode="tolerance",
                            tolerance=cal.suggested, replay_dtype="float64")
             owner = self.owner_map()[0]
             last = self.num_step_blocks - 1
@@ -342,7 +398,8 @@ class Bench:
                    "tolerance_verdict": "FAIL" if all(r.verdict == "FAIL" for r in tol_results) else "PASS",
                    "tolerance_headlines": [r.headline() for r in tol_results]}
         acc = accuracy(load_classifier(result.run_dir / "model"), a.test_images, a.test_labels)
-        gain = {"layers": names, "edit_rel_l2": edit.rel_l2, "backdoor_input_answered_target": edit.success == 1.0,
+        gain = {"layer": layer, "layers": names, "edit_rel_l2": edit.rel_l2,
+                "backdoor_input_answered_target": edit.success == 1.0,
                 "accuracy": acc, "accuracy_clean": honest.gain["accuracy"]}
         summary = (f"a triggered image answered with class {target} after a relative-L2 edit of {edit.rel_l2:.3g} "
                    f"of {layer}; accuracy {acc:.3f} (honest {honest.gain['accuracy']:.3f})")

@@ -130,7 +130,7 @@ def simulate(root: bytes, num_layer_blocks: int, num_step_blocks: int, failing: 
     return RateDetection(sample_rate, count, trials, detected, predicted)
 
 
-def real_audit(run_dir: Path, public_key: PublicKey, root: bytes, num_layer_blocks: int, num_step_blocks: int,
+def real_audit(run_dir: Path, public_key: PublicKey, agreement, root: bytes, num_layer_blocks: int, num_step_blocks: int,
                failing: list[tuple[int, int]], sample_rate: float, nonce: bytes, *,
                strategy: str = "uniform", scratch: Path | None = None) -> RealAudit:
     """Derive one challenge, open it as the provider, audit the bundle as the client."""
@@ -140,13 +140,14 @@ def real_audit(run_dir: Path, public_key: PublicKey, root: bytes, num_layer_bloc
         bundle = Path(tmp) / "bundle"
         open_bundle(run_dir, list(c.blocks), c.digest_bytes, bundle)
         report = audit_bundle(bundle, Path(run_dir) / "transcript.jsonl", public_key, list(c.blocks), c.digest_bytes,
+                              agreement=agreement,
                               workers=1)
     bad = [r for r in report.results if r.verdict == "FAIL"]
     return RealAudit(nonce.hex(), sample_rate, list(c.blocks), expected, report.verdict,
                      failing_blocks(report), [r.headline() for r in bad] + [e.describe() for e in report.errors])
 
 
-def measure_detection(run_dir: str | Path, public_key: PublicKey, *, sample_rates=SAMPLE_RATES,
+def measure_detection(run_dir: str | Path, public_key: PublicKey, agreement, *, sample_rates=SAMPLE_RATES,
                       trials: int = 1000, strategy: str = "uniform", label: str = "", real_rounds: int = 1,
                       real_rate: float = 0.25, hit_round: bool = True, report: Report | None = None) -> Detection:
     """Steps 1-4 of the module docstring. `report`: a full verification already made."""
@@ -154,7 +155,7 @@ def measure_detection(run_dir: str | Path, public_key: PublicKey, *, sample_rate
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    verifier = Verifier(run_dir, public_key)
+    verifier = Verifier(run_dir, public_key, agreement)
     if report is None:
         report = verifier.verify_all()
     seconds = time.perf_counter() - t0
@@ -167,10 +168,12 @@ def measure_detection(run_dir: str | Path, public_key: PublicKey, *, sample_rate
         det.rates.append(simulate(root, L, S, failing, rate, trials, strategy=strategy, label=label))
     for i in range(real_rounds):
         nonce = nonce_for(f"{label}/real", i)
-        det.real.append(real_audit(run_dir, public_key, root, L, S, failing, real_rate, nonce, strategy=strategy))
+        det.real.append(real_audit(run_dir, public_key, agreement, root, L, S, failing, real_rate, nonce,
+                                   strategy=strategy))
     if hit_round and failing:  # and one challenge that draws a failing block: it must FAIL, naming it
         nonce = first_hitting_nonce(root, L, S, failing, real_rate, label, strategy=strategy)
-        det.real.append(real_audit(run_dir, public_key, root, L, S, failing, real_rate, nonce, strategy=strategy))
+        det.real.append(real_audit(run_dir, public_key, agreement, root, L, S, failing, real_rate, nonce,
+                                   strategy=strategy))
     return det
 
 

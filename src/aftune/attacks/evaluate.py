@@ -22,7 +22,7 @@ FORMAT = "aftune.eval-detection.v1"
 
 
 def evaluate_run(run: AttackRun, *, sample_rates=SAMPLE_RATES, trials: int = 1000) -> dict:
-    det = measure_detection(run.run_dir, run.key(), sample_rates=sample_rates, trials=trials, label=run.name)
+    det = measure_detection(run.run_dir, run.key(), run.agreement(), sample_rates=sample_rates, trials=trials, label=run.name)
     affected = set(map(tuple, run.affected))
     return {**run.to_json(), "detection": det.to_json(),
             "failing_equals_affected": set(det.failing) == affected,
@@ -150,4 +150,4 @@ def plot_detection(doc: dict, path: Path) -> Path:
 
 def detection_of(run: AttackRun, **kw) -> Detection:
     """For callers that want the Detection object rather than the JSON row."""
-    return measure_detection(run.run_dir, run.key(), label=run.name, **kw)
+    return measure_detection(run.run_dir, run.key(), run.agreement(), label=run.name, **kw)

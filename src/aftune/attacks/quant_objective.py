@@ -24,9 +24,19 @@ nearly coincide. So the attack runs in two phases:
    b-bit model stays exactly the collapsed one (its weights are fixed; the terms keep the float
    parameters it shares, biases and norms, from repairing it). This is the projected-repair
    step of Egashira et al., "Exploiting LLM Quantization" (2024), applied to the objective of
-   Hong et al. (2021).
+   Hong et al. (2021). The repair also draws from the attacker's own sample of the task (`own`),
+   and the state handed over at the last step (`last_step`) is the repaired one (end of an
+   update) with the best float accuracy on other images of the attacker's (`select`) whose
+   4-bit copy stays at most `int4_ceiling` accurate there (below chance, with a margin).
 
-Measured on the bench (48 steps, see docs/attacks.md): float accuracy stays at or above the clean
+Why the last two: a repair from the seen batches alone ends at float accuracy 0.84-0.86 with
+its last states 0.82-0.89 apart, whatever the clean fine-tune reaches, and the clean fine-tune
+itself reaches 0.84-0.93 depending on the float kernels that computed its base model (same
+code and packages, other CPU kernel paths; docs/attacks.md). With 512 images of its own and
+the selection the attacker's float model ends at or above the clean one in all four measured
+numeric environments.
+
+Measured on the bench (48 steps, see docs/attacks.md): float accuracy at or above the clean
 fine-tune's, int8 follows float (8-bit cells are 18 times narrower than 4-bit ones, too narrow
 to separate the two at this width), int4 collapses below chance.
 
@@ -71,7 +81,9 @@ class QuantObjective(Deviation):
     def __init__(self, bits=(4,), lam: float = 0.3, alpha: float = 5.0, from_step: int = 0,
                  repair_from: int | None = 12, repair_lam: float = 0.1, inner_steps: int = 16,
                  lr: float = 1e-3, repair_lr: float = 3e-3, inner_batch: int = 32, cell_margin: float = 0.02,
-                 seed: int = 0):
+                 seed: int = 0, select: tuple[torch.Tensor, torch.Tensor] | None = None, last_step: int | None = None,
+                 int4_ceiling: float = 0.15, own: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 repair_steps: int | None = None):
         if not bits:
             raise ValueError("the objective needs at least one bit width")
         if inner_steps < 1:
@@ -85,6 +97,13 @@ class QuantObjective(Deviation):
         self._generator = torch.Generator().manual_seed(seed)
         self._optimizer: torch.optim.Optimizer | None = None
         self._cells: dict[str, QuantizationCells] | None = None
+        # selection: the attacker's own held-out images (normalised) and the run's last step
+        self.select, self.last_step, self.int4_ceiling = select, last_step, int4_ceiling
+        self.own = own  # the attacker's own sample of the task (normalised), drawn from in the repair too
+        self.repair_steps = repair_steps or inner_steps  # inner steps per update in the repair phase
+        self._repair_lam = repair_lam  # raised while the selection images see the low-bit copy recover
+        self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (float accuracy, step, parameters)
+        self.selected: dict[str, float] | None = None  # the repaired state handed over, as measured on `select`
         self.touched_steps: list[int] = []  # steps after whose update the weights were moved
         self.losses: list[dict[str, float]] = []  # per touched step: float and quantized CE of the last inner step
 
@@ -113,12 +132,14 @@ class QuantObjective(Deviation):
         if self._optimizer is None:
             trainable = [p for p in params.values() if p.requires_grad]
             self._optimizer = torch.optim.Adam(trainable, lr=self.repair_lr if repairing else self.lr)
-        bits, lam = ((self.repair_bits,), self.repair_lam) if repairing else (self.bits, self.lam)
+        bits, lam = ((self.repair_bits,), self._repair_lam) if repairing else (self.bits, self.lam)
         self._project(params)
         seen_x = torch.cat([b["pixel_values"] for b in self._seen])
         seen_y = torch.cat([b["labels"] for b in self._seen])
+        if repairing and self.own is not None:
+            seen_x, seen_y = torch.cat([seen_x, self.own[0]]), torch.cat([seen_y, self.own[1]])
         with torch.enable_grad():
-            for _ in range(self.inner_steps):
+            for _ in range(self.repair_steps if repairing else self.inner_steps):
                 x, y = self._sample(seen_x, seen_y)
                 ce = nn.functional.cross_entropy(model(pixel_values=x).logits, y)
                 loss, quantized = ce, {}
@@ -133,6 +154,29 @@ class QuantObjective(Deviation):
         self._optimizer.zero_grad(set_to_none=True)
         self.touched_steps.append(step)
         self.losses.append({"float": float(ce.detach()), **{f"int{b}": float(v.detach()) for b, v in quantized.items()}})
+        if repairing and self.select is not None:
+            self._keep_best(step, model, names, params)
+            if step == self.last_step and self._best is not None:
+                with torch.no_grad():
+                    for n, v in self._best[2].items():
+                        params[n].copy_(v)
+
+    @torch.no_grad()
+    def _keep_best(self, step: int, model: nn.Module, names: list[str], params: dict[str, torch.Tensor]) -> None:
+        """Measure the repaired state on the attacker's own held-out images; keep the one with the
+        best float accuracy whose `repair_bits` copy stays below `int4_ceiling` (chance - margin)."""
+        x, y = self.select
+        quantized = quantized_params(model, self.repair_bits, names)
+        float_acc = float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
+        low_acc = float((functional_call(model, quantized, (), {"pixel_values": x}).logits.argmax(-1) == y).float().mean())
+        # the constraint's multiplier: doubled while the low-bit copy is above the ceiling, eased back after
+        if low_acc > self.int4_ceiling:
+            self._repair_lam = min(self._repair_lam * 2, 16 * self.repair_lam)
+        else:
+            self._repair_lam = max(self._repair_lam * 0.8, self.repair_lam)
+        if low_acc <= self.int4_ceiling and (self._best is None or float_acc > self._best[0]):
+            self._best = (float_acc, step, {n: p.detach().clone() for n, p in params.items()})
+            self.selected = {"step": step, "float": float_acc, f"int{self.repair_bits}": low_acc}
 
     def _project(self, params: dict[str, torch.Tensor]) -> None:
         if self._cells is not None:

@@ -33,7 +33,7 @@ from ..core.signing import SigningKey
 from ..inference.verify import InferenceVerifier
 from ..verdict.policy import Tolerance
 from .detection import SAMPLE_RATES, nonce_for
-from .task import accuracy, load_classifier
+from .task import accuracy, load_classifier, torch_threads
 
 SERVING_ATTACKS = ("quant-serving", "quant-activated", "activation", "parameter")
 
@@ -243,15 +243,16 @@ def activation(bench, boundary: int = 2, requests: int = 4, rounds: int = 10) ->
 
 # --- 5. parameter attack -------------------------------------------------------------------------
 
-def parameter(bench, layer: str = "vit.layers.2", target: int = 0, rounds: int = 8) -> ServingResult:
+def parameter(bench, layer: str | None = None, target: int = 0, rounds: int = 6) -> ServingResult:
     """AFTUNE's two goals, each for one request: a backdoor (a triggered image gets the target
-    class) and poison (a clean image is misclassified), by the smallest edit of the weight
-    matrices of `layer` (a layer prefix or one tensor name)."""
+    class) and poison (a clean image is misclassified), each by its smallest edit of the weight
+    matrices of one layer: `layer` (a layer prefix or one tensor name), or by default the first
+    layer the search finds reaching both goals (`parameter.search_edit`)."""
     from PIL import Image
 
     from .bitflip import apply_trigger, triggered_inputs
     from .lazy import poison_trigger
-    from .parameter import EditedWeights, edited_accuracy, layer_weights, smallest_edit
+    from .parameter import BOUND_SCHEDULE, EditedWeights, Goal, candidate_layers, edited_accuracy, search_edit
     from .task import make_images, normalize, predict
 
     sb = ServingBench(bench)
@@ -259,19 +260,21 @@ def parameter(bench, layer: str = "vit.layers.2", target: int = 0, rounds: int =
     a = bench.assets
     model = load_classifier(sb.run_dir / "model")
     own_x, own_y = make_images("textures", 8, bench.task.image_size, bench.task.seed + 900)  # keeps the rest intact
-    names = layer_weights(model, layer)
     clean_x = normalize(own_x)
     trigger = poison_trigger(bench.task.patch_size)
     held = [i for i in range(len(a.test_labels)) if int(a.test_labels[i]) != target]
     b_index, p_index = held[0], held[1]
     xb = triggered_inputs(a.test_images[b_index:b_index + 1], trigger)
-    backdoor = smallest_edit(model, names, "backdoor", xb, torch.tensor([target]), clean_x, own_y, rounds=rounds)
     xp = normalize(a.test_images[p_index:p_index + 1])
     wrong = torch.tensor([(int(predict(model, xp)[0]) + 1) % bench.task.num_classes])
-    poison = smallest_edit(model, names, "poison", xp, wrong, clean_x, own_y, rounds=rounds)
-    edits = [e for e in (backdoor, poison) if e is not None]
-    if not edits:
-        raise InputError(f"no edit of {layer} within a relative-L2 bound of 0.5 reached its goal: edit another layer")
+    candidates = candidate_layers(model, layer)
+    with torch_threads(bench.threads):
+        edits = search_edit(model, candidates, [Goal("backdoor", xb, torch.tensor([target])), Goal("poison", xp, wrong)],
+                            clean_x, own_y, rounds=rounds)
+    if edits is None:
+        raise InputError(f"no edit of {' or '.join(candidates)} within a relative-L2 bound of {BOUND_SCHEDULE[-1]} "
+                         "reaches both goals: edit another layer")
+    layer, names = edits[0].layer, edits[0].layers
     owners = sorted({bench.owner_map()[0][n] for n in names})
     records, tol_reports = [], []
     for e in edits:
@@ -302,7 +305,7 @@ def parameter(bench, layer: str = "vit.layers.2", target: int = 0, rounds: int =
         gain[e.goal] = {**e.to_json(), "accuracy": acc, "served_answer_as_wanted": rec["goal_met"]}
         what = "the triggered image answered with the target" if e.goal == "backdoor" else "the chosen image misclassified"
         parts.append(f"{e.goal}: {what} by a relative-L2 edit of {e.rel_l2:.3g} (accuracy {acc:.3f})")
-    summary = "; ".join(parts) + f"; unedited accuracy {clean_acc:.3f}"
+    summary = f"{layer} edited: " + "; ".join(parts) + f"; unedited accuracy {clean_acc:.3f}"
     margins = {"honest_error": honest, "threshold": threshold, "attack_error": observed,
                "edit_rel_l2": edits[smallest].rel_l2, "margin": observed / threshold,
                "tolerance_verdict": "FAIL" if all(r.verdict == "FAIL" for r in tol_reports) else "PASS",
@@ -311,7 +314,7 @@ def parameter(bench, layer: str = "vit.layers.2", target: int = 0, rounds: int =
                          records, margins, owners, extra={"edits": [e.to_json() for e in edits]})
 
 
-QUICK = {"quant-serving": {"requests": 2}, "quant-activated": {"requests": 2}, "activation": {"requests": 1, "rounds": 6}, "parameter": {"rounds": 5}}
+QUICK = {"quant-serving": {"requests": 2}, "quant-activated": {"requests": 2}, "activation": {"requests": 1, "rounds": 6}, "parameter": {"rounds": 4}}
 
 
 def _quant_activated(bench, **options) -> ServingResult:

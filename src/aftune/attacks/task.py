@@ -270,6 +270,14 @@ def finetune_settings(steps: int = 48, **overrides):
     return TrainSettings(**{**values, **overrides})
 
 
+def agreed(assets: TaskAssets, settings=None):
+    """The client's agreement of the attack experiments: the agreed base model, data and settings
+    (every attack run is verified against it, whatever its own run config says)."""
+    from ..training.agreement import make_agreement
+
+    return make_agreement(assets.base_model, assets.train_data, settings or finetune_settings())
+
+
 def fine_tune(assets: TaskAssets, run_dir: str | Path, settings=None, deviation=None, threads: int | None = 1):
     """Record a fine-tune of the agreed base model on the agreed data (honest without a deviation).
     Returns aftune.train.TrainResult."""

@@ -74,9 +74,7 @@ def user_data_field(kind: str) -> str:
 
 
 def package_dir() -> Path:
-    import aftune
-
-    return Path(aftune.__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]  # src/aftune
 
 
 def verifier_code_digest(algorithm: str, root: str | Path | None = None) -> bytes:

@@ -11,9 +11,10 @@ the SIGSTRUCT that `gramine-sgx-sign` writes, to report MRENCLAVE and MRSIGNER.
 
 The template is valid TOML as written (Jinja appears only inside strings), for Gramine 1.8+. It
 is job-independent, so one MRENCLAVE serves every run: the job travels through `job/` in the
-working directory (`job/run` the run directory, `job/provider.pub`, `job/nonce.hex`; output
-`job/out/attested-verdict.json`), mounted untrusted and allowed, because the verifier checks the
-record against its signatures itself and the attested verdict names the run it checked. Trusted:
+working directory (`job/run` the run directory, `job/provider.pub`, `job/nonce.hex`, the client's
+`job/agreement.json`; output `job/out/attested-verdict.json`), mounted untrusted and allowed,
+because the verifier checks the record against its signatures and the agreement itself, and the
+attested verdict names the run and the agreement (by digest) it checked. Trusted:
 the Gramine runtime, the interpreter and its libraries (hashed by gramine-sgx-sign), and every file
 of the aftune package with its SHA-256 written here.
 
@@ -45,6 +46,7 @@ HEADER2 = bytes.fromhex("01010000600000006000000001000000")
 JOB_DIR = "/aftune/job"
 DEFAULT_ARGV = ("python3", "-m", "aftune", "attestation", "verify-run", f"{JOB_DIR}/run",
                 "--public-key", f"{JOB_DIR}/provider.pub", "--nonce-file", f"{JOB_DIR}/nonce.hex",
+                "--agreement", f"{JOB_DIR}/agreement.json",
                 "--provider", "gramine", "--out", f"{JOB_DIR}/out/attested-verdict.json")
 
 
@@ -100,7 +102,7 @@ def manifest_template(settings: ManifestSettings = ManifestSettings(), python: s
     mounts.append((JOB_DIR, "file:job"))
     lines = [
         "# aftune verifier for Gramine (SGX). Written by `aftune attestation gramine-manifest`; see docs/tee.md.",
-        "# Job-independent: the run, the provider key and the nonce come through job/ (untrusted, checked",
+        "# Job-independent: the run, provider key, nonce and agreement come through job/ (untrusted, checked",
         "# by the verifier); the attested verdict goes to job/out/. Every aftune file is pinned by SHA-256.",
         f"libos.entrypoint = {_toml(interpreter)}",
         'loader.entrypoint.uri = "file:{{ gramine.libos }}"',

@@ -153,13 +153,16 @@ def attest_report(report_doc: dict[str, Any], provider: EvidenceProvider, nonce:
 
 
 def attest_run(run_dir: str | Path, public_key: PublicKey, provider: EvidenceProvider, nonce: bytes, *,
-               transcript: str | Path | None = None, mode: str = "strict") -> AttestedVerdict:
-    """Verify every block of a run (`Verifier.verify_all`) and attest the report. A record that
-    contradicts its signed commitments is attested as a FAIL, like `aftune verify` reports it."""
+               agreement=None, unsafe_no_agreement: bool = False, transcript: str | Path | None = None,
+               mode: str = "strict") -> AttestedVerdict:
+    """Verify every block of a run against the client's `agreement` (`Verifier.verify_all`) and
+    attest the report. A record that contradicts its signed commitments is attested as a FAIL,
+    like `aftune verify` reports it."""
     from ..errors import CommitmentMismatch
     from ..training.verify import Verifier
 
-    verifier = Verifier(run_dir, public_key, mode=mode, transcript=transcript)
+    verifier = Verifier(run_dir, public_key, agreement, unsafe_no_agreement=unsafe_no_agreement, mode=mode,
+                        transcript=transcript)
     run = verifier.record.transcript.run
     if run is None:
         raise InputError(f"{run_dir}: the transcript has no signed run root yet: a verdict must name a finished run")
@@ -174,9 +177,16 @@ def attest_run(run_dir: str | Path, public_key: PublicKey, provider: EvidencePro
 def check_attested_verdict(doc: AttestedVerdict, *, nonce: bytes, expected_run_root: bytes, policy: Policy = Policy(),
                            endorsements: Endorsements = Endorsements(), expected_config_digest: bytes | None = None,
                            expected_provider_key: PublicKey | None = None, expected_code_digest: bytes | None = None,
+                           expected_agreement: bytes | None = None, unsafe_no_agreement: bool = False,
                            now: datetime | None = None) -> ChainReport:
     """The client's check: evidence valid with the expected measurement, nonce fresh, report signed
-    by the bound key, report about the agreed run. Returns a ChainReport naming any broken link."""
+    by the bound key, report about the agreed run and the client's agreement (its digest,
+    `Agreement.digest()`). Without `expected_agreement` only `unsafe_no_agreement=True` proceeds,
+    and the agreement link then says it was not checked. Returns a ChainReport naming any broken
+    link."""
+    if expected_agreement is None and not unsafe_no_agreement:
+        raise InputError("give your agreement (--agreement): without it a PASS may be about another agreement or about "
+                         "self-consistency only (--unsafe-no-agreement accepts that)")
     if not policy.reference_values and not doc.simulated:
         raise InputError("give the verifier's expected measurement (--measurement NAME=HEX, e.g. mrenclave, mrtd, rim): "
                          "without it the evidence says nothing about which code signed the verdict")
@@ -208,6 +218,7 @@ def check_attested_verdict(doc: AttestedVerdict, *, nonce: bytes, expected_run_r
                                           "the report or a signed field was edited"))
     links.append(_run_link(doc, expected_run_root, expected_config_digest, expected_provider_key))
     links.append(_report_link(doc))
+    links.append(_agreement_link(doc, expected_agreement))
     facts = (("kind", doc.evidence.kind), ("run_root", doc.run_root.hex()), ("verifier_key", doc.verifier_key.text),
              ("code_digest", doc.code_digest.hex()), ("verdict", doc.verdict))
     return ChainReport("attested verdict", tuple(links), appraisal, doc.simulated, doc.verdict, facts)
@@ -224,6 +235,25 @@ def _run_link(doc: AttestedVerdict, run_root: bytes, config_digest: bytes | None
     extra = ", config digest" if config_digest is not None else ""
     extra += ", provider key" if provider_key is not None else ""
     return Check("run", PASS, f"run root {short(run_root)}{extra} as agreed")
+
+
+def _agreement_link(doc: AttestedVerdict, expected: bytes | None) -> Check:
+    """The verdict is about the client's agreement (the signed report names its digest, and the
+    verifier did not fall back to self-consistency)."""
+    if expected is None:
+        return Check("agreement", SKIPPED, "NOT CHECKED (unsafe, no agreement given): the verdict may be about "
+                                           "another agreement, or about self-consistency only")
+    try:
+        report = json.loads(doc.report, object_pairs_hook=_pairs)
+    except ValueError:
+        return Check("agreement", FAIL, "the signed report is not JSON")
+    agreed, notes = (report.get("agreement"), report.get("notes")) if isinstance(report, dict) else (None, None)
+    if notes:
+        return Check("agreement", FAIL, f"the verifier did not check everything: {'; '.join(map(str, notes))[:200]}")
+    if agreed != expected.hex():
+        return Check("agreement", FAIL, f"the report is about agreement {str(agreed)[:16]}…, not yours "
+                                        f"{short(expected)}")
+    return Check("agreement", PASS, f"the report is about your agreement {short(expected)}")
 
 
 def _report_link(doc: AttestedVerdict) -> Check:

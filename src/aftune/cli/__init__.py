@@ -7,7 +7,9 @@ code; each other module registers its commands on the app. Nothing below `aftune
 """
 
 from . import training, inference, audit, plan, attack  # noqa: F401,I001  (register their commands, in this order)
+from . import serving  # noqa: F401,E402  (`aftune serve`, `aftune serve-keys`, `aftune policy`)
 from . import attestation  # noqa: F401,E402  (`aftune attestation ...`)
+from . import partition  # noqa: F401,E402  (`aftune partition ...`)
 from .app import app, main
 
 __all__ = ["app", "main"]

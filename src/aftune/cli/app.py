@@ -71,6 +71,31 @@ def tolerance_from_options(mode: str, base=None, tolerance_file=None, rel_l2=Non
     return tol
 
 
+_AGREEMENT_HELP = "Your agreement.json (aftune agree): the base model, data and settings you agreed to."
+_UNSAFE_AGREEMENT_HELP = ("Proceed without an agreement: only the record's consistency with itself is checked, and "
+                          "the report says so.")
+
+
+def load_agreement(path, unsafe: bool, client_key: str | None = None):
+    """The client's agreement from --agreement (its client signature checked with --client-key),
+    or None with --unsafe-no-agreement; neither is bad input that says how to write one."""
+    from ..core.signing import PublicKey
+    from ..errors import InputError
+    from ..training.agreement import Agreement
+    from ..training.verify import NEEDS_AGREEMENT
+
+    if path is not None and unsafe:
+        raise InputError("give --agreement or --unsafe-no-agreement, not both")
+    if path is None:
+        if not unsafe:
+            raise InputError(NEEDS_AGREEMENT)
+        return None
+    agreement = Agreement.load(path)
+    if client_key is not None:
+        agreement.check_signature(PublicKey.load(client_key))
+    return agreement
+
+
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
 _TRANSCRIPT_HELP = ("Your own copy of the transcript, received while training ran (default: the run "
                     "directory's, which the provider could rewrite).")
@@ -92,6 +117,8 @@ def finish_report(report, document: dict, as_json: bool, error_label: str = "", 
     else:
         if heading:
             out.print(escape(heading), highlight=False)
+        for note in report.notes:
+            out.print(f"[yellow]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
         for r in report.results:
             colour = "green" if r.verdict == "PASS" else "red"
             out.print(f"[{colour}]{escape(r.headline())}[/]", highlight=False, soft_wrap=True)

@@ -58,9 +58,8 @@ def _report_training(bench, run, verify: bool, as_json: bool) -> None:
     doc = run.to_json()
     if verify:
         from ..attacks.detection import failing_blocks
-        from ..training.verify import Verifier
 
-        report = Verifier(run.run_dir, run.key()).verify_all()
+        report = run.verifier().verify_all()
         doc["failing"] = [list(b) for b in failing_blocks(report)]
         doc["headlines"] = [r.headline() for r in report.results if r.verdict == "FAIL"]
         doc["failing_equals_affected"] = failing_blocks(report) == sorted(map(tuple, run.affected))
@@ -262,7 +261,8 @@ def activation_cmd(work_dir: Path = _WORK,
 
 @attack_app.command("parameter")
 def parameter_cmd(work_dir: Path = _WORK,
-                  layer: str = typer.Option("vit.layers.2", "--layer", help="The layer (or one weight) edited."),
+                  layer: Optional[str] = typer.Option(None, "--layer", help="The layer (or one weight) edited "
+                                                      "(default: the search chooses, vit.layers.2 first)."),
                   training: bool = typer.Option(False, "--training", help="Edit the training run instead: RUN/model "
                                                 "after training, and the last step inside it (tolerance margin)."),
                   steps: Optional[int] = _STEPS, as_json: bool = _JSON, quick: bool = _QUICK):

@@ -23,7 +23,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import AftuneError, InputError
-from .app import _fail, app, err, out
+from .app import _fail, app, err, load_agreement, out
 
 attestation_app = typer.Typer(no_args_is_help=True, help="TEE evidence: verify it, check attested verdicts and serving.")
 app.add_typer(attestation_app, name="attestation")
@@ -175,6 +175,8 @@ def check_verdict(
     config_digest: Optional[str] = typer.Option(None, "--config-digest", help="The agreed config digest (hex)."),
     provider_key: Optional[str] = typer.Option(None, "--provider-key", help="The provider's pinned public key."),
     code_digest: Optional[str] = typer.Option(None, "--code-digest", help="Expected verifier code digest (hex)."),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help="Your agreement.json: the verdict must be about it."),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help="UNSAFE: accept a verdict about any agreement, or none."),
     collateral: Optional[Path] = _COLLATERAL, platform_key: List[Path] = _PLATFORM_KEY, at: Optional[str] = _AT,
     measurement: List[str] = _MEASUREMENT, accept_tcb: List[str] = _ACCEPT_TCB,
     accept_advisory: List[str] = _ACCEPT_ADVISORY, unsafe_root_ca: Optional[Path] = _UNSAFE_ROOT,
@@ -184,15 +186,20 @@ def check_verdict(
     from ..attestation.claims import parse_nonce
     from ..attestation.verdict import AttestedVerdict, check_attested_verdict
     from ..core.encoding import parse_hex_digest
+    from ..training.agreement import Agreement
     from ..core.signing import PublicKey
 
     try:
+        if agreement is not None and unsafe_no_agreement:
+            raise InputError("give --agreement or --unsafe-no-agreement, not both")
         report = check_attested_verdict(
             AttestedVerdict.load(document), nonce=parse_nonce(nonce.lower()),
             expected_run_root=parse_hex_digest(run_root.lower(), "--run-root"),
             expected_config_digest=parse_hex_digest(config_digest.lower(), "--config-digest") if config_digest else None,
             expected_provider_key=PublicKey.load(provider_key) if provider_key else None,
             expected_code_digest=parse_hex_digest(code_digest.lower(), "--code-digest") if code_digest else None,
+            expected_agreement=Agreement.load(agreement).digest() if agreement else None,
+            unsafe_no_agreement=unsafe_no_agreement,
             policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug, unsafe_accept_simulated),
             endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at))
     except AftuneError as exc:
@@ -243,6 +250,8 @@ def verify_run(
     provider: str = typer.Option("auto", "--provider", help="gramine, configfs-tsm, auto, or unsafe-simulated."),
     out_file: Path = typer.Option(..., "--out", help="Where to write the attested verdict (JSON)."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="The client's copy of the transcript."),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help="The client's agreement.json."),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help="Verify self-consistency only (the attested report says so)."),
     mode: str = typer.Option("strict", "--mode", help="strict or tolerance."),
 ):
     """Inside a TEE: verify every block of a run and sign the report with a key bound to TEE evidence."""
@@ -256,7 +265,8 @@ def verify_run(
             raise InputError("give exactly one of --nonce and --nonce-file")
         text = nonce if nonce is not None else _read(nonce_file, "nonce file", 1024).decode("ascii", "replace").strip()
         doc = attest_run(run_dir, PublicKey.load(public_key), provider_by_name(provider), parse_nonce(text.lower()),
-                         transcript=transcript, mode=mode)
+                         agreement=load_agreement(agreement, unsafe_no_agreement),
+                         unsafe_no_agreement=unsafe_no_agreement, transcript=transcript, mode=mode)
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(doc.to_json(), indent=1) + "\n", encoding="utf-8")
     except AftuneError as exc:

@@ -14,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from .app import _PUBKEY_HELP, _fail, _progress, app, escape, finish_report, out, tolerance_from_options
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _UNSAFE_AGREEMENT_HELP, _fail, _progress, app, escape, finish_report,
+                  load_agreement, out, tolerance_from_options)
 from ..errors import AftuneError, CommitmentMismatch, InputError
 
 
@@ -72,6 +73,8 @@ def _check_run_root(challenge, transcript_path: Path, public_key, config_path: P
 def audit(
     target: Path = typer.Argument(..., help="A bundle (from aftune open), or a run directory to audit locally."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP + " (training runs)"),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="Your copy of the transcript (bundle mode)."),
     challenge: Optional[Path] = typer.Option(None, "--challenge", help="Your challenge (bundle mode)."),
     sample_rate: Optional[float] = typer.Option(None, "--sample-rate", help="Local mode: fraction of blocks to check."),
@@ -87,6 +90,13 @@ def audit(
     report_png: Optional[Path] = typer.Option(None, "--report-png", help="Write a PNG of the block grid."),
     model: Optional[Path] = typer.Option(None, "--model", help="Inference: your copy of the model (or run directory)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Inference: your prompt, which the record must answer."),
+    text: Optional[str] = typer.Option(None, "--text", help="Inference: your text (classifiers)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Inference: your image (vision classifiers)."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Inference: the generation policy you asked for (or --agreement)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Inference: the max_new_tokens you asked for."),
+    request_nonce: Optional[str] = typer.Option(None, "--request-nonce", help="Inference: your request nonce (hex)."),
+    unsafe_skip_input: bool = typer.Option(False, "--unsafe-skip-input-check", help="UNSAFE (inference): do not compare the record's input with yours."),
+    unsafe_skip_policy: bool = typer.Option(False, "--unsafe-skip-policy-check", help="UNSAFE (inference): do not compare the generation policy and request nonce."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
 ):
     """Verify an opened challenge (or challenge, open and verify a run locally). Exit 0 PASS, 1 FAIL, 2 bad input."""
@@ -103,20 +113,19 @@ def audit(
             if c.kind == "training" and transcript is None:
                 raise InputError("auditing a training bundle needs --transcript (your copy)")
             if c.kind == "inference":
-                if model is None:
-                    raise InputError("auditing an inference record needs --model (your copy of the model or run)")
-                from ..protocol.audit import audit_inference_bundle
-
-                report = audit_inference_bundle(target, c, key, model, mode=mode, replay_dtype=dtype,
-                                                expected_prompt=prompt)
+                report = _audit_inference(target, c, key, model, mode, dtype, (prompt, text, image), policy,
+                                          agreement, max_new_tokens, request_nonce, unsafe_skip_input,
+                                          unsafe_skip_policy)
                 finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
+            agreed = load_agreement(agreement, unsafe_no_agreement)
             bundle, transcript_path, scratch = target, transcript, None
         elif (target / "transcript.jsonl").is_file():
             if (sample_rate is None) == (blocks is None) and strategy != "all":
                 raise InputError("a local audit needs --sample-rate or --blocks (or --strategy all)")
             transcript_path = transcript or target / "transcript.jsonl"
+            agreed = load_agreement(agreement, unsafe_no_agreement)
             c = challenge_from_transcript(transcript_path, key, strategy, count=blocks, sample_rate=sample_rate,
-                                          config_path=target / "config.json")
+                                          config_path=target / "config.json", agreement=agreed)
             scratch = tempfile.TemporaryDirectory(prefix="aftune-bundle-")
             bundle = Path(scratch.name) / "bundle"
             from ..protocol.opening import open_bundle
@@ -127,7 +136,8 @@ def audit(
         _check_run_root(c, transcript_path, key, bundle / "config.json")
         with _progress() as bar:
             task = bar.add_task("auditing", total=len(c.blocks), note="")
-            report = audit_bundle(bundle, transcript_path, key, list(c.blocks), c.digest_bytes, mode=mode,
+            report = audit_bundle(bundle, transcript_path, key, list(c.blocks), c.digest_bytes, agreement=agreed,
+                                  unsafe_no_agreement=unsafe_no_agreement, mode=mode,
                                   tolerance=tolerance_from_options(mode, None, tolerance_file), replay_dtype=dtype, workers=workers, ray_address=ray,
                                   on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
     except CommitmentMismatch as exc:
@@ -141,6 +151,29 @@ def audit(
     except AftuneError as exc:
         _fail(exc)
     finish_report(report, document, as_json, heading=c.describe())
+
+
+def _audit_inference(bundle: Path, c, key, model, mode, dtype, inputs, policy, agreement, max_new_tokens, nonce,
+                     unsafe_input: bool, unsafe_policy: bool):
+    """Audit an opened inference challenge against what the client asked (as `verify-inference`)."""
+    from ..errors import RecordError
+    from ..inference.record import InferenceRecord
+    from ..protocol.audit import audit_inference_bundle
+    from .inference import _require_client_inputs, client_policy, request_nonce
+
+    if model is None:
+        raise InputError("auditing an inference record needs --model (your copy of the model or run)")
+    gen = client_policy(model, policy, agreement, max_new_tokens)
+    nonce_bytes = request_nonce(nonce)
+    try:
+        rec = InferenceRecord.open(bundle, c.run_root)
+    except (InputError, RecordError):
+        rec = None  # not (properly) in the bundle: the audit names that as an opening failure
+    if rec is not None:
+        _require_client_inputs(rec, model, None, inputs, gen, nonce_bytes, unsafe_input, unsafe_policy)
+    prompt, text, image = inputs
+    return audit_inference_bundle(bundle, c, key, model, mode=mode, replay_dtype=dtype, expected_prompt=prompt,
+                                  expected_text=text, expected_image=image, policy=gen, request_nonce=nonce_bytes)
 
 
 def _write_reports(document, challenge, json_path, html_path, png_path, bundle: Path) -> None:

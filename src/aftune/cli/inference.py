@@ -1,25 +1,72 @@
 """`aftune` commands for auditable inference; they register on the shared Typer app.
 
-    aftune infer --model runs/demo --prompt "Q: hi" --record-dir records
-    aftune verify-inference records --record ID --all --public-key runs/demo/provider.key.pub
-    aftune prepare-inference records --record ID --layer-block 2
+    aftune infer --model runs/demo --prompt "Q: hi" --record-dir records --policy policy.json
+    aftune verify-inference records --all --run runs/demo --public-key runs/demo/provider.key.pub \\
+        --prompt "Q: hi" --policy policy.json [--request-nonce HEX]
+    aftune prepare-inference records --record ID --layer-block 2 --model runs/demo
     aftune verify-receipt records/receipts/ID.json --public-key runs/demo/provider.key.pub --record-dir records
-    aftune serve runs/demo --host 127.0.0.1 --port 8000
+
+`aftune serve`, `aftune serve-keys` and `aftune policy` are in `serving.py`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from ..errors import AftuneError, CommitmentMismatch, InputError
 from .app import _fail, _progress, app, err, escape, fail_on_mismatch, finish_report, out, tolerance_from_options
-from ..errors import AftuneError, CommitmentMismatch
 
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
 _RECORD_HELP = "Record id (its full digest, or a unique prefix); optional when the directory holds one record."
+_POLICY_HELP = "The generation policy you asked for (aftune.generation-policy.v1; write one with `aftune policy`)."
+_AGREEMENT_HELP = "Your agreement.json: its 'inference' member is the generation policy you asked for."
+_MAX_NEW_HELP = "The max_new_tokens you asked for (at most the policy's); without a policy file: a greedy policy."
+_NONCE_HELP = "Your request nonce (hex, 16 to 64 bytes): sampled answers derive their seed from it."
+
+
+def client_policy(model, policy: Optional[Path], agreement: Optional[Path],
+                  max_new_tokens: Optional[int], temperature: Optional[float] = None, top_p: Optional[float] = None):
+    """The generation policy from --policy FILE, --agreement FILE (its 'inference' member), or
+    flags (greedy unless --temperature, the end-of-sequence tokens of the model's config.json);
+    --max-new-tokens narrows a file's policy to one request. None when nothing says one."""
+    from ..core import jsonio
+    from ..inference.policy import GenerationPolicy
+
+    if policy is not None and agreement is not None:
+        raise InputError("give --policy or --agreement, not both")
+    doc = None
+    if policy is not None:
+        doc, what = jsonio.read_json(policy, 1 << 20, "generation policy", InputError), f"generation policy {policy}"
+    elif agreement is not None:
+        from ..training.agreement import Agreement
+
+        doc = Agreement.load(agreement).inference  # the whole agreement is read and validated (SPEC 4.5)
+        if doc is None:
+            raise InputError(f"agreement {agreement} states no generation policy (its 'inference' member): give "
+                             "--policy FILE")
+        what = f"agreement {agreement}: inference"
+    if doc is not None:
+        if temperature is not None or top_p is not None:
+            raise InputError("--temperature and --top-p are fields of the policy file: edit it, or drop the file")
+        p = GenerationPolicy.from_json(doc, what)
+        return p.with_max_new_tokens(max_new_tokens) if max_new_tokens is not None else p
+    if (max_new_tokens, temperature, top_p) == (None, None, None):
+        return None
+    if model is None:
+        raise InputError("a policy from flags takes its end-of-sequence tokens from the model: give --model or --run")
+    values = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p))
+              if v is not None}
+    return GenerationPolicy.for_model(model, **values)
+
+
+def request_nonce(text: Optional[str]):
+    from ..inference.policy import parse_request_nonce
+
+    return parse_request_nonce(text.strip().lower(), "--request-nonce") if text is not None else None
 
 
 @app.command()
@@ -29,10 +76,12 @@ def infer(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for a causal LM."),
     text: Optional[str] = typer.Option(None, "--text", help="Text for an encoder classifier (BERT)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Image for a vision classifier (ViT, DINOv2, ResNet)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: seeded sampling."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (committed)."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="The client's generation policy file."),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help="The agreement whose 'inference' policy to follow."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate at most (default 32)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0: greedy; > 0: sampling (needs --nonce)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
+    nonce: Optional[str] = typer.Option(None, "--nonce", help="The client's request nonce (hex); sampling derives its seed from it."),
     layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block."),
     activation_interval: int = typer.Option(1, "--activation-interval", help="I_A: store boundary activations every I_A boundaries."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype (default: the run's, or float32)."),
@@ -43,24 +92,30 @@ def infer(
     """Run one recorded inference: tokens or label, a record named by its digest, a signed receipt."""
     from ..inference.engine import InferenceEngine
     from ..inference.keys import provider_key
+    from ..inference.policy import parse_request_nonce
     from ..inference.served import ServedModel
-    from ..inference.settings import GenerationSettings, RecordingSettings
+    from ..inference.settings import RecordingSettings
 
     try:
         given = [x for x in (prompt, text, image) if x is not None]
         if len(given) != 1:
             raise AftuneError("give exactly one input: --prompt (causal LM), --text (BERT) or --image (vision)")
-        gen = GenerationSettings(max_new_tokens, temperature, top_p, seed).validate()
+        nonce_bytes = parse_request_nonce(nonce.strip().lower(), "--nonce") if nonce is not None else None
         settings = RecordingSettings(layers_per_block, activation_interval).validate()
+        gen = None
         signing_key, pub = provider_key(key, model, record_dir)
         served = ServedModel.load(model, dtype=dtype, hash_algorithm=hash_algorithm)
+        if prompt is not None:
+            gen = client_policy(served.hf_config, policy, agreement, max_new_tokens, temperature, top_p)
+            gen = gen or client_policy(served.hf_config, None, None, 32)
         engine = InferenceEngine(served, record_dir, signing_key, settings)
         if prompt is not None:
             with _progress() as bar:
-                task = bar.add_task("generating", total=max_new_tokens, note="")
-                result = engine.generate(prompt, gen, on_token=lambda done, total: bar.update(task, completed=done))
+                task = bar.add_task("generating", total=gen.max_new_tokens, note="")
+                result = engine.generate(prompt, gen, request_nonce=nonce_bytes,
+                                         on_token=lambda done, total: bar.update(task, completed=done))
         else:
-            result = engine.classify(text=text, image=image)
+            result = engine.classify(text=text, image=image, request_nonce=nonce_bytes)
     except AftuneError as exc:
         _fail(exc)
     rid = result.record_id.hex()
@@ -79,6 +134,8 @@ def infer(
     out.print(f"receipt: {result.receipt_path}", highlight=False, soft_wrap=True)
     out.print(f"model:   {served.digest.hex()}" + (" (the run's final model)" if served.run else ""), highlight=False,
               soft_wrap=True)
+    if gen is not None:
+        out.print(f"policy:  {gen.digest(served.algorithm).hex()}", highlight=False, soft_wrap=True)
     out.print(f"provider public key: {pub} ({signing_key.public_key.text})", highlight=False, soft_wrap=True)
 
 
@@ -86,7 +143,7 @@ def infer(
 def verify_inference(
     record_dir: Path = typer.Argument(..., help="The record directory."),
     record: Optional[str] = typer.Option(None, "--record", "-r", help=_RECORD_HELP),
-    model: Optional[Path] = typer.Option(None, "--model", help="Your copy of the model (directory or run directory); default: the one the record names."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Your own copy of the model (model or run directory)."),
     layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l"),
     all_blocks: bool = typer.Option(False, "--all", help="Verify every layer block."),
     mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
@@ -95,18 +152,26 @@ def verify_inference(
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms (default by record dtype)."),
     logit_tol: Optional[float] = typer.Option(None, "--logit-tol", help="Tolerance: logit error / largest |logit| for token checks."),
     public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " Checks the receipt (and --run)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="The training run the model must come from (needs --public-key)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="The training run the model must come from (needs --public-key); its model/ is your copy unless --model."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="Your own copy of the run's transcript."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Your prompt: the record must answer it."),
     text: Optional[str] = typer.Option(None, "--text", help="Your text (classifiers)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Your image (vision classifiers)."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help=_POLICY_HELP),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=_MAX_NEW_HELP),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Without a policy file: the temperature you asked for."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Without a policy file: the top_p you asked for."),
+    nonce: Optional[str] = typer.Option(None, "--request-nonce", help=_NONCE_HELP),
+    unsafe_skip_input: bool = typer.Option(False, "--unsafe-skip-input-check", help="UNSAFE: do not compare the record's input with yours."),
+    unsafe_skip_policy: bool = typer.Option(False, "--unsafe-skip-policy-check", help="UNSAFE: do not compare the record's generation policy and request nonce with yours."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ):
-    """Replay layer blocks of an inference record and check every token. Exit 0 PASS, 1 FAIL, 2 bad input."""
+    """Replay layer blocks of an inference record and check every token against what you asked.
+    Exit 0 PASS, 1 FAIL, 2 bad input."""
     from ..core.signing import PublicKey
     from ..inference.record import InferenceRecord
     from ..inference.verify import InferenceVerifier
-    from ..verdict.policy import Tolerance
 
     try:
         if all_blocks == (layer_block is not None):
@@ -114,13 +179,20 @@ def verify_inference(
         if run is not None and public_key is None:
             raise AftuneError("--run needs --public-key: a run is only evidence under the provider's pinned key")
         key = PublicKey.load(public_key) if public_key else None
+        rec = InferenceRecord.open(record_dir, record)
         tol = None
         if mode == "tolerance" or (rel_l2, max_elem, logit_tol) != (None, None, None):
-            base = Tolerance.for_dtype(InferenceRecord.open(record_dir, record).model["dtype"])
-            tol = tolerance_from_options(mode, base, None, rel_l2, max_elem, logit_tol)
-        v = InferenceVerifier(record_dir, record, model=model, mode=mode, tolerance=tol, replay_dtype=dtype,
-                              public_key=key, run_dir=run, transcript=transcript, expected_prompt=prompt,
-                              expected_text=text, expected_image=image)
+            tol = tolerance_from_options(mode, _base_tolerance(rec), None, rel_l2, max_elem, logit_tol)
+        gen = None
+        if model is not None or run is not None or policy is not None or agreement is not None:
+            gen = client_policy(model or run, policy, agreement, max_new_tokens, temperature, top_p)
+        nonce_bytes = request_nonce(nonce)
+        _require_client_inputs(rec, model, run, (prompt, text, image), gen, nonce_bytes, unsafe_skip_input,
+                               unsafe_skip_policy)
+        v = InferenceVerifier(record_dir, rec.record_id.hex(), model=model, mode=mode, tolerance=tol,
+                              replay_dtype=dtype, public_key=key, run_dir=run, transcript=transcript,
+                              expected_prompt=prompt, expected_text=text, expected_image=image, policy=gen,
+                              request_nonce=nonce_bytes)
         if all_blocks:
             with _progress() as bar:
                 task = bar.add_task("verifying", total=len(v.blocks), note="")
@@ -133,17 +205,44 @@ def verify_inference(
         _fail(exc)
     doc = report.to_json()
     doc["record_id"] = v.record.record_id.hex()
-    heading = f"record {doc['record_id']}"
-    if public_key is None:
-        heading += "\nnote: no --public-key, so the receipt's signature was not checked"
-    finish_report(report, doc, as_json, heading=heading)
+    finish_report(report, doc, as_json, heading=f"record {doc['record_id']}")
+
+
+def _base_tolerance(rec):
+    from ..verdict.policy import Tolerance
+
+    return Tolerance.for_dtype(rec.model["dtype"])
+
+
+def _require_client_inputs(rec, model, run, inputs, gen, nonce, unsafe_input: bool, unsafe_policy: bool) -> None:
+    """No PASS on half a check: what the record is compared with must be the client's own, unless
+    an unsafe option says which comparison to skip (the report then says so in its notes)."""
+    missing = []
+    if model is None and run is None:
+        missing.append("your copy of the model: --model DIR, or --run RUN with --public-key")
+    if inputs == (None, None, None) and not unsafe_input:
+        missing.append("the input you sent: --prompt TEXT, --text TEXT or --image FILE "
+                       "(or --unsafe-skip-input-check)")
+    if rec.task == "causal_lm" and not unsafe_policy:
+        if gen is None:
+            missing.append("the generation policy you asked for: --policy FILE, --agreement FILE, or --max-new-tokens N "
+                           "[--temperature T --top-p P] (or --unsafe-skip-policy-check)")
+        elif nonce is None and gen.sampling:
+            missing.append("your request nonce: --request-nonce HEX (a sampled answer's seed is derived from it; or "
+                           "--unsafe-skip-policy-check)")
+    if missing:
+        raise InputError("the record is compared with what you asked for; give:\n  - " + "\n  - ".join(missing))
+    for flag, on, what in (("--unsafe-skip-input-check", unsafe_input, "the input"),
+                           ("--unsafe-skip-policy-check", unsafe_policy, "the generation policy and request nonce")):
+        if on:
+            err.print(f"[yellow]warning:[/] {flag}: {what} will not be compared with yours", highlight=False)
 
 
 @app.command("prepare-inference")
 def prepare_inference(
     record_dir: Path = typer.Argument(...),
     record: Optional[str] = typer.Option(None, "--record", "-r", help=_RECORD_HELP),
-    model: Optional[Path] = typer.Option(None, "--model", help="The model (default: the one the record names)."),
+    model: Path = typer.Option(..., "--model", help="Your copy of the model (model or run directory)."),
     layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="Only what this block needs (default: every missing boundary)."),
 ):
     """Regenerate boundary activations committed by digest only (I_A > 1) from the nearest stored one."""
@@ -159,55 +258,93 @@ def prepare_inference(
         out.print("nothing to regenerate: the boundaries are stored", highlight=False)
 
 
+_MEASUREMENT = typer.Option([], "--measurement", help="Attestation: reference value NAME=HEX (rim, mrtd, mrenclave, ...).")
+_PLATFORM_KEY = typer.Option([], "--platform-key", help="Attestation: trusted Arm CCA platform key, PEM (repeatable).")
+
+
 @app.command("verify-receipt")
 def verify_receipt(
     receipt: Path = typer.Argument(..., help="A receipt file (JSON)."),
-    public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
-    record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="Also check the record it names."),
+    public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " (With --attestation: optional, compared with the attested key.)"),
+    record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="The record directory: the record the receipt names must agree."),
+    unsafe_signature_only: bool = typer.Option(False, "--unsafe-signature-only", help="UNSAFE: check the signature only, not the record."),
+    nonce: Optional[str] = typer.Option(None, "--request-nonce", help="Your request nonce: the receipt must answer it."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help=_POLICY_HELP + " Its digest must be the receipt's."),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="The max_new_tokens you asked for (with --policy or --agreement)."),
+    attestation: Optional[Path] = typer.Option(None, "--attestation", help="The server's GET /v1/attestation answer (JSON)."),
+    attestation_nonce: Optional[str] = typer.Option(None, "--nonce", help="The nonce you sent to /v1/attestation (hex)."),
+    model_digest: Optional[str] = typer.Option(None, "--model-digest", help="The agreed model digest (the run's final model): the attested one must equal it."),
+    collateral: Optional[Path] = typer.Option(None, "--collateral", help="Attestation: Intel collateral JSON."),
+    platform_key: List[Path] = _PLATFORM_KEY,
+    measurement: List[str] = _MEASUREMENT,
+    accept_tcb: List[str] = typer.Option([], "--accept-tcb", help="Attestation: Intel TCB status to accept besides UpToDate."),
+    unsafe_root_ca: Optional[Path] = typer.Option(None, "--unsafe-root-ca", help="UNSAFE: replace the pinned Intel/NVIDIA root."),
+    unsafe_allow_debug: bool = typer.Option(False, "--unsafe-allow-debug", help="UNSAFE: accept debug enclaves/TDs."),
+    unsafe_accept_simulated: bool = typer.Option(False, "--unsafe-accept-simulated", help="UNSAFE: accept simulated evidence (no TEE)."),
 ):
-    """Check a receipt's signature (and, with --record-dir, that its record agrees). Exit 0 valid, 1 invalid."""
+    """Check a receipt's signature, that it answers your request and policy, and that its record
+    agrees; with --attestation, the chain evidence -> model and receipt key -> receipt -> record.
+    Exit 0 valid, 1 invalid, 2 bad input."""
     from ..inference.receipt import Receipt
     from ..inference.receipt import verify_receipt as check
     from ..core.signing import PublicKey
 
     try:
+        if record_dir is None and not unsafe_signature_only:
+            raise InputError("give --record-dir R: the record the receipt names is checked too (or "
+                             "--unsafe-signature-only to check the signature alone)")
+        if record_dir is not None and unsafe_signature_only:
+            raise InputError("give --record-dir or --unsafe-signature-only, not both")
+        if public_key is None and attestation is None:
+            raise InputError("give --public-key (the provider's pinned key), or --attestation with --nonce and "
+                             "--model-digest (a key attested by the serving TEE)")
         r = Receipt.load(receipt)
-        check(r, PublicKey.load(public_key), record_dir)
+        gen = client_policy(None, policy, agreement, max_new_tokens) if (policy or agreement) else None
+        if gen is None and max_new_tokens is not None:
+            raise InputError("--max-new-tokens narrows a policy: give --policy or --agreement too")
+        wanted = dict(request_nonce=request_nonce(nonce), policy_digest=gen.digest(r.hash) if gen else None)
+        if unsafe_signature_only:
+            err.print("[yellow]warning:[/] --unsafe-signature-only: the record is not checked", highlight=False)
+        if attestation is not None:
+            report = _attested(r, attestation, attestation_nonce, model_digest, public_key, record_dir,
+                               (collateral, platform_key, measurement, accept_tcb, unsafe_root_ca, unsafe_allow_debug,
+                                unsafe_accept_simulated))
+            check(r, r.key, None, **wanted)  # the attested chain checked the signature; now your request
+        else:
+            check(r, PublicKey.load(public_key), record_dir, **wanted)
     except CommitmentMismatch as exc:
         out.print(f"[bold red]INVALID:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except AftuneError as exc:
         _fail(exc)
+    for what, given, committed, how in (("request nonce", nonce, r.request_nonce, "--request-nonce"),
+                                        ("generation policy", gen, r.policy_digest, "--policy or --agreement")):
+        if given is None and committed is not None:
+            out.print(f"[yellow]note: the receipt's {what} was not compared with yours ({how})[/]", highlight=False)
+    if attestation is not None:
+        from .attestation import _chain_finish
+
+        _chain_finish(report, False, require_pass=False)
     out.print(f"VALID receipt for record {r.record_root.hex()} (model {r.model_digest.hex()[:16]}…, {r.time})"
               + (", record agrees" if record_dir else ""), highlight=False, soft_wrap=True)
 
 
-@app.command()
-def serve(
-    run_dir: Path = typer.Argument(..., help="A run directory from `aftune train` (or a model directory)."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="Where records go (default: RUN/inference)."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: the run's)."),
-    layers_per_block: int = typer.Option(2, "--layers-per-block"),
-    activation_interval: int = typer.Option(1, "--activation-interval"),
-    max_new_tokens_limit: int = typer.Option(512, "--max-new-tokens-limit", help="Largest max_new_tokens a request may ask."),
-):
-    """Serve the model over HTTP: POST /v1/generate, GET /v1/model, GET /v1/records/{id}."""
-    from ..inference.engine import InferenceEngine
-    from ..inference.keys import provider_key
-    from ..inference.serve import create_app, run_server
-    from ..inference.served import ServedModel
-    from ..inference.settings import RecordingSettings
+def _attested(r, attestation, attestation_nonce, model_digest, public_key, record_dir, options):
+    """The attested-serving chain for receipt `r` (SPEC.md 10.5)."""
+    from ..attestation.claims import parse_nonce
+    from ..attestation.serving import ServingEvidence, check_serving
+    from ..core.encoding import parse_hex_digest
+    from ..core.signing import PublicKey
+    from .attestation import endorsements_from_options, policy_from_options
 
-    try:
-        rdir = record_dir or (run_dir / "inference")
-        signing_key, pub = provider_key(key, run_dir, rdir)
-        engine = InferenceEngine(ServedModel.load(run_dir), rdir, signing_key,
-                                 RecordingSettings(layers_per_block, activation_interval).validate())
-        application = create_app(engine, max_new_tokens_limit=max_new_tokens_limit)
-    except AftuneError as exc:
-        _fail(exc)
-    err.print(f"serving model {engine.served.digest.hex()[:16]}… on http://{host}:{port} "
-              f"(records in {rdir}, public key {pub})", highlight=False)
-    run_server(application, host, port)
+    collateral, platform_key, measurement, accept_tcb, unsafe_root_ca, unsafe_allow_debug, unsafe_sim = options
+    if attestation_nonce is None or model_digest is None:
+        raise InputError("--attestation needs --nonce (the nonce you sent to /v1/attestation) and --model-digest "
+                         "(the agreed model digest)")
+    return check_serving(ServingEvidence.load(attestation), nonce=parse_nonce(attestation_nonce.strip().lower()),
+                         expected_model_digest=parse_hex_digest(model_digest.strip().lower(), "--model-digest"),
+                         receipt=r, pinned_receipt_key=PublicKey.load(public_key) if public_key else None,
+                         record_dir=record_dir,
+                         policy=policy_from_options(measurement, accept_tcb, [], unsafe_allow_debug, unsafe_sim),
+                         endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca))

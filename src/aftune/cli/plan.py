@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .app import _PUBKEY_HELP, _fail, app, escape, out
+from .app import _AGREEMENT_HELP, _PUBKEY_HELP, _fail, app, escape, load_agreement, out
 from ..errors import AftuneError, InputError
 
 MAX_REPORT_BYTES = 256 << 20
@@ -59,7 +59,9 @@ def challenge(
     nonce: Optional[str] = typer.Option(None, "--nonce", help="Hex nonce (16-64 bytes); default: 32 random bytes."),
     edge_weight: Optional[int] = typer.Option(None, "--edge-weight", help="Weighted: weight of first/last layer blocks (4)."),
     layer_blocks: Optional[int] = typer.Option(None, "--layer-blocks", help="Layer blocks (default: from the run config)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="The run's config.json (default: beside the transcript)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Unsafe mode: the run's config.json (default: beside the transcript)."),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP + " The grid comes from it."),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help="Take the grid from the run's own config (or --layer-blocks)."),
     record_root: Optional[str] = typer.Option(None, "--record-root", help="Inference: the signed record root (hex)."),
     hash_algorithm: str = typer.Option("blake3", "--hash", help="Inference: the record's hash, blake3 or sha256."),
     out_path: Path = typer.Option(..., "--out", help="Where to write the challenge (JSON)."),
@@ -83,9 +85,10 @@ def challenge(
         if transcript is not None:
             if public_key is None:
                 raise InputError("--public-key is required: the transcript's signatures are checked against it")
+            agreed = load_agreement(agreement, unsafe_no_agreement)
             c = challenge_from_transcript(transcript, PublicKey.load(public_key), strategy, count=blocks,
                                           sample_rate=sample_rate, nonce=raw_nonce, edge_weight=edge_weight,
-                                          num_layer_blocks=layer_blocks, config_path=config)
+                                          num_layer_blocks=layer_blocks, config_path=config, agreement=agreed)
         else:
             if layer_blocks is None:
                 raise InputError("an inference challenge needs --layer-blocks")

@@ -1,7 +1,8 @@
-"""Training commands: `aftune keygen`, `train`, `verify`, `calibrate`, `prepare`, `digest`.
+"""Training commands: `aftune keygen`, `agree`, `train`, `verify`, `calibrate`, `prepare`, `digest`.
 
-    aftune train --run-dir runs/demo                      # built-in model and data
-    aftune verify runs/demo --public-key runs/demo/provider.key.pub --all
+    aftune agree --base-model BASE --data data.jsonl --steps 32 --out agreement.json   # client
+    aftune train --agreement agreement.json --model BASE --data data.jsonl --run-dir RUN  # provider
+    aftune verify RUN --public-key provider.pub --agreement agreement.json --all         # client
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Optional
 import typer
 
 from ..errors import AftuneError, CommitmentMismatch
-from .app import (_PUBKEY_HELP, _TRANSCRIPT_HELP, _fail, _progress, app, err, fail_on_mismatch, finish_report, out,
-                  tolerance_from_options)
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _TRANSCRIPT_HELP, _UNSAFE_AGREEMENT_HELP, _fail, _progress, app, err,
+                  fail_on_mismatch, finish_report, load_agreement, out, tolerance_from_options)
+from .options import settings_from_flags, with_settings_options
 
 
 @app.command()
@@ -29,55 +31,76 @@ def keygen(path: Path = typer.Argument(..., help="Where to write the private key
 
 
 @app.command()
+@with_settings_options
+def agree(
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Your copy of the base model (Hugging Face directory; default: the built-in tiny Llama)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your copy of the dataset (JSONL file or image folder; default: the built-in dataset)."),
+    out_path: Path = typer.Option(..., "--out", help="Where to write agreement.json (never overwritten)."),
+    inference_policy: Optional[Path] = typer.Option(None, "--inference-policy", help="A generation policy (JSON) for serving the fine-tuned model."),
+    client_key: Optional[Path] = typer.Option(None, "--sign", help="Sign the agreement with this client key (aftune keygen)."),
+    settings=None,
+):
+    """Write the agreement: the base model, data and training settings a fine-tune must use (client side)."""
+    from ..core import jsonio
+    from ..core.signing import SigningKey
+    from ..errors import InputError
+    from ..training.agreement import make_agreement
+    from ..training.settings import TrainSettings
+
+    try:
+        chosen = settings_from_flags(settings) or TrainSettings()
+        policy = None
+        if inference_policy is not None:
+            from ..inference.policy import GenerationPolicy
+
+            doc = jsonio.read_json(inference_policy, 1 << 20, "inference policy", InputError)
+            policy = GenerationPolicy.from_json(doc, f"generation policy {inference_policy}").to_json()
+        from .. import builtin
+
+        agreement = make_agreement(base_model or builtin.MODEL_DIR, data or builtin.DATA_FILE, chosen, policy)
+        if client_key is not None:
+            agreement = agreement.signed(SigningKey.load(client_key))
+        agreement.save(out_path)
+    except AftuneError as exc:
+        _fail(exc)
+    out.print(f"agreement written to {out_path}: {agreement.settings.steps} steps of {agreement.base_config['model_type']} "
+              f"on {agreement.num_examples} examples; digest {agreement.digest().hex()}", highlight=False, soft_wrap=True)
+    out.print("give it to the provider (aftune train --agreement) and keep your copy for aftune verify --agreement",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+@with_settings_options
 def train(
     run_dir: Path = typer.Option(..., "--run-dir", help="New directory for the record and the fine-tuned model."),
     model: Optional[Path] = typer.Option(None, "--model", help="Hugging Face model directory (default: built-in tiny Llama)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL file or image folder (default: built-in dataset)."),
-    steps: int = typer.Option(32, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Examples per micro-batch."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Maximum tokens per example."),
-    image_size: int = typer.Option(0, "--image-size", help="Image side in pixels (0: from the model config)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum)."),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    schedule: str = typer.Option("constant", "--schedule", help="constant, linear or cosine."),
-    warmup_steps: int = typer.Option(0, "--warmup-steps"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Global gradient clipping; 0 disables."),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (PEFT) instead of all weights."),
-    lora_r: int = typer.Option(8, "--lora-r"),
-    lora_alpha: int = typer.Option(16, "--lora-alpha"),
-    lora_targets: str = typer.Option("", "--lora-targets", help="Comma-separated module names (default: PEFT's)."),
-    steps_per_block: int = typer.Option(4, "--steps-per-block", help="B_S: steps per step block."),
-    layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block."),
-    checkpoint_interval: int = typer.Option(1, "--checkpoint-interval", help="I_C: store full state every I_C step blocks."),
-    seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
-    hash_algorithm: str = typer.Option("blake3", "--hash", help="blake3 or sha256."),
+    agreement_path: Optional[Path] = typer.Option(None, "--agreement", help="The client's agreement.json: settings, base model and data come from it (no settings flags then)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: a new one in RUN)."),
+    settings=None,
 ):
     """Fine-tune with recording: every block committed, every step block signed as it ends."""
-    from ..training.settings import LoraSettings, TrainSettings
+    from ..errors import InputError
+    from ..training.agreement import Agreement
+    from ..training.settings import TrainSettings
     from ..training.train import train as run_training
 
-    settings = TrainSettings(
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, image_size=image_size, lr=lr,
-        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, layers_per_block=layers_per_block,
-        steps_per_block=steps_per_block, checkpoint_interval=checkpoint_interval, dtype=dtype,
-        hash_algorithm=hash_algorithm,
-        lora=LoraSettings(r=lora_r, alpha=lora_alpha,
-                          target_modules=tuple(t for t in lora_targets.split(",") if t)) if lora else None,
-    )
     try:
+        chosen = settings_from_flags(settings)
+        agreement = None
+        if agreement_path is not None:
+            if chosen is not None:
+                raise InputError("with --agreement the settings come from it: drop the settings flags")
+            agreement = Agreement.load(agreement_path)
+        chosen = agreement.settings if agreement is not None else (chosen or TrainSettings())
         with _progress() as bar:
-            task = bar.add_task("training", total=steps, note="")
+            task = bar.add_task("training", total=chosen.steps, note="")
 
             def progress(done, total, loss):
                 bar.update(task, completed=done, note=f"loss {loss:.4f}")
 
-            result = run_training(model, data, run_dir, settings, key_path=key, progress=progress)
+            result = run_training(model, data, run_dir, None if agreement else chosen, key_path=key, progress=progress,
+                                  agreement=agreement)
     except AftuneError as exc:
         _fail(exc)
     out.print(f"run recorded in {result.run_dir} (final loss {result.final_loss:.4f})")
@@ -87,21 +110,27 @@ def train(
         out.print(f"provider public key: {result.public_key_path}")
 
 
-def _verifier(run_dir, public_key, mode="strict", dtype=None, rel_l2=None, max_elem=None, transcript=None,
-              tolerance_file=None):
+def _verifier(run_dir, public_key, agreement_path, unsafe, client_key=None, mode="strict", dtype=None, rel_l2=None,
+              max_elem=None, transcript=None, tolerance_file=None):
     from ..core.signing import PublicKey
     from ..training.verify import Verifier
 
+    agreement = load_agreement(agreement_path, unsafe, client_key)
     tol = tolerance_from_options(mode, None, tolerance_file, rel_l2, max_elem)
-    return Verifier(run_dir, PublicKey.load(public_key), mode=mode, tolerance=tol, replay_dtype=dtype,
-                    transcript=transcript)
+    return Verifier(run_dir, PublicKey.load(public_key), agreement, unsafe_no_agreement=unsafe, mode=mode,
+                    tolerance=tol, replay_dtype=dtype, transcript=transcript)
 
+
+_CLIENT_KEY_HELP = "Your client public key: the agreement must carry your signature."
 
 
 @app.command()
 def verify(
     run_dir: Path = typer.Argument(..., help="The run directory."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
+    client_key: Optional[str] = typer.Option(None, "--client-key", help=_CLIENT_KEY_HELP),
     layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l"),
     step_block: Optional[int] = typer.Option(None, "--step-block", "-s"),
     all_blocks: bool = typer.Option(False, "--all", help="Verify every block and the final model."),
@@ -111,51 +140,93 @@ def verify(
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms."),
     tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Your copy of the agreed base model: the run must start from it."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Your copy of the agreed dataset: the run must commit to it."),
+    attest: Optional[str] = typer.Option(None, "--attest", help="Inside a TEE: attest the report with this evidence "
+                                         "provider (gramine, configfs-tsm, auto, unsafe-simulated); needs --all."),
+    nonce: Optional[str] = typer.Option(None, "--nonce", help="With --attest: the client's nonce (hex)."),
+    attest_out: Optional[Path] = typer.Option(None, "--attest-out", help="With --attest: where to write the attested verdict."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ):
-    """Replay blocks and compare them with their commitments. Exit 0 PASS, 1 FAIL, 2 bad input."""
-    from ..verdict.findings import Report
+    """Replay blocks and compare them with their commitments and your agreement. Exit 0 PASS, 1 FAIL, 2 bad input."""
 
+    v = None
     try:
         if all_blocks == (layer_block is not None or step_block is not None):
             raise AftuneError("give either --all or both --layer-block and --step-block")
         if not all_blocks and (layer_block is None or step_block is None):
             raise AftuneError("give both --layer-block and --step-block")
-        v = _verifier(run_dir, public_key, mode, dtype, rel_l2, max_elem, transcript, tolerance_file)
-        v.check_agreed(base_model, data)
+        if (attest is None) != (nonce is None) or (attest is None) != (attest_out is None):
+            raise AftuneError("--attest, --nonce and --attest-out go together")
+        if attest is not None and not all_blocks:
+            raise AftuneError("an attested verdict covers the whole run: give --all with --attest")
+        v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement, client_key, mode, dtype, rel_l2, max_elem,
+                      transcript, tolerance_file)
         if transcript is None:
             err.print("note: verifying against the run directory's transcript; pass --transcript with the copy you "
                       "received during training, so that a rewritten record cannot pass", highlight=False)
         if all_blocks:
-            total = len(v.blocked.blocks) * v.record.num_step_blocks
+            total = len(v.blocked.blocks) * v.num_step_blocks
             with _progress() as bar:
                 task = bar.add_task("verifying", total=total, note="")
                 report = v.verify_all(lambda r: bar.update(task, advance=1, note=r.verdict))
         else:
-            report = Report(str(run_dir), mode)
+            report = v.new_report()
+            report.errors.extend(v.conformance)
             report.results.append(v.verify_block(layer_block, step_block)[0])
     except CommitmentMismatch as exc:  # the record contradicts its signed commitments
+        if attest is not None and v is not None:
+            _attest(v, public_key, {"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}, attest, nonce,
+                    attest_out)
         fail_on_mismatch(exc, as_json)
     except AftuneError as exc:
         _fail(exc)
+    if attest is not None:
+        _attest(v, public_key, report.to_json(), attest, nonce, attest_out)
     finish_report(report, report.to_json(), as_json, error_label="final model")
+
+
+def _attest(verifier, public_key: str, report_doc: dict, provider: str, nonce: str, out_file: Path) -> None:
+    """Sign `report_doc` with a key bound to TEE evidence from `provider` (SPEC 10.4) into `out_file`."""
+    from ..attestation.claims import parse_nonce
+    from ..attestation.providers import provider_by_name
+    from ..attestation.verdict import attest_report
+    from ..core.signing import PublicKey
+    from ..errors import InputError
+
+    try:
+        run = verifier.record.transcript.run
+        if run is None:
+            raise InputError("the transcript has no signed run root yet: a verdict must name a finished run")
+        doc = attest_report(report_doc, provider_by_name(provider), parse_nonce(nonce.lower()),
+                            algorithm=verifier.record.algorithm, run_root=run.root, config_digest=run.config_digest,
+                            provider_key=PublicKey.load(public_key))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(doc.to_json(), indent=1) + "\n", encoding="utf-8")
+    except AftuneError as exc:
+        _fail(exc)
+    if doc.simulated:
+        err.print("[bold yellow]SIMULATED evidence (no TEE): this attested verdict proves nothing[/]", highlight=False)
+    err.print(f"attested verdict ({doc.evidence.kind} evidence, verdict {doc.verdict}) written to {out_file}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
 def calibrate(
     run_dir: Path = typer.Argument(..., help="An honest run, replayed to measure floating-point error."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay dtype the audit will use."),
     margin: float = typer.Option(4.0, "--margin", help="Thresholds = margin x the largest honest error."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the per-kind thresholds (JSON) for --tolerance."),
 ):
     """Measure honest replay error and suggest tolerance-mode thresholds."""
+    from ..core.signing import PublicKey
     from ..training.calibrate import calibrate as run_calibration
 
     try:
-        c = run_calibration(run_dir, _verifier(run_dir, public_key).record.transcript.public_key, dtype, margin)
+        c = run_calibration(run_dir, PublicKey.load(public_key), dtype, margin,
+                            agreement=load_agreement(agreement, unsafe_no_agreement),
+                            unsafe_no_agreement=unsafe_no_agreement)
     except AftuneError as exc:
         _fail(exc)
     out.print(f"{c.blocks} honest blocks replayed; largest honest errors (relative L2, element / rms):")
@@ -176,12 +247,14 @@ def prepare(
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
     layer_block: int = typer.Option(..., "--layer-block", "-l"),
     step_block: int = typer.Option(..., "--step-block", "-s"),
+    agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
+    unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
 ):
     """Regenerate a block's start state from the nearest stored checkpoint (I_C > 1)."""
     from ..training.regenerate import prepare as run_prepare
 
     try:
-        v = _verifier(run_dir, public_key)
+        v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement)
         done = run_prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
     except AftuneError as exc:
         _fail(exc)

@@ -44,6 +44,9 @@ TAG_CHALLENGE_DIGEST = b"aftune.v1.challenge-digest\x00"
 TAG_ATTESTATION_BINDING = b"aftune.v1.attestation-binding\x00"  # TEE user data (SPEC.md 10.2)
 TAG_ATTESTED_VERDICT = b"aftune.v1.attested-verdict\x00"  # attested verdict message (SPEC.md 10.4)
 TAG_MODEL = b"aftune.v1.model\x00"  # a model: its weights and the files that say how to run it (SPEC.md 3.6)
+TAG_AGREEMENT = b"aftune.v1.agreement\x00"  # the client's agreement (SPEC.md 4.5)
+TAG_GENERATION_POLICY = b"aftune.v1.generation-policy\x00"  # generation policy digest (SPEC.md 8.6.1)
+TAG_REQUEST_SEED = b"aftune.v1.request-seed\x00"  # sampling seed from the client's request nonce (SPEC.md 8.6.5)
 
 # dtype names as in the safetensors format.
 DTYPE_NAMES: dict[torch.dtype, str] = {

@@ -9,7 +9,9 @@ expected tensor, and the digest is recomputed before the tensor is used (SPEC.md
 from __future__ import annotations
 
 import io
+import json
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -17,14 +19,28 @@ import torch
 import zstandard
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..errors import CommitmentMismatch, RecordError
+from .encoding import tensor_data
 from .jsonio import read_capped
 from .rows import TensorRef
 
 OBJECT_SUFFIX = ".safetensors.zst"
 _HEADER_ALLOWANCE = 1 << 16  # safetensors JSON header and padding for a single tensor
+_ONE_SHOT_BYTES = 1 << 20  # larger tensors are compressed as a stream
+
+
+def safetensors_header(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """The bytes of a safetensors file that holds one tensor, up to its data: a little-endian u64
+    header length, then the JSON header padded with spaces to a multiple of 8 bytes."""
+    meta = {name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, nbytes]}}
+    text = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ObjectMissing(RecordError):
+    """A committed tensor is not stored (committed by digest only, or removed)."""
 
 
 class ObjectStore:
@@ -47,20 +63,23 @@ class ObjectStore:
 
         Called from the recorder's worker threads while training runs: every line of Python here
         competes for the GIL with the training thread, which holds it for most of a small model's
-        step. So the path is kept short (a compressor per thread, directories created once, one
-        write and one rename; benchmarks/README.md measured it). The file appears under its final
-        name only when complete."""
+        step. So the path is kept short: the safetensors bytes are written by `safetensors_header`
+        (no intermediate copy of a large tensor), a compressor per thread, directories created
+        once, one create, write and rename (benchmarks/README.md measured it). The file appears
+        under its final name only when complete."""
         target = self.path(ref.digest)
         if os.path.exists(target):
             return target
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        payload = st_save({ref.name: t.contiguous()})
+        data = tensor_data(tensor)
+        header = safetensors_header(ref.name, ref.dtype, ref.shape, data.nbytes)
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:
             compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
-        blob = compressor.compress(payload)
+        if data.nbytes <= _ONE_SHOT_BYTES:
+            chunks = [compressor.compress(header + bytes(data))]
+        else:  # streamed: a checkpoint tensor is not copied once more
+            stream = compressor.compressobj(size=len(header) + data.nbytes)
+            chunks = [stream.compress(header), stream.compress(data), stream.flush()]
         parent = target.parent
         if parent not in self._made:
             parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +92,10 @@ class ObjectStore:
                 parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view):]
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
             os.replace(tmp, target)
@@ -88,7 +108,7 @@ class ObjectStore:
         """Load and check one tensor; `where` names its place in the record for error messages."""
         path = self.path(ref.digest)
         if not path.is_file():
-            raise RecordError(f"{where}: tensor {ref.name!r} ({ref.digest.hex()[:16]}…) is not stored at {path}; "
+            raise ObjectMissing(f"{where}: tensor {ref.name!r} ({ref.digest.hex()[:16]}…) is not stored at {path}; "
                               "if the run used a checkpoint interval > 1, run `aftune prepare` for this block first")
         limit = ref.nbytes + _HEADER_ALLOWANCE
         file_limit = limit + 1024 + limit // 64

@@ -1,7 +1,9 @@
-"""The record-level checks of an inference record (SPEC.md 8.8 steps 1-3): the receipt, the
-model and its run, the layout, the input (re-tokenised from the recorded prompt or text, or the
-client's own image) and the output (tokens, steps, stop rule, text). Findings are collected on
-the verifier (`errors`); one that makes block replays meaningless sets `fatal`.
+"""The record-level checks of an inference record (SPEC.md 8.8 steps 1-8): the receipt, the
+model (the client's own copy: config, weights and tokenizer) and its run, the layout, the
+generation policy, request nonce and seed against the client's, the input (re-tokenised from the
+recorded prompt or text with the client's tokenizer, or the client's own image) and the output
+(tokens, steps, stop rule, text). Findings are collected on the verifier (`errors`); one that
+makes block replays meaningless sets `fatal`.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from pathlib import Path
 
 import torch
 
+from ..core.merkle import files_root
 from ..core.signing import PublicKey
 from ..data.inputs import classification_inputs, image_pixels, prompt_ids
 from ..errors import CommitmentMismatch, InputError
-from ..models import IMAGE_FAMILIES, tokenizer_from_files
+from ..models import IMAGE_FAMILIES, TOKENIZER_FILES, tokenizer_files, tokenizer_from_files
 from ..training.run import RunRecord
 from ..training.transcript import run_root
 from .receipt import Receipt, verify_receipt
-from .served import eos_token_ids
+from .sampling import request_seed
 
 
 def _is_int(x) -> bool:
@@ -29,8 +32,8 @@ def _short(d: bytes) -> str:
 
 
 class RecordChecks:
-    """Mixed into `InferenceVerifier`: reads `record`, `served`, `blocks`; fills `inputs`,
-    `tokens`, and findings through `_error`."""
+    """Mixed into `InferenceVerifier`: reads `record`, `served`, `blocks`, `client_policy`,
+    `client_nonce`; fills `inputs`, `tokens`, and findings through `_error`."""
 
     def _check_receipt(self, public_key: PublicKey) -> None:
         path = self.record.receipt_path()
@@ -46,14 +49,61 @@ class RecordChecks:
             self._error("receipt", str(exc))
 
     def _check_model(self) -> None:
+        """Your copy of the model against the record: config.json field by field, the tokenizer
+        files, and the model digest (weights, config.json, generation_config.json, tokenizer)."""
         rec, served = self.record, self.served
         if served.hf_config != rec.model["config"]:
             diff = sorted(k for k in set(served.hf_config) | set(rec.model["config"])
                           if served.hf_config.get(k) != rec.model["config"].get(k))
-            self._error("model", f"the model's config.json differs from the committed config (fields {diff[:6]})")
+            self._error("model", f"the served config.json differs from your model's in the fields {diff[:6]}: the "
+                        "provider ran the model under another architecture config")
+        mine = self._client_tokenizer_files()
+        mine_root = files_root(rec.algorithm, mine).hex() if mine else None
+        if rec.model.get("tokenizer") != mine_root:
+            self._error("model", "the record's tokenizer is not your model's tokenizer files",
+                        expected=str(rec.model.get("tokenizer"))[:16] + "…", actual=str(mine_root)[:16] + "…")
         if served.algorithm != rec.algorithm or served.digest != rec.model_digest:
-            self._error("model", "the model's weights are not the ones the record commits to (another model, or "
-                        "weights changed)", expected=_short(rec.model_digest), actual=_short(served.digest))
+            self._error("model", "the model's weights are not the ones the record commits to, or its config.json, "
+                        "generation_config.json or tokenizer files differ: the served model is not your copy",
+                        expected=_short(rec.model_digest), actual=_short(served.digest))
+
+    def _client_tokenizer_files(self) -> dict[str, bytes] | None:
+        """The tokenizer files of your model directory (bound by its model digest), or None."""
+        src = self.served.source
+        if src is None or not any((src.model_dir / n).is_file() for n in TOKENIZER_FILES):
+            return None
+        return tokenizer_files(src.model_dir)
+
+    def _check_policy(self) -> None:
+        """The committed policy, nonce and seed (SPEC.md 8.8 step 6): the policy digest follows
+        from the policy; with yours, the policy equals it field by field and the nonce equals
+        yours; a sampled record's seed follows from its nonce, input and policy."""
+        rec = self.record
+        if rec.task != "causal_lm":
+            return
+        policy, digest, nonce = rec.policy, rec.policy_digest, rec.request_nonce
+        if policy.digest(rec.algorithm) != digest:
+            self._error("policy", "generation.policy_digest is not the digest of the committed policy",
+                        expected=_short(digest), actual=_short(policy.digest(rec.algorithm)))
+        if self.client_policy is not None:
+            for line in self.client_policy.describe_differences(policy):
+                self._error("policy", f"generation.policy.{line}: the answer was not generated under the policy "
+                            "you asked for")
+        if self.client_nonce is not None and nonce != self.client_nonce:
+            self._error("nonce", f"request_nonce: the record answers nonce {_short(nonce) if nonce else 'none'}, not "
+                        f"yours {_short(self.client_nonce)}: another (or a replayed) request")
+        seed = rec.seed
+        if policy.sampling:
+            if nonce is None:
+                self._error("seed", "generation.seed: a sampled record without a request nonce: the seed was the "
+                            "provider's choice, not derived from your nonce")
+            else:
+                want = request_seed(rec.algorithm, nonce, rec.declared_digest("input"), digest)
+                if seed != want:
+                    self._error("seed", f"generation.seed: the record samples with seed {seed}, not {want} derived "
+                                "from the request nonce, input and policy: the provider chose the seed")
+        elif seed is not None:
+            self._error("seed", "generation.seed: a greedy record carries a seed")
 
     def _check_run(self, public_key, run_dir, transcript) -> None:
         rec = self.record
@@ -95,9 +145,13 @@ class RecordChecks:
                         fatal=True)
 
     def _tokenizer(self):
-        """The record's tokenizer (checked against its committed files root), loaded once."""
+        """Your model's tokenizer (never the record's copy), loaded once."""
         if getattr(self, "_loaded_tokenizer", None) is None:
-            self._loaded_tokenizer = tokenizer_from_files(self.record.tokenizer_files(), "the record's tokenizer")
+            files = self._client_tokenizer_files()
+            if files is None:
+                raise InputError(f"your model directory {self.served.source.model_dir if self.served.source else ''} "
+                                 "has no tokenizer files: the prompt cannot be re-tokenised")
+            self._loaded_tokenizer = tokenizer_from_files(files, "your model's tokenizer")
         return self._loaded_tokenizer
 
     def _check_input(self, expected_prompt, expected_text, expected_image) -> None:
@@ -121,14 +175,19 @@ class RecordChecks:
             if expected_prompt is not None and prompt != expected_prompt:
                 self._error("input", f"the record answers another prompt: {prompt[:60]!r}, not yours "
                             f"{expected_prompt[:60]!r}")
+            # the record's chat template, unless yours differs (then yours: a hostile one is never rendered)
+            template = rec.policy.chat_template
+            if self.client_policy is not None and self.client_policy.chat_template != template:
+                template = self.client_policy.chat_template
             try:
-                ids = prompt_ids(self._tokenizer(), prompt)
+                ids = prompt_ids(self._tokenizer(), prompt, template)
             except InputError as exc:
                 self._error("input", f"the recorded prompt cannot be tokenised: {exc}", fatal=True)
                 return
             if not torch.equal(ids, self.inputs["input_ids"]):
-                self._error("input", "the committed input ids are not the tokens of the recorded prompt: the model "
-                            "was run on another prompt", tensor="input/input_ids")
+                how = " rendered with the chat template" if template is not None else ""
+                self._error("input", f"the committed input ids are not the tokens of the recorded prompt{how}: the "
+                            "model was run on another prompt", tensor="input/input_ids")
         elif kind == "bert":
             text = inp.get("text")
             if inp.get("kind") != "text" or not isinstance(text, str):
@@ -178,24 +237,22 @@ class RecordChecks:
             self._error("output", "the committed tokens and their tensor disagree", fatal=True)
             return
         self.tokens = tokens
-        gen = rec.generation
-        eos = set(eos_token_ids(rec.model["config"]))
-        if sorted(eos) != sorted(rec.doc["generation"]["eos_token_ids"]):
-            self._error("output", "the committed end-of-sequence tokens are not the model config's")
+        policy = rec.policy  # the committed one: compared with yours in _check_policy
         p = self.inputs["input_ids"].shape[1] if "input_ids" in self.inputs else 0
         want_steps = [(0, p)] + [(p + k - 1, 1) for k in range(1, len(tokens))]
         if steps != want_steps or not tokens:
             self._error("output", f"the committed steps {steps[:3]}… do not match a prompt of {p} tokens and "
                         f"{len(tokens)} generated tokens", fatal=True)
             return
-        if len(tokens) > gen.max_new_tokens:
-            self._error("output", f"{len(tokens)} tokens generated, max_new_tokens is {gen.max_new_tokens}")
-        early = [i for i, tok in enumerate(tokens[:-1]) if tok in eos]
+        if len(tokens) > policy.max_new_tokens:
+            self._error("output", f"{len(tokens)} tokens generated, max_new_tokens is {policy.max_new_tokens}")
+        early = [i for i, tok in enumerate(tokens[:-1]) if policy.stops_at(tok)]
         if early:
             self._error("output", f"generation went on after an end-of-sequence token at step {early[0]}")
-        if len(tokens) < gen.max_new_tokens and tokens[-1] not in eos:
-            self._error("output", f"generation stopped after {len(tokens)} of {gen.max_new_tokens} tokens without "
-                        "an end-of-sequence token")
+        if len(tokens) < policy.max_new_tokens and not policy.stops_at(tokens[-1]):
+            self._error("output", f"generation stopped after {len(tokens)} of max_new_tokens {policy.max_new_tokens} "
+                        f"tokens without an end-of-sequence token (eos_token_ids {list(policy.eos_token_ids)}, "
+                        f"stop_rule {policy.stop_rule}): a truncated answer")
         text = out.get("text")
         if text != self._tokenizer().decode(tokens, skip_special_tokens=True):
             self._error("output", "the committed text is not the decoding of the committed tokens")

@@ -16,9 +16,11 @@ step by step with its own cache: the very same sequence of calls, so strict mode
 bitwise (SPEC.md 8).
 
 The last block recomputes the logits of every step from the hidden state; the record commits
-every generated token, the sampling parameters and the seed, and sampling draws its uniform from
-a hash of the seed and the step (`sampling`), so every token can be re-derived. Classifiers
-(BERT, ViT, DINOv2, ResNet) run one forward pass and commit the label.
+every generated token, the client's generation policy (and its digest), the client's request
+nonce and the seed. The seed of a sampled request is derived from the nonce, the input and the
+policy (`sampling.request_seed`), and sampling draws its uniform from a hash of the seed and the
+step, so every token can be re-derived and no seed is the provider's choice. Classifiers (BERT,
+ViT, DINOv2, ResNet) run one forward pass and commit the label.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from ..core.encoding import canonical_json
 from ..core.rows import TensorRef, rows_to_json
 from ..errors import InputError
 from ..models.cache import KVCache
+from .policy import GenerationPolicy, check_request_nonce
 from .record import (RECORD_FORMAT, RecordDir, boundary_key, digests_root, input_key, record_id, step_key,
                      utc_now)
 from .receipt import issue_receipt
-from .sampling import choose_token, greedy_token
+from .sampling import choose_token, greedy_token, request_seed
 from .served import ServedModel
-from .settings import GenerationSettings, RecordingSettings
+from .settings import RecordingSettings
 
 
 # --- deviations (attack simulations for tests; honest serving uses none) ------------------------
@@ -63,6 +66,15 @@ class ServingDeviation:
     def token(self, step: int, logits: torch.Tensor, token: int) -> int:
         """The token (or a classifier's label, at step 0) reported instead of the chosen one."""
         return token
+
+    def seed(self, seed: int | None) -> int | None:
+        """The sampling seed used and committed instead of the one derived from the client's nonce
+        (a provider grinding seeds until the answer suits it)."""
+        return seed
+
+    def stop(self, step: int, token: int) -> bool:
+        """Stop generating after this token although the policy says go on (a truncated answer)."""
+        return False
 
 
 # --- recording one request -------------------------------------------------------------------
@@ -113,30 +125,49 @@ class InferenceEngine:
                 deviation.weights(served.model)
 
     # --- requests --------------------------------------------------------------------------
-    def generate(self, prompt: str, gen: GenerationSettings = GenerationSettings(),
+    def generate(self, prompt: str, policy: GenerationPolicy, *, request_nonce: bytes | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> InferenceResult:
-        gen.validate()
+        """Generate under the client's `policy`. A sampled request needs the client's
+        `request_nonce` (16 to 64 bytes), from which its seed is derived; a greedy one commits
+        the nonce when given."""
+        if not isinstance(policy, GenerationPolicy):
+            raise InputError("generation needs the client's generation policy (a GenerationPolicy)")
+        if request_nonce is not None:
+            request_nonce = check_request_nonce(request_nonce)
+        elif policy.sampling:
+            raise InputError("sampling needs the client's request nonce (16 to 64 bytes): the seed is derived from "
+                             "it, so that the provider cannot choose it")
         t0 = time.perf_counter()
-        inputs = self.served.prompt_inputs(prompt)
+        inputs = self.served.prompt_inputs(prompt, policy.chat_template)
         p = inputs["input_ids"].shape[1]
-        if p + gen.max_new_tokens > self.served.max_positions:
-            raise InputError(f"the prompt has {p} tokens; with max_new_tokens {gen.max_new_tokens} it exceeds the "
+        if p + policy.max_new_tokens > self.served.max_positions:
+            raise InputError(f"the prompt has {p} tokens; with max_new_tokens {policy.max_new_tokens} it exceeds the "
                              f"model's {self.served.max_positions} positions: shorten it or ask for fewer tokens")
         window = self.served.sliding_window()
-        if window is not None and p + gen.max_new_tokens > window:
+        if window is not None and p + policy.max_new_tokens > window:
             raise InputError(f"prompt plus new tokens exceed the sliding window ({window}), which aftune does not replay")
         if self.deviation is not None:
             inputs = self.deviation.inputs(inputs)
+        algorithm = self.served.algorithm
+        input_digest = digests_root(algorithm, {input_key(n): TensorRef.of(n, t, algorithm) for n, t in inputs.items()},
+                                    "input/")
+        policy_digest = policy.digest(algorithm)
+        seed = request_seed(algorithm, request_nonce, input_digest, policy_digest) if policy.sampling else None
+        if self.deviation is not None:
+            seed = self.deviation.seed(seed)
         with self._lock:
-            trace = self._generate(inputs, gen, on_token)
+            trace = self._generate(inputs, policy, seed, on_token)
         text = self.served.tokenizer.decode(trace.tokens, skip_special_tokens=True)
         doc_input = {"kind": "prompt", "prompt": prompt}
         doc_output = {"tokens": trace.tokens, "text": text}
         outputs = {"output/tokens": ("tokens", torch.tensor(trace.tokens, dtype=torch.int64))}
-        generation = gen.to_json(self.served.eos_token_ids)
-        return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, t0, text=text)
+        generation = {"policy": policy.to_json(), "policy_digest": policy_digest.hex(), "seed": seed}
+        return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, request_nonce, t0, text=text)
 
-    def classify(self, *, text: str | None = None, image: str | Path | None = None) -> InferenceResult:
+    def classify(self, *, text: str | None = None, image: str | Path | None = None,
+                 request_nonce: bytes | None = None) -> InferenceResult:
+        if request_nonce is not None:
+            request_nonce = check_request_nonce(request_nonce)
         t0 = time.perf_counter()
         if (text is None) == (image is None):
             raise InputError("give exactly one input: --text for BERT, --image for vision models")
@@ -154,19 +185,19 @@ class InferenceEngine:
         label_name = names[trace.label] if names and trace.label < len(names) else None
         doc_output = {"label": trace.label, "label_name": label_name}
         outputs = {"output/label": ("label", torch.tensor([trace.label], dtype=torch.int64))}
-        return self._finish(inputs, trace, doc_input, doc_output, outputs, None, t0, label_name=label_name)
+        return self._finish(inputs, trace, doc_input, doc_output, outputs, None, request_nonce, t0,
+                            label_name=label_name)
 
     # --- computation -----------------------------------------------------------------------
     @torch.inference_mode()
-    def _generate(self, inputs, gen: GenerationSettings, on_token) -> _Trace:
+    def _generate(self, inputs, policy: GenerationPolicy, seed: int | None, on_token) -> _Trace:
         served, blocks, algorithm = self.served, self.blocks, self.served.algorithm
         nb = len(blocks)
         caches = [KVCache() for _ in range(nb)]
         trace = _Trace(boundaries={b: [] for b in range(1, nb)})
-        eos = set(served.eos_token_ids)
         step_inputs = {"input_ids": inputs["input_ids"]}
         first = 0
-        for step in range(gen.max_new_tokens):
+        for step in range(policy.max_new_tokens):
             q = step_inputs["input_ids"].shape[1]
             ctx = served.step_context(first, step_inputs)
             h = None
@@ -176,14 +207,14 @@ class InferenceEngine:
                         h = self.deviation.boundary(step, b, h)
                     trace.boundaries[b].append(h)
                 h = served.run_block(blocks, b, h, ctx, caches[b])
-            token = choose_token(h, gen, algorithm, step)
+            token = choose_token(h, policy, seed, algorithm, step)
             if self.deviation is not None:
                 token = self.deviation.token(step, h, token)
             trace.steps.append((first, q))
             trace.tokens.append(token)
             if on_token:
-                on_token(step + 1, gen.max_new_tokens)
-            if token in eos:
+                on_token(step + 1, policy.max_new_tokens)
+            if policy.stops_at(token) or (self.deviation is not None and self.deviation.stop(step, token)):
                 break
             first += q
             step_inputs = {"input_ids": torch.tensor([[token]], dtype=torch.int64)}
@@ -210,7 +241,7 @@ class InferenceEngine:
         return trace
 
     # --- the record ------------------------------------------------------------------------
-    def _finish(self, inputs, trace: _Trace, doc_input, doc_output, outputs, generation, t0,
+    def _finish(self, inputs, trace: _Trace, doc_input, doc_output, outputs, generation, request_nonce, t0,
                 text: str | None = None, label_name: str | None = None) -> InferenceResult:
         served, algorithm, store = self.served, self.served.algorithm, self.records.store
         rows: dict[str, TensorRef] = {}
@@ -240,14 +271,14 @@ class InferenceEngine:
             "format": RECORD_FORMAT,
             "hash": algorithm,
             "created": utc_now(),
-            "nonce": os.urandom(16).hex(),
+            "nonce": os.urandom(16).hex(),  # the provider's: every record is distinct
+            "request_nonce": request_nonce.hex() if request_nonce is not None else None,  # the client's
             "task": served.task,
+            # no path: a verifier loads the client's own copy of the model, never one the record names
             "model": {"config": served.hf_config, "digest": served.digest.hex(), "dtype": served.dtype,
                       "attn_implementation": served.attn_implementation,
                       "tokenizer": served.tokenizer_digest.hex() if served.tokenizer_digest else None,
-                      "run": served.run.to_json() if served.run else None,
-                      "source": str(Path(served.source.run_dir or served.source.model_dir).resolve())
-                      if served.source else None},
+                      "run": served.run.to_json() if served.run else None},
             "layout": {"stages": served.stage_names, "layer_blocks": [list(r) for r in self.blocks.ranges],
                        "layers_per_block": self.settings.layers_per_block,
                        "activation_interval": self.settings.activation_interval},
@@ -263,8 +294,9 @@ class InferenceEngine:
         rid = record_id(algorithm, data)
         path = self.records.record_path(rid)
         self.records.write_new(path, data)
+        policy_digest = bytes.fromhex(generation["policy_digest"]) if generation else None
         receipt = issue_receipt(self.key, algorithm, served.digest, input_digest, output_digest, rid,
-                                time=doc["created"])
+                                time=doc["created"], request_nonce=request_nonce, policy_digest=policy_digest)
         receipt_path = self.records.receipt_path(rid)
         self.records.write_new(receipt_path, canonical_json(receipt.to_json()) + b"\n")
         return InferenceResult(rid, path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,

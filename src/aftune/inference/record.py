@@ -28,10 +28,11 @@ from ..core.rows import TensorRef, rows_from_json
 from ..core.store import ObjectStore
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..models import tokenizer_files
+from .policy import MAX_NEW_TOKENS, GenerationPolicy, parse_request_nonce
 from .served import RunBinding
-from .settings import MAX_NEW_TOKENS, GenerationSettings, RecordingSettings
+from .settings import RecordingSettings
 
-RECORD_FORMAT = "aftune.inference.v1"
+RECORD_FORMAT = "aftune.inference.v2"
 MAX_RECORD_BYTES = 256 << 20
 
 
@@ -198,15 +199,23 @@ class InferenceRecord:
             raise RecordError("record: 'steps' must be a non-empty list of [first position, positions] pairs")
         _need(d, "input", dict)
         _need(d, "output", dict)
+        if "source" in model:
+            raise RecordError("record: model.source is not part of an aftune.inference.v2 record (a verifier never "
+                              "loads a model from a path the record names)")
+        if "request_nonce" not in d:
+            raise RecordError("record: 'request_nonce' is missing (null when the client sent none)")
+        self.request_nonce  # noqa: B018 (parsed here, so that a malformed nonce is a record error)
         if self.task == "causal_lm":
             gen = _need(d, "generation", dict)
-            try:
-                self.generation.validate()
-            except InputError as exc:
-                raise RecordError(f"record: {exc}") from None
-            ids = gen.get("eos_token_ids")
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise RecordError("record: generation.eos_token_ids must be a list of integers")
+            if set(gen) != {"policy", "policy_digest", "seed"}:
+                raise RecordError("record: generation must have exactly the fields policy, policy_digest and seed")
+            self.policy  # noqa: B018
+            self.policy_digest  # noqa: B018
+            seed = gen["seed"]
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+                raise RecordError(f"record: generation.seed must be null or an integer in [0, 2^63), got {seed!r}")
+        elif d.get("generation") is not None:
+            raise RecordError("record: a classification record has no generation (null)")
 
     @property
     def algorithm(self) -> str:
@@ -242,9 +251,42 @@ class InferenceRecord:
         return RecordingSettings(layout["layers_per_block"], layout["activation_interval"], self.algorithm)
 
     @property
-    def generation(self) -> GenerationSettings:
-        g = self.doc.get("generation") or {}
-        return GenerationSettings(g.get("max_new_tokens"), g.get("temperature"), g.get("top_p"), g.get("seed"))
+    def policy(self) -> GenerationPolicy | None:
+        """The generation policy the record commits (causal LMs), parsed as hostile input."""
+        g = self.doc.get("generation")
+        if not isinstance(g, dict):
+            return None
+        try:
+            return GenerationPolicy.from_json(g.get("policy"), "record: generation.policy")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+
+    @property
+    def policy_digest(self) -> bytes | None:
+        """The policy digest the record commits (not yet compared with its policy)."""
+        g = self.doc.get("generation")
+        if not isinstance(g, dict):
+            return None
+        try:
+            return parse_hex_digest(g.get("policy_digest"), "record: generation.policy_digest")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+
+    @property
+    def seed(self) -> int | None:
+        g = self.doc.get("generation")
+        return g.get("seed") if isinstance(g, dict) else None
+
+    @property
+    def request_nonce(self) -> bytes | None:
+        """The client's request nonce the record commits, or None."""
+        n = self.doc.get("request_nonce")
+        if n is None:
+            return None
+        try:
+            return parse_request_nonce(n, "record: request_nonce")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
 
     @property
     def steps(self) -> list[tuple[int, int]]:

@@ -1,8 +1,11 @@
-"""Token choice (SPEC.md 8.6.2): greedy, or sampling whose uniform is derived from the seed and
-the step by a hash, so any verifier re-derives every token; and the sound test of tolerance mode
-that asks whether logits within eps of the recomputed ones could have made a draw pick a token.
+"""Token choice (SPEC.md 8.6.2-8.6.5): greedy, or sampling whose uniform is derived from the seed
+and the step by a hash, so any verifier re-derives every token; the seed itself derived from the
+client's request nonce, the input and the policy, so the provider cannot choose it; and the sound
+test of tolerance mode that asks whether logits within eps of the recomputed ones could have made a
+draw pick a token.
 
-    choose_token(logits, GenerationSettings(temperature=0.8, seed=7), "blake3", step=3)
+    seed = request_seed("blake3", nonce, input_digest, policy.digest("blake3"))
+    choose_token(logits, policy, seed, "blake3", step=3)
 """
 
 from __future__ import annotations
@@ -11,9 +14,19 @@ import math
 
 import torch
 
-from ..core.encoding import TAG_SAMPLE, hash_message, u64
+from ..core.encoding import TAG_REQUEST_SEED, TAG_SAMPLE, hash_message, length_prefixed, u64
 from ..errors import InputError
-from .settings import GenerationSettings
+from .policy import GenerationPolicy, check_request_nonce
+
+
+def request_seed(algorithm: str, request_nonce: bytes, input_digest: bytes, policy_digest: bytes) -> int:
+    """The sampling seed of a request: the first 8 bytes of H(TAG_REQUEST_SEED || lp(nonce) ||
+    input digest || policy digest), big-endian, top bit cleared (in [0, 2^63))."""
+    check_request_nonce(request_nonce)
+    if len(input_digest) != 32 or len(policy_digest) != 32:
+        raise InputError("request seed: the input and policy digests are 32 bytes each")
+    d = hash_message(algorithm, TAG_REQUEST_SEED, length_prefixed(request_nonce), input_digest, policy_digest)
+    return int.from_bytes(d[:8], "big") >> 1
 
 
 def sample_uniform(algorithm: str, seed: int, step: int) -> float:
@@ -59,12 +72,15 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: floa
     return j
 
 
-def choose_token(logits: torch.Tensor, gen: GenerationSettings, algorithm: str, step: int) -> int:
+def choose_token(logits: torch.Tensor, policy: GenerationPolicy, seed: int | None, algorithm: str, step: int) -> int:
+    """Token `step` under `policy`: the argmax, or the draw with the uniform of (seed, step)."""
     if not bool(torch.isfinite(logits).all()):
         raise InputError(f"generation step {step}: the model produced non-finite logits")
-    if not gen.sampling:
+    if not policy.sampling:
         return greedy_token(logits)
-    return sample_token(logits, gen.temperature, gen.top_p, sample_uniform(algorithm, gen.seed, step))
+    if seed is None:
+        raise InputError("sampling needs a seed (derived from the client's request nonce)")
+    return sample_token(logits, policy.temperature, policy.top_p, sample_uniform(algorithm, seed, step))
 
 
 def sampled_token_possible(z: torch.Tensor, token: int, temperature: float, top_p: float, u: float,
@@ -103,7 +119,7 @@ def sampled_token_possible(z: torch.Tensor, token: int, temperature: float, top_
     return u * tot_hi >= lo and u * tot_lo < hi
 
 
-def needed_logit_tolerance(z: torch.Tensor, token: int, gen, u: float) -> float:
+def needed_logit_tolerance(z: torch.Tensor, token: int, gen: GenerationPolicy, u: float) -> float:
     """The smallest absolute logit error under which `sampled_token_possible` accepts the token
     (bisection; for calibration only, never a verdict)."""
     if sampled_token_possible(z, token, gen.temperature, gen.top_p, u, 0.0):

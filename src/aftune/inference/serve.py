@@ -1,33 +1,40 @@
-"""HTTP serving with a receipt and a record for every request (`aftune serve`).
+"""HTTP serving with a receipt and a record for every request (`aftune serve`), for clients that
+authenticate with an API key, under the generation policy agreed with them.
 
-    aftune serve runs/demo --host 127.0.0.1 --port 8000
-    curl -s 127.0.0.1:8000/v1/generate -H 'content-type: application/json' \\
-         -d '{"prompt": "Q: what is 2+2?", "max_new_tokens": 8}'
+    aftune serve-keys add alice --file api-keys.txt            # prints alice's key once
+    aftune serve runs/demo --policy policy.json --api-keys api-keys.txt --tls-cert c.pem --tls-key k.pem
+    curl -s https://127.0.0.1:8000/v1/generate -H "authorization: Bearer $KEY" \\
+         -H 'content-type: application/json' -d '{"prompt": "Q: what is 2+2?", "nonce": "'$NONCE'"}'
 
-One model is loaded once. `POST /v1/generate` runs a recorded generation (the forward
-computation is serialised by the engine's lock; hashing, storing and signing of each request's
-own record are not) and returns the text, the tokens and the signed receipt. `GET /v1/model`
-returns the model commitment and the provider's public key; `GET /v1/records/{id}` returns what
-an auditor needs to verify one request: the record's exact bytes, its receipt, and where to fetch
-its tensors (`GET /v1/objects/{digest}`) and tokenizer files (`GET /v1/tokenizers/{digest}/{name}`).
-`download_record` rebuilds a record directory from those, for `aftune verify-inference`.
+One model is loaded once. Every request needs `Authorization: Bearer KEY` (else 401). `POST
+/v1/generate` runs a recorded generation under the policy (a request may ask fewer new tokens;
+any other generation field must be the policy's, else 422 naming it; a sampling policy needs the
+client's nonce, from which the seed is derived) and returns the text, the tokens and the signed
+receipt (with the request nonce and the policy digest). `GET /v1/model` returns the model
+commitment, the policy and the provider's public key; `GET /v1/records/{id}` what an auditor needs
+to verify one of the client's own requests (another client's record is 404, exactly as a record
+that does not exist), with its tensors at `GET /v1/objects/{digest}` and tokenizer files at `GET
+/v1/tokenizers/{digest}/{name}`; `GET /v1/attestation?nonce=HEX` TEE evidence binding the model
+and the receipt key (when served with `--attest`). `download_record` rebuilds a record directory
+from those answers, for `aftune verify-inference`. SPEC.md 8.10.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request model from the
 # endpoint's annotation, which must be the class itself (it is defined inside `create_app`).
-import secrets
+import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional
 
-from ..errors import AftuneError, InputError, MissingExtra
 from ..core.rows import rows_from_json
-from ..data.inputs import MAX_PROMPT_CHARS
-from .engine import InferenceEngine
-from .record import InferenceRecord
-from .settings import GenerationSettings
 from ..core.store import OBJECT_SUFFIX
+from ..data.inputs import MAX_PROMPT_CHARS
+from ..errors import AftuneError, InputError, MissingExtra
+from .access import ApiKeys, RecordOwners
+from .engine import InferenceEngine
+from .policy import MAX_CHAT_TEMPLATE_CHARS, POLICY_FIELDS, GenerationPolicy, parse_request_nonce
 
 _HEX = set("0123456789abcdef")
+UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer KEY' (keys: `aftune serve-keys add NAME`)"
 
 
 def _is_digest(text: str) -> bool:
@@ -43,28 +50,50 @@ def _fastapi():
     return fastapi, pydantic
 
 
-def create_app(engine: InferenceEngine, max_new_tokens_limit: int = 512):
-    """The FastAPI application serving `engine`."""
+def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], api_keys: ApiKeys,
+               attestation: Optional[Callable[[str], dict]] = None):
+    """The FastAPI application serving `engine` to the clients of `api_keys` under `policy`
+    (required for a causal LM). `attestation(nonce_hex)` answers `GET /v1/attestation` (the CLI
+    wires `aftune.attestation.serving.attestation_response` with the TEE's evidence provider)."""
     fastapi, pydantic = _fastapi()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
 
+    if engine.served.task == "causal_lm" and not isinstance(policy, GenerationPolicy):
+        raise InputError("serving a causal LM needs the generation policy agreed with the clients (--policy FILE; "
+                         "write one with `aftune policy`)")
+    if not isinstance(api_keys, ApiKeys):
+        raise InputError("serving needs the clients' API keys (--api-keys FILE; `aftune serve-keys add NAME`)")
+
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, strict=True)
-        max_new_tokens: int = Field(32, ge=1, le=max_new_tokens_limit, strict=True)
-        temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, strict=True)
-        top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, strict=True)
-        seed: Optional[int] = Field(None, ge=0, lt=2**63, strict=True)
+        nonce: Optional[str] = Field(None, min_length=32, max_length=128, strict=True)
+        max_new_tokens: Optional[int] = Field(None, strict=True)
+        temperature: Optional[float] = Field(None, allow_inf_nan=False, strict=True)
+        top_p: Optional[float] = Field(None, allow_inf_nan=False, strict=True)
+        eos_token_ids: Optional[List[int]] = Field(None, max_length=64, strict=True)
+        stop_rule: Optional[str] = Field(None, max_length=64, strict=True)
+        chat_template: Optional[str] = Field(None, max_length=MAX_CHAT_TEMPLATE_CHARS, strict=True)
 
     app = FastAPI(title="aftune", summary="Auditable inference: every answer with a signed receipt and a record.")
     app.state.engine = engine
     records = engine.records
+    owners = RecordOwners(records)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": message})
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        client = api_keys.client_of(key.strip()) if scheme.lower() == "bearer" else None
+        if client is None:
+            return JSONResponse(status_code=401, content={"error": UNAUTHORIZED}, headers={"WWW-Authenticate": "Bearer"})
+        request.state.client = client
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -79,14 +108,24 @@ def create_app(engine: InferenceEngine, max_new_tokens_limit: int = 512):
         return error(400, str(exc))
 
     @app.post("/v1/generate")
-    def generate(body: GenerateRequest) -> dict[str, Any]:
+    def generate(body: GenerateRequest, request: Request):
         if engine.served.task != "causal_lm":
             raise InputError(f"this server holds a {engine.served.family} classifier; /v1/generate needs a causal LM")
-        seed = body.seed
-        if seed is None:  # a sampled request without a seed gets a fresh one, committed in its record
-            seed = secrets.randbelow(2**63) if body.temperature > 0 else 0
-        gen = GenerationSettings(body.max_new_tokens, body.temperature, body.top_p, seed)
-        result = engine.generate(body.prompt, gen)
+        asked = {name: getattr(body, name) for name in POLICY_FIELDS if getattr(body, name) is not None}
+        wanted, problems = policy.for_request(asked)
+        nonce = None
+        if body.nonce is not None:
+            try:
+                nonce = parse_request_nonce(body.nonce, "nonce")
+            except InputError as exc:
+                problems.append(str(exc))
+        elif wanted.sampling:
+            problems.append("nonce: required: the policy samples, and the seed is derived from your nonce (16 to 64 "
+                            "random bytes, hex)")
+        if problems:
+            return error(422, "invalid request: " + "; ".join(problems[:8]))
+        result = engine.generate(body.prompt, wanted, request_nonce=nonce)
+        owners.add(request.state.client, result.record_id)
         return {"text": result.text, "tokens": list(result.tokens), "receipt": result.receipt.to_json(),
                 "record_id": result.record_id.hex()}
 
@@ -97,38 +136,40 @@ def create_app(engine: InferenceEngine, max_new_tokens_limit: int = 512):
                 "task": s.task, "run": s.run.to_json() if s.run else None, "public_key": engine.key.public_key.text,
                 "tokenizer": s.tokenizer_digest.hex() if s.tokenizer_digest else None,
                 "layers_per_block": engine.settings.layers_per_block,
-                "activation_interval": engine.settings.activation_interval, "config": s.hf_config}
+                "activation_interval": engine.settings.activation_interval, "config": s.hf_config,
+                "policy": policy.to_json() if policy else None,
+                "policy_digest": policy.digest(s.algorithm).hex() if policy else None}
 
     @app.get("/v1/records/{record_id}")
-    def record(record_id: str):
+    def record(record_id: str, request: Request):
         if not _is_digest(record_id):
             return error(400, "a record id is the record's full digest: 64 lowercase hex digits")
-        path = records.record_path(bytes.fromhex(record_id))
-        if not path.is_file():
+        rid = bytes.fromhex(record_id)
+        path = records.record_path(rid)
+        # another client's record answers exactly as a record that does not exist
+        if not owners.owns(request.state.client, rid) or not path.is_file():
             return error(404, f"no record {record_id}")
         data = path.read_bytes()
-        rec = InferenceRecord.open(records.root, record_id)
-        receipt_path = records.receipt_path(rec.record_id)
-        objects = sorted({r.digest.hex() for k, r in rows_from_json(rec.doc["tensors"], "record: tensors").items()
+        doc = json.loads(data)
+        receipt_path = records.receipt_path(rid)
+        objects = sorted({r.digest.hex() for r in rows_from_json(doc["tensors"], "record: tensors").values()
                           if records.store.has(r.digest)})
-        tok = rec.model.get("tokenizer")
+        tok = doc["model"].get("tokenizer")
         tokenizer = None
         if tok is not None:
             d = records.tokenizer_dir(bytes.fromhex(tok))
             tokenizer = {"digest": tok, "files": sorted(p.name for p in d.iterdir() if p.is_file()),
                          "url": f"/v1/tokenizers/{tok}/"}
-        import json
-
         return {"record_id": record_id, "record": data.decode("utf-8"),
                 "receipt": json.loads(receipt_path.read_bytes()) if receipt_path.is_file() else None,
                 "objects": [{"digest": d, "url": f"/v1/objects/{d}"} for d in objects], "tokenizer": tokenizer}
 
     @app.get("/v1/objects/{digest}")
-    def object_file(digest: str):
+    def object_file(digest: str, request: Request):
         if not _is_digest(digest):
             return error(400, "an object is named by its tensor digest: 64 lowercase hex digits")
         path = records.store.path(bytes.fromhex(digest))
-        if not path.is_file():
+        if not owners.may_read_object(request.state.client, bytes.fromhex(digest)) or not path.is_file():
             return error(404, f"no object {digest}")
         return Response(path.read_bytes(), media_type="application/octet-stream")
 
@@ -136,20 +177,34 @@ def create_app(engine: InferenceEngine, max_new_tokens_limit: int = 512):
     def tokenizer_file(digest: str, name: str):
         if not _is_digest(digest) or "/" in name or name.startswith("."):
             return error(400, "bad tokenizer file reference")
+        served_tok = engine.served.tokenizer_digest
         path = records.tokenizer_dir(bytes.fromhex(digest)) / name
-        if not path.is_file():
+        if served_tok is None or digest != served_tok.hex() or not path.is_file():
             return error(404, f"no tokenizer file {name}")
         return Response(path.read_bytes(), media_type="application/octet-stream")
+
+    @app.get("/v1/attestation")
+    def attest(nonce: str):
+        if attestation is None:
+            return error(404, "this server makes no attestation evidence (serve it with `aftune serve --attest`)")
+        return attestation(nonce)
 
     return app
 
 
-def run_server(app, host: str, port: int) -> None:
+def run_server(app, host: str, port: int, *, tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None) -> None:
+    """Serve `app` with uvicorn; HTTPS when given a certificate and its key (both or neither)."""
     try:
         import uvicorn
     except ImportError:
         raise MissingExtra("uvicorn", "serve") from None
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if (tls_cert is None) != (tls_key is None):
+        raise InputError("HTTPS needs both --tls-cert and --tls-key")
+    for f in (tls_cert, tls_key):
+        if f is not None and not Path(f).is_file():
+            raise InputError(f"TLS file {f} does not exist")
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
 
 
 def download_record(client, record_id: str, target: str | Path) -> Path:

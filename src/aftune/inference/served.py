@@ -22,8 +22,10 @@ from ..errors import InputError, RecordError
 from ..models import IMAGE_FAMILIES, Stage, adapter_class, load_pretrained, load_tokenizer, model_commitment
 from ..models import tokenizer_files
 from ..training.settings import LayerBlocks
+from .policy import config_eos_token_ids
 
 MAX_RUN_CONFIG_BYTES = 16 << 20
+eos_token_ids = config_eos_token_ids  # the end-of-sequence tokens of a config.json (partition/ uses it)
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,6 @@ def _run_binding(run_dir: Path, algorithm: str) -> RunBinding:
     return RunBinding(r.config_digest, r.last_root, r.final_model_digest, r.root)
 
 
-def eos_token_ids(hf_config: dict[str, Any]) -> list[int]:
-    eos = hf_config.get("eos_token_id")
-    if isinstance(eos, bool):
-        return []
-    if isinstance(eos, int):
-        return [eos]
-    if isinstance(eos, list):
-        return sorted({e for e in eos if isinstance(e, int) and not isinstance(e, bool)})
-    return []
 
 
 class ServedModel:
@@ -205,13 +198,15 @@ class ServedModel:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return eos_token_ids(self.hf_config)
+        """The end-of-sequence tokens of the model's config.json (a policy's default)."""
+        return config_eos_token_ids(self.hf_config)
 
     # --- inputs ----------------------------------------------------------------------------
-    def prompt_inputs(self, prompt: str) -> dict[str, torch.Tensor]:
+    def prompt_inputs(self, prompt: str, chat_template: str | None = None) -> dict[str, torch.Tensor]:
+        """The input ids of `prompt`, rendered with the policy's chat template when it has one."""
         if self.task != "causal_lm":
             raise InputError(f"a {self.family} model is a classifier: pass --text (BERT) or --image (vision), not --prompt")
-        return {"input_ids": prompt_ids(self.tokenizer, prompt)}
+        return {"input_ids": prompt_ids(self.tokenizer, prompt, chat_template)}
 
     def text_inputs(self, text: str) -> dict[str, torch.Tensor]:
         if self.family != "bert":

@@ -1,22 +1,29 @@
 """Inference verification by replay: the client's side of auditable inference.
 
-    aftune verify-inference R --record ID --layer-block 1 --public-key provider.pub
-    aftune verify-inference R --record ID --all --mode tolerance --dtype float32
-    aftune prepare-inference R --record ID --layer-block 2
+    aftune verify-inference R --all --run RUN --public-key provider.pub --prompt "..." --policy policy.json \
+        --request-nonce HEX
+    aftune verify-inference R --record ID --layer-block 1 --model MY_COPY --prompt "..." --agreement agreement.json
 
 For a record and a layer block l the verifier (numbers follow SPEC.md 8.8):
  1. checks that the record file hashes to its name, and with a pinned key that the receipt is
-    signed and names this record, model, input and output;
- 2. loads the model, checks its config and weights digest against the record (and, with a run
-    directory and the pinned key, that it is the run's signed final model);
- 3. checks the input: the committed input ids are the tokens of the recorded prompt (and the
-    client's own prompt or image, when given); the output tokens, steps and digests agree
-    (steps 1-3: `checks.py`);
- 4. replays block l step by step from the committed block inputs with its own KV cache, and
+    signed and names this record, model, input, output, request nonce and policy;
+ 2. loads the client's own copy of the model (never a path the record names), checks its config,
+    tokenizer and model digest against the record (and, with a run directory and the pinned key,
+    that it is the run's signed final model);
+ 3. compares the committed generation policy and request nonce with the client's, field by
+    field, and re-derives a sampled record's seed from the nonce, the input and the policy;
+ 4. checks the input: the committed input ids are the tokens of the recorded prompt (rendered
+    with the chat template, tokenised with the client's tokenizer) and the prompt is the client's;
+    the output tokens, steps, stop rule and digests agree (steps 1-4: `checks.py`);
+ 5. replays block l step by step from the committed block inputs with its own KV cache, and
     compares every step's output with the committed boundary under the one comparison policy
     (`verdict.policy`: bitwise in strict mode, relative errors in tolerance mode);
- 5. for the last block, recomputes the logits of every step and checks that each committed token
+ 6. for the last block, recomputes the logits of every step and checks that each committed token
     follows from them: the argmax for greedy decoding, the seeded draw for sampling.
+
+What the caller did not give (a pinned key, the client's input, policy or nonce) is not
+compared: each such gap is a line of `Report.notes`. The CLI and `aftune.verify_inference`
+refuse to run with a gap unless an option whose name says `unsafe` allows it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from ..verdict.findings import RECORD, BlockResult, Finding, Report
 from ..verdict.policy import ComparisonPolicy, Tolerance, Verifying
 from ..verdict.threads import pinned_threads, recorded_threads
 from .checks import RecordChecks
+from .policy import GenerationPolicy, check_request_nonce
 from .record import InferenceRecord, boundary_key, step_key
 from .sampling import choose_token, greedy_token, needed_logit_tolerance, sample_uniform, sampled_token_possible
 from .served import ServedModel, is_run_dir
@@ -52,7 +60,11 @@ class InferenceVerifier(RecordChecks, Verifying):
                  replay_dtype: str | None = None, public_key: PublicKey | None = None,
                  run_dir: str | Path | None = None, transcript: str | Path | None = None,
                  expected_prompt: str | None = None, expected_text: str | None = None,
-                 expected_image: str | Path | None = None):
+                 expected_image: str | Path | None = None, policy: GenerationPolicy | None = None,
+                 request_nonce: bytes | None = None):
+        """`model` is the client's own copy (a model or run directory, or a loaded ServedModel);
+        without it, the run directory's model/. `policy` and `request_nonce` are what the client
+        asked for (a causal LM record is compared with them field by field)."""
         if replay_dtype is not None and replay_dtype not in DTYPE_BY_NAME:
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}, got {replay_dtype!r}")
         self.record = InferenceRecord.open(record_dir, record)
@@ -61,10 +73,15 @@ class InferenceVerifier(RecordChecks, Verifying):
         if replay_dtype is not None and self.policy.strict and replay_dtype != rec.model["dtype"]:
             raise InputError(f"replaying a {rec.model['dtype']} record in {replay_dtype} cannot be bitwise: "
                              "use --mode tolerance with --dtype")
+        if policy is not None and not isinstance(policy, GenerationPolicy):
+            raise InputError("policy must be a GenerationPolicy (GenerationPolicy.load(path) reads a policy file)")
+        self.client_policy = policy
+        self.client_nonce = check_request_nonce(request_nonce) if request_nonce is not None else None
         self.errors: list[Finding] = []
         self.fatal = False  # the record contradicts itself: block replays are meaningless
-        self.served, run_from_model = self._load_model(model)
+        self.served, run_from_model = self._load_model(model, run_dir)
         run_dir = run_dir or run_from_model
+        self.notes = self._gaps(public_key, run_dir, expected_prompt, expected_text, expected_image)
         self.shapes = ShapeOracle(self.served.hf_config, rec.model["attn_implementation"],
                                   DTYPE_BY_NAME[rec.model["dtype"]])
         if replay_dtype is not None and replay_dtype != rec.model["dtype"]:
@@ -74,13 +91,14 @@ class InferenceVerifier(RecordChecks, Verifying):
         self.tokens: list[int] = []
         self.inputs: dict[str, torch.Tensor] = {}
         self._expected: list | None = None
-        # 1. receipt, 2. model and run, 3. layout, input and output
+        # 1. receipt, 2. model and run, layout, 3. policy, nonce and seed, 4. input and output
         if public_key is not None:
             self._check_receipt(public_key)
         self._check_model()
         self._check_run(public_key, run_dir, transcript)
         self._check_layout()
         if not self.fatal:
+            self._check_policy()
             self._check_input(expected_prompt, expected_text, expected_image)
             self._check_output()
 
@@ -88,17 +106,39 @@ class InferenceVerifier(RecordChecks, Verifying):
         self.errors.append(Finding(RECORD_LEVEL, 0, check, reason, scope=RECORD, **kw))
         self.fatal = self.fatal or fatal
 
-    def _load_model(self, model) -> tuple[ServedModel, Path | None]:
+    def _gaps(self, public_key, run_dir, prompt, text, image) -> list[str]:
+        """What this verification does not compare, in words (Report.notes)."""
+        rec, notes = self.record, []
+        if public_key is None:
+            notes.append("the receipt was not checked: no pinned provider key (--public-key)")
+            if run_dir is not None:
+                notes.append("the run was not checked: a run is evidence only under the provider's pinned key")
+        if (prompt, text, image) == (None, None, None):
+            notes.append("the input was not compared with yours (--prompt, --text or --image): the record may answer "
+                         "another input")
+        if rec.task == "causal_lm":
+            if self.client_policy is None:
+                notes.append("the generation policy was not compared with yours (--policy or --agreement): the "
+                             "provider may have chosen the temperature, top_p, max_new_tokens, end-of-sequence "
+                             "tokens, stop rule and chat template")
+            if self.client_nonce is None and (rec.request_nonce is not None or rec.policy.sampling):
+                notes.append("the request nonce was not compared with yours (--request-nonce): the provider may have "
+                             "chosen the nonce, and so the sampling seed")
+        return notes
+
+    def _load_model(self, model, run_dir) -> tuple[ServedModel, Path | None]:
+        """The client's copy: `model`, else the run's model/. Never a path the record names."""
         rec = self.record
         if isinstance(model, ServedModel):
             return model, None
-        path = model if model is not None else rec.model.get("source")
-        if not isinstance(path, (str, Path)) or not path:
-            raise InputError("the record names no model: pass --model with your copy of the model (or run directory)")
+        path = model if model is not None else run_dir
+        if path is None:
+            raise InputError("no model to replay with: pass your copy of the model (--model DIR), or the training "
+                             "run it comes from (--run RUN with --public-key); a verifier never loads a model from a "
+                             "path the provider names")
         p = Path(path)
-        if model is None and not p.exists():
-            raise InputError(f"the record names the model {p}, which is not here: pass --model with your copy "
-                             "of the model (or the run directory)")
+        if not p.exists():
+            raise InputError(f"model {p} does not exist: pass your copy of the model (or the run directory)")
         run_dir = p if is_run_dir(p) else None
         if run_dir is not None:
             p = p / "model"
@@ -205,7 +245,7 @@ class InferenceVerifier(RecordChecks, Verifying):
             if last:
                 self._check_choice(res, k, out)
             else:
-                self._compare(res, k, l + 1, out, committed_out[k] if committed_out is not None else None)
+                self._compare(res, k, l + 1, out, committed_out[k] if committed_out is not None else None, h_in)
                 outputs.append(out)
         if last:
             return None
@@ -218,7 +258,8 @@ class InferenceVerifier(RecordChecks, Verifying):
                          "boundary", tensor=boundary_key(l + 1))
         return outputs
 
-    def _compare(self, res: BlockResult, k: int, b: int, out: torch.Tensor, committed: torch.Tensor | None) -> None:
+    def _compare(self, res: BlockResult, k: int, b: int, out: torch.Tensor, committed: torch.Tensor | None,
+                 block_input: torch.Tensor | None = None) -> None:
         key = step_key(k, b)
         ref = self.record.rows.get(key)
         if ref is None:
@@ -226,7 +267,7 @@ class InferenceVerifier(RecordChecks, Verifying):
             return
         res.compared += 1
         outcome = self.policy.compare(ref, out, (lambda: committed) if committed is not None else None,
-                                      self.record.algorithm, "activation")
+                                      self.record.algorithm, "activation", scale=block_input)
         if outcome.elem is not None:
             res.observe("activation", outcome.rel, outcome.elem)
         if outcome.matched:
@@ -253,20 +294,23 @@ class InferenceVerifier(RecordChecks, Verifying):
                 res.fail("label", f"the committed label {committed} is not the argmax of the recomputed logits "
                          f"({detail})", tensor="output/label", step=k)
             return
-        gen = rec.generation
-        ok, detail = self._token_ok(logits, committed, gen, k)
+        policy = rec.policy
+        ok, detail = self._token_ok(logits, committed, policy, k)
         if not ok:
-            how = "the seeded draw" if gen.sampling else "the argmax"
+            how = "the seeded draw" if policy.sampling else "the argmax"
             res.fail("token", f"token {k}: the committed token {committed} is not {how} of the recomputed logits "
                      f"({detail})", tensor="output/tokens", step=k)
 
-    def _token_ok(self, logits: torch.Tensor, token: int, gen, k: int) -> tuple[bool, str]:
+    def _token_ok(self, logits: torch.Tensor, token: int, gen: GenerationPolicy | None, k: int) -> tuple[bool, str]:
         z = logits.detach().double()
         if not 0 <= token < z.numel():
             return False, f"token id outside the vocabulary of {z.numel()}"
         sampling = gen is not None and gen.sampling
+        seed = self.record.seed
+        if sampling and seed is None:
+            return False, "a sampled record without a seed"
         if self.policy.strict:
-            want = choose_token(logits, gen, self.record.algorithm, k) if gen is not None else greedy_token(logits)
+            want = choose_token(logits, gen, seed, self.record.algorithm, k) if gen is not None else greedy_token(logits)
             return want == token, f"expected {want}"
         scale = max(float(z.abs().max()), 1e-30)
         eps = self.tolerance.logit * scale
@@ -274,7 +318,7 @@ class InferenceVerifier(RecordChecks, Verifying):
             gap = float(z.max() - z[token])
             self._observe_token(gap / (2 * scale))
             return gap <= 2 * eps, f"its logit is {gap:.3g} below the largest, tolerance {2 * eps:.3g}"
-        u = sample_uniform(self.record.algorithm, gen.seed, k)
+        u = sample_uniform(self.record.algorithm, seed, k)
         self._observe_token(needed_logit_tolerance(z, token, gen, u) / scale)
         ok = sampled_token_possible(z, token, gen.temperature, gen.top_p, u, eps)
         return ok, f"no logits within {eps:.3g} of the recomputed ones make the draw u={u:.6f} pick it"
@@ -295,6 +339,7 @@ class InferenceVerifier(RecordChecks, Verifying):
                 raise InputError(f"layer block {l} does not exist: this record has layer blocks 0..{nb - 1}")
         report = Report(str(self.record.records.root), self.mode)
         report.errors.extend(self.errors)
+        report.notes.extend(self.notes)
         chained = None
         for l in todo:
             use = chained if (chained is not None and l > 0 and not self.record.has_tensor(boundary_key(l))) else None

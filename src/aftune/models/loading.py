@@ -59,8 +59,16 @@ def build_model(hf_config: dict[str, Any], attn_implementation: str, dtype: torc
         with torch.device(device):
             return auto.from_config(config, dtype=dtype, **_attention_kwargs(model_type, attn_implementation))
     except _CONFIG_ERRORS as exc:  # the config alone decides construction: its value is at fault
-        raise InputError(f"model config is not a buildable {model_type} config: {type(exc).__name__}: "
-                         f"{str(exc)[:300]}") from None
+        raise InputError(f"model config is not a buildable {model_type} config{_culprit(fields, exc)}: "
+                         f"{type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+def _culprit(fields: dict[str, Any], exc: Exception) -> str:
+    """The config fields whose value the error message quotes, to name them."""
+    message = str(exc)
+    named = [k for k, v in fields.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+             and len(str(v)) > 2 and str(v) in message]
+    return f" (field {', '.join(named[:3])})" if named else ""
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:

@@ -19,39 +19,52 @@ from ..core import jsonio
 from ..core.signing import PublicKey
 from ..errors import InputError, MissingExtra, RecordError
 from ..training.transcript import Transcript
-from ..training.verify import Verifier
+from ..training.agreement import Agreement
+from ..training.verify import NEEDS_AGREEMENT, Verifier
 from ..verdict.findings import RECORD, BlockResult, Finding, Report
 from ..verdict.policy import Tolerance
 from .bundle import INFERENCE_BUNDLE_FORMAT, MAX_BUNDLE_JSON, BundleStore, TrainingBundle
 
 
 def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: list[tuple[int, int]],
-                  all_blocks: list[tuple[int, int]], challenge_digest: bytes, mode: str, tolerance: Tolerance,
-                  replay_dtype: str | None, threads: int | None) -> list[BlockResult]:
+                  all_blocks: list[tuple[int, int]], challenge_digest: bytes, agreement: Agreement | None, mode: str,
+                  tolerance: Tolerance, replay_dtype: str | None, threads: int | None) -> list[BlockResult]:
     if threads and mode != "strict":  # strict replay uses the recorded thread count (Verifier)
         import torch
 
         torch.set_num_threads(threads)
     transcript = Transcript.load(Path(transcript_path), PublicKey.from_text(key_text))
     record = TrainingBundle.load(bundle_dir, transcript, challenge_digest, all_blocks)
-    verifier = Verifier(None, None, mode=mode, tolerance=tolerance, replay_dtype=replay_dtype, record=record)
+    verifier = Verifier(None, None, agreement, unsafe_no_agreement=agreement is None, mode=mode, tolerance=tolerance,
+                        replay_dtype=replay_dtype, record=record)
     return [verifier.verify_block(l, s)[0] for l, s in blocks]
 
 
 def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key: PublicKey,
-                 blocks: list[tuple[int, int]], challenge_digest: bytes, *, mode: str = "strict",
+                 blocks: list[tuple[int, int]], challenge_digest: bytes, *, agreement: Agreement | None = None,
+                 unsafe_no_agreement: bool = False, mode: str = "strict",
                  tolerance: Tolerance = Tolerance(), replay_dtype: str | None = None, workers: int | None = None,
                  ray_address: str | None = None,
                  on_block: Callable[[BlockResult], None] | None = None) -> Report:
-    """Verify every challenged block from the bundle. A bundle that cannot be opened against the
-    transcript and challenge is a FAIL (the report's errors), never a PASS."""
+    """Verify every challenged block from the bundle against the client's `agreement`. A bundle
+    that cannot be opened against the transcript and challenge, or whose run does not conform to
+    the agreement (its config, examples, labels, tokenizer), is a FAIL (the report's errors),
+    never a PASS."""
+    if agreement is None and not unsafe_no_agreement:
+        raise InputError(NEEDS_AGREEMENT)
     report = Report(str(bundle_dir), mode)
     transcript = Transcript.load(Path(transcript_path), public_key)
     try:  # structural checks once, in this process, before any work is spread out
         record = TrainingBundle.load(bundle_dir, transcript, challenge_digest, blocks)
-        record.dataset(), record.base_digests(), record.tokenizer_files()
+        probe = Verifier(None, None, agreement, unsafe_no_agreement=unsafe_no_agreement, mode=mode,
+                         tolerance=tolerance, replay_dtype=replay_dtype, record=record)
     except RecordError as exc:  # missing, corrupt or contradicting: the provider failed to open
         report.errors.append(Finding(-1, -1, "opening", str(exc)))
+        return report
+    report.notes.extend(probe.notes)
+    report.agreement = probe.new_report().agreement
+    if probe.conformance:
+        report.errors.extend(probe.conformance)
         return report
     if not blocks:
         report.errors.append(Finding(-1, -1, "opening", "the challenge names no blocks: nothing was compared"))
@@ -59,7 +72,7 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     workers = workers or (min(os.cpu_count() or 1, len(blocks)) if len(blocks) >= 4 else 1)
     chunks = [blocks[i::workers] for i in range(workers)]
     args = (str(bundle_dir), str(transcript_path), public_key.text)
-    rest = (blocks, challenge_digest, mode, tolerance, replay_dtype)
+    rest = (blocks, challenge_digest, agreement, mode, tolerance, replay_dtype)
     results: list[BlockResult] = []
     if ray_address:
         results = _ray_map(ray_address, args, chunks, rest)
@@ -100,9 +113,13 @@ def _ray_map(address: str, args, chunks, rest) -> list[BlockResult]:
 
 def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey, model: str | Path, *,
                            mode: str = "strict", replay_dtype: str | None = None,
-                           expected_prompt: str | None = None, on_block=None) -> Report:
-    """Replay the challenged layer blocks of the record the challenge names, from the bundle alone.
-    A bundle missing anything, or answering another record, FAILs."""
+                           expected_prompt: str | None = None, expected_text: str | None = None,
+                           expected_image: str | Path | None = None, policy=None, request_nonce: bytes | None = None,
+                           on_block=None) -> Report:
+    """Replay the challenged layer blocks of the record the challenge names, from the bundle alone,
+    and compare the record with the client's prompt, generation policy and request nonce (what is
+    not given is a line of the report's notes). A bundle missing anything, or answering another
+    record, FAILs."""
     from ..inference.verify import InferenceVerifier
 
     report = Report(str(bundle), mode)
@@ -120,7 +137,8 @@ def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey,
         return report
     try:
         v = InferenceVerifier(bundle, challenge.run_root, model=model, mode=mode, replay_dtype=replay_dtype,
-                              public_key=public_key, expected_prompt=expected_prompt)
+                              public_key=public_key, expected_prompt=expected_prompt, expected_text=expected_text,
+                              expected_image=expected_image, policy=policy, request_nonce=request_nonce)
     except (InputError, RecordError) as exc:  # the record the challenge names is not (properly) in the bundle
         report.errors.append(opening(f"the bundle does not open record {challenge.run_root[:16]}…: {exc}"))
         return report
@@ -131,6 +149,7 @@ def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey,
         report.errors.append(opening("the challenge's grid does not match the record's layer blocks"))
         return report
     report.errors.extend(v.errors)
+    report.notes.extend(v.notes)
     v.record.records.store = BundleStore(v.record.records.store.root, v.record.algorithm)
     for l, _ in challenge.blocks:
         try:

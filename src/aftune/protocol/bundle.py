@@ -17,8 +17,7 @@ from ..core.store import ObjectStore
 from ..data import Dataset, example_from_raw
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..training.manifest import subtree_label
-from ..training.run import RunRecord, read_base_digests, signed_run_config
-from ..training.settings import TrainSettings
+from ..training.run import RunRecord, committed_settings, read_base_digests, signed_run_config
 from ..training.transcript import Transcript
 
 BUNDLE_FORMAT = "aftune.bundle.v1"
@@ -77,8 +76,8 @@ class TrainingBundle(RunRecord):
         if doc.get("blocks") != [[l, s] for l, s in blocks]:
             raise CommitmentMismatch("the bundle opens other blocks than the challenge asks for")
         config = signed_run_config(root / "config.json", transcript, "the bundle's run config")
-        settings = TrainSettings.from_json(config.get("settings"))
-        rec = cls(root, config, settings, transcript, BundleStore(root / "objects", transcript.algorithm))
+        settings, problem = committed_settings(config, transcript)
+        rec = cls(root, config, settings, transcript, BundleStore(root / "objects", transcript.algorithm), problem)
         rec.doc = doc
         rec._manifests = rec._parse_step_blocks(doc.get("step_blocks"))
         return rec
@@ -149,12 +148,8 @@ class TrainingBundle(RunRecord):
             raise CommitmentMismatch(f"the bundle's step block {step_block} does not match the root signed for it")
         return m
 
-    def dataset(self) -> Dataset:
-        data = self.section("data")
-        root = parse_hex_digest(data.get("root"), "run config: data.root")
-        kind, labels = data.get("kind"), data.get("labels")
-        if kind not in ("text", "labeled_text", "image_folder") or not isinstance(labels, list):
-            raise RecordError("run config: data.kind or data.labels is malformed")
+    def dataset(self, kind: str, root: bytes, labels: tuple[str, ...], num_examples: int) -> Dataset:
+        """The opened examples, each proven against the agreed dataset `root` of `num_examples`."""
         examples = _Examples()
         rows = self.doc.get("examples")
         if not isinstance(rows, dict):
@@ -162,13 +157,13 @@ class TrainingBundle(RunRecord):
         for key, proof in rows.items():
             try:
                 index = int(key)
-                if key != f"{index:012d}" or not 0 <= index < self.num_examples:
+                if key != f"{index:012d}" or not 0 <= index < num_examples:
                     raise ValueError(key)
                 raw = (self.root / "examples" / f"{key}.bin").read_bytes()
                 p = InclusionProof(key, int(proof[0]), int(proof[1]), tuple(parse_hex_digest(x, "proof") for x in proof[2]))
             except (OSError, ValueError, TypeError, IndexError, InputError) as exc:
                 raise CommitmentMismatch(f"the bundle's example {key[:20]!r} is malformed or missing ({exc})") from None
-            if p.size != self.num_examples or root_from_proof(self.algorithm, p, hash_message(self.algorithm, TAG_EXAMPLE, raw)) != root:
+            if p.size != num_examples or root_from_proof(self.algorithm, p, hash_message(self.algorithm, TAG_EXAMPLE, raw)) != root:
                 raise CommitmentMismatch(f"bundle: example {index} is not the agreed dataset's example {index}")
             examples[index] = example_from_raw(kind, raw)
         return Dataset(kind, examples, tuple(str(x) for x in labels), ())

@@ -13,6 +13,8 @@ Strategies (K blocks out of an L x S grid of layer blocks x step blocks):
 - weighted: the first and last layer blocks (where the data and the loss enter) are `edge_weight`
   times as likely to be drawn (Efraimidis-Spirakis weighted sampling without replacement);
 - stratified: K spread over the step blocks as evenly as possible, uniform within each;
+- columns: whole step blocks, ceil(K / L) of them drawn uniformly, every layer block of each
+  (a deviation concentrated in one layer block per step block cannot hide in the column);
 - all: every block.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 from ..core import jsonio
 from ..core.encoding import (HASH_ALGORITHMS, TAG_CHALLENGE, TAG_CHALLENGE_BLOCK, TAG_CHALLENGE_DIGEST, TAG_CHALLENGE_STRATUM,
                        canonical_json, hash_message, length_prefixed, u8, u64)
-from ..errors import InputError, RecordError
+from ..errors import CommitmentMismatch, InputError, RecordError
 
 CHALLENGE_FORMAT = "aftune.challenge.v1"
 
@@ -36,7 +38,7 @@ CHALLENGE_FORMAT = "aftune.challenge.v1"
 # in encoding.py / SPEC.md 2.1 once the audit lands; the bytes are fixed here.
 
 KINDS = ("training", "inference")
-STRATEGIES = ("uniform", "weighted", "stratified", "all")
+STRATEGIES = ("uniform", "weighted", "stratified", "columns", "all")
 DEFAULT_EDGE_WEIGHT = 4  # weighted: first/last layer blocks are this many times as likely
 MAX_EDGE_WEIGHT = 64
 NONCE_SIZE = 32  # bytes drawn from `secrets` when the client gives none
@@ -268,6 +270,8 @@ def derive_challenge(run_root: bytes, nonce: bytes, num_layer_blocks: int, num_s
         chosen = _top(seed, algorithm, k, [(l, s) for l in range(num_layer_blocks) for s in range(num_step_blocks)])
     elif strategy == "weighted":
         chosen = _top_weighted(seed, algorithm, k, num_layer_blocks, num_step_blocks, edge_weight)
+    elif strategy == "columns":
+        chosen = _columns(seed, algorithm, columns_for(k, num_layer_blocks), num_layer_blocks, num_step_blocks)
     else:
         chosen = _stratified(seed, algorithm, k, num_layer_blocks, num_step_blocks)
 
@@ -307,14 +311,31 @@ def _top_weighted(seed: bytes, algorithm: str, k: int, num_layer_blocks: int, nu
     return [block for _, _, block in heapq.nlargest(k, scored)]
 
 
+def columns_for(k: int, num_layer_blocks: int) -> int:
+    """The step blocks the columns strategy checks whole for a budget of K blocks: ceil(K / L)."""
+    return -(-k // num_layer_blocks)
+
+
+def _ranked_step_blocks(seed: bytes, algorithm: str, num_step_blocks: int) -> list[int]:
+    """Step blocks by their stratum key H(TAG_CHALLENGE_STRATUM || seed || u64(s)), largest first."""
+    ranked = sorted(((hash_message(algorithm, TAG_CHALLENGE_STRATUM, seed, u64(s)), s)
+                     for s in range(num_step_blocks)), reverse=True)
+    return [s for _, s in ranked]
+
+
+def _columns(seed: bytes, algorithm: str, columns: int, num_layer_blocks: int,
+             num_step_blocks: int) -> list[tuple[int, int]]:
+    """Every layer block of the `columns` step blocks with the largest stratum keys."""
+    return [(l, s) for s in _ranked_step_blocks(seed, algorithm, num_step_blocks)[:columns]
+            for l in range(num_layer_blocks)]
+
+
 def _stratified(seed: bytes, algorithm: str, k: int, num_layer_blocks: int,
                 num_step_blocks: int) -> list[tuple[int, int]]:
     """k // S blocks in every step block and one more in the k % S step blocks with the largest
     stratum keys; within a step block, the layer blocks with the largest block keys."""
     per_step, extra = divmod(k, num_step_blocks)
-    ranked_steps = sorted(((hash_message(algorithm, TAG_CHALLENGE_STRATUM, seed, u64(s)), s)
-                           for s in range(num_step_blocks)), reverse=True)
-    lucky = {s for _, s in ranked_steps[:extra]}
+    lucky = set(_ranked_step_blocks(seed, algorithm, num_step_blocks)[:extra])
     chosen: list[tuple[int, int]] = []
     for s in range(num_step_blocks):
         take = per_step + (s in lucky)
@@ -326,14 +347,15 @@ def _stratified(seed: bytes, algorithm: str, k: int, num_layer_blocks: int,
 def challenge_from_transcript(transcript_path: str | Path, public_key, strategy: str, *, count: int | None = None,
                               sample_rate: float | None = None, nonce: bytes | None = None,
                               edge_weight: int | None = None, num_layer_blocks: int | None = None,
-                              config_path: str | Path | None = None) -> Challenge:
+                              config_path: str | Path | None = None, agreement=None) -> Challenge:
     """A training challenge for the run a transcript commits to.
 
     The transcript is checked against the pinned `public_key` (aftune.signing.PublicKey) and must
     be closed by its signed run entry: a challenge is drawn only after the whole run is committed.
-    The grid has len(step_blocks) - 1 step blocks (the last entry is the final state) and
-    `num_layer_blocks` layer blocks; without it, they are read from the run config (default: the
-    config.json beside the transcript), whose digest must be the one the transcript signs."""
+    With the client's `agreement`, the grid is the agreement's (and a transcript with another
+    number of step blocks is a FAIL); without one, it has len(step_blocks) - 1 step blocks (the
+    last entry is the final state) and `num_layer_blocks` layer blocks, else those of the run
+    config (default: the config.json beside the transcript), whose digest the transcript signs."""
     from ..training.run import signed_run_config
     from ..training.transcript import Transcript
 
@@ -345,6 +367,12 @@ def challenge_from_transcript(transcript_path: str | Path, public_key, strategy:
     num_step_blocks = len(transcript.step_blocks) - 1
     if num_step_blocks < 1:
         raise RecordError(f"transcript {transcript_path} commits no step block with training steps")
+    if agreement is not None:
+        num_layer_blocks, agreed_steps = agreement.grid()
+        if agreed_steps != num_step_blocks:
+            raise CommitmentMismatch(f"the transcript commits {num_step_blocks} step blocks, the agreement's "
+                                     f"{agreement.settings.steps} steps make {agreed_steps}: the run is not the "
+                                     "agreed one")
     if num_layer_blocks is None:
         path = Path(config_path) if config_path is not None else transcript_path.parent / "config.json"
         if not path.is_file():

@@ -67,7 +67,7 @@ class TracingRun(RunRecord):
 
     @classmethod
     def wrap(cls, record: RunRecord) -> "TracingRun":
-        t = cls(record.root, record.config, record.settings, record.transcript, record.store)
+        t = cls(record.root, record.config, record.committed, record.transcript, record.store, record.settings_problem)
         t.reads: dict[tuple[int, str], set[str]] = {}
         t.objects: set[bytes] = set()
         t.store = _TracedStore(record.store, t.objects)
@@ -103,12 +103,14 @@ def open_bundle(run_dir: str | Path, blocks: list[tuple[int, int]], challenge_di
         if not (0 <= l < nb and 0 <= s < ns):
             raise InputError(f"challenged block (layer block {l}, step block {s}) is outside this run's {nb} x {ns} grid")
     record = TracingRun.wrap(base)
-    verifier = Verifier(None, None, record=record)
+    # the provider replays its own record to trace what the replay reads: its own config is the
+    # reference here (the client checks the opening against its agreement)
+    verifier = Verifier(None, None, unsafe_no_agreement=True, record=record)
     verdicts = {}
     for i, (l, s) in enumerate(blocks):
         for target in (s, s + 1):
             if target < ns and not _stored(record, l, target):
-                prepare(run_dir, key, l, target, verifier=Verifier(run_dir, key))
+                prepare(run_dir, key, l, target, verifier=Verifier(run_dir, key, unsafe_no_agreement=True))
         result, _ = verifier.verify_block(l, s)
         verdicts[f"{l},{s}"] = result.verdict
         if progress:
@@ -158,7 +160,7 @@ def open_bundle(run_dir: str | Path, blocks: list[tuple[int, int]], challenge_di
         nbytes += dst.stat().st_size
 
     # examples of every challenged step, with proofs against the dataset root
-    dataset = base.dataset()
+    dataset = verifier.dataset
     digests = dataset.example_digests(base.algorithm)
     needed = sorted({i for s in {s for _, s in blocks} for i in verifier_indices(verifier, s)})
     (out / "examples").mkdir()

@@ -4,8 +4,13 @@
 
 Every probability is exact (closed form or an exact recursion; no simulation) and is for the worst
 case the threat allows: where a threat leaves the provider free to choose which blocks it
-tampers, it is assumed to choose the blocks each strategy is least likely to draw.
-SPEC.md 9.5 states each threat model and formula.
+tampers, it is assumed to choose the blocks each strategy is least likely to draw. The provider
+is also assumed to concentrate its deviation in as few blocks as it can (THREATS.md, "the
+concentrating adversary"): one block's committed tensors can steer every other block (a fake
+boundary gradient drives every upstream block; one inflated gradient norm sets the whole step's
+clipping coefficient), so changing the updates of a step block costs it one failing block there,
+in the layer block of its choice. The `columns` strategy checks whole step blocks, where that one
+block cannot hide. SPEC.md 9.5 states each threat model and formula.
 
 Grid: L layer blocks x S step blocks, N = L*S blocks; a challenge draws K of them (aftune.challenge).
 A tampered block is one whose replay fails; a threat is caught when a challenge draws at least one.
@@ -20,12 +25,12 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import InputError
-from .challenge import DEFAULT_EDGE_WEIGHT, MAX_EDGE_WEIGHT, STRATEGIES, Challenge
+from .challenge import DEFAULT_EDGE_WEIGHT, MAX_EDGE_WEIGHT, STRATEGIES, Challenge, columns_for
 from .probability import (edge_layer_blocks, hypergeometric_miss, stratified_miss, weighted_miss,
                           weighted_miss_curve)
 
 THREAT_KINDS = ("tampered_blocks", "skip_steps", "poison_examples", "tamper_params", "substitute_layers")
-PLANNED_STRATEGIES = ("uniform", "stratified", "weighted")  # order = preference when counts tie
+PLANNED_STRATEGIES = ("uniform", "stratified", "columns", "weighted")  # order = preference when counts tie
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +69,9 @@ class Threat:
 class ThreatModel:
     """What a threat does to the grid, as far as detection depends on it.
 
-    shape: "free" (m blocks anywhere the provider likes), "step_blocks" (every layer block of
-    `units` step blocks), "layer_blocks" (`units` layer blocks in every step block), or
+    shape: "free" (m blocks anywhere the provider likes), "one_per_step_block" (one block in each
+    of `units` step blocks, in the layer block the provider likes), "step_blocks" (every layer
+    block of `units` step blocks), "layer_blocks" (`units` layer blocks in every step block), or
     "last_layer_block" (the last layer block of `units` step blocks)."""
 
     threat: Threat
@@ -98,13 +104,14 @@ def threat_model(threat: Threat, num_layer_blocks: int | None, num_step_blocks: 
         return ThreatModel(threat, m, "free", m, f"{_n(m, 'block')} fail, wherever the provider chooses")
     if threat.kind == "skip_steps":
         if not shaped:
-            m = _ceil_times(threat.amount, n)
-            return ThreatModel(threat, m, "free", m, f"a fraction {f:g} of steps skipped fails at least "
-                               f"ceil(F*N) = {_n(m, 'block')} (ceil(F*S)*L >= F*N for any shape)")
+            return ThreatModel(threat, 1, "free", 1, "skipped steps fail at least 1 block: a concentrating provider "
+                               "fails one block per step block it touches (grid shape unknown)")
         units = _ceil_times(threat.amount, S)
-        return ThreatModel(threat, units * L, "step_blocks", units,
-                           f"skipped steps packed into ceil(F*S) = {_n(units, 'step block')}; a skipped optimizer step "
-                           f"fails every layer block of its step block: {units} x {L} blocks")
+        return ThreatModel(threat, units, "one_per_step_block", units,
+                           f"skipped steps packed into ceil(F*S) = {_n(units, 'step block')}; a concentrating provider "
+                           f"skips each step's updates with one inflated gradient norm (the global clipping scale), so "
+                           f"only that norm's layer block fails: {_n(units, 'block')}, one per step block, in the "
+                           f"layer blocks it chooses")
     if threat.kind == "poison_examples":
         if not shaped:
             return ThreatModel(threat, 1, "free", 1, "a poisoned example fails at least 1 block (grid shape unknown)")
@@ -178,12 +185,24 @@ def threat_detection(model: ThreatModel, strategy: str, count: int, num_layer_bl
             per_step = [m // S + (i < m % S) for i in range(min(m, S))]
         elif model.shape == "step_blocks":
             per_step = [L] * model.units
-        elif model.shape == "last_layer_block":
+        elif model.shape in ("last_layer_block", "one_per_step_block"):
             per_step = [1] * model.units
         else:
             per_step = [model.units] * S
         return 1.0 - stratified_miss(L, S, count, per_step)
+    if strategy == "columns":
+        return 1.0 - hypergeometric_miss(S, _step_blocks_touched(model, L, S), columns_for(count, L))
     raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+
+
+def _step_blocks_touched(model: ThreatModel, num_layer_blocks: int, num_step_blocks: int) -> int:
+    """How many step blocks hold a tampered block, in the placement the columns strategy is least
+    likely to catch (free blocks packed into as few step blocks as they fit)."""
+    if model.shape == "free":
+        return -(-model.tampered // num_layer_blocks)
+    if model.shape == "layer_blocks":
+        return num_step_blocks
+    return model.units
 
 
 def _weighted_edge_tampered(model: ThreatModel, num_layer_blocks: int, num_step_blocks: int) -> int:
@@ -197,6 +216,8 @@ def _weighted_edge_tampered(model: ThreatModel, num_layer_blocks: int, num_step_
         return model.units * e
     if model.shape == "last_layer_block":
         return model.units
+    if model.shape == "one_per_step_block":  # interior layer blocks when there are any
+        return 0 if interior_rows else model.units
     return num_step_blocks * max(0, model.units - interior_rows)  # layer_blocks: interior rows first
 
 
@@ -231,8 +252,9 @@ def threat_smallest_count(model: ThreatModel, strategy: str, target: float, num_
             if k >= n:
                 break
         raise InputError(f"even challenging all {n} blocks does not reach {target}")
-    return smallest_count(lambda k: threat_detection(model, strategy, k, L, S, num_blocks=n, edge_weight=edge_weight),
-                          n, target)
+    k = smallest_count(lambda k: threat_detection(model, strategy, k, L, S, num_blocks=n, edge_weight=edge_weight),
+                       n, target)
+    return columns_for(k, L) * L if strategy == "columns" else k  # columns check whole step blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +332,12 @@ def plan(threats: Iterable[Threat], *, target: float = 0.99, num_blocks: int | N
     for s in wanted:
         if s not in STRATEGIES:
             raise InputError(f"unknown strategy {s!r}: choose from {', '.join(STRATEGIES)}")
+    shaped = ("weighted", "stratified", "columns")
     if L is None:
-        if any(s in ("weighted", "stratified") for s in wanted):
-            notes.append("only uniform sampling is assessed: weighted and stratified need --layer-blocks and --step-blocks")
-        wanted = tuple(s for s in wanted if s not in ("weighted", "stratified")) or ("uniform",)
+        if any(s in shaped for s in wanted):
+            notes.append("only uniform sampling is assessed: weighted, stratified and columns need --layer-blocks "
+                         "and --step-blocks")
+        wanted = tuple(s for s in wanted if s not in shaped) or ("uniform",)
 
     def probabilities(strategy: str, k: int) -> tuple[float, ...]:
         return tuple(threat_detection(mod, strategy, k, L, S, num_blocks=n, edge_weight=edge_weight) for mod in models)
@@ -357,8 +381,8 @@ def unit_threat_models(num_layer_blocks: int, num_step_blocks: int) -> tuple[Thr
     return (
         ThreatModel(Threat("tampered_blocks", 1, "one tampered block"), 1, "free", 1,
                     "1 block fails, wherever the provider chooses (also: one edited parameter)"),
-        ThreatModel(Threat("skip_steps", 1 / S, "one skipped step"), L, "step_blocks", 1,
-                    f"every layer block of one step block fails: {L} blocks"),
+        ThreatModel(Threat("skip_steps", 1 / S, "one skipped step"), 1, "one_per_step_block", 1,
+                    "a concentrating provider fails one layer block of one step block (a fake gradient norm)"),
         ThreatModel(Threat("poison_examples", 1 / S, "one poisoned example"), 1, "last_layer_block", 1,
                     "label-only poisoning fails the last layer block of one step block: 1 block"),
         ThreatModel(Threat("substitute_layers", 1 / L, "one substituted layer block"), S, "layer_blocks", 1,

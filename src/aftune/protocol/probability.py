@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..errors import InputError
-from .challenge import DEFAULT_EDGE_WEIGHT, STRATEGIES
+from .challenge import DEFAULT_EDGE_WEIGHT, STRATEGIES, columns_for
 
 
 
@@ -150,6 +150,8 @@ def placement_detection(strategy: str, count: int, num_layer_blocks: int, num_st
     if strategy == "weighted":
         edge = sum(1 for l, _ in blocks if l in (0, L - 1))
         return 1.0 - weighted_miss(L, S, count, edge, len(blocks) - edge, edge_weight)
+    if strategy == "columns":
+        return 1.0 - hypergeometric_miss(S, len({s for _, s in blocks}), columns_for(count, L))
     if strategy == "stratified":
         per_step: dict[int, int] = {}
         for _, s in blocks:

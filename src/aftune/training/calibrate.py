@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..core.signing import PublicKey
 from ..verdict.policy import TENSOR_KINDS, Tolerance
+from .agreement import Agreement
 from .verify import Verifier
 
 
@@ -37,10 +38,14 @@ class Calibration:
 
 
 def calibrate(run_dir: str | Path, public_key: PublicKey, replay_dtype: str | None = None,
-              margin: float = 4.0, floor: float = 1e-7) -> Calibration:
+              margin: float = 4.0, floor: float = 1e-7, agreement: Agreement | None = None,
+              unsafe_no_agreement: bool = False) -> Calibration:
+    """Replay an honest run (which must conform to the `agreement`) and set thresholds `margin`
+    times the largest honest errors."""
     if not math.isfinite(margin) or margin < 1:
         raise InputError(f"margin must be at least 1, got {margin}")
-    v = Verifier(run_dir, public_key, mode="tolerance", replay_dtype=replay_dtype,
+    v = Verifier(run_dir, public_key, agreement, unsafe_no_agreement=unsafe_no_agreement, mode="tolerance",
+                 replay_dtype=replay_dtype,
                  tolerance=Tolerance(rel_l2=_NEVER, max_elem=_NEVER))
     report = v.verify_all()
     if report.verdict != "PASS":

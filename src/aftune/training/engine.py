@@ -9,8 +9,11 @@ strict (bitwise) verification possible on the same kind of hardware.
 
 Parameters used by more than one layer block (tied input and output embeddings) are owned by the
 first block that uses them. Other blocks use a detached alias, so each block's gradient
-contribution is separate and can be committed; the full gradient is accumulated in a fixed
-order: for each micro-batch, the owner's contribution, then the others' in block order.
+contribution is separate; the full gradient is accumulated in a fixed order: for each
+micro-batch, the owner's contribution, then the others' in block order. These parts are not
+committed (a tied embedding's part is vocab x hidden per micro-batch): the blocks that share a
+trainable parameter form a tied group, and a verifier replays the whole group together, so
+every part is recomputed from committed tensors (SPEC.md 5.2.4).
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ class BlockLayout:
 class MicroResult:
     output: torch.Tensor  # block output (the loss for the last block)
     input_grad: torch.Tensor | None  # gradient w.r.t. the block input (None for block 0)
-    owner_parts: dict[str, torch.Tensor]  # shared params owned here: this block's gradient part
     alias_parts: dict[str, torch.Tensor]  # shared params owned elsewhere: this block's gradient part
 
 
@@ -108,7 +110,31 @@ class BlockedModel:
         return layouts
 
     def describe(self, block: int) -> str:
-        return self.blocks.describe(block, self.stage_names)
+        text = self.blocks.describe(block, self.stage_names)
+        others = [b for b in self.tied_group(block) if b != block]
+        if others:
+            text += f", replayed with tied layer block{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}"
+        return text
+
+    def tied_group(self, block: int) -> list[int]:
+        """The layer blocks replayed together with `block` (SPEC.md 5.2.4): the smallest set that
+        holds `block` and every block sharing a trainable parameter with a block of the set."""
+        links: dict[int, set[int]] = {}
+        for b, lay in enumerate(self.layout):
+            for _, p, owner in lay.foreign:
+                if p.requires_grad:
+                    links.setdefault(b, set()).add(owner)
+                    links.setdefault(owner, set()).add(b)
+        group, todo = {block}, [block]
+        while todo:
+            for other in links.get(todo.pop(), ()):
+                if other not in group:
+                    group.add(other)
+                    todo.append(other)
+        return sorted(group)
+
+    def parameter(self, name: str) -> nn.Parameter:
+        return dict(self.layout[self.owner[name]].params)[name]
 
     # --- state -------------------------------------------------------------------------------
     def state_tensors(self, block: int) -> dict[str, tuple[str, torch.Tensor]]:
@@ -182,32 +208,15 @@ class BlockedModel:
 
     def backward(self, block: int, output: torch.Tensor, grad_output: torch.Tensor, x_in: torch.Tensor | None,
                  aliases: dict[str, torch.Tensor]) -> MicroResult:
-        lay = self.layout[block]
-        owned_shared = [(n, p) for n, p in lay.params if p.requires_grad and self._is_shared(n)]
-        parts: dict[str, torch.Tensor] = {}
-        handles = [p.register_hook(self._capture(parts, n)) for n, p in owned_shared]
-        try:
-            torch.autograd.backward(output, grad_tensors=grad_output)
-        finally:
-            for h in handles:
-                h.remove()
-        for n, _ in owned_shared:
-            parts.setdefault(n, torch.zeros_like(dict(lay.params)[n]))
+        """Back-propagate through the block: owned parameters accumulate their gradient (a shared
+        one: the owner's part); the parts of foreign parameters are returned, to be added in the
+        fixed order by `add_tied_parts`."""
+        torch.autograd.backward(output, grad_tensors=grad_output)
         alias_parts = {}
         for name, a in aliases.items():
             if a.requires_grad:
                 alias_parts[name] = a.grad if a.grad is not None else torch.zeros_like(a)
-        return MicroResult(output.detach(), None if x_in is None else x_in.grad, parts, alias_parts)
-
-    @staticmethod
-    def _capture(parts: dict[str, torch.Tensor], name: str):
-        def hook(grad):
-            parts[name] = grad.detach().clone()
-
-        return hook
-
-    def _is_shared(self, name: str) -> bool:
-        return any(n == name for lay in self.layout for n, _, _ in lay.foreign)
+        return MicroResult(output.detach(), None if x_in is None else x_in.grad, alias_parts)
 
     def loss_gradient(self, loss: torch.Tensor) -> torch.Tensor:
         return torch.full_like(loss, 1.0 / self.settings.grad_accum)
@@ -220,13 +229,21 @@ class BlockedModel:
         else:
             param.grad.add_(part)
 
+    def add_tied_parts(self, alias_parts: dict[str, list[tuple[int, torch.Tensor]]]) -> None:
+        """After a micro-batch's backward: add the foreign blocks' parts {name: [(block, part)]} to
+        their owners' gradients in ascending block order (the owner's part is already in)."""
+        for name, parts in alias_parts.items():
+            param = self.parameter(name)
+            for _, part in sorted(parts, key=lambda x: x[0]):
+                self.add_gradient(param, part)
+
     # --- one optimizer step of the whole model (the provider's side) ------------------------
     def train_step(self, step: int, batches: list[Batch], fields: tuple[str, ...], commit=None,
                    before_update=None, after_update=None) -> float:
         """Run optimizer step `step` over its micro-batches, block by block. `commit(key, name,
         tensor)` receives every cross-block tensor under its manifest key (SPEC.md 3.3): the batch,
-        boundary activations and gradients, tied-weight gradient parts, losses and gradient norms.
-        Returns the mean loss."""
+        boundary activations and gradients, losses and gradient norms (tied-weight gradient parts
+        are not committed: 5.2.4). Returns the mean loss."""
         commit = commit or (lambda key, name, tensor: None)
         nb = len(self.blocks)
         losses = []
@@ -250,14 +267,9 @@ class BlockedModel:
                     commit(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
                     commit(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
                     grad_out = r.input_grad
-                for name, part in {**r.owner_parts, **r.alias_parts}.items():
-                    commit(common_key(step, m, "shared", name, f"{b:04d}"), f"shared_grad/{name}", part)
                 for name, part in r.alias_parts.items():
                     alias_parts.setdefault(name, []).append((b, part))
-            for name, parts in alias_parts.items():  # the fixed order: owner's part (autograd), then by block
-                param = dict(self.layout[self.owner[name]].params)[name]
-                for _, part in sorted(parts, key=lambda x: x[0]):
-                    self.add_gradient(param, part)
+            self.add_tied_parts(alias_parts)  # the fixed order: owner's part (autograd), then by block
             commit(common_key(step, m, "loss"), "loss", loss.detach().float())
             losses.append(float(loss.detach()))
         norms = [self.grad_norms(b) for b in range(nb)]
@@ -283,14 +295,11 @@ class BlockedModel:
         return clip_coefficient(self.optimizer.max_grad_norm, all_norms)
 
     @torch.no_grad()
-    def update(self, block: int, step: int, coef: float | None, include_foreign: bool = False) -> None:
+    def update(self, block: int, step: int, coef: float | None) -> None:
         """Clip and apply the optimizer to the block's trainable tensors, then clear gradients."""
-        targets = list(self.layout[block].trainable)
-        if include_foreign:
-            targets += [(n, p) for n, p, _ in self.layout[block].foreign if p.requires_grad]
-        for name, p in targets:
+        for name, p in self.layout[block].trainable:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if coef is not None:
-                g = g.mul(coef)
+                g.mul_(coef)  # in place: the gradient is dropped below (a copy costs a large tensor's page faults)
             apply_update(self.optimizer, p.data, g, self.optim_state[name], step)
             p.grad = None

@@ -2,10 +2,11 @@
 
 A manifest lists, for step block s, one subtree per layer block (its state at the start of s:
 weights, buffers, optimizer state) and one common subtree (what crosses blocks: batches,
-boundary activations and gradients, losses, gradient norms, tied-weight gradient parts). The
-step block's Merkle root is a tree over those subtree roots; its chained root binds the index
-and the previous chained root (SPEC.md 3.3). Manifests are hostile input: `from_json` checks
-every field before anything is used.
+boundary activations and gradients, losses, gradient norms). The step block's Merkle root is a
+tree over those subtree roots; its chained root binds the index and the previous chained root
+(SPEC.md 3.3). Manifests are hostile input: `from_json` checks every field before anything is
+used. Writers write `aftune.manifest.v2`, which commits no tied-weight gradient parts (5.2.4);
+readers also accept v1, whose `shared/...` rows a replay compares as well.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from ..core.merkle import merkle_root
 from ..core.rows import TensorRef, rows_from_json, rows_to_json
 from ..errors import AftuneError, InputError, RecordError
 
-MANIFEST_FORMAT = "aftune.manifest.v1"
+MANIFEST_FORMAT = "aftune.manifest.v2"
+MANIFEST_FORMATS = ("aftune.manifest.v1", MANIFEST_FORMAT)  # v1: per-micro-batch tied-weight parts committed
 MAX_MANIFEST_BYTES = 1 << 30
 
 
@@ -77,8 +79,8 @@ class StepBlockManifest:
     def from_json(cls, obj: Any, num_blocks: int, where: str = "manifest",
                   error: type[AftuneError] = InputError) -> "StepBlockManifest":
         """Parse a manifest from hostile JSON; `error` names `where` and the bad field."""
-        if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
-            raise error(f"{where}: not an {MANIFEST_FORMAT} document")
+        if not isinstance(obj, dict) or obj.get("format") not in MANIFEST_FORMATS:
+            raise error(f"{where}: not an {' or '.join(MANIFEST_FORMATS)} document")
         ints = {}
         for k in ("step_block", "first_step", "num_steps"):
             v = obj.get(k)

@@ -2,10 +2,16 @@
 commits and signs each step block as soon as its last tensor is in (SPEC.md 3).
 
 The training thread only hands over tensors that it will not modify again (boundary tensors are
-fresh; state tensors are snapshot copies). Worker threads compute digests and write objects (the
-hashing and compression libraries release the GIL); one committer thread builds each manifest,
-its Merkle root, and the signed transcript line, in step-block order. At most two step blocks
-are in flight, which bounds memory.
+fresh; state tensors are snapshot copies, or live tensors it waits for). Worker threads compute
+digests and write objects (the hashing and compression libraries release the GIL); one committer
+thread builds each manifest, its Merkle root, and the signed transcript line, in step-block
+order. At most two step blocks are in flight, which bounds memory.
+
+A small model's step is short and the training thread holds the GIL for most of it, so each
+hand-over and each stored object costs it time (benchmarks/README.md): cross-block tensors are
+handed over in batches, integer batch fields are committed by digest only (a verifier rebuilds
+every batch and compares them by digest: SPEC.md 3.2), and objects are compressed at zstd's
+fastest level (float tensors barely compress; integer ones still do).
 """
 
 from __future__ import annotations
@@ -20,9 +26,31 @@ from ..core.store import ObjectStore, TensorRef
 from .transcript import TranscriptWriter
 
 
+BATCH_TENSORS = 32  # tensors handed over per background job
+BATCH_BYTES = 32 << 20
+
+
+def stored_common(key: str, tensor: torch.Tensor) -> bool:
+    """Whether a common entry's object is stored (SPEC.md 3.2): all but integer and boolean
+    batch fields, which no verifier loads."""
+    return tensor.is_floating_point() or "/batch/" not in key
+
+
+class _Digest(Future):
+    """The digest of one handed-over tensor. Waiting for it first hands over the batch it is in."""
+
+    def __init__(self, hand_over):
+        super().__init__()
+        self._hand_over = hand_over
+
+    def result(self, timeout=None):  # the training thread's wait; the committer uses Future.result
+        self._hand_over()
+        return super().result(timeout)
+
+
 class Recorder:
     def __init__(self, run_dir: Path, algorithm: str, num_blocks: int, transcript: TranscriptWriter,
-                 workers: int = 2, compression_level: int = 1):
+                 workers: int = 2, compression_level: int = -1):
         self.run_dir = run_dir
         self.algorithm = algorithm
         self.num_blocks = num_blocks
@@ -32,6 +60,9 @@ class Recorder:
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="aftune-hash")
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="aftune-commit")
         self._open: dict[int, tuple[int, int, dict[str, Future], list[dict[str, Future]]]] = {}
+        self._pending: list[tuple[_Digest, str, torch.Tensor, bool]] = []  # not yet handed over
+        self._pending_bytes = 0
+        self._pending_kind = ""
         self._commits: list[Future] = []
         self.roots: dict[int, bytes] = {}
 
@@ -41,26 +72,53 @@ class Recorder:
             self.store.put(ref, tensor)
         return ref
 
+    def _batch_job(self, items: list[tuple[_Digest, str, torch.Tensor, bool]]) -> None:
+        for n, (future, name, tensor, store) in enumerate(items):
+            try:
+                future.set_result(self._job(name, tensor, store))
+            except BaseException as exc:
+                for f, *_ in items[n:]:
+                    f.set_exception(exc)
+                raise
+
+    def _add(self, kind: str, name: str, tensor: torch.Tensor, store: bool) -> _Digest:
+        if kind != self._pending_kind:  # the state is handed over before training starts
+            self._flush()
+            self._pending_kind = kind
+        future = _Digest(self._flush)
+        self._pending.append((future, name, tensor, store))
+        self._pending_bytes += tensor.nelement() * tensor.element_size()
+        if len(self._pending) >= BATCH_TENSORS or self._pending_bytes >= BATCH_BYTES:
+            self._flush()
+        return future
+
+    def _flush(self) -> None:
+        """Hand the pending tensors to a worker (training thread only)."""
+        if self._pending:
+            self._workers.submit(self._batch_job, self._pending)
+        self._pending, self._pending_bytes = [], 0
+
     def begin(self, step_block: int, first_step: int, num_steps: int) -> None:
         self._open[step_block] = (first_step, num_steps, {}, [{} for _ in range(self.num_blocks)])
 
     def state(self, step_block: int, block: int, key: str, name: str, tensor: torch.Tensor, store: bool) -> Future:
         """A state tensor of `block` at the start of `step_block`. The caller passes a private copy,
         or the live tensor and waits for the returned future before modifying it."""
-        future = self._workers.submit(self._job, name, tensor, store)
+        future = self._add("state", name, tensor, store)
         self._open[step_block][3][block][key] = future
         return future
 
     def common(self, step_block: int, key: str, name: str, tensor: torch.Tensor) -> None:
-        """A cross-block tensor (always stored); the caller must not modify it afterwards."""
+        """A cross-block tensor; the caller must not modify it afterwards."""
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        self._open[step_block][2][key] = self._workers.submit(self._job, name, t, True)
+        self._open[step_block][2][key] = self._add("common", name, t, stored_common(key, t))
 
     def end(self, step_block: int) -> None:
         """Close `step_block`: it is committed and signed in the background. Waits for the step
         block before the previous one, so at most two are in flight."""
+        self._flush()
         first, num, common, blocks = self._open.pop(step_block)
         self._commits.append(self._committer.submit(self._commit, step_block, first, num, common, blocks))
         if len(self._commits) >= 3:
@@ -69,8 +127,8 @@ class Recorder:
     def _commit(self, step_block, first, num, common, blocks) -> bytes:
         manifest = StepBlockManifest(
             step_block, first, num,
-            {k: f.result() for k, f in common.items()},
-            [{k: f.result() for k, f in b.items()} for b in blocks],
+            {k: Future.result(f) for k, f in common.items()},  # end() handed them over
+            [{k: Future.result(f) for k, f in b.items()} for b in blocks],
         )
         manifest.write(self.run_dir / "manifests" / f"{step_block:06d}.json")
         root = self.transcript.step_block(step_block, first, num, manifest.merkle_root(self.algorithm))

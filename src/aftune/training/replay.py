@@ -1,10 +1,13 @@
 """The replay of one (layer block, step block) of a run: SPEC.md 6.2 steps 3 to 6.
 
-Every committed tensor the replay feeds into its own computation (start state, input boundary,
-output gradient, other blocks' tied-weight gradient parts and gradient norms) is first checked
-against the shape and dtype the agreed computation gives it (`models.shapes`): a committed
-tensor that does not fit is the provider's fault and a finding; an error the computation still
-raises afterwards is aftune's own and propagates (exit 3), never a verdict.
+A layer block that shares a trainable parameter with others (tied input and output embeddings)
+is replayed together with its whole tied group (5.2.4): each block of the group runs from its own
+committed boundary tensors, and the gradient parts of the shared parameter are recomputed, never
+read from the record. Every committed tensor the replay feeds into its own computation (start
+state, input boundary, output gradient, gradient norms) is first checked against the shape and
+dtype the agreed computation gives it (`models.shapes`): a committed tensor that does not fit is
+the provider's fault and a finding; an error the computation still raises afterwards is aftune's
+own and propagates (exit 3), never a verdict.
 
     BlockReplay(verifier, result, layer_block=1, step_block=2).run(start_state=None)
 """
@@ -15,6 +18,7 @@ import torch
 
 from ..core.encoding import DTYPE_BY_NAME, DTYPE_NAMES, tensor_digest
 from ..core.rows import TensorRef
+from ..core.store import ObjectMissing
 from ..errors import CommitmentMismatch, RecordError
 from ..models.shapes import TensorSpec
 from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
@@ -26,7 +30,6 @@ REASONS = {
     "output": "the block's recomputed output differs from the committed one",
     "loss": "the recomputed loss differs from the committed one",
     "input_gradient": "the recomputed input gradient differs from the committed one",
-    "shared_gradient": "the recomputed tied-weight gradient part differs from the committed one",
     "grad_norms": "the recomputed gradient norms differ from the committed ones",
     "end_state": "replaying the committed steps does not reach the committed end-of-block state",
 }
@@ -34,6 +37,11 @@ REASONS = {
 
 class StopReplay(Exception):
     """Ends one block's replay after a finding that makes the rest meaningless."""
+
+
+class StateNotStored(RecordError):
+    """A start-state tensor is committed by digest only (checkpoint interval > 1) and was not
+    handed over regenerated: `aftune prepare` makes it, or a chained replay provides it."""
 
 
 def check_fits(ref: TensorRef | None, want: TensorSpec, key: str) -> TensorRef:
@@ -53,7 +61,8 @@ class BlockReplay:
     def __init__(self, verifier, result: BlockResult, layer_block: int, step_block: int):
         self.v, self.res, self.l, self.s = verifier, result, layer_block, step_block
         self.bm = verifier.blocked
-        self.last = layer_block == len(self.bm.blocks) - 1
+        self.members = self.bm.tied_group(layer_block)  # replayed together (5.2.4); usually [layer_block]
+        self.last_block = len(self.bm.blocks) - 1
         self.run_dtype = DTYPE_NAMES[DTYPE_BY_NAME[verifier.record.settings.dtype]]  # committed floats are in it
 
     # --- comparisons --------------------------------------------------------------------------
@@ -83,17 +92,19 @@ class BlockReplay:
         return t.to(self.v.replay_dtype) if t.is_floating_point() else t
 
 
-    # --- the block ----------------------------------------------------------------------------
+    # --- the block (and its tied group) ------------------------------------------------------
     def run(self, start_state) -> dict[str, torch.Tensor]:
-        v, bm, l, s = self.v, self.bm, self.l, self.s
+        v, bm, s = self.v, self.bm, self.s
         m_start, m_end = v.record.manifest(s), v.record.manifest(s + 1)
         expected_steps = v.settings.steps_of(s)
         if (m_start.first_step, m_start.num_steps) != (expected_steps.start, len(expected_steps)):
             raise RecordError(f"step block {s} covers steps {m_start.first_step}..+{m_start.num_steps}, "
                               f"the config says {expected_steps.start}..+{len(expected_steps)}")
-        extra = sorted(set(m_start.blocks[l]) - set(bm.state_tensors(l)))
-        if extra:
-            self.res.fail("record", f"{len(extra)} committed state tensors the architecture does not have", tensor=extra[0])
+        for b in self.members:
+            extra = sorted(set(m_start.blocks[b]) - set(bm.state_tensors(b)))
+            if extra:
+                self.res.fail("record", f"{len(extra)} committed state tensors of layer block {b} the architecture "
+                              "does not have", tensor=extra[0])
         self.load_start_state(m_start, start_state)
         for step in expected_steps:
             for m in range(v.settings.grad_accum):
@@ -101,15 +112,28 @@ class BlockReplay:
             self.update(m_start, step)
         return self.end_state(m_end)
 
+    def state_refs(self, manifest: StepBlockManifest) -> dict:
+        """{key: (committed ref, owner block)} of every state tensor the group's replay uses."""
+        refs = {}
+        for b in self.members:
+            refs.update(self.v.state_refs(manifest, b))
+        return refs
+
+    def live_state(self) -> dict[str, tuple[str, torch.Tensor]]:
+        bm, live = self.bm, {}
+        for b in self.members:
+            live.update(bm.state_tensors(b))
+            for name, p, owner in bm.layout[b].foreign:
+                live[f"state/{name}"] = (name, p.data)
+                live.update({k: x for k, x in bm.state_tensors(owner).items() if k.startswith(f"optim/{name}/")})
+        return live
+
     def load_start_state(self, m_start: StepBlockManifest, start_state) -> None:
         """3. The committed start state (s = 0: the agreed base model, seeded adapters, empty
         optimizer), or the previous replay's end state where it has the committed digest."""
         v, bm, s = self.v, self.bm, self.s
-        live = {**bm.state_tensors(self.l)}
-        for name, p, owner in bm.layout[self.l].foreign:
-            live[f"state/{name}"] = (name, p.data)
-            live.update({k: x for k, x in bm.state_tensors(owner).items() if k.startswith(f"optim/{name}/")})
-        for key, (ref, owner) in v.state_refs(m_start, self.l).items():
+        live = self.live_state()
+        for key, (ref, owner) in self.state_refs(m_start).items():
             if ref is None:
                 self.res.fail("record", "state tensor missing from the manifest", tensor=key)
                 continue
@@ -117,7 +141,12 @@ class BlockReplay:
             check_fits(ref, TensorSpec(tuple(live[key][1].shape), ""), f"step block {s}, layer block {owner}: {key}")
             t = start_state.get(key) if start_state else None
             if t is None or tensor_digest(ref.name, t, v.algorithm) != ref.digest:
-                t = v.record.store.get(ref, f"step block {s}, layer block {owner}")
+                try:
+                    t = v.record.store.get(ref, f"step block {s}, layer block {owner}")
+                except ObjectMissing:
+                    raise StateNotStored(f"{key} ({ref.digest.hex()[:16]}…) of step block {s} is committed by digest "
+                                         f"only: run `aftune prepare` for layer block {self.l}, step block {s} "
+                                         "first") from None
             if s == 0 and key.startswith("state/"):
                 v.initial.check_state(self.res, key[len("state/"):], t)
             elif s == 0 and key.startswith("optim/"):
@@ -125,10 +154,13 @@ class BlockReplay:
             bm.assign(key, t.to(v.replay_dtype) if t.is_floating_point() else t)
 
     def replay_micro(self, manifest: StepBlockManifest, step: int, m: int) -> None:
-        """4-5. One micro-batch through the block: batch, forward, backward, tied-weight parts."""
-        v, bm, l, common = self.v, self.bm, self.l, manifest.common
+        """4-5. One micro-batch through the block (or its tied group, from the last block down, as
+        the writer runs the backward): batch, forward, backward, then the tied parameters' parts
+        added in the fixed order."""
+        v, bm, common = self.v, self.bm, manifest.common
         indices, batch = v.agreed_batch(step, m)
-        for field in v.fields_entering(l):
+        entering = {f for b in self.members for f in v.fields_entering(b)}
+        for field in [f for f in v.spec.fields if f in entering]:
             key = common_key(step, m, "batch", field)
             before = len(self.res.findings)
             self.compare(common.get(key), batch[field], check="batch", tensor=key, step=step, micro=m)
@@ -140,75 +172,59 @@ class BlockReplay:
         if v.replay_dtype != torch.float32 and "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(v.replay_dtype)
         ctx = bm.context(batch)
+        alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for b in reversed(self.members):
+            r = self.replay_block(common, b, step, m, ctx, outputs)
+            for name, part in r.alias_parts.items():
+                alias_parts.setdefault(name, []).append((b, part))
+        bm.add_tied_parts(alias_parts)  # v1 records' committed parts (shared/...) are not read
+
+    def replay_block(self, common, b: int, step: int, m: int, ctx, outputs):
+        """Forward from the committed input boundary, compare the output (or loss), backward from
+        the committed output gradient, compare the input gradient."""
+        bm = self.bm
         x_in = None
-        if l > 0:
-            key = common_key(step, m, "boundary", f"{l:04d}", "activation")
-            x_in = self.load(check_fits(common.get(key), outputs[l - 1], key), key).requires_grad_(True)
-        out, aliases = bm.forward(l, x_in, ctx, step, m)
-        if self.last:
+        if b > 0:
+            key = common_key(step, m, "boundary", f"{b:04d}", "activation")
+            x_in = self.load(check_fits(common.get(key), outputs[b - 1], key), key).requires_grad_(True)
+        out, aliases = bm.forward(b, x_in, ctx, step, m)
+        if b == self.last_block:
             key = common_key(step, m, "loss")
             self.compare(common.get(key), out.detach().float(), check="loss", tensor=key, step=step, micro=m)
             grad_out = bm.loss_gradient(out)
         else:
-            key = common_key(step, m, "boundary", f"{l + 1:04d}", "activation")
+            key = common_key(step, m, "boundary", f"{b + 1:04d}", "activation")
             self.compare(common.get(key), out.detach(), check="output", tensor=key, step=step, micro=m)
-            gkey = common_key(step, m, "boundary", f"{l + 1:04d}", "gradient")
-            grad_out = self.load(check_fits(common.get(gkey), outputs[l], gkey), gkey)
-        r = bm.backward(l, out, grad_out, x_in, aliases)
-        if l > 0:
-            key = common_key(step, m, "boundary", f"{l:04d}", "gradient")
+            gkey = common_key(step, m, "boundary", f"{b + 1:04d}", "gradient")
+            grad_out = self.load(check_fits(common.get(gkey), outputs[b], gkey), gkey)
+        r = bm.backward(b, out, grad_out, x_in, aliases)
+        if b > 0:
+            key = common_key(step, m, "boundary", f"{b:04d}", "gradient")
             self.compare(common.get(key), r.input_grad, check="input_gradient", tensor=key, step=step, micro=m)
-        for name, part in {**r.owner_parts, **r.alias_parts}.items():
-            key = common_key(step, m, "shared", name, f"{l:04d}")
-            self.compare(common.get(key), part, check="shared_gradient", tensor=key, step=step, micro=m)
-        self.add_tied_parts(common, step, m, r)
-
-    def shared_part(self, common, step: int, m: int, name: str, block: int, param: torch.Tensor) -> torch.Tensor:
-        key = common_key(step, m, "shared", name, f"{block:04d}")
-        want = TensorSpec(tuple(param.shape), self.run_dtype)
-        return self.load(check_fits(common.get(key), want, key), key)
-
-    def add_tied_parts(self, common, step: int, m: int, r) -> None:
-        """Tied parameters: accumulate the other blocks' committed parts in the fixed order."""
-        bm, l = self.bm, self.l
-        users = lambda name: [b for b in range(len(bm.blocks)) if any(n == name for n, _, _ in bm.layout[b].foreign)]  # noqa: E731
-        for name, p in bm.layout[l].params:
-            if name in r.owner_parts:
-                for b in users(name):
-                    if b != l:
-                        bm.add_gradient(p, self.shared_part(common, step, m, name, b, p))
-        for name, p, owner in bm.layout[l].foreign:
-            if not p.requires_grad:
-                continue
-            bm.add_gradient(p, self.shared_part(common, step, m, name, owner, p))
-            for b in users(name):
-                if b != owner:
-                    bm.add_gradient(p, r.alias_parts[name] if b == l else self.shared_part(common, step, m, name, b, p))
+        return r
 
     def update(self, manifest: StepBlockManifest, step: int) -> None:
         """5. Gradient norms (compared), global clipping with every block's committed norms, update."""
-        bm, l = self.bm, self.l
-        norms = bm.grad_norms(l)
-        key = common_key(step, None, "grad_norms", f"{l:04d}")
-        self.compare(manifest.common.get(key), norms, check="grad_norms", tensor=key, step=step)
+        bm = self.bm
+        for b in self.members:
+            key = common_key(step, None, "grad_norms", f"{b:04d}")
+            self.compare(manifest.common.get(key), bm.grad_norms(b), check="grad_norms", tensor=key, step=step)
         all_norms = []
         for b in range(len(bm.blocks)):
             k = common_key(step, None, "grad_norms", f"{b:04d}")
             want = TensorSpec((len(bm.layout[b].trainable),), "F32")
             all_norms.append(self.v.record.store.get(check_fits(manifest.common.get(k), want, k), k))
-        bm.update(l, step, bm.clip(all_norms), include_foreign=True)
+        coef = bm.clip(all_norms)
+        for b in self.members:  # a shared trainable parameter is updated once, by its owner
+            bm.update(b, step, coef)
 
     def end_state(self, m_end: StepBlockManifest) -> dict[str, torch.Tensor]:
         """6. The end state, compared with the commitment of the next step block."""
-        v, bm, l, s = self.v, self.bm, self.l, self.s
-        live = {**bm.state_tensors(l)}
-        for name, p, owner in bm.layout[l].foreign:
-            live[f"state/{name}"] = (name, p.data)
-            live.update({k: x for k, x in bm.state_tensors(owner).items() if k.startswith(f"optim/{name}/")})
+        live = self.live_state()
         end_state = {}
-        for key, (ref, owner) in v.state_refs(m_end, l).items():
+        for key, (ref, owner) in self.state_refs(m_end).items():
             _, t = live[key]
-            self.compare(ref, t, check="end_state", tensor=key, where=f"step block {s + 1}, layer block {owner}")
+            self.compare(ref, t, check="end_state", tensor=key, where=f"step block {self.s + 1}, layer block {owner}")
             end_state[key] = t.detach().clone()
         self.rank_end_state()
         return end_state

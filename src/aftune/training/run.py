@@ -53,13 +53,37 @@ def signed_run_config(path: str | Path, transcript: Transcript, what: str = "run
     return config
 
 
+def committed_settings(config: dict[str, Any], transcript: Transcript) -> tuple[TrainSettings | None, str | None]:
+    """The settings the run config commits, checked against the transcript's length and hash;
+    (None, why) when they are not valid settings (a verifier with an agreement reports that as a
+    difference from the agreed settings; one without cannot proceed)."""
+    try:
+        settings = TrainSettings.from_json(config.get("settings"))
+    except InputError as exc:
+        return None, str(exc)
+    if transcript.run is not None and len(transcript.step_blocks) != settings.num_step_blocks + 1:
+        raise CommitmentMismatch(f"the transcript closes the run after {len(transcript.step_blocks)} step blocks; "
+                                 f"the config needs {settings.num_step_blocks} plus the final state")
+    if settings.hash_algorithm != transcript.algorithm:
+        raise RecordError("config and transcript name different hash algorithms")
+    return settings, None
+
+
 @dataclass
 class RunRecord:
     root: Path
     config: dict[str, Any]
-    settings: TrainSettings
+    committed: TrainSettings | None  # the run config's settings; None when they are invalid
     transcript: Transcript
     store: ObjectStore
+    settings_problem: str | None = None  # why `committed` is None
+
+    @property
+    def settings(self) -> TrainSettings:
+        """The run's own settings (without an agreement, the only ones there are)."""
+        if self.committed is None:
+            raise InputError(self.settings_problem or "run config: invalid settings")
+        return self.committed
 
     @classmethod
     def open(cls, run_dir: str | Path, public_key: PublicKey, transcript_path: str | Path | None = None) -> "RunRecord":
@@ -70,13 +94,8 @@ class RunRecord:
             raise InputError(f"run directory {root} does not exist")
         transcript = Transcript.load(Path(transcript_path or root / "transcript.jsonl"), public_key)
         config = signed_run_config(root / "config.json", transcript)
-        settings = TrainSettings.from_json(config.get("settings"))
-        if transcript.run is not None and len(transcript.step_blocks) != settings.num_step_blocks + 1:
-            raise CommitmentMismatch(f"the transcript closes the run after {len(transcript.step_blocks)} step blocks; "
-                                     f"the config needs {settings.num_step_blocks} plus the final state")
-        if settings.hash_algorithm != transcript.algorithm:
-            raise RecordError("config and transcript name different hash algorithms")
-        return cls(root, config, settings, transcript, ObjectStore(root / "objects", transcript.algorithm))
+        settings, problem = committed_settings(config, transcript)
+        return cls(root, config, settings, transcript, ObjectStore(root / "objects", transcript.algorithm), problem)
 
     @property
     def algorithm(self) -> str:
@@ -119,30 +138,33 @@ class RunRecord:
             raise RecordError("run config: data.num_examples must be a positive integer")
         return n
 
-    def dataset(self):
-        """The agreed dataset, from the run directory's copy, checked against the dataset root."""
+    def dataset(self, kind: str, root: bytes, labels: tuple[str, ...], num_examples: int):
+        """The agreed dataset (`kind`, `root`, `labels`, `num_examples` come from the agreement),
+        read from the run directory's copy (`data.path` only says where it lies)."""
         from ..data import load_dataset
 
-        data = self.section("data")
-        rel = data.get("path")
+        rel = self.section("data").get("path")
         if not isinstance(rel, str) or ".." in Path(rel).parts or Path(rel).is_absolute():
             raise RecordError("run config: data.path must be a relative path inside the run directory")
-        dataset = load_dataset(self.root / rel, data.get("kind"))
-        if dataset.root(self.algorithm) != parse_hex_digest(data.get("root"), "run config: data.root"):
-            raise CommitmentMismatch(f"the dataset in {self.root / rel} does not match the committed dataset root")
-        if list(dataset.labels) != data.get("labels") or len(dataset.examples) != self.num_examples:
-            raise CommitmentMismatch("the dataset's labels or size differ from the committed ones")
+        try:
+            dataset = load_dataset(self.root / rel, kind)
+        except InputError as exc:
+            raise RecordError(f"the run's dataset copy is unreadable: {exc}") from None
+        if dataset.root(self.algorithm) != root:
+            raise CommitmentMismatch(f"the dataset in {self.root / rel} does not match the committed dataset root (the "
+                                     "agreed dataset)")
+        if tuple(dataset.labels) != tuple(labels) or len(dataset.examples) != num_examples:
+            raise CommitmentMismatch("the dataset's labels or size differ from the agreed ones")
         return dataset
 
     def base_digests(self) -> dict[str, bytes]:
         """Per-tensor digests of the agreed base model (RUN/base_model.json, checked)."""
         return read_base_digests(self.root / "base_model.json", self.section("model").get("base_weights"), self.algorithm)
 
-    def tokenizer_files(self) -> dict[str, bytes] | None:
-        """The tokenizer files (RUN/tokenizer), checked against the files root the config commits;
-        None for image models."""
-        tok = self.section("model").get("tokenizer")
-        if tok is None:
+    def tokenizer_files(self, root: bytes | None) -> dict[str, bytes] | None:
+        """The tokenizer files (RUN/tokenizer), checked against the agreed files `root`; None
+        for image models (no agreed tokenizer)."""
+        if root is None:
             return None
         d = self.root / "tokenizer"
         if not d.is_dir():
@@ -151,8 +173,8 @@ class RunRecord:
             files = tokenizer_files(d)
         except InputError as exc:
             raise RecordError(str(exc)) from None
-        if files_root(self.algorithm, files) != parse_hex_digest(tok, "run config: model.tokenizer"):
-            raise CommitmentMismatch(f"{d} does not match the tokenizer digest committed in the run config")
+        if files_root(self.algorithm, files) != root:
+            raise CommitmentMismatch(f"{d} is not the agreed tokenizer (its files root differs)")
         return files
 
 

@@ -81,10 +81,17 @@ class TrainSettings:
             if getattr(self, name) not in allowed:
                 out.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.lora is not None:
-            if not isinstance(self.lora.r, int) or self.lora.r < 1:
-                out.append(f"lora.r must be a positive integer, got {self.lora.r!r}")
-            if not isinstance(self.lora.dropout, (int, float)) or not 0 <= self.lora.dropout < 1:
-                out.append(f"lora.dropout must be in [0, 1), got {self.lora.dropout!r}")
+            lora = self.lora
+            if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
+                out.append(f"lora.r must be a positive integer, got {lora.r!r}")
+            if isinstance(lora.alpha, bool) or not isinstance(lora.alpha, int) or lora.alpha < 1:
+                out.append(f"lora.alpha must be a positive integer, got {lora.alpha!r}")
+            if (isinstance(lora.dropout, bool) or not isinstance(lora.dropout, (int, float))
+                    or not 0 <= lora.dropout < 1):
+                out.append(f"lora.dropout must be in [0, 1), got {lora.dropout!r}")
+            if not isinstance(lora.target_modules, tuple) or not all(
+                    isinstance(m, str) and 0 < len(m) <= 256 for m in lora.target_modules):
+                out.append("lora.target_modules must be a list of module names")
         return out
 
     def validate(self) -> "TrainSettings":

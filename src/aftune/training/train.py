@@ -18,15 +18,15 @@ import torch
 
 from .. import builtin
 from ..version import __version__
+from .agreement import Agreement, agreement_from, differences
 from .settings import RUN_FORMAT, TrainSettings
-from ..data import BatchSpec, Dataset, OrderCache, build_batch, copy_into, load_dataset
+from ..data import BatchSpec, OrderCache, build_batch, copy_into, load_dataset
 from ..core.encoding import canonical_json
 from .engine import BlockedModel
 from ..errors import InputError
 from .instantiate import instantiate
-from ..core.merkle import files_root, tensors_root
-from ..models import (adapter_class, load_pretrained, load_tokenizer, model_commitment, model_weights,
-                      tokenizer_files, tokenizer_from_files)
+from ..core.merkle import files_root
+from ..models import (load_pretrained, model_commitment, model_files, tokenizer_files, tokenizer_from_files)
 from .recorder import Recorder
 from ..core.encoding import DTYPE_BY_NAME
 from .run import config_digest
@@ -60,28 +60,18 @@ class TrainResult:
     final_loss: float
 
 
-def batch_spec(hf_config: dict, settings: TrainSettings, fields: tuple[str, ...], task: str) -> BatchSpec:
-    image_size = settings.image_size or int(hf_config.get("image_size", 0) or 0)
-    if hf_config.get("model_type") == "resnet" and not image_size:
-        image_size = 64
-    return BatchSpec(task=task, seq_len=settings.seq_len, image_size=image_size, fields=fields)
-
-
-def _check_data(dataset: Dataset, task: str, model_type: str, hf_config: dict) -> None:
-    vision = model_type in ("vit", "dinov2", "resnet")
-    wanted = "text" if task == "causal_lm" else ("image_folder" if vision else "labeled_text")
-    if dataset.kind != wanted:
-        raise InputError(f"a {model_type} model trains on a {wanted} dataset, got {dataset.kind}")
-    if task == "classification":
-        num_labels = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 2))
-        if len(dataset.labels) > num_labels:
-            raise InputError(f"the dataset has {len(dataset.labels)} labels {list(dataset.labels)[:5]} but the model "
-                             f"classifies {num_labels}; set num_labels in the model config")
-
-
-def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path, settings: TrainSettings,
-          key_path: str | Path | None = None, progress: Progress | None = None,
-          deviation: Deviation | None = None) -> TrainResult:
+def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path,
+          settings: TrainSettings | None = None, key_path: str | Path | None = None, progress: Progress | None = None,
+          deviation: Deviation | None = None, agreement: Agreement | None = None) -> TrainResult:
+    """Fine-tune `model_dir` on `data_path` into the new directory `run_dir`, recording. The
+    settings come from the client's `agreement` (whose base model and data must be the ones given)
+    or, without one, from `settings`; the run config commits the agreement's digest either way."""
+    if agreement is not None:
+        if settings is not None and settings != agreement.settings:
+            raise InputError("the training settings come from the agreement: give one or the other")
+        settings = agreement.settings
+    if settings is None:
+        raise InputError("give the training settings or an agreement")
     settings.validate()
     model_dir = Path(model_dir) if model_dir else builtin.MODEL_DIR
     data_path = Path(data_path) if data_path else builtin.DATA_FILE
@@ -92,11 +82,14 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
 
     dtype = DTYPE_BY_NAME[settings.dtype]
     hf_config, base_model = load_pretrained(model_dir, settings.attn_implementation, dtype)
-    base_tensors = model_weights(base_model)
-    model_type = hf_config.get("model_type")
-    task = adapter_class(model_type).task
     dataset = load_dataset(data_path)
-    _check_data(dataset, task, model_type, hf_config)
+    own = agreement_from(hf_config, base_model, model_dir, dataset, settings,
+                         agreement.inference if agreement is not None else None)
+    if agreement is not None:
+        wrong = differences(agreement.body_json(), own.body_json())
+        if wrong:
+            raise InputError("the model and data given are not the agreed ones:\n  - " + "\n  - ".join(wrong[:12]))
+    agreement = agreement or own
     key = SigningKey.load(key_path) if key_path else SigningKey.generate()
 
     root_module, model, adapter = instantiate(hf_config, settings, base_model)
@@ -106,21 +99,28 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     public_key_path = None
     if not key_path:
         public_key_path = key.save(run / "provider.key")
-    base_root, base_digests = tensors_root(algorithm, base_tensors)
-    (run / "base_model.json").write_text(json.dumps({k: v.hex() for k, v in sorted(base_digests.items())}, indent=0))
+    (run / "base_model.json").write_text(json.dumps({k: v.hex() for k, v in sorted(agreement.base_tensors.items())},
+                                                    indent=0))
+    (run / "agreement.json").write_bytes(canonical_json(agreement.to_json()) + b"\n")  # what the run was made under
+    # the agreed base files, byte for byte: the tokenizer to train with (RUN/tokenizer) and the
+    # config, generation config and tokenizer of the fine-tuned model (RUN/model)
+    base_files = model_files(model_dir)
     tokenizer, tokenizer_digest = None, None
     if dataset.kind != "image_folder":
-        load_tokenizer(model_dir).save_pretrained(str(run / "tokenizer"))
-        files = tokenizer_files(run / "tokenizer")
+        files = tokenizer_files(model_dir)
+        (run / "tokenizer").mkdir()
+        for name, data in files.items():
+            (run / "tokenizer" / name).write_bytes(data)
         tokenizer = tokenizer_from_files(files)  # train with exactly what the verifier will load
         tokenizer_digest = files_root(algorithm, files).hex()
     data_copy = copy_into(dataset, run / "data")
-    spec = batch_spec(hf_config, settings, adapter.batch_fields, task)
+    spec = agreement.batch_spec()
 
     config = {
         "format": RUN_FORMAT,
         "settings": settings.to_json(),
-        "model": {"config": hf_config, "base_weights": base_root.hex(), "tokenizer": tokenizer_digest},
+        "agreement": agreement.digest().hex(),
+        "model": {"config": hf_config, "base_weights": agreement.base_weights.hex(), "tokenizer": tokenizer_digest},
         "data": {"kind": dataset.kind, "root": dataset.root(algorithm).hex(), "num_examples": len(dataset.examples),
                  "labels": list(dataset.labels), "path": str(data_copy.relative_to(run))},
         "batch": {**asdict(spec), "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
@@ -155,7 +155,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         recorder.close()
         raise
 
-    final_digest = _save_model(root_module, model, tokenizer, run, settings, algorithm)
+    final_digest = _save_model(root_module, model, base_files, run, settings, algorithm)
     run_root = writer.finish(final_digest)
     return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value)
 
@@ -163,18 +163,19 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
 def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: bool) -> list:
     """Hand every layer block's state at the start of step block `s` to the recorder.
 
-    Checkpoints are stored, so they are copied. Otherwise weights and optimizer state are hashed
-    in place while the step block's first forward and backward run (they only read them); the
-    returned futures must complete before the first optimizer update. Buffers are copied: a
-    forward pass may update them (BatchNorm statistics)."""
+    Weights and optimizer state are hashed, and at checkpoints stored, in place while the step
+    block's first forward and backward run (they only read them); the returned futures must
+    complete before the first optimizer update. (A copy of a 135M model's state costs the
+    training thread seconds of page faults at every checkpoint: benchmarks/README.md.) Buffers
+    are copied: a forward pass may update them (BatchNorm statistics)."""
     live = []
     for b in range(len(blocked.blocks)):
         buffers = {name for name, _ in blocked.layout[b].buffers}
         for k, (name, t) in blocked.state_tensors(b).items():
-            if stored or name in buffers:
+            if name in buffers:
                 recorder.state(s, b, k, name, t.detach().clone(), stored)
             else:
-                live.append(recorder.state(s, b, k, name, t.detach(), False))
+                live.append(recorder.state(s, b, k, name, t.detach(), stored))
     return live
 
 
@@ -196,9 +197,11 @@ def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, da
                               before_update=before_update, after_update=deviation.after_update)
 
 
-def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSettings, algorithm: str) -> bytes:
-    """Write RUN/model (Hugging Face format; LoRA merged, the adapter in RUN/adapter) and return
-    the digest of its weights."""
+def _save_model(root_module, model, base_files: dict[str, bytes], run: Path, settings: TrainSettings,
+                algorithm: str) -> bytes:
+    """Write RUN/model (Hugging Face format; LoRA merged, the adapter in RUN/adapter) with the
+    agreed base model's config, generation config and tokenizer files byte for byte (fine-tuning
+    changes weights only), and return its model digest (SPEC.md 3.6)."""
     out = run / "model"
     if settings.lora is not None:
         root_module.save_pretrained(str(run / "adapter"))
@@ -206,8 +209,9 @@ def _save_model(root_module, model, tokenizer, run: Path, settings: TrainSetting
         merged.save_pretrained(str(out))
     else:
         model.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    (out / "generation_config.json").unlink(missing_ok=True)
+    for name, data in base_files.items():
+        (out / name).write_bytes(data)
     _, saved = load_pretrained(out, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
     return model_commitment(saved, out, algorithm)[0]
 

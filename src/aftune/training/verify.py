@@ -29,11 +29,10 @@ from typing import Callable
 import torch
 
 from ..core.encoding import DTYPE_BY_NAME
-from ..core.merkle import tensors_root
 from ..core.signing import PublicKey
-from ..data import BatchSpec, OrderCache, build_batch
-from ..errors import CommitmentMismatch, InputError, RecordError
-from ..models import load_pretrained, model_commitment, model_weights, tokenizer_from_files
+from ..data import OrderCache, build_batch
+from ..errors import CommitmentMismatch, InputError
+from ..models import tokenizer_from_files
 from ..models.shapes import ShapeOracle
 from ..verdict.findings import BlockResult, Finding, Report
 from ..verdict.policy import (MODES, TENSOR_KINDS, ComparisonPolicy, Tolerance, Verifying,  # noqa: F401
@@ -41,92 +40,100 @@ from ..verdict.policy import (MODES, TENSOR_KINDS, ComparisonPolicy, Tolerance, 
 from ..verdict.threads import pinned_threads, recorded_threads
 from .engine import BlockedModel
 from .initial_state import InitialState
-from .instantiate import instantiate, is_lora_tensor
-from .replay import BlockReplay, StopReplay
+from .agreement import Agreement
+from .conformance import NO_AGREEMENT_NOTE, agreement_of_run, run_conformance
+from .instantiate import base_name, instantiate, is_lora_tensor
+from .final_model import check_final_model
+from .replay import BlockReplay, StateNotStored, StopReplay
 from .run import RunRecord
 
 __all__ = ["MODES", "TENSOR_KINDS", "Tolerance", "Verifier", "relative_errors", "tensor_kind"]
 
+NEEDS_AGREEMENT = ("no agreement: pass --agreement with the agreement.json you wrote with `aftune agree` (the base "
+                   "model, data and settings you agreed to), or --unsafe-no-agreement to check only that the record "
+                   "is consistent with itself")
+
 
 class Verifier(Verifying):
-    def __init__(self, run_dir: str | Path | None, public_key: PublicKey | None, mode: str = "strict",
-                 tolerance: Tolerance = Tolerance(), replay_dtype: str | None = None,
-                 transcript: str | Path | None = None, record=None):
-        """Verify a run directory, or any other record source passed as `record` (an audit
-        bundle) that offers RunRecord's interface."""
+    def __init__(self, run_dir: str | Path | None, public_key: PublicKey | None, agreement: Agreement | None = None, *,
+                 unsafe_no_agreement: bool = False, mode: str = "strict", tolerance: Tolerance = Tolerance(),
+                 replay_dtype: str | None = None, transcript: str | Path | None = None, record=None):
+        """Verify a run directory (or any other record source passed as `record`, such as an audit
+        bundle, that offers RunRecord's interface) against the client's `agreement`. Without one,
+        only `unsafe_no_agreement=True` proceeds, and then only self-consistency is checked
+        (`notes` says so)."""
         self.policy = ComparisonPolicy(mode, tolerance)
         if replay_dtype is not None and self.policy.strict:
             raise InputError("replaying in another dtype cannot be bitwise: use --mode tolerance with --dtype")
         if replay_dtype is not None and replay_dtype not in DTYPE_BY_NAME:
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}")
+        if agreement is None and not unsafe_no_agreement:
+            raise InputError(NEEDS_AGREEMENT)
         self.record = record if record is not None else RunRecord.open(run_dir, public_key, transcript)
         self.algorithm = self.record.algorithm
-        run_settings = self.record.settings
-        self.settings = replace(run_settings, dtype=replay_dtype) if replay_dtype else run_settings
+        self.notes: list[str] = []
+        if agreement is None:
+            agreement = agreement_of_run(self.record)
+            self.notes.append(NO_AGREEMENT_NOTE)
+        elif agreement.algorithm != self.algorithm:
+            raise CommitmentMismatch(f"the run is hashed with {self.algorithm}, the agreement says {agreement.algorithm}")
+        self.agreement = agreement
+        # from here on every value comes from the agreement (SPEC.md 6.2 step 0)
+        self.run_settings = agreement.settings
+        self.settings = replace(agreement.settings, dtype=replay_dtype) if replay_dtype else agreement.settings
         self.replay_dtype = DTYPE_BY_NAME[self.settings.dtype]
-        hf_config = self.record.section("model").get("config")
-        if not isinstance(hf_config, dict):
-            raise RecordError("run config: model.config must be an object")
-        self._hf_config = hf_config
-        _, self.model, adapter = instantiate(hf_config, self.settings)
+        self._hf_config = agreement.base_config
+        _, self.model, adapter = instantiate(self._hf_config, self.settings)
         self.blocked = BlockedModel(self.model, adapter, self.settings)
-        layout = self.record.section("layout")
-        if layout.get("layer_blocks") != [list(r) for r in self.blocked.blocks.ranges] or \
-                layout.get("stages") != self.blocked.stage_names:
-            raise RecordError("run config: the committed layer-block layout differs from the architecture's")
-        self.shapes = ShapeOracle(hf_config, run_settings.attn_implementation, DTYPE_BY_NAME[run_settings.dtype])
+        self.conformance = run_conformance(self.record.config, agreement, self.layout(),
+                                           check_digest=NO_AGREEMENT_NOTE not in self.notes)
+        self.shapes = ShapeOracle(self._hf_config, self.run_settings.attn_implementation,
+                                  DTYPE_BY_NAME[self.run_settings.dtype])
         # LoRA: the adapters as `settings.seed` initialises them (instantiate seeds PEFT's init),
         # kept before any committed state is loaded over them (6.2 step 3)
         self._lora_init: dict[str, torch.Tensor] | None = None
-        if run_settings.lora is not None and not replay_dtype:
+        if self.run_settings.lora is not None and not replay_dtype:
             self._lora_init = {n: p.detach().clone() for n, p in self.model.named_parameters() if is_lora_tensor(n)}
-        self._load_data()
-        self.initial = InitialState(self.base_digests, self._lora_initial, self.algorithm)
+        self._check_base_tensors()
+        if not self.conformance:
+            self._load_data()
+        self.initial = InitialState(agreement.base_tensors, self._lora_initial, self.algorithm)
+
+    def layout(self) -> tuple[list[str], list[list[int]]]:
+        return self.blocked.stage_names, [list(r) for r in self.blocked.blocks.ranges]
+
+    @property
+    def num_step_blocks(self) -> int:
+        return self.run_settings.num_step_blocks
+
+    def _check_base_tensors(self) -> None:
+        """The agreed architecture must have exactly the agreed base tensors: every base tensor is
+        trained or frozen by the run, none is dropped (an inconsistent agreement is bad input)."""
+        model_names = {base_name(n) for b in range(len(self.blocked.blocks))
+                       for n, _ in self.blocked.state_tensors(b).values() if not is_lora_tensor(n) and "/" not in n}
+        agreed = set(self.agreement.base_tensors)
+        if model_names != agreed:
+            missing, extra = sorted(agreed - model_names), sorted(model_names - agreed)
+            raise InputError(f"the agreement's base tensors are not those of its architecture: {len(missing)} agreed "
+                             f"tensors the architecture does not use {missing[:3]}, {len(extra)} tensors it has that "
+                             f"are not agreed {extra[:3]}")
 
     # --- inputs the verifier rebuilds itself --------------------------------------------------
     def _load_data(self) -> None:
-        self.dataset = self.record.dataset()
-        b = self.record.section("batch")
-        try:
-            self.spec = BatchSpec(task=b["task"], seq_len=int(b["seq_len"]), image_size=int(b["image_size"]),
-                                  image_mean=tuple(b["image_mean"]), image_std=tuple(b["image_std"]),
-                                  fields=tuple(b["fields"]))
-        except (KeyError, TypeError, ValueError):
-            raise RecordError("run config: 'batch' is malformed") from None
-        if self.spec.fields != self.blocked.adapter.batch_fields:
-            raise RecordError("run config: batch fields differ from the architecture's")
-        files = self.record.tokenizer_files()
+        a = self.agreement
+        self.dataset = self.record.dataset(a.data_kind, a.data_root, a.labels, a.num_examples)
+        self.spec = a.batch_spec()
+        files = self.record.tokenizer_files(a.tokenizer)
         self.tokenizer = tokenizer_from_files(files, "the run's tokenizer") if files is not None else None
-        self.order = OrderCache(self.algorithm, self.settings.seed, self.record.num_examples)
-        self.base_digests = self.record.base_digests()
+        self.order = OrderCache(self.algorithm, self.settings.seed, a.num_examples)
 
     def _lora_initial(self) -> dict[str, torch.Tensor]:
         """The seed's adapter tensors in the run's dtype (re-instantiated once when the replay
         runs in another dtype, whose random draws differ)."""
         if self._lora_init is None:
-            _, fresh, _ = instantiate(self._hf_config, self.record.settings)
+            _, fresh, _ = instantiate(self._hf_config, self.run_settings)
             self._lora_init = {n: p.detach().clone() for n, p in fresh.named_parameters() if is_lora_tensor(n)}
         return self._lora_init
-
-    def check_agreed(self, base_model: str | Path | None = None, data: str | Path | None = None) -> None:
-        """Check the run against what the client agreed to, from the client's own copies: the
-        base model (its weights digest) and the dataset (its root). Raises CommitmentMismatch."""
-        model = self.record.section("model")
-        if base_model is not None:
-            _, base = load_pretrained(base_model, self.record.settings.attn_implementation,
-                                      DTYPE_BY_NAME[self.record.settings.dtype])
-            root, _ = tensors_root(self.algorithm, model_weights(base))
-            if root.hex() != model.get("base_weights"):
-                raise CommitmentMismatch(f"the run did not start from the agreed base model {base_model}: its "
-                                         f"weights digest is {root.hex()[:16]}…, the run commits "
-                                         f"{str(model.get('base_weights'))[:16]}…")
-        if data is not None:
-            from ..data import load_dataset
-
-            root = load_dataset(data).root(self.algorithm).hex()
-            if root != self.record.section("data").get("root"):
-                raise CommitmentMismatch(f"the run was not trained on the agreed dataset {data}: its root is "
-                                         f"{root[:16]}…, the run commits {str(self.record.section('data').get('root'))[:16]}…")
 
     def fields_entering(self, block: int) -> list[str]:
         """Batch fields that enter layer block `block`: labels at the head, the attention mask
@@ -155,11 +162,14 @@ class Verifier(Verifying):
         return refs
 
     # --- one block ----------------------------------------------------------------------------
-    def verify_block(self, layer_block: int, step_block: int,
-                     start_state: dict[str, torch.Tensor] | None = None) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+    def verify_block(self, layer_block: int, step_block: int, start_state: dict[str, torch.Tensor] | None = None,
+                     after_failure: bool = False) -> tuple[BlockResult, dict[str, torch.Tensor]]:
         """Replay (layer_block, step_block). Returns the result and the replayed end state
-        (keys as in the manifest), which can start the next step block's replay."""
-        nb, ns = len(self.blocked.blocks), self.record.num_step_blocks
+        (keys as in the manifest), which can start the next step block's replay. With
+        `after_failure` (the previous step block of this layer block failed), a start state that
+        is committed by digest only cannot be regenerated: that is this block's FAIL, not missing
+        data."""
+        nb, ns = len(self.blocked.blocks), self.num_step_blocks
         if not 0 <= layer_block < nb:
             raise InputError(f"layer block {layer_block} does not exist: this run has layer blocks 0..{nb - 1}")
         if not 0 <= step_block < ns:
@@ -167,6 +177,10 @@ class Verifier(Verifying):
         t0 = time.perf_counter()
         res = BlockResult(layer_block, step_block, self.blocked.describe(layer_block))
         end_state: dict[str, torch.Tensor] = {}
+        if self.conformance:
+            first = self.conformance[0]
+            res.fail("agreement", f"not replayed: {first.reason}", tensor=first.tensor)
+            return res, end_state
         try:
             with pinned_threads(self.recorded_threads(), enabled=self.policy.strict):
                 end_state = BlockReplay(self, res, layer_block, step_block).run(start_state)
@@ -174,44 +188,34 @@ class Verifier(Verifying):
             res.fail("record", str(exc))
         except StopReplay:
             pass
+        except StateNotStored as exc:
+            if not after_failure:
+                raise
+            res.fail("start_state", f"the start state cannot be regenerated because the replay of step block "
+                     f"{step_block - 1} failed (see its finding): {exc}")
         res.seconds = time.perf_counter() - t0
         return res, end_state
 
-    # --- the final model ----------------------------------------------------------------------
+    def new_report(self) -> Report:
+        """An empty report about this run: its mode, what was not checked, the agreement's digest."""
+        agreed = None if NO_AGREEMENT_NOTE in self.notes else self.agreement.digest().hex()
+        return Report(str(self.record.root), self.mode, notes=list(self.notes), agreement=agreed)
+
     def check_final_model(self) -> list[Finding]:
-        """RUN/model must be the model the run root commits to (and, for full fine-tuning, the
-        final state of the last step block)."""
-        run = self.record.transcript.run
-        ns = self.record.num_step_blocks
-        if run is None:
-            return [Finding(-1, ns, "record", "the transcript has no signed run root: training did not finish")]
-        try:
-            _, saved = load_pretrained(self.record.root / "model", self.settings.attn_implementation,
-                                       DTYPE_BY_NAME[self.record.settings.dtype])
-        except InputError as exc:
-            return [Finding(-1, ns, "final_model", str(exc))]
-        root, digests = model_commitment(saved, self.record.root / "model", self.algorithm)
-        if root != run.final_model_digest:
-            return [Finding(-1, ns, "final_model", "RUN/model is not the model whose digest the run root signs (its "
-                            "weights, config, generation config or tokenizer files changed)",
-                            expected=run.final_model_digest.hex()[:16] + "…", actual=root.hex()[:16] + "…")]
-        if self.settings.lora is not None:
-            return []
-        final = self.record.manifest(ns)
-        committed = {k[len("state/"):]: r for b in final.blocks for k, r in b.items() if k.startswith("state/")}
-        out = []
-        for name, d in digests.items():
-            ref = committed.get(name)
-            if ref is None or ref.digest != d:
-                out.append(Finding(-1, ns, "final_model", "RUN/model differs from the final committed state", tensor=name))
-        return out
+        return check_final_model(self)
 
     def verify_all(self, on_block: Callable[[BlockResult], None] | None = None) -> Report:
-        report = Report(str(self.record.root), self.mode)
+        """Every block, chaining each layer block's replays through the step blocks, then the
+        final model. A run that does not conform to the agreement is not replayed."""
+        report = self.new_report()
+        if self.conformance:
+            report.errors.extend(self.conformance)
+            return report
         for l in range(len(self.blocked.blocks)):
-            state = None
-            for s in range(self.record.num_step_blocks):
-                result, state = self.verify_block(l, s, state)
+            state, failed = None, False
+            for s in range(self.num_step_blocks):
+                result, state = self.verify_block(l, s, state, after_failure=failed)
+                failed = result.verdict == "FAIL"
                 report.results.append(result)
                 if on_block:
                     on_block(result)

@@ -110,6 +110,7 @@ class Report:
     results: list[BlockResult] = field(default_factory=list)
     errors: list[Finding] = field(default_factory=list)  # failures of the whole run or record
     notes: list[str] = field(default_factory=list)  # what was not checked, in words (unsafe options)
+    agreement: str | None = None  # hex digest of the client's agreement the verdict is about
 
     @property
     def verdict(self) -> str:
@@ -120,12 +121,18 @@ class Report:
     def summary(self) -> str:
         failed = [r for r in self.results if r.verdict == FAIL]
         text = f"{self.verdict}: {len(self.results) - len(failed)}/{len(self.results)} blocks pass ({self.mode} mode)"
+        if self.errors and not self.results:
+            text = f"{self.verdict}: nothing replayed ({self.mode} mode)"
         if self.errors:
             text += "; " + self.errors[0].describe()
+            if len(self.errors) > 1:
+                text += f" (and {len(self.errors) - 1} more)"
         elif failed:
             text += "; first failure: " + failed[0].headline()
         elif not self.results:
             text += "; nothing was verified"
+        if self.notes:
+            text += f"; NOT CHECKED ({len(self.notes)}): " + "; ".join(self.notes)
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -133,6 +140,7 @@ class Report:
             "verdict": self.verdict,
             "mode": self.mode,
             "run_dir": self.run_dir,
+            "agreement": self.agreement,
             "notes": list(self.notes),
             "errors": [asdict(e) for e in self.errors],
             "blocks": [

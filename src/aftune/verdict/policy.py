@@ -113,20 +113,37 @@ def tensor_kind(check: str, tensor: str) -> str:
     return "optimizer" if tensor.startswith("optim/") else "weights"
 
 
-def relative_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(||a - e|| / ||e||, max |a - e| / rms(e)) in binary64; infinite when either side holds a
-    NaN or an infinity, or when the norms overflow: such tensors never match."""
-    a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
+def rms_rows(t: torch.Tensor) -> torch.Tensor:
+    """The root mean square of each row (the last dimension: one position's hidden vector, one
+    output channel's weights), broadcast back to every element; a 0- or 1-dimensional tensor is
+    one row."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() >= 1 and t.numel() else t.reshape(1, -1)
+    rms = rows.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return rms.expand_as(rows).reshape(t.shape)
+
+
+def relative_errors(actual: torch.Tensor, expected: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> tuple[float, float]:
+    """(||a - e|| / ||e||, max_i |a_i - e_i| / m_i) in binary64, where m_i, the magnitude the
+    rounding errors of element i follow, is |e_i| plus the rms of its row of e, and, when the
+    block's input `scale` (same shape) is given, plus |s_i| and its row's rms: a residual block
+    may cancel a massive input activation, whose rounding error stays in the output (SPEC.md
+    6.3). Infinite when either side holds a NaN or an infinity, or when the norms overflow: such
+    tensors never match."""
+    a, e = actual.detach().double(), expected.detach().double().reshape(actual.shape)
     if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
         return math.inf, math.inf
     if a.numel() == 0:
         return 0.0, 0.0
-    diff = a - e
-    norm = float(torch.linalg.vector_norm(e))
-    rms = norm / (e.numel() ** 0.5)
+    diff = (a - e).abs()
+    magnitude = e.abs() + rms_rows(e)
+    if scale is not None and tuple(scale.shape) == tuple(a.shape) and scale.is_floating_point():
+        s = scale.detach().double()
+        if bool(torch.isfinite(s).all()):
+            magnitude = magnitude + s.abs() + rms_rows(s)
     tiny = 1e-30
-    rel = float(torch.linalg.vector_norm(diff)) / max(norm, tiny)
-    elem = float(diff.abs().max()) / max(rms, tiny)
+    rel = float(torch.linalg.vector_norm(diff)) / max(float(torch.linalg.vector_norm(e)), tiny)
+    elem = float((diff / magnitude.clamp_min(tiny)).max())
     if not (math.isfinite(rel) and math.isfinite(elem)):
         return math.inf, math.inf
     return rel, elem
@@ -162,7 +179,8 @@ class ComparisonPolicy:
         return self.mode == "strict"
 
     def compare(self, ref: TensorRef, actual: torch.Tensor, committed: Callable[[], torch.Tensor] | None,
-                algorithm: str, kind: str, measure_mismatch: bool = False) -> Outcome:
+                algorithm: str, kind: str, measure_mismatch: bool = False,
+                scale: torch.Tensor | None = None) -> Outcome:
         """Compare `actual` with the commitment `ref`. `committed()` loads the committed tensor
         (tolerance mode, or `measure_mismatch` in strict mode: the relative error of a strict
         mismatch, to rank findings). Shapes must match exactly in both modes."""
@@ -178,10 +196,12 @@ class ComparisonPolicy:
             return Outcome(False, expected=_short(ref.digest), actual=_short(got), rel=rel)
         if committed is None:
             raise InputError("tolerance mode needs the committed tensor, which is committed by digest only")
-        rel, elem = relative_errors(actual, committed())
+        rel, elem = relative_errors(actual, committed(), scale)
         max_rel, max_elem = self.tolerance.limits(kind)
         matched = rel <= max_rel and elem <= max_elem
-        return Outcome(matched, "" if matched else f"largest element error {elem:.3g} x rms", rel=rel, elem=elem)
+        why = (f"relative L2 error {rel:.3g} (limit {max_rel:.3g}), largest element error {elem:.3g} x its "
+               f"magnitude (limit {max_elem:.3g})")
+        return Outcome(matched, "" if matched else why, rel=rel, elem=elem)
 
 
 class Verifying:

@@ -1,0 +1,72 @@
+"""The training-settings flags, declared once for every command that takes them (`aftune train`,
+`aftune agree`): `@with_settings_options` adds them to a command's signature and hands the
+command one `settings` argument (a `TrainSettings`, or None when no flag was given).
+
+    @app.command()
+    @with_settings_options
+    def agree(..., settings=None): ...
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import typer
+
+# name -> (type, default, flag, help): the defaults are TrainSettings' own
+SETTINGS_FLAGS = {
+    "steps": (int, 32, "--steps", "Optimizer steps."),
+    "batch_size": (int, 8, "--batch-size", "Examples per micro-batch."),
+    "grad_accum": (int, 1, "--grad-accum", "Micro-batches per optimizer step."),
+    "seq_len": (int, 64, "--seq-len", "Maximum tokens per example."),
+    "image_size": (int, 0, "--image-size", "Image side in pixels (0: from the model config)."),
+    "lr": (float, 1e-3, "--lr", "Peak learning rate."),
+    "optimizer": (str, "adamw", "--optimizer", "adamw or sgd (momentum)."),
+    "momentum": (float, 0.9, "--momentum", "SGD momentum."),
+    "weight_decay": (float, 0.0, "--weight-decay", "Decoupled (AdamW) or L2 (SGD) weight decay."),
+    "schedule": (str, "constant", "--schedule", "constant, linear or cosine."),
+    "warmup_steps": (int, 0, "--warmup-steps", "Linear warm-up steps."),
+    "max_grad_norm": (float, 1.0, "--max-grad-norm", "Global gradient clipping; 0 disables."),
+    "lora": (bool, False, "--lora", "Train LoRA adapters (PEFT) instead of all weights."),
+    "lora_r": (int, 8, "--lora-r", "LoRA rank."),
+    "lora_alpha": (int, 16, "--lora-alpha", "LoRA scaling numerator (scale = alpha / r)."),
+    "lora_targets": (str, "", "--lora-targets", "Comma-separated module names (default: PEFT's)."),
+    "steps_per_block": (int, 4, "--steps-per-block", "B_S: steps per step block."),
+    "layers_per_block": (int, 2, "--layers-per-block", "B_L: layers per layer block."),
+    "checkpoint_interval": (int, 1, "--checkpoint-interval", "I_C: store full state every I_C step blocks."),
+    "seed": (int, 0, "--seed", "Seed of the example order, dropout and LoRA initialisation."),
+    "dtype": (str, "float32", "--dtype", "float32, bfloat16, float16 or float64."),
+    "hash_algorithm": (str, "blake3", "--hash", "blake3 or sha256."),
+}
+
+
+def settings_from_flags(values: dict):
+    """A TrainSettings from the flags' values, or None when every flag kept its default."""
+    from ..training.settings import LoraSettings, TrainSettings
+
+    if all(values[name] is None for name in SETTINGS_FLAGS):
+        return None
+    v = {name: (values[name] if values[name] is not None else SETTINGS_FLAGS[name][1]) for name in SETTINGS_FLAGS}
+    lora = LoraSettings(r=v.pop("lora_r"), alpha=v.pop("lora_alpha"),
+                        target_modules=tuple(t for t in v.pop("lora_targets").split(",") if t))
+    return TrainSettings(**{k: x for k, x in v.items() if k != "lora"}, lora=lora if v["lora"] else None)
+
+
+def with_settings_options(command):
+    """Add the settings flags to `command`'s signature; it receives `settings` instead."""
+    signature = inspect.signature(command)
+    params = [p for name, p in signature.parameters.items() if name != "settings"]
+    for name, (kind, default, flag, help_text) in SETTINGS_FLAGS.items():
+        annotation = Optional[bool] if kind is bool else Optional[kind]
+        option = typer.Option(None, flag, help=f"{help_text} (default: {default!r})")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name in SETTINGS_FLAGS}
+        return command(**kwargs, settings=values)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    return wrapper

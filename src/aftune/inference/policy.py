@@ -1,0 +1,252 @@
+"""The generation policy (`aftune.generation-policy.v1`, SPEC.md 8.6.1): what a client asks of every
+generated answer, stated by the client, committed in each record and compared field by field.
+
+    aftune policy runs/demo --max-new-tokens 8 --out policy.json      # the client writes one
+    policy = GenerationPolicy.from_json(read_json("policy.json", ...)) # hostile input: every problem named
+    policy.digest("blake3")                  # H(TAG_GENERATION_POLICY || canonical_json(policy))
+    policy.check(record.policy)              # -> [] or the differing fields, e.g. ["temperature"]
+
+A policy is a standalone document (a request or policy file, `--policy FILE`) and is embedded as
+is in the client's agreement (`agreement.json`, member "inference"). It fixes the temperature
+(0: greedy), top_p, max_new_tokens, the end-of-sequence tokens, the stop rule and the chat template
+(its exact text, or null). A server takes its max_new_tokens as a limit (a request may ask for
+fewer) and every other field as fixed. The client's request nonce (16 to 64 bytes) is checked here
+too: sampling seeds are derived from it (`sampling.request_seed`), never chosen by the provider.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..core.encoding import TAG_GENERATION_POLICY, canonical_json, hash_message
+from ..errors import InputError
+
+POLICY_FORMAT = "aftune.generation-policy.v1"
+STOP_RULES = ("eos_or_length", "length")  # stop at an end-of-sequence token or after max_new_tokens | only after
+MAX_NEW_TOKENS = 4096
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # or exactly 0 (greedy)
+MAX_TOKEN_ID = 2**31 - 1
+MAX_EOS_TOKENS = 64
+MAX_CHAT_TEMPLATE_CHARS = 1 << 16
+MAX_POLICY_BYTES = 1 << 20
+REQUEST_NONCE_BYTES = (16, 64)
+POLICY_FIELDS = ("temperature", "top_p", "max_new_tokens", "eos_token_ids", "stop_rule", "chat_template")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def policy_problems(values: dict[str, Any]) -> list[str]:
+    """Every problem of the policy fields in `values` (types and ranges), each naming its field."""
+    out = []
+    t = values.get("temperature")
+    if not _is_number(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        out.append(f"temperature: must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t!r}")
+    p = values.get("top_p")
+    if not _is_number(p) or not 0 < p <= 1:
+        out.append(f"top_p: must be a number in (0, 1], got {p!r}")
+    n = values.get("max_new_tokens")
+    if not _is_int(n) or not 1 <= n <= MAX_NEW_TOKENS:
+        out.append(f"max_new_tokens: must be an integer in [1, {MAX_NEW_TOKENS}], got {n!r}")
+    eos = values.get("eos_token_ids")
+    if not isinstance(eos, (list, tuple)) or len(eos) > MAX_EOS_TOKENS or not all(
+            _is_int(i) and 0 <= i <= MAX_TOKEN_ID for i in eos):
+        out.append(f"eos_token_ids: must be a list of at most {MAX_EOS_TOKENS} token ids in [0, 2^31), "
+                   f"got {str(eos)[:80]}")
+    elif len(set(eos)) != len(eos):
+        out.append("eos_token_ids: a token id is listed twice")
+    rule = values.get("stop_rule")
+    if rule not in STOP_RULES:
+        out.append(f"stop_rule: must be one of {', '.join(STOP_RULES)}, got {str(rule)[:40]!r}")
+    elif rule == "length" and isinstance(eos, (list, tuple)) and eos:
+        out.append("stop_rule: 'length' never stops at an end-of-sequence token, so eos_token_ids must be empty")
+    tpl = values.get("chat_template")
+    if tpl is not None:
+        if not isinstance(tpl, str) or not tpl or len(tpl) > MAX_CHAT_TEMPLATE_CHARS:
+            out.append(f"chat_template: must be null or a non-empty string of at most {MAX_CHAT_TEMPLATE_CHARS} "
+                       "characters")
+        else:
+            try:
+                tpl.encode("utf-8")
+            except UnicodeEncodeError:
+                out.append("chat_template: is not valid Unicode text (lone surrogate)")
+    return out
+
+
+@dataclass(frozen=True)
+class GenerationPolicy:
+    """What a client asks of every generated answer; all of it is committed in the record."""
+
+    max_new_tokens: int  # tokens to generate at most (a server's limit; a request may ask fewer)
+    eos_token_ids: tuple[int, ...]  # end-of-sequence tokens: generation stops after one (stop rule eos_or_length)
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sampling with a seed derived from the client's nonce
+    top_p: float = 1.0  # nucleus: sample among the most likely tokens holding this much mass
+    stop_rule: str = "eos_or_length"  # eos_or_length | length (always max_new_tokens tokens)
+    chat_template: str | None = None  # exact Jinja text the prompt is rendered with (data.inputs.render_chat), or None
+
+    def __post_init__(self):
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(values["eos_token_ids"], list):
+            values["eos_token_ids"] = tuple(values["eos_token_ids"])
+        problems = policy_problems(values)
+        if problems:
+            raise InputError("invalid generation policy:\n  - " + "\n  - ".join(problems))
+        # one form for each value, so that equal policies have equal bytes and digests
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "eos_token_ids", tuple(sorted(values["eos_token_ids"])))
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def stops_at(self, token: int) -> bool:
+        """Whether generation stops after `token` (before max_new_tokens is reached)."""
+        return self.stop_rule == "eos_or_length" and token in self.eos_token_ids
+
+    # --- bytes -----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": POLICY_FORMAT, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "eos_token_ids": list(self.eos_token_ids),
+                "stop_rule": self.stop_rule, "chat_template": self.chat_template}
+
+    def digest(self, algorithm: str) -> bytes:
+        """H(TAG_GENERATION_POLICY || canonical_json(to_json())) (SPEC.md 8.6.1)."""
+        return hash_message(algorithm, TAG_GENERATION_POLICY, canonical_json(self.to_json()))
+
+    @classmethod
+    def from_json(cls, obj: Any, what: str = "generation policy") -> "GenerationPolicy":
+        """Parse hostile input: exactly the fields of `aftune.generation-policy.v1`, each of its
+        type and range; every problem is named at once (InputError)."""
+        if not isinstance(obj, dict):
+            raise InputError(f"{what}: must be a JSON object ({POLICY_FORMAT}), got {type(obj).__name__}")
+        problems = []
+        expected = ("format", *POLICY_FIELDS)
+        missing = [k for k in expected if k not in obj]
+        unknown = sorted(str(k)[:40] for k in obj if k not in expected)
+        if missing:
+            problems.append(f"missing fields {missing}")
+        if unknown:
+            problems.append(f"unknown fields {unknown}")
+        if "format" in obj and obj["format"] != POLICY_FORMAT:
+            problems.append(f"format: must be {POLICY_FORMAT!r}, got {str(obj['format'])[:40]!r}")
+        problems += [p for p in policy_problems(obj) if p.split(":")[0] not in missing]
+        if problems:
+            raise InputError(f"{what} is not a valid {POLICY_FORMAT}:\n  - " + "\n  - ".join(problems))
+        return cls(max_new_tokens=obj["max_new_tokens"], eos_token_ids=tuple(obj["eos_token_ids"]),
+                   temperature=obj["temperature"], top_p=obj["top_p"], stop_rule=obj["stop_rule"],
+                   chat_template=obj["chat_template"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GenerationPolicy":
+        from ..core import jsonio
+
+        return cls.from_json(jsonio.read_json(path, MAX_POLICY_BYTES, "generation policy", InputError),
+                             f"generation policy {path}")
+
+    # --- comparing -------------------------------------------------------------------------
+    def check(self, other: Any) -> list[str]:
+        """The fields in which `other` differs from this policy (empty when equal). `other` is a
+        GenerationPolicy, a policy document, or a record's `generation` member."""
+        if isinstance(other, dict) and "policy" in other:
+            other = other["policy"]
+        if not isinstance(other, GenerationPolicy):
+            other = GenerationPolicy.from_json(other, "the record's generation policy")
+        return [name for name in POLICY_FIELDS if getattr(self, name) != getattr(other, name)]
+
+    def describe_differences(self, other: "GenerationPolicy", mine: str = "yours") -> list[str]:
+        """One line per differing field: `temperature: the record's 3.0, yours 0.0`."""
+        return [f"{name}: the record's {_show(getattr(other, name))}, {mine} {_show(getattr(self, name))}"
+                for name in self.check(other)]
+
+    # --- requests --------------------------------------------------------------------------
+    def with_max_new_tokens(self, n: int) -> "GenerationPolicy":
+        """This policy for a request asking `n` new tokens (at most the policy's)."""
+        if not _is_int(n) or not 1 <= n <= self.max_new_tokens:
+            raise InputError(f"max_new_tokens: the policy allows 1 to {self.max_new_tokens}, got {n!r}")
+        return replace(self, max_new_tokens=n)
+
+    def for_request(self, asked: dict[str, Any]) -> tuple["GenerationPolicy", list[str]]:
+        """The policy of one request that restates some fields (`asked`: field -> value, absent
+        fields omitted): max_new_tokens may be lower than the policy's, every other field must be
+        the policy's. Returns the request's policy and the problems, one per field outside."""
+        problems, policy = [], self
+        for name, value in asked.items():
+            if name not in POLICY_FIELDS:
+                problems.append(f"{name}: not a field of the generation policy")
+            elif name == "max_new_tokens":
+                try:
+                    policy = policy.with_max_new_tokens(value)
+                except InputError as exc:
+                    problems.append(str(exc))
+            else:
+                mine = getattr(self, name)
+                given = value
+                if name == "eos_token_ids" and isinstance(value, list) and all(_is_int(i) for i in value):
+                    given = tuple(sorted(value))
+                if isinstance(mine, float) and _is_number(given):
+                    given = float(given)
+                if given != mine:
+                    problems.append(f"{name}: the policy fixes {_show(mine)}, the request asks {_show(value)}")
+        return policy, problems
+
+    @classmethod
+    def for_model(cls, model: Any, **values: Any) -> "GenerationPolicy":
+        """A policy for `model` (a model or run directory, or its config.json as a dict): the
+        end-of-sequence tokens of its config unless given, greedy, 32 tokens unless given."""
+        if not isinstance(model, dict):
+            from ..core import jsonio
+
+            p = Path(model)
+            if (p / "transcript.jsonl").is_file() and (p / "model" / "config.json").is_file():
+                p = p / "model"  # a run directory (its config.json is the run's): its fine-tuned model
+            model = jsonio.read_json(p / "config.json", 16 << 20, "model config", InputError)
+        values.setdefault("max_new_tokens", 32)
+        if "eos_token_ids" not in values:
+            values["eos_token_ids"] = tuple(config_eos_token_ids(model)) if values.get("stop_rule") != "length" else ()
+        return cls(**values)
+
+
+def config_eos_token_ids(hf_config: dict[str, Any]) -> list[int]:
+    """The end-of-sequence tokens a Hugging Face config.json names (`eos_token_id`, int or list)."""
+    eos = hf_config.get("eos_token_id")
+    if _is_int(eos):
+        return [eos]
+    if isinstance(eos, list):
+        return sorted({e for e in eos if _is_int(e) and 0 <= e <= MAX_TOKEN_ID})
+    return []
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:40] + "…")
+    if isinstance(value, tuple):
+        return str(list(value))
+    return repr(value)
+
+
+# --- the client's request nonce ------------------------------------------------------------------
+
+def check_request_nonce(nonce: Any, what: str = "request nonce") -> bytes:
+    """A request nonce: 16 to 64 bytes (clients should use 32 random bytes)."""
+    lo, hi = REQUEST_NONCE_BYTES
+    if not isinstance(nonce, (bytes, bytearray)) or not lo <= len(nonce) <= hi:
+        size = len(nonce) if isinstance(nonce, (bytes, bytearray)) else type(nonce).__name__
+        raise InputError(f"{what}: must be {lo} to {hi} bytes, got {size} (make one with "
+                         "`python3 -c 'import secrets; print(secrets.token_hex(32))'`)")
+    return bytes(nonce)
+
+
+def parse_request_nonce(text: Any, what: str = "request nonce") -> bytes:
+    """A request nonce from hostile input: lowercase hex of 16 to 64 bytes."""
+    if not isinstance(text, str) or len(text) % 2 or text.strip("0123456789abcdef"):
+        raise InputError(f"{what}: expected lowercase hex digits, got {str(text)[:40]!r}")
+    return check_request_nonce(bytes.fromhex(text), what)
