@@ -1,6 +1,8 @@
 """The attacks at full size (the bench of `aftune eval-detection`: 4-layer ViT, 48 steps, 4 x 12
-blocks), where their effects are measured against the honest fine-tune. Minutes on 2 CPU cores:
-`pytest tests/test_attacks_slow.py -m slow -s` prints the numbers docs/attacks.md quotes."""
+blocks), where their effects are measured against the honest fine-tune. About 5 minutes on 2 CPU
+cores, so they run only with `--long`: `pytest tests/test_attacks_slow.py --long -s` prints the
+numbers docs/attacks.md quotes. tests/test_attacks.py catches every attack at small size in the
+default run."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 from aftune.attacks.bench import Bench
 from aftune.attacks.detection import failing_blocks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 @pytest.fixture(scope="module")

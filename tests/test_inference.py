@@ -190,12 +190,15 @@ def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
                                                 "stop_rule": "eos_or_length", "chat_template": None},
                                      "policy_digest": digest.hex(),
                                      "seed": request_seed("blake3", NONCE, rec.declared_digest("input"), digest)}
-    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v2"
+    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v3"
     assert "source" not in rec.model  # no path a verifier could be sent to
     assert rec.model_digest == engine.served.digest
     nb = len(engine.blocks)
-    for k in range(len(result.tokens)):
-        assert all(f"step/{k:06d}/boundary/{b:04d}" in rec.rows for b in range(1, nb))
+    # nothing per token but the tokens: per boundary one digest and one root of its per-step digests
+    assert not [k for k in rec.rows if k.startswith("step/")] and "steps" not in rec.doc
+    assert sorted(rec.doc["boundary_roots"]) == [f"{b:04d}" for b in range(1, nb)]
+    assert rec.steps == [(0, rec.rows["input/input_ids"].shape[1])] + [
+        (rec.rows["input/input_ids"].shape[1] + k - 1, 1) for k in range(1, len(result.tokens))]
     receipt = Receipt.load(result.receipt_path)
     verify_receipt(receipt, engine.key.public_key, tmp_path / "rec", request_nonce=NONCE, policy_digest=digest)
     assert receipt.record_root == result.record_id and receipt.output_digest == rec.rows_root("output/")

@@ -43,7 +43,7 @@ def test_higher_precision_replay_of_honest_records_passes(model_dir, tmp_path):
         seen[dtype] = worst
         limits = INFERENCE_DEFAULTS[dtype]
         print(f"\n{dtype} records replayed in {replay}: largest honest error rel L2 {worst[0]:.3g} "
-              f"(threshold {limits[0]:.3g}, {limits[0] / worst[0]:.1f}x), element {worst[1]:.3g} x rms "
+              f"(threshold {limits[0]:.3g}, {limits[0] / worst[0]:.1f}x), element {worst[1]:.3g} x magnitude "
               f"(threshold {limits[1]:.3g}, {limits[1] / worst[1]:.1f}x), token logit tolerance needed "
               f"{worst[2]:.3g} (threshold {limits[2]:.3g})")
         assert worst[0] > 0  # the replay really ran in another precision

@@ -69,8 +69,15 @@ def _run(rt, model_dir, pixels, family, strategy, **kw):
     return rt.run(model_dir(family), strategy=strategy, max_new_tokens=NEW_TOKENS, reference=True, **x, **kw)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "vit", "resnet"])
-@pytest.mark.parametrize("strategy", QUANTIZED + ("all-shielded", "none-shielded"))
+def _strategy_cases():
+    """Every strategy on Llama and one of each kind (quantized, shielded, unshielded) on the other
+    families by default; the whole cross product with --long."""
+    default = ("shield-deep", "all-shielded", "none-shielded")
+    return [pytest.param(family, strategy, marks=() if family == "llama" or strategy in default else pytest.mark.long)
+            for family in ("llama", "gpt2", "vit", "resnet") for strategy in QUANTIZED + ("all-shielded", "none-shielded")]
+
+
+@pytest.mark.parametrize("family, strategy", _strategy_cases())
 def test_strategy_gives_the_unpartitioned_answer(rt, model_dir, pixels, unpartitioned, family, strategy):
     r = _run(rt, model_dir, pixels, family, strategy, unsafe_unchecked=strategy == "none-shielded")
     expected, z_ref = unpartitioned(family)

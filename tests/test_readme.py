@@ -36,7 +36,7 @@ def test_readme_setup_commands_come_first():
     assert first_block[0].startswith("pip install torch==2.13.0") and "aftune train" in first_block[0]
     assert "pytest" in first_block[1]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python3 -m pytest -q" in ci and "torch==2.13.0" in ci
+    assert "python3 -m pytest -q -n auto" in ci and "torch==2.13.0" in ci
 
 
 def test_readme_demo_and_two_party_flow_run_and_pass(tmp_path):

@@ -229,6 +229,7 @@ VECTORS = {
         "run_root": "4ec71be4670ffaf8c0b7c6b080ac330e5e69c5af3e83fd5435290551b9927288",
         "model": "b7d2ed9ece498f620d257b1747d71a58349d97008f1a8a20df504abe188f2fab",
         "agreement": "85cb4396c214107daedefa49c9f44bb2b821823f7301ed6e2e7a2086e7948ed3",
+        "steps_root": "91cd297b0b8d6bb92aec56f162882bb790080be45ed8d559494334f0a1ad4e6f",
     },
     "sha256": {
         "tensor_f32": "dbd71c5e88146fb57d590360ba0354659d57fde5d7787236353e6b05a7129624",
@@ -244,6 +245,7 @@ VECTORS = {
         "run_root": "c3dc486aff74d404a765ab5542607ff850e8abd43fb6d4c2ad50f8c732873f0d",
         "model": "76eee094fc3d71c3f4e2952927d8a5e50e35efaeb9f5f4868ed172f33ff1959d",
         "agreement": "fc5d5dd51cc49d751345ddd65ca5803b6a8613df0a1cbb2a06a6d8fcc5311994",
+        "steps_root": "1215a4acd398b6fd9c6279e097c7bb28317734a7dbbc566ab035989a3ca16af8",
     },
 }
 SIGNATURE_HEX = (
@@ -701,6 +703,32 @@ def test_transcript_rejects_tampering(tmp_path):
         Transcript.load(path, pub)
 
 
+# The per-step activations of one boundary of an inference record (SPEC.md 8.4): three steps of a
+# [1, q, 2] F32 hidden state (a two-position prompt, then one position per token).
+STEP_ACTIVATIONS = [((1, 2, 2), [1.0, -2.0, 0.5, 3.25]), ((1, 1, 2), [0.25, -1.0]), ((1, 1, 2), [4.0, 0.125])]
+
+
+def ref_steps_root(algorithm: str, steps) -> bytes:
+    """SPEC.md 8.4: leaf key %06d of the step, leaf digest the tensor digest named `activation`."""
+    return ref_merkle_root(algorithm, {
+        f"{k:06d}": ref_tensor_digest(algorithm, "activation", "F32", shape, struct.pack(f"<{len(v)}f", *v))
+        for k, (shape, v) in enumerate(steps)})
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_inference_steps_root(algorithm):
+    from aftune.inference.record import steps_root
+
+    ref = ref_steps_root(algorithm, STEP_ACTIVATIONS)
+    parts = [torch.tensor(v, dtype=torch.float32).reshape(shape) for shape, v in STEP_ACTIVATIONS]
+    assert steps_root(algorithm, parts) == ref
+    _check_vector(algorithm, "steps_root", ref)
+    # the same activations cut into other steps give another root: the layout is committed
+    whole = torch.cat(parts, dim=1)
+    assert steps_root(algorithm, [whole]) != ref
+    assert steps_root(algorithm, list(torch.split(whole, [1, 2, 1], dim=1))) != ref
+
+
 def test_spec_appendix_lists_every_vector():
     """SPEC.md Appendix A prints the same constants as this file."""
     spec = Path(__file__).resolve().parents[1] / "SPEC.md"
@@ -837,7 +865,19 @@ def test_tolerance_comparisons():
     assert relative_errors(torch.tensor([inf, 2.0]), torch.tensor([1.0, 2.0])) == (inf, inf)
     assert relative_errors(torch.tensor([]), torch.tensor([])) == (0.0, 0.0)
     rel, elem = relative_errors(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 5.0]))
-    assert rel == pytest.approx(1 / 34 ** 0.5) and elem == pytest.approx(1 / (34 / 2) ** 0.5)
+    # elem: each element's error over the recomputed element's magnitude plus its row's rms
+    # (SPEC.md 6.3; the first argument is the verifier's recomputation)
+    assert rel == pytest.approx(1 / 34 ** 0.5) and elem == pytest.approx(1 / (4 + (25 / 2) ** 0.5))
+    # a committed element blown up (a flipped exponent bit) does not widen its own bound
+    _, elem = relative_errors(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0 ** 60]))
+    assert elem > 1e17
+    # rows are the last dimension: a row of large values does not hide an error in a small row
+    rel, elem = relative_errors(torch.tensor([[100.0, 100.0], [1.0, 1.1]]), torch.tensor([[100.0, 100.0], [1.0, 1.0]]))
+    assert elem == pytest.approx(0.1 / (1.1 + (1.21 / 2 + 0.5) ** 0.5))
+    # with the block's input as scale: a massive input the block cancelled widens only its element
+    scale = torch.tensor([[0.0, 0.0], [0.0, 30.0]])
+    _, elem = relative_errors(torch.tensor([[1.0, 1.0], [1.0, 1.1]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]]), scale)
+    assert elem == pytest.approx(0.1 / (1.1 + (1.21 / 2 + 0.5) ** 0.5 + 30 + (450 ** 0.5)))
     assert [tensor_kind(c, t) for c, t in (("output", ""), ("loss", ""), ("input_gradient", ""),
                                             ("shared_gradient", ""), ("grad_norms", ""),
                                             ("end_state", "optim/w/exp_avg"), ("end_state", "state/w"),

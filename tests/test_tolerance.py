@@ -27,8 +27,8 @@ def test_calibrated_tolerance_passes_honest_and_catches_bitflip(record, record_d
     bad = next(r for r in report.results if r.verdict == "FAIL")
     honest_elem = c.observed["weights"][1]
     flip_elem = bad.errors_by_kind["weights"][1]
-    print(f"\n{record_dtype} replayed in {replay_dtype}: honest weights max element error {honest_elem:.3g} x rms, "
-          f"bit flip {flip_elem:.3g} x rms ({flip_elem / honest_elem:.0f}x the honest error); calibration {c.observed}")
+    print(f"\n{record_dtype} replayed in {replay_dtype}: honest weights max element error {honest_elem:.3g} x magnitude, "
+          f"bit flip {flip_elem:.3g} x magnitude ({flip_elem / honest_elem:.0f}x the honest error); calibration {c.observed}")
     assert flip_elem > c.suggested.limits("weights")[1]  # the flip sits above the calibrated threshold
 
 

@@ -1,5 +1,6 @@
 """Fake quantization shared by the Qu-ANTI-zation attacks (seed 004): symmetric signed per-layer
 weights, scale (2^(b-1) - 1) / max|w|, round to nearest, straight-through gradient.
+Used by aftune.attacks.{bench,serving,quant_serving}; tests: tests/test_attacks*.py.
 
 Only the weights of linear layers are quantized: `nn.Linear`, `nn.Conv2d` and GPT-2's `Conv1D`
 (a linear layer with transposed weights), the classifier included; biases, norms and embeddings
@@ -24,9 +25,13 @@ def linear_layer_types() -> tuple[type[nn.Module], ...]:
 
 
 def quantizable_names(model: nn.Module) -> list[str]:
-    """Parameter names of the weights a per-layer weight quantizer rounds."""
+    """Parameter names of the weights a per-layer weight quantizer rounds. A head tied to the
+    input embedding (GPT-2's `lm_head`) is the embedding under another name and stays in float,
+    as embeddings do."""
     types = linear_layer_types()
-    return [f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, types)]
+    own = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    names = (f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, types))
+    return [n for n in names if n in own]
 
 
 def round_to_grid(w: torch.Tensor, bits: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def infer(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
     nonce: Optional[str] = typer.Option(None, "--nonce", help="The client's request nonce (hex); sampling derives its seed from it."),
     layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block."),
-    activation_interval: int = typer.Option(1, "--activation-interval", help="I_A: store boundary activations every I_A boundaries."),
+    activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0 (default): store none, regenerate them when challenged."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype (default: the run's, or float32)."),
     hash_algorithm: Optional[str] = typer.Option(None, "--hash", help="blake3 or sha256 (default: the run's, or blake3)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: the run's, or RECORD_DIR/provider.key)."),
@@ -182,7 +182,7 @@ def verify_inference(
         rec = InferenceRecord.open(record_dir, record)
         tol = None
         if mode == "tolerance" or (rel_l2, max_elem, logit_tol) != (None, None, None):
-            tol = tolerance_from_options(mode, _base_tolerance(rec), None, rel_l2, max_elem, logit_tol)
+            tol = tolerance_from_options(mode, _base_tolerance(rec, dtype), None, rel_l2, max_elem, logit_tol)
         gen = None
         if model is not None or run is not None or policy is not None or agreement is not None:
             gen = client_policy(model or run, policy, agreement, max_new_tokens, temperature, top_p)
@@ -208,10 +208,11 @@ def verify_inference(
     finish_report(report, doc, as_json, heading=f"record {doc['record_id']}")
 
 
-def _base_tolerance(rec):
+def _base_tolerance(rec, replay_dtype=None):
     from ..verdict.policy import Tolerance
 
-    return Tolerance.for_dtype(rec.model["dtype"])
+    return Tolerance.for_dtype(rec.model["dtype"], replay_dtype if replay_dtype in ("float32", "float64") else None,
+                               rec.settings.layers_per_block)
 
 
 def _require_client_inputs(rec, model, run, inputs, gen, nonce, unsafe_input: bool, unsafe_policy: bool) -> None:

@@ -34,7 +34,7 @@ def serve(
     record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="Where records go (default: RUN/inference)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: the run's)."),
     layers_per_block: int = typer.Option(2, "--layers-per-block"),
-    activation_interval: int = typer.Option(1, "--activation-interval"),
+    activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0: none."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
     attest: Optional[str] = typer.Option(None, "--attest", help="Serve GET /v1/attestation with this TEE evidence provider "

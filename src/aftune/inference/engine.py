@@ -10,10 +10,12 @@ block the head). A causal LM generates with a KV cache: step 0 (prefill) runs th
 k >= 1 runs the token chosen at step k-1. Each layer block keeps its own cache, so block l's work
 at step k depends only on the inputs block l received at steps 0..k, all of them committed. For
 every step and every block boundary the record commits the digest of the hidden states of the
-step's new positions; the concatenation over steps is stored in full every `activation_interval`
-(I_A) boundaries. A verifier replays one layer block alone by feeding it the committed inputs
-step by step with its own cache: the very same sequence of calls, so strict mode compares digests
-bitwise (SPEC.md 8).
+step's new positions, folded into one Merkle root per boundary, and the digest of the
+concatenation over steps; the concatenation is stored in full every `activation_interval` (I_A)
+boundaries, or never (I_A = 0: the provider regenerates it when challenged, `regenerate.py`).
+A verifier replays one layer block alone by feeding it the committed inputs step by step with
+its own cache: the very same sequence of calls, so strict mode compares digests bitwise; in
+tolerance mode it replays the block over the whole sequence at once (SPEC.md 8).
 
 The last block recomputes the logits of every step from the hidden state; the record commits
 every generated token, the client's generation policy (and its digest), the client's request
@@ -40,8 +42,8 @@ from ..core.rows import TensorRef, rows_to_json
 from ..errors import InputError
 from ..models.cache import KVCache
 from .policy import GenerationPolicy, check_request_nonce
-from .record import (RECORD_FORMAT, RecordDir, boundary_key, digests_root, input_key, record_id, step_key,
-                     utc_now)
+from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, digests_root, input_key, record_id,
+                     steps_root, utc_now)
 from .receipt import issue_receipt
 from .sampling import choose_token, greedy_token, request_seed
 from .served import ServedModel
@@ -254,12 +256,12 @@ class InferenceEngine:
             ref = TensorRef.of(name, t, algorithm)
             rows[key] = ref
             to_store.append((ref, t))
-        single = len(trace.steps) == 1
+        roots = {}
         for b, per_step in trace.boundaries.items():
-            for k, h in enumerate(per_step):
-                rows[step_key(k, b)] = TensorRef.of("activation", h, algorithm)
-            full = per_step[0] if single else torch.cat(per_step, dim=1)
-            ref = rows[step_key(0, b)] if single else TensorRef.of("activation", full, algorithm)
+            # per step a digest, folded into one root per boundary: nothing per token is kept
+            roots[boundary_label(b)] = steps_root(algorithm, per_step).hex()
+            full = per_step[0] if len(per_step) == 1 else torch.cat(per_step, dim=1)
+            ref = TensorRef.of("activation", full, algorithm)
             rows[boundary_key(b)] = ref
             if self.settings.stored(b):
                 to_store.append((ref, full))
@@ -285,7 +287,7 @@ class InferenceEngine:
             "generation": generation,
             "input": {**doc_input, "digest": input_digest.hex()},
             "output": {**doc_output, "digest": output_digest.hex()},
-            "steps": [list(s) for s in trace.steps],
+            "boundary_roots": roots,
             "tensors": rows_to_json(rows),
             # CPU results depend on the intra-op thread count: strict replay uses the same one
             "environment": {"torch_threads": torch.get_num_threads()},

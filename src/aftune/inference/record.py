@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..core import jsonio
-from ..core.encoding import DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, hash_message, parse_hex_digest
+from ..core.encoding import (DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, hash_message, parse_hex_digest,
+                             tensor_digest)
 from ..core.merkle import files_root, merkle_root
 from ..core.rows import TensorRef, rows_from_json
 from ..core.store import ObjectStore
@@ -32,18 +33,30 @@ from .policy import MAX_NEW_TOKENS, GenerationPolicy, parse_request_nonce
 from .served import RunBinding
 from .settings import RecordingSettings
 
-RECORD_FORMAT = "aftune.inference.v2"
+RECORD_FORMAT = "aftune.inference.v3"
 MAX_RECORD_BYTES = 256 << 20
 
 
-# --- keys of the tensor rows ---------------------------------------------------------------------
-
-def step_key(step: int, boundary: int) -> str:
-    return f"step/{step:06d}/boundary/{boundary:04d}"
-
+# --- keys of the tensor rows, and the per-step roots ----------------------------------------------
 
 def boundary_key(boundary: int) -> str:
     return f"boundary/{boundary:04d}"
+
+
+def boundary_label(boundary: int) -> str:
+    """The key of boundary `boundary` in the record's `boundary_roots`."""
+    return f"{boundary:04d}"
+
+
+def steps_root(algorithm: str, parts: list[torch.Tensor]) -> bytes:
+    """The Merkle root of one boundary's per-step activations (SPEC.md 8.4): leaf key `%06d` of the
+    step, leaf digest the tensor digest (name `activation`) of that step's new positions."""
+    return merkle_root(algorithm, {f"{k:06d}": tensor_digest("activation", t, algorithm) for k, t in enumerate(parts)})
+
+
+def step_layout(prompt_length: int, num_tokens: int) -> list[tuple[int, int]]:
+    """(first position, positions) of each generation step: the prompt, then one token each."""
+    return [(0, prompt_length)] + [(prompt_length + k - 1, 1) for k in range(1, num_tokens)]
 
 
 def input_key(field_name: str) -> str:
@@ -186,17 +199,21 @@ class InferenceRecord:
         if model["dtype"] not in DTYPE_BY_NAME:
             raise RecordError(f"record: model.dtype {model['dtype']!r} is not supported")
         layout = _need(d, "layout", dict)
-        for k in ("layers_per_block", "activation_interval"):
+        for k, least in (("layers_per_block", 1), ("activation_interval", 0)):
             v = _need(layout, k, int, "record: layout")
-            if v < 1:
-                raise RecordError(f"record: layout.{k} must be positive")
+            if v < least:
+                raise RecordError(f"record: layout.{k} must be at least {least}")
         _need(layout, "stages", list, "record: layout")
         _need(layout, "layer_blocks", list, "record: layout")
-        steps = _need(d, "steps", list)
-        if not steps or len(steps) > MAX_NEW_TOKENS or not all(
-                isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                            for x in s) for s in steps):
-            raise RecordError("record: 'steps' must be a non-empty list of [first position, positions] pairs")
+        if "steps" in d:
+            raise RecordError("record: 'steps' is not part of an aftune.inference.v3 record (the step layout follows "
+                              "from the input and the tokens)")
+        blocks = _need(layout, "layer_blocks", list, "record: layout")
+        roots = _need(d, "boundary_roots", dict)
+        if sorted(roots) != [boundary_label(b) for b in range(1, len(blocks))]:
+            raise RecordError(f"record: boundary_roots must have exactly the boundaries 0001..{len(blocks) - 1:04d}")
+        for b in range(1, len(blocks)):
+            self.boundary_root(b)
         _need(d, "input", dict)
         _need(d, "output", dict)
         if "source" in model:
@@ -216,6 +233,13 @@ class InferenceRecord:
                 raise RecordError(f"record: generation.seed must be null or an integer in [0, 2^63), got {seed!r}")
         elif d.get("generation") is not None:
             raise RecordError("record: a classification record has no generation (null)")
+        if self.task == "causal_lm":
+            tokens = _need(d, "output", dict).get("tokens")
+            ids = self.rows.get("input/input_ids")
+            if (not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_NEW_TOKENS or ids is None
+                    or len(ids.shape) != 2 or ids.shape[1] < 1):
+                raise RecordError("record: a causal LM record needs input/input_ids [1, P] and 1 to "
+                                  f"{MAX_NEW_TOKENS} output tokens")
 
     @property
     def algorithm(self) -> str:
@@ -290,7 +314,19 @@ class InferenceRecord:
 
     @property
     def steps(self) -> list[tuple[int, int]]:
-        return [(a, b) for a, b in self.doc["steps"]]
+        """(first position, positions) of every step, derived (SPEC.md 8.4): classifiers [(0, 1)];
+        causal LMs the prompt of P = input_ids length, then one position per further token."""
+        if self.task != "causal_lm":
+            return [(0, 1)]
+        return step_layout(self.rows["input/input_ids"].shape[1], len(self.doc["output"]["tokens"]))
+
+    def boundary_root(self, boundary: int) -> bytes:
+        """The committed Merkle root of boundary `boundary`'s per-step activations."""
+        try:
+            return parse_hex_digest(self.doc["boundary_roots"].get(boundary_label(boundary)),
+                                    f"record: boundary_roots.{boundary_label(boundary)}")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
 
     def declared_digest(self, section: str) -> bytes:
         try:

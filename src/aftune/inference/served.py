@@ -239,9 +239,12 @@ class ServedModel:
         return self.adapter.inference_context(first, inputs)
 
     def run_block(self, blocks: LayerBlocks, block: int, hidden: torch.Tensor | None, ctx: dict[str, Any],
-                  cache) -> torch.Tensor:
+                  cache, every_position: bool = False) -> torch.Tensor:
+        """Run layer block `block`; `every_position` (a causal LM's last block, teacher forcing):
+        the head gives the logits [q, V] of every position instead of the last one's."""
         ctx["cache"] = cache
         h = hidden
         for s in blocks.stages(block):
-            h = self.stages[s].module(h, ctx)
+            module = self.stages[s].module
+            h = module.every_position(h) if every_position and self.stage_names[s] == "head" else module(h, ctx)
         return h

@@ -1,7 +1,7 @@
 """How a request is recorded: layer blocks, activation interval, hash. (How its tokens are chosen
 is the client's generation policy: `policy.GenerationPolicy`.)
 
-    RecordingSettings(layers_per_block=2, activation_interval=1).validate()
+    RecordingSettings(layers_per_block=2, activation_interval=0).validate()   # 0: no activation stored
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ class RecordingSettings:
     """How a request is recorded."""
 
     layers_per_block: int = 2  # B_L: layers per layer block
-    activation_interval: int = 1  # I_A: boundary activations stored in full every I_A boundaries
+    # I_A: boundary activations stored in full every I_A boundaries; 0 stores none (a record keeps
+    # only their roots, and the provider regenerates them when challenged: SPEC.md 8.4, 8.9). The
+    # library default keeps every boundary; `aftune infer` and `aftune serve` default to 0.
+    activation_interval: int = 1
     hash_algorithm: str = "blake3"
 
     def validate(self) -> "RecordingSettings":
         problems = []
-        for name in ("layers_per_block", "activation_interval"):
+        for name, least in (("layers_per_block", 1), ("activation_interval", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                problems.append(f"{name} must be an integer of at least {least}, got {v!r}")
         if self.hash_algorithm not in HASH_ALGORITHMS:
             problems.append(f"hash algorithm must be one of {', '.join(HASH_ALGORITHMS)}")
         if problems:
@@ -34,6 +37,6 @@ class RecordingSettings:
 
     def stored(self, boundary: int) -> bool:
         """Whether boundary `boundary` (input of layer block `boundary`) is stored in full."""
-        return boundary % self.activation_interval == 0
+        return self.activation_interval > 0 and boundary % self.activation_interval == 0
 
 

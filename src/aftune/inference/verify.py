@@ -37,14 +37,14 @@ from ..core.encoding import DTYPE_BY_NAME, tensor_digest
 from ..core.signing import PublicKey
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..models.cache import KVCache
-from ..models.shapes import ShapeOracle
+from ..models.shapes import ShapeOracle, TensorSpec
 from ..training.replay import check_fits
 from ..verdict.findings import RECORD, BlockResult, Finding, Report
 from ..verdict.policy import ComparisonPolicy, Tolerance, Verifying
 from ..verdict.threads import pinned_threads, recorded_threads
 from .checks import RecordChecks
 from .policy import GenerationPolicy, check_request_nonce
-from .record import InferenceRecord, boundary_key, step_key
+from .record import InferenceRecord, boundary_key, steps_root
 from .sampling import choose_token, greedy_token, needed_logit_tolerance, sample_uniform, sampled_token_possible
 from .served import ServedModel, is_run_dir
 
@@ -69,7 +69,10 @@ class InferenceVerifier(RecordChecks, Verifying):
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}, got {replay_dtype!r}")
         self.record = InferenceRecord.open(record_dir, record)
         rec = self.record
-        self.policy = ComparisonPolicy(mode, tolerance or Tolerance.for_dtype(rec.model["dtype"]))
+        if tolerance is None:  # the defaults of the record's dtype, the replay's and the block depth
+            known = replay_dtype if replay_dtype in ("bfloat16", "float16", "float32", "float64") else None
+            tolerance = Tolerance.for_dtype(rec.model["dtype"], known, rec.settings.layers_per_block)
+        self.policy = ComparisonPolicy(mode, tolerance)
         if replay_dtype is not None and self.policy.strict and replay_dtype != rec.model["dtype"]:
             raise InputError(f"replaying a {rec.model['dtype']} record in {replay_dtype} cannot be bitwise: "
                              "use --mode tolerance with --dtype")
@@ -171,40 +174,39 @@ class InferenceVerifier(RecordChecks, Verifying):
                                          f"{str(exc).splitlines()[0][:200]}") from None
         return self._expected
 
+    def expected_boundary(self, b: int) -> TensorSpec:
+        """Shape and dtype of boundary b (the input of layer block b) over all steps."""
+        per_step = [specs[b - 1] for specs in self.expected_outputs()]
+        if len(per_step) == 1:
+            return per_step[0]
+        shape = list(per_step[0].shape)
+        shape[1] = sum(spec.shape[1] for spec in per_step)
+        return TensorSpec(tuple(shape), per_step[0].dtype)
+
     def committed_boundary(self, b: int, layer_block: int) -> list[torch.Tensor]:
-        """The committed input of layer block b, per step, each of the shape the model gives it
-        and checked against its step digest."""
+        """The committed input of layer block b, per step: the stored concatenation (its digest
+        checked by the store) split into the steps' slices, whose root must be the committed one."""
         rec = self.record
         key = boundary_key(b)
-        if key not in rec.rows:
-            raise CommitmentMismatch(f"boundary {b} has no commitment in the record")
-        expected = self.expected_outputs()
-        for k in range(len(rec.steps)):
-            check_fits(rec.rows.get(step_key(k, b)), expected[k][b - 1], step_key(k, b))
+        check_fits(rec.rows.get(key), self.expected_boundary(b), key)
         if not rec.has_tensor(key):
             raise RecordError(f"boundary {b} (input of layer block {b}) is committed by digest only (activation "
                               f"interval {rec.settings.activation_interval}): run `aftune prepare-inference "
-                              f"{rec.records.root} --record {rec.record_id.hex()} --layer-block {layer_block}` first")
+                              f"{rec.records.root} --record {rec.record_id.hex()} --layer-block {layer_block}` on the "
+                              "provider's hardware, or ask for an opening (`aftune open`)")
         full = rec.tensor(key)
         steps = rec.steps
-        if len(steps) == 1:
-            parts = [full]
-        else:
-            if full.dim() < 2 or full.shape[1] != sum(q for _, q in steps):
-                raise CommitmentMismatch(f"boundary {b}: stored tensor of shape {list(full.shape)} does not cover the "
-                                         f"{sum(q for _, q in steps)} positions of the steps")
-            parts = [p.clone() for p in torch.split(full, [q for _, q in steps], dim=1)]
-        for k, part in enumerate(parts):
-            ref = rec.rows.get(step_key(k, b))
-            if ref is None or tensor_digest(ref.name, part, rec.algorithm) != ref.digest:
-                raise CommitmentMismatch(f"boundary {b}: the stored tensor disagrees with the digest of step {k}")
+        parts = [full] if len(steps) == 1 else [p.clone() for p in torch.split(full, [q for _, q in steps], dim=1)]
+        if steps_root(rec.algorithm, parts) != rec.boundary_root(b):
+            raise CommitmentMismatch(f"boundary {b}: the stored activations do not match the committed root of its "
+                                     "per-step digests (boundary_roots)")
         return parts
 
     def verify_block(self, layer_block: int, inputs: list[torch.Tensor] | None = None
                      ) -> tuple[BlockResult, list[torch.Tensor] | None]:
         """Replay one layer block over every step. `inputs` (per step) replace the committed
         inputs when a previous block's strict replay produced them. Returns the result and the
-        replayed outputs (None for the last block or when the replay stopped)."""
+        replayed outputs (None for the last block, in tolerance mode, or when the replay stopped)."""
         nb = len(self.blocks)
         if not 0 <= layer_block < nb:
             raise InputError(f"layer block {layer_block} does not exist: this record has layer blocks 0..{nb - 1}")
@@ -225,61 +227,110 @@ class InferenceVerifier(RecordChecks, Verifying):
 
     @torch.inference_mode()
     def _replay(self, res: BlockResult, l: int, inputs) -> list[torch.Tensor] | None:
+        """Strict mode: step by step with the block's own KV cache, the provider's very calls.
+        Tolerance mode: the whole sequence at once (teacher forcing, `_replay_sequence`)."""
         rec, served, blocks = self.record, self.served, self.blocks
         self._current = res
         last = l == len(blocks) - 1
         if l > 0 and inputs is None:
             inputs = self.committed_boundary(l, l)
-        committed_out = None
-        if not last and not self.policy.strict:
-            committed_out = self.committed_boundary(l + 1, l)
+        if not self.policy.strict:
+            self._replay_sequence(res, l, inputs)
+            return None
         cache = KVCache() if rec.task == "causal_lm" else None
         outputs = []
         for k, (first, _) in enumerate(rec.steps):
             ctx = served.step_context(first, self._step_inputs(k))
-            h_in = None
-            if l > 0:
-                h_in = inputs[k]
-                h_in = h_in.to(self.replay_dtype) if h_in.dtype != self.replay_dtype else h_in
-            out = served.run_block(blocks, l, h_in, ctx, cache)
+            out = served.run_block(blocks, l, inputs[k] if l > 0 else None, ctx, cache)
             if last:
                 self._check_choice(res, k, out)
             else:
-                self._compare(res, k, l + 1, out, committed_out[k] if committed_out is not None else None, h_in)
                 outputs.append(out)
         if last:
             return None
-        if self.policy.strict:
-            ref = rec.rows.get(boundary_key(l + 1))
-            full = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-            res.compared += 1
-            if ref is None or tensor_digest(ref.name, full, rec.algorithm) != ref.digest:
-                res.fail("output", "the block's recomputed output over all steps differs from the committed "
-                         "boundary", tensor=boundary_key(l + 1))
-        return outputs
+        return outputs if self._compare_steps(res, l, outputs) else None
 
-    def _compare(self, res: BlockResult, k: int, b: int, out: torch.Tensor, committed: torch.Tensor | None,
-                 block_input: torch.Tensor | None = None) -> None:
-        key = step_key(k, b)
-        ref = self.record.rows.get(key)
+    def _compare_steps(self, res: BlockResult, l: int, outputs: list[torch.Tensor]) -> bool:
+        """Strict: the replayed outputs must hash to the committed boundary and per-step root; on
+        a mismatch, the first differing step is named when the boundary is stored."""
+        rec, b = self.record, l + 1
+        key = boundary_key(b)
+        ref = rec.rows.get(key)
+        res.compared += len(outputs)
+        full = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if ref is None:
-            res.fail("record", "no commitment for this step's block output", tensor=key, step=k)
+            res.fail("record", "no commitment for this block's output", tensor=key)
+            return False
+        outcome = self.policy.compare(ref, full, None, rec.algorithm, "activation")
+        if outcome.matched and steps_root(rec.algorithm, outputs) == rec.boundary_root(b):
+            return True
+        if outcome.reason:  # a shape
+            res.fail("output", outcome.reason, tensor=key)
+            return False
+        step, expected, actual = None, outcome.expected, outcome.actual
+        if rec.has_tensor(key):
+            for k, (mine, theirs) in enumerate(zip(outputs, self.committed_boundary(b, l))):
+                if tensor_digest("activation", mine, rec.algorithm) != tensor_digest("activation", theirs, rec.algorithm):
+                    step = k
+                    expected = tensor_digest("activation", theirs, rec.algorithm).hex()[:16] + "…"
+                    actual = tensor_digest("activation", mine, rec.algorithm).hex()[:16] + "…"
+                    break
+        where = "" if step is not None else " (the boundary is not stored: the first differing step is not known)"
+        res.fail("output", f"the block's recomputed output differs from the committed one{where}", tensor=key,
+                 step=step, expected=expected, actual=actual)
+        return False
+
+    def _replay_sequence(self, res: BlockResult, l: int, inputs) -> None:
+        """Tolerance mode, teacher forcing: block l runs once over every position (the prompt and
+        every generated token but the last), fed the committed inputs; its output is compared with
+        the committed boundary l+1 in one comparison, the block's committed input giving the
+        magnitude scale; the last block's logits at every position check every token."""
+        rec, served, blocks = self.record, self.served, self.blocks
+        last = l == len(blocks) - 1
+        if rec.task == "causal_lm":
+            generated = torch.tensor([self.tokens[:-1]], dtype=torch.int64)
+            step = {"input_ids": torch.cat([self.inputs["input_ids"], generated], dim=1)}
+        else:
+            step = self._step_inputs(0)
+        ctx = served.step_context(0, step)
+        h_in = None
+        if l > 0:
+            h_in = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
+            h_in = h_in.to(self.replay_dtype)
+        if last:
+            logits = served.run_block(blocks, l, h_in, ctx, None, every_position=rec.task == "causal_lm")
+            if rec.task != "causal_lm":
+                self._check_choice(res, 0, logits)
+                return
+            first = rec.steps[0][1] - 1  # the prompt's last position predicts token 0
+            for k in range(len(self.tokens)):
+                self._check_choice(res, k, logits[first + k])
             return
+        out = served.run_block(blocks, l, h_in, ctx, None)
+        committed = self.committed_boundary(l + 1, l)
+        committed = committed[0] if len(committed) == 1 else torch.cat(committed, dim=1)
+        key = boundary_key(l + 1)
         res.compared += 1
-        outcome = self.policy.compare(ref, out, (lambda: committed) if committed is not None else None,
-                                      self.record.algorithm, "activation", scale=block_input)
+        outcome = self.policy.compare(self.record.rows[key], out, lambda: committed, rec.algorithm, "activation",
+                                      scale=h_in)
         if outcome.elem is not None:
             res.observe("activation", outcome.rel, outcome.elem)
-        if outcome.matched:
-            return
-        if outcome.reason.startswith("shape"):
-            res.fail("output", outcome.reason, tensor=key, step=k)
-        elif outcome.elem is None:
-            res.fail("output", "the block's recomputed output differs from the committed one", tensor=key, step=k,
-                     expected=outcome.expected, actual=outcome.actual)
-        else:
-            res.fail("output", f"the block's recomputed output differs from the committed one beyond the tolerance; "
-                     f"{outcome.reason}", tensor=key, step=k, error=outcome.rel)
+        if not outcome.matched:
+            res.fail("output", f"the block's recomputed output differs from the committed one beyond the tolerance"
+                     f"{': ' + outcome.reason if outcome.reason else ''}", tensor=key, step=self._first_step(out, committed),
+                     error=outcome.rel)
+
+    def _first_step(self, out: torch.Tensor, committed: torch.Tensor) -> int | None:
+        """The step of the first position whose error exceeds the element threshold (a locator)."""
+        if out.dim() < 3 or out.shape != committed.shape or self.record.task != "causal_lm":
+            return None
+        d = (out.double() - committed.double()).abs()
+        scale = committed.double().abs() + committed.double().pow(2).mean(-1, keepdim=True).sqrt()
+        bad = ((d / scale.clamp_min(1e-30)).amax(dim=-1)[0] > self.tolerance.limits("activation")[1]).nonzero()
+        if not len(bad):
+            return None
+        position, prompt = int(bad[0]), self.record.steps[0][1]
+        return 0 if position < prompt else position - prompt + 1
 
     def _check_choice(self, res: BlockResult, k: int, logits: torch.Tensor) -> None:
         rec = self.record

@@ -64,6 +64,10 @@ class _NextTokenLogits(nn.Module):
     def forward(self, hidden, context):
         return self.head.lm_head(self.head.norm(hidden[:, -1:, :]))[0, -1]
 
+    def every_position(self, hidden):
+        """The logits [q, V] of every position of the one sequence (a verifier's teacher forcing)."""
+        return self.head.lm_head(self.head.norm(hidden))[0]
+
 
 class _DecoderAdapter(Adapter):
     task = "causal_lm"

@@ -109,11 +109,11 @@ def _check_merge(v, saved: torch.nn.Module, digests: dict[str, bytes], fail) -> 
             out.append(fail("RUN/model is not the merge of the committed base weights and final adapters",
                             tensor=name))
         elif not v.policy.strict:
-            rel, elem = relative_errors(saved_weights[name], t)
+            rel, elem = relative_errors(t, saved_weights[name])  # the verifier's merge against RUN/model
             max_rel, max_elem = v.tolerance.limits("weights")
             if rel > max_rel or elem > max_elem:
                 out.append(fail("RUN/model is not the merge of the committed base weights and final adapters "
-                                f"(beyond the tolerance; largest element error {elem:.3g} x rms)", tensor=name,
+                                f"(beyond the tolerance; largest element error {elem:.3g} x magnitude)", tensor=name,
                                 error=rel))
     extra = sorted(set(digests) - set(merged))
     out += [fail("RUN/model has a tensor the merged model does not", tensor=n) for n in extra[:8]]

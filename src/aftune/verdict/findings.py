@@ -96,7 +96,7 @@ class BlockResult:
         if self.verdict == PASS:
             text = f"PASS {self.where()}: {self.compared} commitments match"
             if self.max_error or self.max_elem_error:
-                text += f" (largest relative error {self.max_error:.3g}, element {self.max_elem_error:.3g} x rms)"
+                text += f" (largest relative error {self.max_error:.3g}, element {self.max_elem_error:.3g} x magnitude)"
             return text
         if not self.findings:
             return f"FAIL {self.where()}: nothing was compared"
