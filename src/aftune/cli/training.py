@@ -77,6 +77,9 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL file or image folder (default: built-in dataset)."),
     agreement_path: Optional[Path] = typer.Option(None, "--agreement", help="The client's agreement.json: settings, base model and data come from it (no settings flags then)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: a new one in RUN)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in RUN from its last checkpoint "
+                                "before the first unsigned step block (same machine, same --model; settings from "
+                                "RUN/agreement.json)."),
     settings=None,
 ):
     """Fine-tune with recording: every block committed, every step block signed as it ends."""
@@ -88,6 +91,12 @@ def train(
     try:
         chosen = settings_from_flags(settings)
         agreement = None
+        if resume and agreement_path is None:
+            if chosen is not None:
+                raise InputError("--resume continues under the run's own agreement: drop the settings flags")
+            agreement_path = run_dir / "agreement.json"
+            if not agreement_path.is_file():
+                raise InputError(f"{run_dir} holds no run to resume (no agreement.json)")
         if agreement_path is not None:
             if chosen is not None:
                 raise InputError("with --agreement the settings come from it: drop the settings flags")
@@ -100,7 +109,7 @@ def train(
                 bar.update(task, completed=done, note=f"loss {loss:.4f}")
 
             result = run_training(model, data, run_dir, None if agreement else chosen, key_path=key, progress=progress,
-                                  agreement=agreement)
+                                  agreement=agreement, resume=resume)
     except AftuneError as exc:
         _fail(exc)
     out.print(f"run recorded in {result.run_dir} (final loss {result.final_loss:.4f})")

@@ -50,7 +50,7 @@ class _Digest(Future):
 
 class Recorder:
     def __init__(self, run_dir: Path, algorithm: str, num_blocks: int, transcript: TranscriptWriter,
-                 workers: int = 2, compression_level: int = -1):
+                 workers: int = 2, compression_level: int = -1, signed: int = 0):
         self.run_dir = run_dir
         self.algorithm = algorithm
         self.num_blocks = num_blocks
@@ -65,6 +65,7 @@ class Recorder:
         self._pending_kind = ""
         self._commits: list[Future] = []
         self.roots: dict[int, bytes] = {}
+        self.signed = signed  # resuming: step blocks below this one are signed; their manifests stay as they are
 
     def _job(self, name: str, tensor: torch.Tensor, store: bool) -> TensorRef:
         ref = TensorRef.of(name, tensor, self.algorithm)
@@ -130,7 +131,8 @@ class Recorder:
             {k: Future.result(f) for k, f in common.items()},  # end() handed them over
             [{k: Future.result(f) for k, f in b.items()} for b in blocks],
         )
-        manifest.write(self.run_dir / "manifests" / f"{step_block:06d}.json")
+        if step_block >= self.signed:
+            manifest.write(self.run_dir / "manifests" / f"{step_block:06d}.json")
         root = self.transcript.step_block(step_block, first, num, manifest.merkle_root(self.algorithm))
         self.roots[step_block] = root
         return root

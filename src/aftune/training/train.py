@@ -9,6 +9,7 @@ step-block state to the background `Recorder`, and signs each step block's root 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ from .instantiate import instantiate
 from ..core.merkle import files_root
 from ..models import (load_pretrained, model_commitment, model_files, tokenizer_files, tokenizer_from_files)
 from .recorder import Recorder
+from .resume import load_checkpoint, resume_point
+from ..core import jsonio
 from ..core.encoding import DTYPE_BY_NAME
-from .run import config_digest
+from .run import MAX_CONFIG_BYTES, config_digest
 from ..core.signing import SigningKey
 from .transcript import TranscriptWriter
 
@@ -62,10 +65,17 @@ class TrainResult:
 
 def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path,
           settings: TrainSettings | None = None, key_path: str | Path | None = None, progress: Progress | None = None,
-          deviation: Deviation | None = None, agreement: Agreement | None = None) -> TrainResult:
+          deviation: Deviation | None = None, agreement: Agreement | None = None, resume: bool = False) -> TrainResult:
     """Fine-tune `model_dir` on `data_path` into the new directory `run_dir`, recording. The
     settings come from the client's `agreement` (whose base model and data must be the ones given)
-    or, without one, from `settings`; the run config commits the agreement's digest either way."""
+    or, without one, from `settings`; the run config commits the agreement's digest either way.
+    `resume`: continue the interrupted run in `run_dir` (training/resume.py) under the agreement
+    it was made with, from the same base model; the data default to the run's own copy."""
+    run = Path(run_dir)
+    if resume:
+        existing = _existing_run(run)
+        agreement = agreement or Agreement.load(run / "agreement.json")
+        data_path = data_path or run / existing["data"]["path"]
     if agreement is not None:
         if settings is not None and settings != agreement.settings:
             raise InputError("the training settings come from the agreement: give one or the other")
@@ -75,8 +85,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     settings.validate()
     model_dir = Path(model_dir) if model_dir else builtin.MODEL_DIR
     data_path = Path(data_path) if data_path else builtin.DATA_FILE
-    run = Path(run_dir)
-    if run.exists() and any(run.iterdir()):
+    if not resume and run.exists() and any(run.iterdir()):
         raise InputError(f"run directory {run} already exists and is not empty: records are never overwritten")
     algorithm = settings.hash_algorithm
 
@@ -90,56 +99,62 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         if wrong:
             raise InputError("the model and data given are not the agreed ones:\n  - " + "\n  - ".join(wrong[:12]))
     agreement = agreement or own
-    key = SigningKey.load(key_path) if key_path else SigningKey.generate()
+    if key_path:
+        key = SigningKey.load(key_path)
+    else:
+        key = SigningKey.load(run / "provider.key") if resume else SigningKey.generate()
 
     root_module, model, adapter = instantiate(hf_config, settings, base_model)
     blocked = BlockedModel(model, adapter, settings)
 
-    run.mkdir(parents=True, exist_ok=True)
-    public_key_path = None
-    if not key_path:
-        public_key_path = key.save(run / "provider.key")
-    (run / "base_model.json").write_text(json.dumps({k: v.hex() for k, v in sorted(agreement.base_tensors.items())},
-                                                    indent=0))
-    (run / "agreement.json").write_bytes(canonical_json(agreement.to_json()) + b"\n")  # what the run was made under
     # the agreed base files, byte for byte: the tokenizer to train with (RUN/tokenizer) and the
     # config, generation config and tokenizer of the fine-tuned model (RUN/model)
     base_files = model_files(model_dir)
-    tokenizer, tokenizer_digest = None, None
-    if dataset.kind != "image_folder":
-        files = tokenizer_files(model_dir)
-        (run / "tokenizer").mkdir()
-        for name, data in files.items():
-            (run / "tokenizer" / name).write_bytes(data)
-        tokenizer = tokenizer_from_files(files)  # train with exactly what the verifier will load
-        tokenizer_digest = files_root(algorithm, files).hex()
-    data_copy = copy_into(dataset, run / "data")
+    files = tokenizer_files(model_dir) if dataset.kind != "image_folder" else None
+    tokenizer = tokenizer_from_files(files) if files is not None else None  # exactly what the verifier loads
+    public_key_path = None
+    if resume:
+        data_rel = existing["data"]["path"]
+        public_key_path = run / "provider.key.pub" if not key_path and (run / "provider.key.pub").is_file() else None
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        if not key_path:
+            public_key_path = key.save(run / "provider.key")
+        (run / "base_model.json").write_text(json.dumps({k: v.hex() for k, v in sorted(agreement.base_tensors.items())},
+                                                        indent=0))
+        (run / "agreement.json").write_bytes(canonical_json(agreement.to_json()) + b"\n")  # what the run was made under
+        if files is not None:
+            (run / "tokenizer").mkdir()
+            for name, data in files.items():
+                (run / "tokenizer" / name).write_bytes(data)
+        data_rel = str(copy_into(dataset, run / "data").relative_to(run))
     spec = agreement.batch_spec()
-
-    config = {
-        "format": RUN_FORMAT,
-        "settings": settings.to_json(),
-        "agreement": agreement.digest().hex(),
-        "model": {"config": hf_config, "base_weights": agreement.base_weights.hex(), "tokenizer": tokenizer_digest},
-        "data": {"kind": dataset.kind, "root": dataset.root(algorithm).hex(), "num_examples": len(dataset.examples),
-                 "labels": list(dataset.labels), "path": str(data_copy.relative_to(run))},
-        "batch": {**asdict(spec), "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
-                  "fields": list(spec.fields)},
-        "layout": {"stages": blocked.stage_names, "layer_blocks": [list(r) for r in blocked.blocks.ranges]},
-        "versions": _versions(),
-        # CPU matmul results depend on the intra-op thread count: strict replay uses the same one
-        "environment": {"device": str(next(model.parameters()).device.type), "torch_threads": torch.get_num_threads()},
-    }
-    config_bytes = canonical_json(config)
-    (run / "config.json").write_bytes(config_bytes)
+    config_bytes = canonical_json(_run_config(settings, agreement, hf_config, files, dataset, data_rel, spec, blocked,
+                                              model))
     digest = config_digest(algorithm, config_bytes)
-
-    writer = TranscriptWriter(run / "transcript.jsonl", key, algorithm, digest)
-    recorder = Recorder(run, algorithm, len(blocked.blocks), writer)
+    if resume:
+        if (run / "config.json").read_bytes() != config_bytes:
+            raise InputError(f"cannot resume {run}: its config.json differs from what these settings, model, data, "
+                             "library versions and thread count give (resume on the machine and with the inputs the "
+                             "run started with)")
+        point = resume_point(run, key, settings, digest, len(blocked.blocks))
+        writer = TranscriptWriter.resume(run / "transcript.jsonl", key, algorithm, digest, point.prev_root,
+                                         dict(enumerate(point.signed_roots)))
+        recorder = Recorder(run, algorithm, len(blocked.blocks), writer, signed=point.signed)
+        if point.manifest is not None:
+            load_checkpoint(blocked, recorder.store, point.manifest)
+        first_block = point.start
+        for stale in ("model", "adapter"):  # written after the last step block: never signed
+            shutil.rmtree(run / stale, ignore_errors=True)
+    else:
+        (run / "config.json").write_bytes(config_bytes)
+        writer = TranscriptWriter(run / "transcript.jsonl", key, algorithm, digest)
+        recorder = Recorder(run, algorithm, len(blocked.blocks), writer)
+        first_block = 0
     order = OrderCache(algorithm, settings.seed, len(dataset.examples))
     loss_value = float("nan")
     try:
-        for s in range(settings.num_step_blocks + 1):
+        for s in range(first_block, settings.num_step_blocks + 1):
             steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
             recorder.begin(s, steps.start, len(steps))
             hashing = _commit_state(blocked, recorder, s, settings.is_checkpoint(s))
@@ -158,6 +173,40 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     final_digest = _save_model(root_module, model, base_files, run, settings, algorithm)
     run_root = writer.finish(final_digest)
     return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value)
+
+
+def _run_config(settings: TrainSettings, agreement: Agreement, hf_config: dict, tokenizer: dict[str, bytes] | None,
+                dataset, data_rel: str, spec: BatchSpec, blocked: BlockedModel, model) -> dict:
+    """The run config (SPEC.md 3.3): what the run commits before its first step."""
+    algorithm = settings.hash_algorithm
+    return {
+        "format": RUN_FORMAT,
+        "settings": settings.to_json(),
+        "agreement": agreement.digest().hex(),
+        "model": {"config": hf_config, "base_weights": agreement.base_weights.hex(),
+                  "tokenizer": files_root(algorithm, tokenizer).hex() if tokenizer is not None else None},
+        "data": {"kind": dataset.kind, "root": dataset.root(algorithm).hex(), "num_examples": len(dataset.examples),
+                 "labels": list(dataset.labels), "path": data_rel},
+        "batch": {**asdict(spec), "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
+                  "fields": list(spec.fields)},
+        "layout": {"stages": blocked.stage_names, "layer_blocks": [list(r) for r in blocked.blocks.ranges]},
+        "versions": _versions(),
+        # CPU matmul results depend on the intra-op thread count: strict replay uses the same one
+        "environment": {"device": str(next(model.parameters()).device.type), "torch_threads": torch.get_num_threads()},
+    }
+
+
+def _existing_run(run: Path) -> dict:
+    """The config of the interrupted run in `run` (to resume it)."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise InputError(f"{run} holds no run to resume (no config.json): start it with `aftune train` first")
+    config = jsonio.read_json(path, MAX_CONFIG_BYTES, "run config", InputError)
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str) or ".." in Path(data["path"]).parts \
+            or Path(data["path"]).is_absolute():
+        raise InputError(f"{path}: no data path inside the run")
+    return config
 
 
 def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: bool) -> list:

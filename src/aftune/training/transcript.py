@@ -55,10 +55,23 @@ class TranscriptWriter:
         self.config_digest = config_digest
         self.prev = config_digest
         self._lock = threading.Lock()
+        self._signed: dict[int, bytes] = {}
+        self._diverged = False
         header = {"type": "header", "format": TRANSCRIPT_FORMAT, "hash": algorithm,
                   "config_digest": config_digest.hex(), "public_key": key.public_key.text,
                   "signature": key.sign("run-header", config_digest).hex()}
         path.write_text(json.dumps(header, separators=(",", ":")) + "\n", encoding="utf-8")
+
+    @classmethod
+    def resume(cls, path: Path, key: SigningKey, algorithm: str, config_digest: bytes, prev: bytes,
+               signed: dict[int, bytes]) -> "TranscriptWriter":
+        """Continue an interrupted transcript (training/resume.py): nothing is rewritten; step
+        blocks in `signed` are recomputed and must reach their signed root (nothing appended),
+        the next ones are appended after them. `prev`: the root the first recomputed one chains to."""
+        self = cls.__new__(cls)
+        self.path, self.key, self.algorithm, self.config_digest = path, key, algorithm, config_digest
+        self.prev, self._lock, self._signed, self._diverged = prev, threading.Lock(), dict(signed), False
+        return self
 
     def _append(self, obj: dict[str, Any]) -> None:
         import os
@@ -71,6 +84,17 @@ class TranscriptWriter:
     def step_block(self, step_block: int, first_step: int, num_steps: int, merkle: bytes) -> bytes:
         with self._lock:
             root = chained_root(self.algorithm, step_block, self.prev, merkle)
+            if self._diverged:
+                raise CommitmentMismatch(f"resuming: not signing step block {step_block} after a divergence")
+            if step_block in self._signed:  # resuming: recomputed, already signed
+                if root != self._signed[step_block]:
+                    self._diverged = True
+                    raise CommitmentMismatch(
+                        f"resuming: step block {step_block} recomputed to another root than the signed one; this "
+                        "machine does not reproduce the run (thread count, library versions or hardware differ), "
+                        "so nothing was appended")
+                self.prev = root
+                return root
             self._append({"type": "step_block", "step_block": step_block, "first_step": first_step,
                           "num_steps": num_steps, "merkle_root": merkle.hex(), "prev": self.prev.hex(),
                           "root": root.hex(), "signature": self.key.sign("step-block", root).hex()})
@@ -79,6 +103,8 @@ class TranscriptWriter:
 
     def finish(self, final_model_digest: bytes) -> bytes:
         with self._lock:
+            if self._diverged:
+                raise CommitmentMismatch("resuming: not signing the run root after a divergence")
             root = run_root(self.algorithm, self.config_digest, self.prev, final_model_digest)
             self._append({"type": "run", "config_digest": self.config_digest.hex(), "last_root": self.prev.hex(),
                           "final_model_digest": final_model_digest.hex(), "root": root.hex(),
