@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+from conftest import DATA_KIND
 
 from aftune.core.signing import PublicKey
 from aftune.errors import AftuneError, CommitmentMismatch, InputError
@@ -23,7 +24,6 @@ from aftune.training.agreement import make_agreement
 from aftune.training.settings import TrainSettings
 from aftune.training.train import Deviation, train
 from aftune.training.transcript import Transcript
-from conftest import DATA_KIND
 
 SETTINGS = TrainSettings(steps=8, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2,
                          checkpoint_interval=2, lr=1e-2)

@@ -10,6 +10,7 @@ from . import training, inference, audit, plan, attack  # noqa: F401,I001  (regi
 from . import serving  # noqa: F401,E402  (`aftune serve`, `aftune serve-keys`, `aftune policy`)
 from . import attestation  # noqa: F401,E402  (`aftune attestation ...`)
 from . import partition  # noqa: F401,E402  (`aftune partition ...`)
+from . import check  # noqa: F401,E402  (`aftune check`)
 from .app import app, main
 
 __all__ = ["app", "main"]

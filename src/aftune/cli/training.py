@@ -190,7 +190,7 @@ def verify(
         _fail(exc)
     if attest is not None:
         _attest(v, public_key, report.to_json(), attest, nonce, attest_out)
-    finish_report(report, report.to_json(), as_json, error_label="final model")
+    finish_report(report, report.to_json(), as_json, error_label="run")
 
 
 def _attest(verifier, public_key: str, report_doc: dict, provider: str, nonce: str, out_file: Path) -> None:

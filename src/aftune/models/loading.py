@@ -10,6 +10,7 @@ so a tokenizer digest never covers weights or configs.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.js
                    "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 _NO_ATTENTION = ("resnet",)  # convolutional: transformers rejects an attention implementation
 _CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, ZeroDivisionError)
+try:  # transformers' strict config dataclasses raise their own class (a wrong type, e.g. 0 for a bool)
+    from huggingface_hub.errors import StrictDataclassError
+
+    _CONFIG_ERRORS += (StrictDataclassError,)
+except ImportError:  # older huggingface_hub: no strict dataclasses
+    pass
 
 
 def transformers_module():
@@ -52,7 +59,10 @@ def build_model(hf_config: dict[str, Any], attn_implementation: str, dtype: torc
     if not isinstance(model_type, str):
         raise InputError("model config has no 'model_type'")
     adapter_class(model_type)
-    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "transformers_version", "auto_map")}
+    # a deep copy: transformers fills nested defaults in place (rope_parameters), which must never
+    # change the caller's config (an agreement's, whose digest is compared afterwards)
+    fields = copy.deepcopy({k: v for k, v in hf_config.items() if k not in ("model_type", "transformers_version",
+                                                                            "auto_map")})
     auto = getattr(transformers, auto_class_name(model_type))
     try:
         config = transformers.AutoConfig.for_model(model_type, **fields)

@@ -49,7 +49,7 @@ def packaged_model(out_dir: str | Path, num_layers: int | None = None) -> Path:
     """`out_dir` as a Hugging Face directory of the packaged model (converted on first use; a
     complete directory is reused). Raises MissingExtra when the package or `gguf` is absent."""
     out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete(out):
         return out
     gguf_path = packaged_gguf()
     if gguf_path is None:
@@ -87,9 +87,19 @@ def packaged_model(out_dir: str | Path, num_layers: int | None = None) -> Path:
                                                                 "model.safetensors"):
                 p.unlink()
         (tmp / "SOURCE").write_text(json.dumps({"package": PACKAGE, "file": GGUF_FILE, "num_layers": layers}) + "\n")
+        if _complete(out):  # another process (a pytest-xdist worker) converted it meanwhile
+            return out
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            shutil.rmtree(out)  # an incomplete leftover
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not _complete(out):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _complete(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -18,22 +18,27 @@ from typing import Callable
 import torch
 
 from .. import builtin
+from ..core import jsonio
+from ..core.encoding import DTYPE_BY_NAME, canonical_json
+from ..core.merkle import files_root
+from ..core.signing import SigningKey
+from ..data import BatchSpec, OrderCache, build_batch, copy_into, load_dataset
+from ..errors import InputError
+from ..models import (
+    load_pretrained,
+    model_commitment,
+    model_files,
+    tokenizer_files,
+    tokenizer_from_files,
+)
 from ..version import __version__
 from .agreement import Agreement, agreement_from, differences
-from .settings import RUN_FORMAT, TrainSettings
-from ..data import BatchSpec, OrderCache, build_batch, copy_into, load_dataset
-from ..core.encoding import canonical_json
 from .engine import BlockedModel
-from ..errors import InputError
 from .instantiate import instantiate
-from ..core.merkle import files_root
-from ..models import (load_pretrained, model_commitment, model_files, tokenizer_files, tokenizer_from_files)
 from .recorder import Recorder
 from .resume import load_checkpoint, resume_point
-from ..core import jsonio
-from ..core.encoding import DTYPE_BY_NAME
 from .run import MAX_CONFIG_BYTES, config_digest
-from ..core.signing import SigningKey
+from .settings import RUN_FORMAT, TrainSettings
 from .transcript import TranscriptWriter
 
 Progress = Callable[[int, int, float], None]

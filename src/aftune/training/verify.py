@@ -45,6 +45,7 @@ from .conformance import NO_AGREEMENT_NOTE, agreement_of_run, run_conformance
 from .instantiate import base_name, instantiate, is_lora_tensor
 from .final_model import check_final_model
 from .replay import BlockReplay, StateNotStored, StopReplay
+from .check import run_check_findings
 from .run import RunRecord
 
 __all__ = ["MODES", "TENSOR_KINDS", "Tolerance", "Verifier", "relative_errors", "tensor_kind"]
@@ -208,8 +209,9 @@ class Verifier(Verifying):
         """Every block, chaining each layer block's replays through the step blocks, then the
         final model. A run that does not conform to the agreement is not replayed."""
         report = self.new_report()
+        stored = run_check_findings(self.record) if type(self.record) is RunRecord else []  # static check (6.9)
         if self.conformance:
-            report.errors.extend(self.conformance)
+            report.errors.extend(self.conformance + stored)
             return report
         # an interrupted run (no run root): the step blocks whose end state is signed (by the next
         # step block's manifest) are replayed, and the final model check reports that training did
@@ -224,5 +226,5 @@ class Verifier(Verifying):
                 report.results.append(result)
                 if on_block:
                     on_block(result)
-        report.errors.extend(self.check_final_model())
+        report.errors.extend(self.check_final_model() + stored)
         return report
