@@ -22,27 +22,21 @@ from ..inference.sampling import greedy_token
 
 def generate(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_ids: list[int],
              on_step: Callable[[int], None] | None = None) -> tuple[list[int], list[torch.Tensor]]:
-    tokens: list[int] = []
-    logits: list[torch.Tensor] = []
     past = None
-    ids = input_ids
     seen = 0  # positions so far: the all-ones attention mask of a single unpadded sequence
+
+    def step(k: int, ids: torch.Tensor) -> torch.Tensor:
+        nonlocal past, seen
+        if on_step is not None:
+            on_step(k)
+        seen += ids.shape[1]
+        out = model(input_ids=ids, attention_mask=torch.ones(1, seen, dtype=torch.int64), use_cache=True,
+                    logits_to_keep=1, **cache_argument(model, past))
+        past = returned_cache(out)
+        return out.logits[0, -1].detach().clone()
+
     with torch.no_grad():
-        for k in range(max_new_tokens):
-            if on_step is not None:
-                on_step(k)
-            seen += ids.shape[1]
-            out = model(input_ids=ids, attention_mask=torch.ones(1, seen, dtype=torch.int64), use_cache=True,
-                        logits_to_keep=1, **cache_argument(model, past))
-            past = returned_cache(out)
-            z = out.logits[0, -1].detach().clone()
-            token = greedy_token(z)
-            tokens.append(token)
-            logits.append(z)
-            if token in eos_token_ids:
-                break
-            ids = torch.tensor([[token]], dtype=torch.int64)
-    return tokens, logits
+        return decode_steps(step, input_ids, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
 
 
 def cache_argument(model: nn.Module, cache) -> dict:
@@ -65,14 +59,15 @@ def classify(model: nn.Module, pixel_values: torch.Tensor, *,
     return greedy_token(z), [z]
 
 
-def decode_steps(worker_forward: Callable[[int, torch.Tensor], torch.Tensor], input_ids: torch.Tensor, *,
+def decode_steps(step_logits: Callable[[int, torch.Tensor], torch.Tensor], input_ids: torch.Tensor, *,
                  max_new_tokens: int, eos_token_ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    """The none-shielded loop: the worker returns each step's logits, the token is chosen here."""
+    """Greedy decoding around `step_logits(k, ids)`, the logits of step k (the trusted model's
+    forward, or in the none-shielded baseline the worker's): the token is chosen here."""
     tokens: list[int] = []
     logits: list[torch.Tensor] = []
     ids = input_ids
     for k in range(max_new_tokens):
-        z = worker_forward(k, ids)
+        z = step_logits(k, ids)
         token = greedy_token(z)
         tokens.append(token)
         logits.append(z)
