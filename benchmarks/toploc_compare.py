@@ -4,8 +4,9 @@
     python benchmarks/toploc_compare.py                       # 20 prompts x 32 tokens, 3 dtypes (~30 min here)
     python benchmarks/toploc_compare.py --prompts 3 --tokens 16 --dtypes float32   # a quick look
 
-TOPLOC (`pip install toploc`, PrimeIntellect, arXiv 2501.16007) is optional: without it its
-columns say n/a. Both systems serve the same model, from the same weights, on the same prompts
+TOPLOC (`pip install --no-binary toploc toploc`, built against the local torch: the PyPI wheel's
+extension does not load with torch 2.13 CPU; PrimeIntellect, arXiv 2501.16007) is optional:
+without it its columns say n/a. Both systems serve the same model, from the same weights, on the same prompts
 (greedy, a fixed number of new tokens), and are checked by a verifier that replays in another
 precision (bfloat16 and float16 records in float32, float32 records in float64):
 
