@@ -153,7 +153,7 @@ def toploc_verify(toploc, model, ids_all: torch.Tensor, prompt_len: int, proofs)
     acts = [h[:prompt_len]] + [h[i] for i in range(prompt_len, h.shape[0])]
     results = toploc.verify_proofs_bytes(acts, proofs, decode_batching_size=DECODE_BATCH, topk=TOPK)
     exp_max, mean_max, median_max = TOPLOC_LIMITS
-    return all(r.exp_intersections <= exp_max and r.mant_err_mean <= mean_max and r.mant_err_median <= median_max
+    return all(r.exp_mismatches <= exp_max and r.mant_err_mean <= mean_max and r.mant_err_median <= median_max
                for r in results)
 
 
