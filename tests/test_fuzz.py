@@ -380,3 +380,32 @@ def test_fuzz_long(pristine):
     seen, bad = run_cases(pristine, n, seed=seed)
     _print(seen, n, time.perf_counter() - t0)
     assert not bad, f"{len(bad)} bad cases:\n" + "\n".join(bad[:50])
+
+
+def test_numbers_out_of_binary64_range_are_bad_json():
+    """Found by the long fuzz (seed 3, a bundle proof index of 1e999): such a number parsed to
+    infinity and crashed a verifier with exit 3. Strict JSON now rejects it like NaN."""
+    for text in ("1e999", '{"index": -1e400}', "[Infinity]", "NaN"):
+        with pytest.raises(ValueError):
+            jsonio.loads(text)
+    assert jsonio.loads("[1e308, 5e-324]") == [1e308, 5e-324]
+
+
+def test_a_bundle_proof_index_that_is_not_an_integer_is_a_record_error(pristine):
+    from typer.testing import CliRunner
+
+    from aftune.cli import app
+
+    path = pristine / "bundle" / "bundle.json"
+    original = path.read_bytes()
+    doc = json.loads(original)
+    sb = next(x for x in doc["step_blocks"] if x.get("partial"))
+    row = next(iter(sb["partial"].values()))[0]
+    try:
+        for bad in (1.5, True, "0"):
+            row[1] = bad
+            path.write_text(json.dumps(doc))
+            result = CliRunner().invoke(app, [str(a) for a in KINDS["bundle"].command(pristine)])
+            assert result.exit_code in (1, 2) and "index and size must be integers" in result.output, result.output
+    finally:
+        path.write_bytes(original)

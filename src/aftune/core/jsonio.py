@@ -10,6 +10,7 @@ file named. No caller re-checks sizes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,18 @@ def _constant(name):
     raise StrictJSONError(f"{name} is not allowed")
 
 
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to infinity
+        raise StrictJSONError(f"number {text[:40]} is out of range")
+    return value
+
+
 def loads(data: bytes | str) -> Any:
-    """Parse JSON, raising ValueError on malformed input, duplicate keys or non-finite numbers."""
+    """Parse JSON, raising ValueError on malformed input, duplicate keys or non-finite numbers
+    (NaN and Infinity, and numbers too large for binary64)."""
     try:
-        return json.loads(data, object_pairs_hook=_pairs, parse_constant=_constant)
+        return json.loads(data, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise StrictJSONError(str(exc)[:200] or type(exc).__name__) from None
 

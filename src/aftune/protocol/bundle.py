@@ -117,8 +117,10 @@ class TrainingBundle(RunRecord):
                 for row in proof_rows:
                     try:
                         entry, index, size, siblings = row
+                        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (index, size)):
+                            raise TypeError("a proof's index and size must be integers")
                         key, tref = row_from_json(entry, f"step block {s} {label}", InputError)
-                        proof = InclusionProof(key, int(index), int(size),
+                        proof = InclusionProof(key, index, size,
                                                tuple(parse_hex_digest(x, "proof") for x in siblings))
                     except (ValueError, TypeError, InputError) as exc:
                         raise RecordError(f"bundle.json: step block {s} {label}: malformed opening ({exc})") from None
