@@ -131,3 +131,46 @@ def test_tolerance_token_check_never_rejects_a_token_within_its_bound():
     z = torch.tensor([0.0, 5.0, 1.0])
     assert not sampled_token_possible(z, 0, 1.0, 1.0, 0.5, 1e-3)  # far from the draw: rejected
     assert math.isfinite(INFERENCE_DEFAULTS["bfloat16"][2])
+
+
+def test_the_records_block_depth_widens_thresholds_only_as_far_as_the_client_accepts(model_dir, tmp_path):
+    """The default thresholds grow with the layers of a block, and layers_per_block is the
+    provider's choice. A dishonest provider records with deeper blocks (3 layers: 1.5x wider
+    thresholds) and serves a changed weight whose error sits between the two. By default the
+    verifier widens only for blocks of 2 layers (and says so): FAIL. A client that accepts deeper
+    blocks (max_layers_per_block) gets the wider thresholds it asked for: PASS."""
+    from test_inference_tampering import ChangeOneWeight
+
+    narrow, wide = Tolerance.for_dtype("float32", "float64", 2), Tolerance.for_dtype("float32", "float64", 3)
+    assert wide.rel_l2 == 1.5 * narrow.rel_l2
+
+    def served(delta, name):  # (verifier, report) as the client accepting 3 and 2 layers per block
+        rec = tmp_path / name
+        result, _ = infer(model_dir("llama"), rec, gen=GREEDY, layers_per_block=3,
+                          deviation=ChangeOneWeight(delta=delta))
+        return [verify(rec, result, mode="tolerance", replay_dtype="float64", max_layers_per_block=accepted)
+                for accepted in (3, 2)]
+
+    def fraction(report, tol):  # block 0's error as a fraction of the thresholds
+        r = report.results[0]
+        return max(r.max_error / tol.rel_l2, r.max_elem_error / tol.max_elem)
+
+    (_, probe), _ = served(1e-4, "probe")  # errors grow linearly with a small weight change
+    assert probe.results[0].max_error > 0
+    delta = 1e-4 * 1.5 ** 0.5 / fraction(probe, narrow)  # about 1.22x the narrow thresholds, 0.82x the wide
+    (v3, accepted3), (v2, accepted2) = served(delta, "attack")
+    assert v3.policy.tolerance == wide and not any("max-layers-per-block" in n for n in v3.notes), v3.notes
+    assert accepted3.verdict == "PASS", accepted3.summary()
+    assert v2.policy.tolerance == narrow and any("--max-layers-per-block 3" in n for n in v2.notes), v2.notes
+    assert accepted2.verdict == "FAIL" and failing(accepted2) == [0], accepted2.summary()
+    finding = accepted2.results[0].findings[0]
+    assert finding.check == "output" and "beyond the tolerance" in finding.reason
+    print(f"\none weight +{delta:.3g} recorded with 3 layers per block: {fraction(accepted2, narrow):.2f}x the 2-layer "
+          f"thresholds (FAIL), {fraction(accepted3, wide):.2f}x the 3-layer ones the provider's choice would give")
+
+
+def test_max_layers_per_block_must_be_a_positive_integer(model_dir, tmp_path):
+    result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=GREEDY)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="max-layers-per-block"):
+            verify(tmp_path / "rec", result, mode="tolerance", max_layers_per_block=bad)

@@ -121,11 +121,12 @@ def verify_inference(record_dir: str | Path, record: str | None = None, *, model
                      run: str | Path | None = None, transcript: str | Path | None = None,
                      prompt: str | None = None, text: str | None = None, image: str | Path | None = None,
                      policy=None, request_nonce: bytes | None = None, unsafe_skip_input_check: bool = False,
-                     unsafe_skip_policy_check: bool = False) -> Report:
+                     unsafe_skip_policy_check: bool = False, max_layers_per_block: int = 2) -> Report:
     """Replay layer blocks of an inference record and check every token (`aftune
     verify-inference`) against what the client asked: `model` is its own copy of the model or
     run directory (or `run`, the run it comes from), `prompt`/`text`/`image` its input, `policy`
-    its GenerationPolicy and `request_nonce` its nonce. Without the input, or without the policy
+    its GenerationPolicy and `request_nonce` its nonce. Tolerance mode's default thresholds widen
+    for the record's layers per block only up to `max_layers_per_block`. Without the input, or without the policy
     (and, for sampling, the nonce) of a causal LM record: InputError, unless the `unsafe_skip_...`
     option says so (the report's notes then say what was not checked)."""
     from .inference.record import InferenceRecord
@@ -144,7 +145,8 @@ def verify_inference(record_dir: str | Path, record: str | None = None, *, model
         raise InputError("the record is compared with what you asked for; give:\n  - " + "\n  - ".join(missing))
     v = InferenceVerifier(record_dir, record, model=model, mode=mode, tolerance=tolerance, replay_dtype=replay_dtype,
                           public_key=public_key, run_dir=run, transcript=transcript, expected_prompt=prompt,
-                          expected_text=text, expected_image=image, policy=policy, request_nonce=request_nonce)
+                          expected_text=text, expected_image=image, policy=policy, request_nonce=request_nonce,
+                          max_layers_per_block=max_layers_per_block)
     return v.verify(layer_blocks)
 
 

@@ -95,6 +95,7 @@ def audit(
     policy: Optional[Path] = typer.Option(None, "--policy", help="Inference: the generation policy you asked for (or --agreement)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Inference: the max_new_tokens you asked for."),
     request_nonce: Optional[str] = typer.Option(None, "--request-nonce", help="Inference: your request nonce (hex)."),
+    max_layers_per_block: int = typer.Option(2, "--max-layers-per-block", help="Inference, tolerance: the deepest layer block the default thresholds widen for."),
     unsafe_skip_input: bool = typer.Option(False, "--unsafe-skip-input-check", help="UNSAFE (inference): do not compare the record's input with yours."),
     unsafe_skip_policy: bool = typer.Option(False, "--unsafe-skip-policy-check", help="UNSAFE (inference): do not compare the generation policy and request nonce."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
@@ -115,7 +116,7 @@ def audit(
             if c.kind == "inference":
                 report = _audit_inference(target, c, key, model, mode, dtype, (prompt, text, image), policy,
                                           agreement, max_new_tokens, request_nonce, unsafe_skip_input,
-                                          unsafe_skip_policy)
+                                          unsafe_skip_policy, max_layers_per_block)
                 finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
             agreed = load_agreement(agreement, unsafe_no_agreement)
             bundle, transcript_path, scratch = target, transcript, None
@@ -154,7 +155,7 @@ def audit(
 
 
 def _audit_inference(bundle: Path, c, key, model, mode, dtype, inputs, policy, agreement, max_new_tokens, nonce,
-                     unsafe_input: bool, unsafe_policy: bool):
+                     unsafe_input: bool, unsafe_policy: bool, max_layers_per_block: int = 2):
     """Audit an opened inference challenge against what the client asked (as `verify-inference`)."""
     from ..errors import RecordError
     from ..inference.record import InferenceRecord
@@ -173,7 +174,8 @@ def _audit_inference(bundle: Path, c, key, model, mode, dtype, inputs, policy, a
         _require_client_inputs(rec, model, None, inputs, gen, nonce_bytes, unsafe_input, unsafe_policy)
     prompt, text, image = inputs
     return audit_inference_bundle(bundle, c, key, model, mode=mode, replay_dtype=dtype, expected_prompt=prompt,
-                                  expected_text=text, expected_image=image, policy=gen, request_nonce=nonce_bytes)
+                                  expected_text=text, expected_image=image, policy=gen, request_nonce=nonce_bytes,
+                                  max_layers_per_block=max_layers_per_block)
 
 
 def _write_reports(document, challenge, json_path, html_path, png_path, bundle: Path) -> None:

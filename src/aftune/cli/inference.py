@@ -151,6 +151,7 @@ def verify_inference(
     rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per activation (default by record dtype)."),
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms (default by record dtype)."),
     logit_tol: Optional[float] = typer.Option(None, "--logit-tol", help="Tolerance: logit error / largest |logit| for token checks."),
+    max_layers_per_block: int = typer.Option(2, "--max-layers-per-block", help="Tolerance: the deepest layer block (layers the record chose per block) the default thresholds widen for."),
     public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " Checks the receipt (and --run)."),
     run: Optional[Path] = typer.Option(None, "--run", help="The training run the model must come from (needs --public-key); its model/ is your copy unless --model."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="Your own copy of the run's transcript."),
@@ -171,7 +172,7 @@ def verify_inference(
     Exit 0 PASS, 1 FAIL, 2 bad input."""
     from ..core.signing import PublicKey
     from ..inference.record import InferenceRecord
-    from ..inference.verify import InferenceVerifier
+    from ..inference.verify import InferenceVerifier, default_tolerance
 
     try:
         if all_blocks == (layer_block is not None):
@@ -180,9 +181,10 @@ def verify_inference(
             raise AftuneError("--run needs --public-key: a run is only evidence under the provider's pinned key")
         key = PublicKey.load(public_key) if public_key else None
         rec = InferenceRecord.open(record_dir, record)
-        tol = None
-        if mode == "tolerance" or (rel_l2, max_elem, logit_tol) != (None, None, None):
-            tol = tolerance_from_options(mode, _base_tolerance(rec, dtype), None, rel_l2, max_elem, logit_tol)
+        tol = None  # the verifier's defaults (default_tolerance), unless a threshold is given
+        if (rel_l2, max_elem, logit_tol) != (None, None, None):
+            base = default_tolerance(rec, dtype, max_layers_per_block)[0] if mode == "tolerance" else None
+            tol = tolerance_from_options(mode, base, None, rel_l2, max_elem, logit_tol)
         gen = None
         if model is not None or run is not None or policy is not None or agreement is not None:
             gen = client_policy(model or run, policy, agreement, max_new_tokens, temperature, top_p)
@@ -192,7 +194,7 @@ def verify_inference(
         v = InferenceVerifier(record_dir, rec.record_id.hex(), model=model, mode=mode, tolerance=tol,
                               replay_dtype=dtype, public_key=key, run_dir=run, transcript=transcript,
                               expected_prompt=prompt, expected_text=text, expected_image=image, policy=gen,
-                              request_nonce=nonce_bytes)
+                              request_nonce=nonce_bytes, max_layers_per_block=max_layers_per_block)
         if all_blocks:
             with _progress() as bar:
                 task = bar.add_task("verifying", total=len(v.blocks), note="")
@@ -206,13 +208,6 @@ def verify_inference(
     doc = report.to_json()
     doc["record_id"] = v.record.record_id.hex()
     finish_report(report, doc, as_json, heading=f"record {doc['record_id']}")
-
-
-def _base_tolerance(rec, replay_dtype=None):
-    from ..verdict.policy import Tolerance
-
-    return Tolerance.for_dtype(rec.model["dtype"], replay_dtype if replay_dtype in ("float32", "float64") else None,
-                               rec.settings.layers_per_block)
 
 
 def _require_client_inputs(rec, model, run, inputs, gen, nonce, unsafe_input: bool, unsafe_policy: bool) -> None:

@@ -49,6 +49,27 @@ from .sampling import choose_token, greedy_token, needed_logit_tolerance, sample
 from .served import ServedModel, is_run_dir
 
 RECORD_LEVEL = -1  # layer_block of findings about the whole record
+ACCEPTED_LAYERS_PER_BLOCK = 2  # the deepest layer block the default thresholds widen for, unless the client says more
+
+
+def default_tolerance(record: InferenceRecord, replay_dtype: str | None = None,
+                      accepted_layers_per_block: int = ACCEPTED_LAYERS_PER_BLOCK) -> tuple[Tolerance, str | None]:
+    """The default thresholds for `record` replayed in `replay_dtype` (SPEC.md 8.8), and a note
+    when they were not widened as far as the record's layer blocks ask. The depth factor widens
+    thresholds, and the record's layers_per_block is the provider's choice: it counts only up to
+    what the client accepts (`accepted_layers_per_block`, the CLI's --max-layers-per-block)."""
+    if not isinstance(accepted_layers_per_block, int) or isinstance(accepted_layers_per_block, bool) \
+            or accepted_layers_per_block < 1:
+        raise InputError(f"--max-layers-per-block must be an integer >= 1, got {accepted_layers_per_block!r}")
+    known = replay_dtype if replay_dtype in ("bfloat16", "float16", "float32", "float64") else None
+    depth = min(record.settings.layers_per_block, accepted_layers_per_block)
+    note = None
+    if record.settings.layers_per_block > accepted_layers_per_block:
+        note = (f"the default thresholds were widened for layer blocks of at most {accepted_layers_per_block} layers, "
+                f"not the record's {record.settings.layers_per_block} (the provider chose that depth): an honest "
+                f"record may exceed them; give --max-layers-per-block {record.settings.layers_per_block} if you "
+                "accept blocks that deep")
+    return Tolerance.for_dtype(record.model["dtype"], known, depth), note
 
 
 class InferenceVerifier(RecordChecks, Verifying):
@@ -61,17 +82,19 @@ class InferenceVerifier(RecordChecks, Verifying):
                  run_dir: str | Path | None = None, transcript: str | Path | None = None,
                  expected_prompt: str | None = None, expected_text: str | None = None,
                  expected_image: str | Path | None = None, policy: GenerationPolicy | None = None,
-                 request_nonce: bytes | None = None):
+                 request_nonce: bytes | None = None, max_layers_per_block: int = ACCEPTED_LAYERS_PER_BLOCK):
         """`model` is the client's own copy (a model or run directory, or a loaded ServedModel);
         without it, the run directory's model/. `policy` and `request_nonce` are what the client
-        asked for (a causal LM record is compared with them field by field)."""
+        asked for (a causal LM record is compared with them field by field). Without `tolerance`,
+        tolerance mode uses `default_tolerance`, widened for the record's block depth only up to
+        `max_layers_per_block`."""
         if replay_dtype is not None and replay_dtype not in DTYPE_BY_NAME:
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}, got {replay_dtype!r}")
         self.record = InferenceRecord.open(record_dir, record)
         rec = self.record
-        if tolerance is None:  # the defaults of the record's dtype, the replay's and the block depth
-            known = replay_dtype if replay_dtype in ("bfloat16", "float16", "float32", "float64") else None
-            tolerance = Tolerance.for_dtype(rec.model["dtype"], known, rec.settings.layers_per_block)
+        depth_note = None
+        if tolerance is None:  # the defaults of the record's dtype, the replay's and the accepted block depth
+            tolerance, depth_note = default_tolerance(rec, replay_dtype, max_layers_per_block)
         self.policy = ComparisonPolicy(mode, tolerance)
         if replay_dtype is not None and self.policy.strict and replay_dtype != rec.model["dtype"]:
             raise InputError(f"replaying a {rec.model['dtype']} record in {replay_dtype} cannot be bitwise: "
@@ -85,6 +108,8 @@ class InferenceVerifier(RecordChecks, Verifying):
         self.served, run_from_model = self._load_model(model, run_dir)
         run_dir = run_dir or run_from_model
         self.notes = self._gaps(public_key, run_dir, expected_prompt, expected_text, expected_image)
+        if depth_note is not None and not self.policy.strict:
+            self.notes.append(depth_note)
         self.shapes = ShapeOracle(self.served.hf_config, rec.model["attn_implementation"],
                                   DTYPE_BY_NAME[rec.model["dtype"]])
         if replay_dtype is not None and replay_dtype != rec.model["dtype"]:

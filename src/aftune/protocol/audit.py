@@ -115,7 +115,7 @@ def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey,
                            mode: str = "strict", replay_dtype: str | None = None,
                            expected_prompt: str | None = None, expected_text: str | None = None,
                            expected_image: str | Path | None = None, policy=None, request_nonce: bytes | None = None,
-                           on_block=None) -> Report:
+                           on_block=None, max_layers_per_block: int = 2) -> Report:
     """Replay the challenged layer blocks of the record the challenge names, from the bundle alone,
     and compare the record with the client's prompt, generation policy and request nonce (what is
     not given is a line of the report's notes). A bundle missing anything, or answering another
@@ -138,7 +138,8 @@ def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey,
     try:
         v = InferenceVerifier(bundle, challenge.run_root, model=model, mode=mode, replay_dtype=replay_dtype,
                               public_key=public_key, expected_prompt=expected_prompt, expected_text=expected_text,
-                              expected_image=expected_image, policy=policy, request_nonce=request_nonce)
+                              expected_image=expected_image, policy=policy, request_nonce=request_nonce,
+                              max_layers_per_block=max_layers_per_block)
     except (InputError, RecordError) as exc:  # the record the challenge names is not (properly) in the bundle
         report.errors.append(opening(f"the bundle does not open record {challenge.run_root[:16]}…: {exc}"))
         return report
