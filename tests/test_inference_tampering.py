@@ -226,3 +226,26 @@ def test_receipt_malformed_is_bad_input(tmp_path):
         p.write_text(text)
         r = cli("verify-receipt", p, "--public-key", "ed25519:" + "00" * 32, "--record-dir", tmp_path)
         assert r.exit_code == 2 and "receipt" in r.output, (text, r.output)
+
+
+@pytest.mark.parametrize("change", ["positions", "hidden"])
+def test_a_boundary_committed_in_another_shape_is_a_finding(model_dir, tmp_path, change):
+    """A provider commits (and would sign) a record whose boundary row has another shape than the
+    agreed computation gives: more positions than the steps, or another hidden size. The verifier
+    compares the row with the shapes of one meta-device pass over the whole sequence and FAILs the
+    block that reads it, naming the tensor: never an exception from the replay."""
+    from aftune.core.encoding import canonical_json
+    from aftune.inference.record import record_id
+
+    result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=policy(6))
+    doc = json.loads(result.record_path.read_bytes())
+    row = next(r for r in doc["tensors"] if r[0] == "boundary/0001")
+    row[3] = [row[3][0], row[3][1] + 1, row[3][2]] if change == "positions" else [row[3][0], row[3][1], row[3][2] * 2]
+    data = canonical_json(doc)
+    rid = record_id("blake3", data)
+    (tmp_path / "rec" / "records" / f"{rid.hex()}.json").write_bytes(data)
+    result.record_path.unlink()
+    _, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": rid}))
+    assert report.verdict == "FAIL"
+    found = [f for r in report.results for f in r.findings] + list(report.errors)
+    assert any("boundary/0001" in f"{f.tensor} {f.reason}" for f in found), report.summary()

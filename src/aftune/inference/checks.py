@@ -8,6 +8,9 @@ makes block replays meaningless sets `fatal`.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,6 +24,31 @@ from ..training.run import RunRecord
 from ..training.transcript import run_root
 from .receipt import Receipt, verify_receipt
 from .sampling import request_seed
+
+# Tokenizers built from the client's files, by a digest of those files: loading one takes most of a
+# second, and a verifier of many records (an audit, a benchmark) reads the same files every time.
+_TOKENIZERS: OrderedDict[bytes, object] = OrderedDict()
+_TOKENIZERS_LOCK = threading.Lock()
+_TOKENIZERS_KEPT = 4
+
+
+def client_tokenizer(files: dict[str, bytes]):
+    """The tokenizer of exactly these files, built once per process for the same bytes."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(files):
+        for part in (name.encode(), len(files[name]).to_bytes(8, "big"), files[name]):
+            h.update(part)
+    key = h.digest()
+    with _TOKENIZERS_LOCK:
+        if key in _TOKENIZERS:
+            _TOKENIZERS.move_to_end(key)
+            return _TOKENIZERS[key]
+    tokenizer = tokenizer_from_files(files, "your model's tokenizer")
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS[key] = tokenizer
+        while len(_TOKENIZERS) > _TOKENIZERS_KEPT:
+            _TOKENIZERS.popitem(last=False)
+    return tokenizer
 
 
 def _is_int(x) -> bool:
@@ -151,7 +179,7 @@ class RecordChecks:
             if files is None:
                 raise InputError(f"your model directory {self.served.source.model_dir if self.served.source else ''} "
                                  "has no tokenizer files: the prompt cannot be re-tokenised")
-            self._loaded_tokenizer = tokenizer_from_files(files, "your model's tokenizer")
+            self._loaded_tokenizer = client_tokenizer(files)
         return self._loaded_tokenizer
 
     def _check_input(self, expected_prompt, expected_text, expected_image) -> None:
