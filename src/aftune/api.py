@@ -82,7 +82,7 @@ def verify_run(run_dir: str | Path, public_key: PublicKey, agreement=None, *, un
     if not all_blocks and (layer_block is None or step_block is None):
         raise InputError("give both layer_block and step_block")
     v = Verifier(run_dir, public_key, _agreement(agreement), unsafe_no_agreement=unsafe_no_agreement, mode=mode,
-                 tolerance=tolerance or Tolerance(), replay_dtype=replay_dtype, transcript=transcript)
+                 tolerance=tolerance, replay_dtype=replay_dtype, transcript=transcript)
     if all_blocks:
         return v.verify_all(on_block)
     report = v.new_report()
@@ -175,5 +175,5 @@ def audit(bundle: str | Path, transcript: str | Path, challenge, public_key: Pub
     from .protocol.audit import audit_bundle
 
     return audit_bundle(bundle, transcript, public_key, list(challenge.blocks), challenge.digest_bytes,
-                        agreement=_agreement(agreement), mode=mode, tolerance=tolerance or Tolerance(),
+                        agreement=_agreement(agreement), mode=mode, tolerance=tolerance,
                         replay_dtype=replay_dtype, workers=workers)

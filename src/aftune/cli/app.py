@@ -60,6 +60,8 @@ def tolerance_from_options(mode: str, base=None, tolerance_file=None, rel_l2=Non
     given = (tolerance_file, rel_l2, max_elem, logit) != (None, None, None, None)
     if mode != "tolerance" and given:
         raise InputError("--tolerance, --rel-l2, --max-elem and --logit-tol apply to --mode tolerance")
+    if base is None and not given:
+        return None  # the verifier's defaults for the agreed dtype and the replay dtype
     tol = base if base is not None else Tolerance()
     if tolerance_file is not None:
         tol = Tolerance.from_json(jsonio.read_json(tolerance_file, 1 << 20, "tolerance file", InputError))

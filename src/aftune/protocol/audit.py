@@ -43,7 +43,7 @@ def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: 
 def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key: PublicKey,
                  blocks: list[tuple[int, int]], challenge_digest: bytes, *, agreement: Agreement | None = None,
                  unsafe_no_agreement: bool = False, mode: str = "strict",
-                 tolerance: Tolerance = Tolerance(), replay_dtype: str | None = None, workers: int | None = None,
+                 tolerance: Tolerance | None = None, replay_dtype: str | None = None, workers: int | None = None,
                  ray_address: str | None = None,
                  on_block: Callable[[BlockResult], None] | None = None) -> Report:
     """Verify every challenged block from the bundle against the client's `agreement`. A bundle

@@ -217,6 +217,12 @@ class BlockReplay:
         coef = bm.clip(all_norms)
         for b in self.members:  # a shared trainable parameter is updated once, by its owner
             bm.update(b, step, coef)
+        stored = self.v.storage_dtype
+        if stored is not None:  # another replay dtype: the state is kept at the run's dtype, as the run stores it
+            for b in self.members:
+                for _, t in bm.state_tensors(b).values():
+                    if t.is_floating_point():
+                        t.copy_(t.to(stored))
 
     def end_state(self, m_end: StepBlockManifest) -> dict[str, torch.Tensor]:
         """6. The end state, compared with the commitment of the next step block."""

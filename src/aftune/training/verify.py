@@ -57,13 +57,14 @@ NEEDS_AGREEMENT = ("no agreement: pass --agreement with the agreement.json you w
 
 class Verifier(Verifying):
     def __init__(self, run_dir: str | Path | None, public_key: PublicKey | None, agreement: Agreement | None = None, *,
-                 unsafe_no_agreement: bool = False, mode: str = "strict", tolerance: Tolerance = Tolerance(),
+                 unsafe_no_agreement: bool = False, mode: str = "strict", tolerance: Tolerance | None = None,
                  replay_dtype: str | None = None, transcript: str | Path | None = None, record=None):
         """Verify a run directory (or any other record source passed as `record`, such as an audit
         bundle, that offers RunRecord's interface) against the client's `agreement`. Without one,
         only `unsafe_no_agreement=True` proceeds, and then only self-consistency is checked
-        (`notes` says so)."""
-        self.policy = ComparisonPolicy(mode, tolerance)
+        (`notes` says so). Tolerance mode without `tolerance` uses the defaults of the agreed
+        run dtype and the replay dtype (`Tolerance.for_training`)."""
+        self.policy = ComparisonPolicy(mode, tolerance if tolerance is not None else Tolerance())
         if replay_dtype is not None and self.policy.strict:
             raise InputError("replaying in another dtype cannot be bitwise: use --mode tolerance with --dtype")
         if replay_dtype is not None and replay_dtype not in DTYPE_BY_NAME:
@@ -83,6 +84,12 @@ class Verifier(Verifying):
         self.run_settings = agreement.settings
         self.settings = replace(agreement.settings, dtype=replay_dtype) if replay_dtype else agreement.settings
         self.replay_dtype = DTYPE_BY_NAME[self.settings.dtype]
+        # replaying in another dtype computes in it, but holds weights and optimizer state at the
+        # run's dtype after every update, as the agreed run stores them (SPEC.md 6.3)
+        run_dtype = DTYPE_BY_NAME[self.run_settings.dtype]
+        self.storage_dtype = run_dtype if run_dtype != self.replay_dtype else None
+        if tolerance is None and not self.policy.strict:
+            self.policy = ComparisonPolicy(mode, Tolerance.for_training(self.run_settings.dtype, self.settings.dtype))
         self._hf_config = agreement.base_config
         _, self.model, adapter = instantiate(self._hf_config, self.settings)
         self.blocked = BlockedModel(self.model, adapter, self.settings)

@@ -47,6 +47,27 @@ INFERENCE_UNITS = {
 INFERENCE_DEFAULTS = {d: tuple(k * UNIT_ROUNDOFF[d] for k in units) for d, units in INFERENCE_UNITS.items()}
 
 
+# Training defaults in units of u, per run dtype and tensor kind (rel_l2, max_elem), for a replay
+# in a more precise dtype (SPEC.md 6.3). The replay holds weights and optimizer state at the
+# run's dtype after every update, as the run stores them. Weights and optimizer state err more
+# than activations: AdamW divides by sqrt(v), so a gradient element near zero whose sign rounds
+# differently moves its weight by up to 2 lr, and that carries through the step block. Measured
+# (largest honest errors, B_S = 4 to 8, lr 1e-4 to 1e-2) on the built-in model, tiny Llama and
+# Mistral models and SmolLM2-135M (tests/test_training_precision.py, docs/precision.md); the
+# defaults leave at least 2x (mostly 4x) above the largest. Not covered: float16 runs (pure
+# float16 AdamW underflows, eps = 1e-8 being 0 in float16, and diverges at its first step) and
+# architectures with an attention key bias (GPT-2, BERT, Qwen2): its exact gradient is zero, so
+# AdamW moves it by normalised rounding noise that no other precision reproduces; such runs need
+# thresholds calibrated for them (`aftune calibrate`), and the defaults FAIL them on that tensor.
+TRAINING_UNITS = {
+    "bfloat16": {"activation": (16.0, 128.0), "gradient": (64.0, 512.0), "optimizer": (192.0, 8192.0),
+                 "weights": (8.0, 160.0)},  # optimizer: SmolLM2's second moments differ by 2087 u per element
+    "float32": {"activation": (64.0, 512.0), "gradient": (128.0, 4096.0), "optimizer": (1024.0, 8192.0),
+                "weights": (512.0, 16384.0)},
+}
+TRAINING_UNITS["float64"] = TRAINING_UNITS["float32"]
+
+
 def threshold_problem(name: str, value: Any) -> str | None:
     """Why `value` cannot be a threshold (None when it can): thresholds are finite and positive."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
@@ -95,6 +116,23 @@ class Tolerance:
         u = UNIT_ROUNDOFF[base]
         rel, elem, logit = (k * u for k in INFERENCE_UNITS[base])
         return cls(rel * depth, elem * depth, logit=logit)
+
+    @classmethod
+    def for_training(cls, dtype: str, replay_dtype: str | None = None) -> "Tolerance":
+        """The training defaults for a run in `dtype` (the agreement's, so not the provider's
+        choice) replayed in `replay_dtype`: per tensor kind, in units of the unit roundoff of
+        the less precise of the two (TRAINING_UNITS)."""
+        for name in (dtype, replay_dtype):
+            if name is not None and name not in UNIT_ROUNDOFF:
+                raise InputError(f"no default tolerance for dtype {name!r}")
+        base = max((dtype, replay_dtype or dtype), key=lambda d: UNIT_ROUNDOFF[d])
+        if base not in TRAINING_UNITS:
+            raise InputError(f"no default training tolerance for {base} runs (pure {base} AdamW diverges, so nothing "
+                             "honest was calibrated): give thresholds (--tolerance from aftune calibrate, or --rel-l2 "
+                             "and --max-elem)")
+        u = UNIT_ROUNDOFF[base]
+        per_kind = tuple((k, rel * u, elem * u) for k, (rel, elem) in TRAINING_UNITS[base].items())
+        return cls(max(t[1] for t in per_kind), max(t[2] for t in per_kind), per_kind)
 
     def limits(self, kind: str) -> tuple[float, float]:
         for k, rel, elem in self.per_kind:
