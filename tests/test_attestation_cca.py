@@ -1,6 +1,6 @@
-"""Arm CCA attestation tokens from Arm's TF-M tools test data (../shared/tee-vectors/arm-cca),
+"""Arm CCA attestation tokens from Arm's TF-M tools test data (tests/vectors/arm-cca, a copy of ../shared/tee-vectors/arm-cca),
 verified with the test keys that signed them, and refused with any other key or one byte changed.
-Skipped where the shared vectors or cbor2 are absent.
+Skipped where cbor2 is absent.
 
     python3 -m pytest -q tests/test_attestation_cca.py
 """

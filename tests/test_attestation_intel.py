@@ -1,6 +1,6 @@
-"""Intel DCAP quotes produced by real SGX and TDX platforms (../shared/tee-vectors/intel-dcap),
+"""Intel DCAP quotes produced by real SGX and TDX platforms (tests/vectors/intel-dcap, a copy of ../shared/tee-vectors/intel-dcap),
 verified for real with their collateral at a fixed time; each honest case paired with a tampered
-one. Skipped where the shared vectors or dcap-qvl are absent.
+one. Skipped where dcap-qvl is absent.
 
     python3 -m pytest -q tests/test_attestation_intel.py
 """

@@ -22,9 +22,11 @@ from aftune.attestation.appraisal import verify_evidence
 
 
 def tee_vectors() -> Path | None:
-    """../shared/tee-vectors (or $AFTUNE_TEE_VECTORS), or None where it is absent."""
+    """$AFTUNE_TEE_VECTORS, else the copy of the shared real evidence kept in tests/vectors
+    (intel-dcap, arm-cca: tests/vectors/README-shared.md, each with its upstream licence), so that a
+    clean checkout tests real evidence; None where neither is there."""
     env = os.environ.get("AFTUNE_TEE_VECTORS")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "tee-vectors"
+    path = Path(env) if env else Path(__file__).resolve().parent / "vectors"
     return path if path.is_dir() else None
 
 

@@ -101,3 +101,43 @@ def test_attacks_fail_in_tolerance_mode(real_model, tmp_path, dtype, attack):
     print(f"\n{attack} served as the {dtype} model: caught in tolerance mode at {m:.3g}x the threshold "
           f"(failing blocks {[r.layer_block for r in report.results if r.verdict == 'FAIL']})")
     assert m > 1.5
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_honest_training_replayed_in_another_precision_passes_with_the_defaults(real_model, tmp_path, dtype):
+    """Fine-tuning the real model (its first six layers, tied embeddings) on 20 prompts, replayed in
+    the next precision up with the training defaults (Tolerance.for_training): PASS, margins
+    printed. The full 30-layer measurement is benchmarks/training_precision.py --model smollm2."""
+    import json
+
+    from aftune.core.signing import PublicKey
+    from aftune.training.agreement import make_agreement
+    from aftune.training.settings import TrainSettings
+    from aftune.training.train import train
+    from aftune.training.verify import Verifier
+    from aftune.verdict.policy import TENSOR_KINDS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from toploc_compare import PROMPTS as TWENTY
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in TWENTY[:20]))
+    settings = TrainSettings(steps=10, batch_size=2, seq_len=24, layers_per_block=2, steps_per_block=5,
+                             checkpoint_interval=1, dtype=dtype, lr=1e-4)
+    agreement = make_agreement(real_model, data, settings)
+    result = train(real_model, data, tmp_path / "run", agreement=agreement)
+    v = Verifier(tmp_path / "run", PublicKey.load(result.public_key_path), agreement, mode="tolerance",
+                 replay_dtype=REPLAY[dtype])
+    report = v.verify_all()
+    assert report.verdict == "PASS", report.summary()
+    margins = {}
+    for kind in TENSOR_KINDS:
+        seen = [r.errors_by_kind[kind] for r in report.results if kind in r.errors_by_kind]
+        if seen:
+            rel, elem = max(s[0] for s in seen), max(s[1] for s in seen)
+            r_lim, e_lim = v.policy.tolerance.limits(kind)
+            margins[kind] = min(r_lim / max(rel, 1e-300), e_lim / max(elem, 1e-300))
+    print(f"\nSmolLM2 ({LAYERS} layers) {dtype} fine-tuning replayed in {REPLAY[dtype]}: margins "
+          + ", ".join(f"{k} {m:.1f}x" for k, m in margins.items()))
+    assert margins and min(margins.values()) > 1

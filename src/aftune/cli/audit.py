@@ -83,7 +83,7 @@ def audit(
     mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
     tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Local processes (default: one per core)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local processes (default: as many replays as the cores run at full speed: cores / the recorded threads in strict mode, one per core in tolerance mode)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Verify on an existing Ray cluster at this address."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the JSON report here."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write a self-contained HTML report."),

@@ -69,7 +69,9 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     if not blocks:
         report.errors.append(Finding(-1, -1, "opening", "the challenge names no blocks: nothing was compared"))
         return report
-    workers = workers or (min(os.cpu_count() or 1, len(blocks)) if len(blocks) >= 4 else 1)
+    if workers is None:  # as many replays as the cores run at full speed: a strict replay pins the recorded threads
+        per_replay = (probe.recorded_threads() or 1) if probe.policy.strict else 1
+        workers = min(max(1, (os.cpu_count() or 1) // per_replay), len(blocks)) if len(blocks) >= 4 else 1
     chunks = [blocks[i::workers] for i in range(workers)]
     args = (str(bundle_dir), str(transcript_path), public_key.text)
     rest = (blocks, challenge_digest, agreement, mode, tolerance, replay_dtype)

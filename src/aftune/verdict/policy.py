@@ -62,8 +62,8 @@ INFERENCE_DEFAULTS = {d: tuple(k * UNIT_ROUNDOFF[d] for k in units) for d, units
 TRAINING_UNITS = {
     "bfloat16": {"activation": (16.0, 128.0), "gradient": (64.0, 512.0), "optimizer": (192.0, 8192.0),
                  "weights": (8.0, 160.0)},  # optimizer: SmolLM2's second moments differ by 2087 u per element
-    "float32": {"activation": (64.0, 512.0), "gradient": (128.0, 4096.0), "optimizer": (1024.0, 8192.0),
-                "weights": (512.0, 16384.0)},
+    "float32": {"activation": (64.0, 1024.0), "gradient": (256.0, 16384.0), "optimizer": (1024.0, 65536.0),
+                "weights": (512.0, 16384.0)},  # SmolLM2: gradients 3577 u, second moments 17182 u per element
 }
 TRAINING_UNITS["float64"] = TRAINING_UNITS["float32"]
 
