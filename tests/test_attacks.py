@@ -269,7 +269,9 @@ def test_parameter_attack_edits_are_caught_in_training(bench):
     m = d["margins"]
     assert m["tolerance_verdict"] == "FAIL" and m["honest_error"] < m["threshold"] < m["attack_error"]
     print(f"\nparameter attack (training): honest weight error {m['honest_error']:.3g}, threshold "
-          f"{m['threshold']:.3g}, smallest successful edit {m['edit_rel_l2']:.3g} (x{m['margin']:.3g} the threshold)")
+          f"{m['threshold']:.3g}, smallest successful edit {m['edit_rel_l2']:.3g} (x{m['margin']:.3g} the threshold); "
+          f"x{m['default_margin']:.3g} the default threshold {m['default_threshold']:.3g}")
+    assert m["default_margin"] > 1  # the defaults catch it too, without calibration
 
 
 # --- the command line ---------------------------------------------------------------------------

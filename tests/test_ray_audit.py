@@ -1,4 +1,10 @@
-"""Audits fan out over an existing Ray cluster (a local instance on loopback here)."""
+"""Audits fan out over an existing Ray cluster (a local instance on loopback here).
+
+    pytest tests/test_ray_audit.py --long
+
+Marked long: the replays take a second, but each Ray worker process imports torch, transformers
+and aftune afresh, which took 43 s per worker on the 2-core development machine under load (7 s in a plain process),
+and the test took two to five minutes of CI's ten."""
 
 from __future__ import annotations
 
@@ -20,8 +26,19 @@ def ray_address():
     ray.shutdown()
 
 
+@pytest.mark.long
 def test_audit_on_a_ray_cluster_matches_the_local_verdicts(record, ray_address, tmp_path):
-    run_dir, key = record("llama", steps=4, steps_per_block=2, deviation=FlipExponentBit(step=3))
+    import torch
+
+    # recorded with one intra-op thread, so that each Ray worker's strict replay (which pins the
+    # recorded count) takes one core: two workers with two spinning threads each on a 2-core CI
+    # machine made this test take five minutes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir, key = record("llama", steps=4, steps_per_block=2, deviation=FlipExponentBit(step=3))
+    finally:
+        torch.set_num_threads(threads)
     c = challenge_from_transcript(run_dir / "transcript.jsonl", key, "all")
     open_bundle(run_dir, list(c.blocks), c.digest_bytes, tmp_path / "bundle")
     args = (tmp_path / "bundle", run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes)

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..core.signing import PublicKey
+from ..verdict.policy import Tolerance
 from . import bitflip, lazy
 from .quant_objective import QuantObjective
 from .quantize import quantize_model_
@@ -393,8 +394,12 @@ class Bench:
         errors = [f.error for r in tol_results for f in r.findings if f.check == "end_state" and f.error is not None]
         observed = max(errors) if errors else 0.0
         honest_error = cal.observed.get("weights", (0.0, 0.0))[0]
+        # the defaults a client gets without calibrating (Tolerance.for_training): a rel_l2 error above
+        # their weights threshold alone fails the block
+        default = Tolerance.for_training(self.settings.dtype, "float64").limits("weights")[0]
         margins = {"honest_error": honest_error, "threshold": threshold, "attack_error": observed,
                    "edit_rel_l2": edit.rel_l2, "margin": observed / threshold if threshold else float("inf"),
+                   "default_threshold": default, "default_margin": observed / default,
                    "tolerance_verdict": "FAIL" if all(r.verdict == "FAIL" for r in tol_results) else "PASS",
                    "tolerance_headlines": [r.headline() for r in tol_results]}
         acc = accuracy(load_classifier(result.run_dir / "model"), a.test_images, a.test_labels)

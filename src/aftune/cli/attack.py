@@ -87,6 +87,9 @@ def _report_training(bench, run, verify: bool, as_json: bool) -> None:
                   f"{m['honest_error']:.3g}, threshold {m['threshold']:.3g}, smallest successful edit "
                   f"{m['attack_error']:.3g} ({m['margin']:.3g}x the threshold): {m['tolerance_verdict']}",
                   highlight=False, soft_wrap=True)
+        if "default_margin" in m:
+            out.print(f"with the default thresholds instead (no calibration): {m['default_margin']:.3g}x the weights "
+                      f"threshold {m['default_threshold']:.3g}", highlight=False, soft_wrap=True)
 
 
 def _blocks(blocks) -> str:
