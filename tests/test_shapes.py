@@ -34,13 +34,13 @@ def oracle(family: str) -> tuple[ShapeOracle, LayerBlocks]:
 def test_derived_specs_equal_a_real_pass(family):
     o, blocks = oracle(family)
     passes = []
-    real = o._training_pass
-    o._training_pass = lambda bl, batch: passes.append(batch["input_ids"].shape[1]) or real(bl, batch)
+    real = o._run
+    o._run = lambda bl, stages, ctx, caches: passes.append(ctx) or real(bl, stages, ctx, caches)
     derived = [o.training_outputs(blocks, text_batch(family, 2, t)) for t in LENGTHS]
     fresh, _ = oracle(family)
     expected = [fresh.training_outputs(blocks, text_batch(family, 2, t)) for t in LENGTHS]
     assert derived == expected
-    assert passes == ([5, 7] if family != "bert" else [5, 7, 11])  # bert's labels are [B]: no derivation
+    assert len(passes) == (2 if family != "bert" else 3)  # bert's labels are [B]: no derivation
     assert all(spec.shape[1] == 11 for spec in derived[2] if len(spec.shape) >= 2 and family != "bert")
 
 
@@ -51,3 +51,25 @@ def test_another_batch_size_gets_its_own_passes():
     specs = o.training_outputs(blocks, text_batch("llama", 3, 13))
     assert specs[0].shape[:2] == (3, 13)
     assert len(o._lengths) == 2  # (B=2) and (B=3) are separate families
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequence_specs_derived_and_kept_apart_from_training_and_other_blocks(family):
+    """Inference passes (eval, inference stages) and training passes are cached apart, as are
+    two layer partitions of the same model; derived inference specs equal real ones."""
+    o, blocks = oracle(family)
+    ids = lambda t: {"input_ids": torch.zeros((1, t), dtype=torch.int64)}  # noqa: E731
+    got = [o.sequence_outputs(blocks, ids(t)) for t in (9, 12, 20)]
+    fresh, _ = oracle(family)
+    assert got == [fresh.sequence_outputs(blocks, ids(t)) for t in (9, 12, 20)]
+    one = LayerBlocks(len(o.adapter.stages) - 2, 1)
+    assert len(o.sequence_outputs(one, ids(20))) == len(one) != len(got[2])
+    assert o.training_outputs(blocks, text_batch(family, 1, 20))[-1] != got[2][-1]  # a loss, not logits
+
+
+def test_one_oracle_per_architecture_and_process():
+    from aftune.models.shapes import shape_oracle
+
+    config = _configs()["llama"].to_dict()
+    assert shape_oracle(config, "eager", torch.float32) is shape_oracle(dict(config), "eager", torch.float32)
+    assert shape_oracle(config, "sdpa", torch.float32) is not shape_oracle(config, "eager", torch.float32)

@@ -37,7 +37,7 @@ from ..core.encoding import DTYPE_BY_NAME, tensor_digest
 from ..core.signing import PublicKey
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..models.cache import KVCache
-from ..models.shapes import ShapeOracle, TensorSpec
+from ..models.shapes import TensorSpec, shape_oracle
 from ..training.replay import check_fits
 from ..verdict.findings import RECORD, BlockResult, Finding, Report
 from ..verdict.policy import ComparisonPolicy, Tolerance, Verifying
@@ -110,7 +110,7 @@ class InferenceVerifier(RecordChecks, Verifying):
         self.notes = self._gaps(public_key, run_dir, expected_prompt, expected_text, expected_image)
         if depth_note is not None and not self.policy.strict:
             self.notes.append(depth_note)
-        self.shapes = ShapeOracle(self.served.hf_config, rec.model["attn_implementation"],
+        self.shapes = shape_oracle(self.served.hf_config, rec.model["attn_implementation"],
                                   DTYPE_BY_NAME[rec.model["dtype"]])
         if replay_dtype is not None and replay_dtype != rec.model["dtype"]:
             self.served.model.to(DTYPE_BY_NAME[replay_dtype])
@@ -194,13 +194,13 @@ class InferenceVerifier(RecordChecks, Verifying):
         millisecond per operator whatever the sizes). Inputs the model cannot take at all (an
         image of another size) contradict the model the record names: a finding."""
         if self._expected is None:
-            steps, step_inputs = self.record.steps, self._step_inputs
+            steps = self.record.steps
+            batch = self._step_inputs(0)
             if self.record.task == "causal_lm" and len(steps) > 1:
                 ids = self.inputs["input_ids"]
-                whole = torch.empty((ids.shape[0], sum(n for _, n in steps)), dtype=ids.dtype)
-                steps, step_inputs = [(0, whole.shape[1])], lambda k: {"input_ids": whole}
+                batch = {"input_ids": torch.empty((ids.shape[0], sum(n for _, n in steps)), dtype=ids.dtype)}
             try:
-                self._expected = self.shapes.inference_outputs(self.blocks, steps, step_inputs)
+                self._expected = [self.shapes.sequence_outputs(self.blocks, batch)]
             except (RuntimeError, ValueError, IndexError) as exc:
                 shapes = {k: list(v.shape) for k, v in self.inputs.items()}
                 raise CommitmentMismatch(f"the committed inputs {shapes} do not fit the model: "

@@ -6,12 +6,14 @@ stages on PyTorch's meta device (shapes only: no arithmetic, no memory for weigh
 tensor of another shape is then a finding against the provider, and an error the replay still
 raises is aftune's own (exit 3), never a verdict.
 
-    oracle = ShapeOracle(hf_config, "sdpa", torch.float32)
+    oracle = shape_oracle(hf_config, "sdpa", torch.float32)   # one per architecture and process
     oracle.training_outputs(blocks, batch)        # [TensorSpec of block 0's output, block 1's, ...]
+    oracle.sequence_outputs(blocks, inputs)       # the same for one inference pass over a sequence
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +59,16 @@ def _with_length(specs: list[TensorSpec], t_from: int, t_to: int) -> list[Tensor
 
 
 class ShapeOracle:
-    """The architecture on the meta device, in the dtype the record was computed in."""
+    """The architecture on the meta device, in the dtype the record was computed in.
+
+    Text batches differ from step to step (and records from record) only in their length T
+    (every tensor [B, T]), and a meta pass costs about a millisecond per operator whatever the
+    sizes. So after two passes at two lengths with the same B and layer blocks, the specs of a
+    further length are derived by putting T in dimension 1 where the two passes had their
+    lengths, provided each of the two passes is predicted from the other by that rule (else
+    every length gets its own pass)."""
+
+    MAX_CACHED = 4096
 
     def __init__(self, hf_config: dict[str, Any], attn_implementation: str, dtype: torch.dtype):
         model = build_model(hf_config, attn_implementation, dtype, device="meta")
@@ -68,49 +79,46 @@ class ShapeOracle:
 
     @torch.no_grad()
     def training_outputs(self, blocks, batch: dict[str, torch.Tensor]) -> list[TensorSpec]:
-        """The output spec of every layer block for a micro-batch shaped like `batch`.
-
-        Text batches differ from step to step only in their length T (every tensor [B, T]), and
-        a meta pass costs about a millisecond per operator whatever the sizes. So after two passes
-        at two lengths with the same B, the specs of a third length are derived by putting T in
-        dimension 1 where the two passes had their lengths, provided the two passes agree with
-        that rule (else every length gets its own pass)."""
-        key = ("train", tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items())))
-        if key not in self._cache:
-            self._cache[key] = self._derived(batch) or self._training_pass(blocks, batch)
-        return self._cache[key]
-
-    def _training_pass(self, blocks, batch) -> list[TensorSpec]:
-        self.adapter.model.train()
-        specs = self._run(blocks, self.adapter.stages, self.adapter.context(_meta(batch)), None)
-        family = _length_family(batch)
-        if family is not None:
-            seen = self._lengths.setdefault(family[0], {})
-            seen[family[1]] = specs
-            if len(seen) == 2 and family[0] not in self._rule:  # does the rule predict one pass from the other?
-                (t0, a), (t1, b) = seen.items()
-                self._rule[family[0]] = _with_length(a, t0, t1) == b and _with_length(b, t1, t0) == a
-        return specs
-
-    def _derived(self, batch) -> list[TensorSpec] | None:
-        family = _length_family(batch)
-        if family is None or not self._rule.get(family[0]):
-            return None
-        t0, specs = next(iter(self._lengths[family[0]].items()))
-        return _with_length(specs, t0, family[1])
+        """The output spec of every layer block for a micro-batch shaped like `batch`."""
+        def run():
+            self.adapter.model.train()
+            return self._run(blocks, self.adapter.stages, self.adapter.context(_meta(batch)), None)
+        return self._specs("train", blocks, batch, run)
 
     @torch.no_grad()
-    def inference_outputs(self, blocks, steps: list[tuple[int, int]], step_inputs) -> list[list[TensorSpec]]:
-        """Per generation step, the output spec of every layer block; `step_inputs(k)` gives the
-        inputs of step k (their shapes only are used)."""
-        self.adapter.model.eval()
-        stages = self.adapter.inference_stages()
-        caches = [KVCache() for _ in range(len(blocks))] if self.adapter.task == "causal_lm" else None
-        out = []
-        for k, (first, _) in enumerate(steps):
-            ctx = self.adapter.inference_context(first, _meta(step_inputs(k)))
-            out.append(self._run(blocks, stages, ctx, caches))
-        return out
+    def sequence_outputs(self, blocks, batch: dict[str, torch.Tensor]) -> list[TensorSpec]:
+        """The output spec of every layer block for one inference pass over the whole of `batch`
+        (a prefill from position 0: a causal LM's steps joined along the positions)."""
+        def run():
+            self.adapter.model.eval()
+            caches = [KVCache() for _ in range(len(blocks))] if self.adapter.task == "causal_lm" else None
+            ctx = self.adapter.inference_context(0, _meta(batch))
+            return self._run(blocks, self.adapter.inference_stages(), ctx, caches)
+        return self._specs("sequence", blocks, batch, run)
+
+    def _specs(self, kind: str, blocks, batch: dict[str, torch.Tensor], run) -> list[TensorSpec]:
+        layout = (kind, tuple(tuple(r) for r in blocks.ranges))
+        key = (layout, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items())))
+        if key in self._cache:
+            return self._cache[key]
+        length = _length_family(batch)
+        family = (layout, length[0]) if length is not None else None
+        specs = None
+        if family is not None and self._rule.get(family):
+            t0, known = next(iter(self._lengths[family].items()))
+            specs = _with_length(known, t0, length[1])
+        if specs is None:
+            specs = run()
+            if family is not None:
+                seen = self._lengths.setdefault(family, {})
+                seen[length[1]] = specs
+                if len(seen) == 2 and family not in self._rule:  # does the rule predict one pass from the other?
+                    (t0, a), (t1, b) = seen.items()
+                    self._rule[family] = _with_length(a, t0, t1) == b and _with_length(b, t1, t0) == a
+        if len(self._cache) >= self.MAX_CACHED:
+            self._cache.clear()
+        self._cache[key] = specs
+        return specs
 
     @staticmethod
     def _run(blocks, stages, ctx, caches) -> list[TensorSpec]:
@@ -121,3 +129,20 @@ class ShapeOracle:
                 h = stages[s].module(h, ctx)
             specs.append(spec_of(h))
         return specs
+
+
+_ORACLES: dict[Any, ShapeOracle] = {}
+_ORACLES_KEPT = 4
+
+
+def shape_oracle(hf_config: dict[str, Any], attn_implementation: str, dtype: torch.dtype) -> ShapeOracle:
+    """A ShapeOracle shared by the verifiers of one process for the same architecture (its
+    results depend on nothing else), so that what it learnt carries from record to record."""
+    key = (json.dumps(hf_config, sort_keys=True, default=str), attn_implementation, str(dtype))
+    oracle = _ORACLES.get(key)
+    if oracle is None:
+        oracle = ShapeOracle(hf_config, attn_implementation, dtype)
+        if len(_ORACLES) >= _ORACLES_KEPT:
+            _ORACLES.pop(next(iter(_ORACLES)))
+        _ORACLES[key] = oracle
+    return oracle

@@ -33,7 +33,7 @@ from ..core.signing import PublicKey
 from ..data import OrderCache, build_batch
 from ..errors import CommitmentMismatch, InputError
 from ..models import tokenizer_from_files
-from ..models.shapes import ShapeOracle
+from ..models.shapes import shape_oracle
 from ..verdict.findings import BlockResult, Finding, Report
 from ..verdict.policy import (MODES, TENSOR_KINDS, ComparisonPolicy, Tolerance, Verifying,  # noqa: F401
                               relative_errors, tensor_kind)
@@ -95,7 +95,7 @@ class Verifier(Verifying):
         self.blocked = BlockedModel(self.model, adapter, self.settings)
         self.conformance = run_conformance(self.record.config, agreement, self.layout(),
                                            check_digest=NO_AGREEMENT_NOTE not in self.notes)
-        self.shapes = ShapeOracle(self._hf_config, self.run_settings.attn_implementation,
+        self.shapes = shape_oracle(self._hf_config, self.run_settings.attn_implementation,
                                   DTYPE_BY_NAME[self.run_settings.dtype])
         # LoRA: the adapters as `settings.seed` initialises them (instantiate seeds PEFT's init),
         # kept before any committed state is loaded over them (6.2 step 3)
