@@ -98,3 +98,16 @@ def test_the_replay_holds_the_state_at_the_runs_dtype(record):
     v = verifier(run, key, mode="tolerance", replay_dtype="float32")
     assert v.storage_dtype == torch.bfloat16 and v.replay_dtype == torch.float32
     assert verifier(run, key, mode="strict").storage_dtype is None
+
+
+def test_the_cli_uses_the_defaults_and_refuses_a_float16_run_without_thresholds(record):
+    from conftest import agreement_path, invoke
+
+    run, key = record("llama", dtype="bfloat16", lr=1e-3, steps=4)
+    base = ("verify", run, "--agreement", agreement_path(run), "--public-key", key.text, "--all", "--mode", "tolerance")
+    r = invoke(*base, "--dtype", "float32")
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    half, key16 = record("llama", dtype="float16", lr=1e-3, steps=2)
+    r = invoke("verify", half, "--agreement", agreement_path(half), "--public-key", key16.text, "--all", "--mode",
+               "tolerance", "--dtype", "float32")
+    assert r.exit_code == 2 and "float16" in r.output, r.output
