@@ -146,6 +146,9 @@ def test_wrong_key_and_usage(recorded, tmp_path):
     (tmp_path / "empty").mkdir()
     r = invoke("check", tmp_path / "empty", "--public-key", pub(recorded[0]))
     assert r.exit_code == 2 and "is not a run directory" in r.output
+    (tmp_path / "no-records" / "records").mkdir(parents=True)  # a record directory with nothing to check
+    code, doc = check(tmp_path / "no-records", pub(recorded[0]))
+    assert code == 1 and doc["status"] == "damaged" and "nothing was checked" in json.dumps(doc)
 
 
 def test_inference_records_honest_and_damaged(recorded, tmp_path):

@@ -76,6 +76,8 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
     for path in sorted((root / "records").iterdir()) if (root / "records").is_dir() else []:
         if path.stem not in ids or path.suffix != ".json":
             report.add(path, UNREFERENCED, "not a record (records are records/<64 hex digits>.json)")
+    if not ids:  # a check that compared nothing is no evidence of anything
+        report.add(root / "records", MISSING, "the directory holds no inference record: nothing was checked")
     for rid in ids:
         path = root / "records" / f"{rid}.json"
         try:
