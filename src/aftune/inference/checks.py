@@ -96,11 +96,13 @@ class RecordChecks:
                         expected=_short(rec.model_digest), actual=_short(served.digest))
 
     def _client_tokenizer_files(self) -> dict[str, bytes] | None:
-        """The tokenizer files of your model directory (bound by its model digest), or None."""
-        src = self.served.source
-        if src is None or not any((src.model_dir / n).is_file() for n in TOKENIZER_FILES):
-            return None
-        return tokenizer_files(src.model_dir)
+        """The tokenizer files of your model directory (bound by its model digest), or None; read
+        once, so that the bytes whose root is compared are the bytes the tokenizer is built from."""
+        if not hasattr(self, "_tokenizer_bytes"):
+            src = self.served.source
+            present = src is not None and any((src.model_dir / n).is_file() for n in TOKENIZER_FILES)
+            self._tokenizer_bytes = tokenizer_files(src.model_dir) if present else None
+        return self._tokenizer_bytes
 
     def _check_policy(self) -> None:
         """The committed policy, nonce and seed (SPEC.md 8.8 step 6): the policy digest follows
