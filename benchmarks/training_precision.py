@@ -27,7 +27,7 @@ from aftune.errors import AftuneError
 from aftune.training.calibrate import calibrate
 from aftune.training.settings import TrainSettings
 from aftune.training.train import train
-from aftune.verdict.policy import UNIT_ROUNDOFF, Tolerance
+from aftune.verdict.comparison import UNIT_ROUNDOFF, Tolerance
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "aftune" / "builtin"
 REPLAY = {"bfloat16": "float32", "float16": "float32", "float32": "float64"}

@@ -17,7 +17,7 @@ PACKAGE = SRC / "aftune"
 MAX_LINES = 500
 # Lower layers never import higher ones (a package may import its own layer and below).
 LAYERS = [
-    {"errors", "builtin", "version", "_moved", "core"},
+    {"errors", "builtin", "version", "core"},
     {"models"},
     {"data", "verdict"},
     {"training"},

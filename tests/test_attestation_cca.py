@@ -13,7 +13,7 @@ import json
 import pytest
 
 from aftune.attestation.appraisal import verify_evidence
-from aftune.attestation.claims import Endorsements, Evidence, Policy
+from aftune.attestation.claims import Endorsements, Evidence, AppraisalPolicy
 from test_attestation_pki import need_vectors
 
 pytest.importorskip("cbor2")
@@ -24,7 +24,7 @@ TOKENS = ("cca_example_token.cbor", "cca_token.cbor", "cca_example_token_legacy.
 def _verify(name: str, key: str = "cca_platform.pem", data: bytes | None = None, **policy):
     d = need_vectors("arm-cca")
     token = data if data is not None else (d / name).read_bytes()
-    return verify_evidence(Evidence("cca", token), policy=Policy(**policy),
+    return verify_evidence(Evidence("cca", token), policy=AppraisalPolicy(**policy),
                            endorsements=Endorsements(cca_platform_keys=((d / key).read_bytes(),)))
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from aftune.attestation.binding import verifier_code_digest
-from aftune.attestation.claims import Endorsements, Policy
+from aftune.attestation.claims import Endorsements, AppraisalPolicy
 from aftune.attestation.providers import UnsafeSimulatedEvidenceProvider
 from aftune.attestation.serving import ServingEvidence, check_serving, serving_evidence
 from aftune.attestation.verdict import AttestedVerdict, attest_report, attest_run, check_attested_verdict
@@ -72,7 +72,7 @@ def _client(doc, run, *, nonce=NONCE, rim=RIM, platform=None, **kw):
     args = dict(nonce=nonce, expected_run_root=line.root, expected_config_digest=line.config_digest,
                 expected_provider_key=pub, expected_code_digest=verifier_code_digest(doc.hash),
                 expected_agreement=agreed.digest(),
-                policy=Policy(reference_values=(("rim", rim),)),
+                policy=AppraisalPolicy(reference_values=(("rim", rim),)),
                 endorsements=Endorsements(cca_platform_keys=((platform or cca).platform_key_pem(),)))
     args.update(kw)
     return check_attested_verdict(doc, **args)
@@ -135,7 +135,7 @@ def test_each_broken_link_of_an_attested_verdict_is_named(verdict, run, case, li
 
 def test_a_verdict_without_reference_measurement_is_bad_input(verdict, run):
     with pytest.raises(InputError, match="expected measurement"):
-        _client(verdict, run, policy=Policy())
+        _client(verdict, run, policy=AppraisalPolicy())
 
 
 def test_a_verdict_checked_without_the_agreement_needs_the_unsafe_option(verdict, run):
@@ -150,9 +150,9 @@ def test_simulated_attested_verdict_says_so_and_needs_the_unsafe_option(simulate
     doc = simulated
     assert doc.simulated and json.loads(doc.report)["verdict"] == "PASS"
     assert doc.simulated and "SIMULATED" in doc.to_json()["warning"]
-    refused = _client(doc, run, policy=Policy())
+    refused = _client(doc, run, policy=AppraisalPolicy())
     assert _broken(refused) == ["evidence"] and "simulated" in refused.links[1].detail
-    accepted = _client(doc, run, policy=Policy(unsafe_accept_simulated=True))
+    accepted = _client(doc, run, policy=AppraisalPolicy(unsafe_accept_simulated=True))
     assert accepted.ok and accepted.simulated and "SIMULATED" in accepted.summary()
     stripped = doc.to_json()
     del stripped["warning"]
@@ -232,7 +232,7 @@ def session(run, tmp_path_factory):
 def _serve_check(response, run, session, **kw):
     engine, result, _, records = session
     args = dict(nonce=NONCE, expected_model_digest=run[2].final_model_digest, receipt=result.receipt,
-                record_dir=records, policy=Policy(reference_values=(("rim", RIM),)),
+                record_dir=records, policy=AppraisalPolicy(reference_values=(("rim", RIM),)),
                 endorsements=Endorsements(cca_platform_keys=(run[3].platform_key_pem(),)))
     args.update(kw)
     return check_serving(response, **args)

@@ -14,7 +14,7 @@ import pytest
 
 from aftune.attestation.appraisal import verify_evidence
 from aftune.attestation.binding import user_data, verdict_binding
-from aftune.attestation.claims import Endorsements, Evidence, Policy
+from aftune.attestation.claims import Endorsements, Evidence, AppraisalPolicy
 from aftune.core.signing import PublicKey
 from test_attestation_pki import need_vectors
 
@@ -22,7 +22,7 @@ pytest.importorskip("dcap_qvl")
 
 AT = dt.datetime(2025, 6, 20, tzinfo=dt.timezone.utc)
 YEAR_LATER = dt.datetime(2026, 6, 20, tzinfo=dt.timezone.utc)
-SGX_ACCEPTED = Policy(accepted_tcb_statuses=("UpToDate", "ConfigurationAndSWHardeningNeeded"),
+SGX_ACCEPTED = AppraisalPolicy(accepted_tcb_statuses=("UpToDate", "ConfigurationAndSWHardeningNeeded"),
                       accepted_advisories=("INTEL-SA-00289", "INTEL-SA-00615"))
 SGX_MRENCLAVE = bytes.fromhex("33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb")
 TDX_MRTD = bytes.fromhex("91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407"
@@ -34,7 +34,7 @@ def _load(name: str) -> tuple[bytes, str]:
     return (d / name).read_bytes(), (d / f"{name}_collateral.json").read_text()
 
 
-def _verify(name: str, kind: str, *, data: bytes | None = None, now=AT, policy=Policy(), **endorse):
+def _verify(name: str, kind: str, *, data: bytes | None = None, now=AT, policy=AppraisalPolicy(), **endorse):
     quote, collateral = _load(name)
     return verify_evidence(Evidence(kind, data if data is not None else quote),
                            endorsements=Endorsements(intel_collateral=collateral, **endorse), policy=policy, now=now)
@@ -60,7 +60,7 @@ def test_sgx_quote_status_is_refused_by_the_default_policy_with_the_reason():
 
 
 def test_tdx_quote_is_up_to_date():
-    a = _verify("tdx_quote", "tdx", policy=Policy(reference_values=(("mrtd", TDX_MRTD),)))
+    a = _verify("tdx_quote", "tdx", policy=AppraisalPolicy(reference_values=(("mrtd", TDX_MRTD),)))
     assert a.ok, a.summary()
     assert a.claims.tcb_status == "UpToDate" and a.claims.advisories == ()
     assert len(a.claims.user_data) == 64
@@ -117,7 +117,7 @@ def test_report_data_binding_and_reference_values_are_appraised():
     expected = user_data("sgx", verdict_binding("sha256", nonce, PublicKey(b"\x01" * 32), b"\x02" * 32))
     quote, collateral = _load("sgx_quote")
     a = verify_evidence(Evidence("sgx", quote), endorsements=Endorsements(intel_collateral=collateral), now=AT,
-                        policy=Policy(accepted_tcb_statuses=SGX_ACCEPTED.accepted_tcb_statuses,
+                        policy=AppraisalPolicy(accepted_tcb_statuses=SGX_ACCEPTED.accepted_tcb_statuses,
                                       accepted_advisories=SGX_ACCEPTED.accepted_advisories,
                                       reference_values=(("mrenclave", b"\x00" * 32),)),
                         expected_user_data=expected)
@@ -126,7 +126,7 @@ def test_report_data_binding_and_reference_values_are_appraised():
     assert "other code runs in the TEE" in failed["measurement mrenclave"]
     # the honest pair: the quote's own report data and mrenclave
     b = verify_evidence(Evidence("sgx", quote), endorsements=Endorsements(intel_collateral=collateral), now=AT,
-                        policy=Policy(accepted_tcb_statuses=SGX_ACCEPTED.accepted_tcb_statuses,
+                        policy=AppraisalPolicy(accepted_tcb_statuses=SGX_ACCEPTED.accepted_tcb_statuses,
                                       accepted_advisories=SGX_ACCEPTED.accepted_advisories,
                                       reference_values=(("mrenclave", SGX_MRENCLAVE),)),
                         expected_user_data=a.claims.user_data)

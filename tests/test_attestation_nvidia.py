@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from aftune.attestation.appraisal import verify_evidence
-from aftune.attestation.claims import Endorsements, Evidence, Policy
+from aftune.attestation.claims import Endorsements, Evidence, AppraisalPolicy
 
 VECTORS = Path(__file__).parent / "vectors" / "nvidia"
 SAMPLE_NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
@@ -27,7 +27,7 @@ def _sample() -> tuple[bytes, bytes]:
 
 
 def _verify(report: bytes, chain: bytes, now=NOW, **kw):
-    policy = kw.pop("policy", Policy())
+    policy = kw.pop("policy", AppraisalPolicy())
     expected = kw.pop("expected_user_data", None)
     return verify_evidence(Evidence("nvidia", report, cert_chain=chain), endorsements=Endorsements(**kw),
                            policy=policy, now=now, expected_user_data=expected)
@@ -129,11 +129,11 @@ def test_test_pki_report_verifies_only_under_the_unsafe_root_it_chains_to():
     nonce = os.urandom(32)
     report = pki.report(nonce)
     good = _verify(report, pki.chain(), unsafe_nvidia_root_der=pki.root_der(), expected_user_data=nonce,
-                   policy=Policy(reference_values=(("gpu.1", b"\x10" * 48),)))
+                   policy=AppraisalPolicy(reference_values=(("gpu.1", b"\x10" * 48),)))
     assert good.ok and "UNSAFE replacement root" in good.claims.anchor
     assert _failed(_verify(report, pki.chain()))[0][0] == "root"  # the pinned NVIDIA root refuses it
     bad_ref = _verify(report, pki.chain(), unsafe_nvidia_root_der=pki.root_der(),
-                      policy=Policy(reference_values=(("gpu.1", b"\x11" * 48),)))
+                      policy=AppraisalPolicy(reference_values=(("gpu.1", b"\x11" * 48),)))
     assert [f[0] for f in _failed(bad_ref)] == ["measurement gpu.1"]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aftune.attestation.claims import Endorsements, Evidence, Policy
+from aftune.attestation.claims import Endorsements, Evidence, AppraisalPolicy
 from aftune.attestation.appraisal import verify_evidence
 
 
@@ -117,7 +117,7 @@ def cca():
 def _check(cca, token: bytes, *, keys=None, **policy):
     return verify_evidence(Evidence("cca", token),
                            endorsements=Endorsements(cca_platform_keys=keys or (cca.platform_key_pem(),)),
-                           policy=Policy(**policy))
+                           policy=AppraisalPolicy(**policy))
 
 
 def test_generated_token_verifies_and_reports_its_claims(cca):

@@ -13,7 +13,7 @@ import pytest
 
 from aftune.attestation import providers
 from aftune.attestation.appraisal import verify_evidence
-from aftune.attestation.claims import Endorsements, Evidence, Policy
+from aftune.attestation.claims import Endorsements, Evidence, AppraisalPolicy
 from aftune.attestation.providers import (ConfigfsTsmProvider, GramineProvider, UnsafeSimulatedEvidenceProvider,
                                           detect_provider, provider_by_name)
 from aftune.errors import InputError
@@ -70,7 +70,7 @@ def test_gramine_fake_tree_with_a_real_quote_does_not_bind_what_was_written(tmp_
     d = vectors / "intel-dcap"
     ev = GramineProvider(_gramine_tree(tmp_path, (d / "sgx_quote").read_bytes())).evidence(USER_DATA)
     a = verify_evidence(ev, endorsements=Endorsements(intel_collateral=(d / "sgx_quote_collateral.json").read_text()),
-                        policy=Policy(accepted_tcb_statuses=("ConfigurationAndSWHardeningNeeded",),
+                        policy=AppraisalPolicy(accepted_tcb_statuses=("ConfigurationAndSWHardeningNeeded",),
                                       accepted_advisories=("INTEL-SA-00289", "INTEL-SA-00615")),
                         now=dt.datetime(2025, 6, 20, tzinfo=dt.timezone.utc), expected_user_data=USER_DATA)
     assert [c.name for c in a.checks if c.status == "FAIL"] == ["binding"]
@@ -130,11 +130,11 @@ def test_simulated_provider_says_so_everywhere_and_is_refused_by_default():
     assert "SIMULATED" in doc["warning"] and "Unsafe" in type(provider).__name__
     refused = verify_evidence(ev, expected_user_data=USER_DATA)
     assert [c.name for c in refused.checks if c.status == "FAIL"] == ["simulated"]
-    accepted = verify_evidence(ev, policy=Policy(unsafe_accept_simulated=True), expected_user_data=USER_DATA)
+    accepted = verify_evidence(ev, policy=AppraisalPolicy(unsafe_accept_simulated=True), expected_user_data=USER_DATA)
     assert accepted.ok and "UNSAFE" in next(c.detail for c in accepted.checks if c.name == "simulated")
     assert "NONE" in accepted.claims.anchor
     forged = Evidence("simulated", ev.data.replace(b'"simulated":true', b'"simulated":false'))
-    assert verify_evidence(forged, policy=Policy(unsafe_accept_simulated=True)).checks[0].name == "format"
+    assert verify_evidence(forged, policy=AppraisalPolicy(unsafe_accept_simulated=True)).checks[0].name == "format"
 
 
 def test_no_tee_here_means_only_the_simulated_provider_by_name(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from aftune.errors import InputError
 from aftune.inference.sampling import sample_token
 from aftune.inference.sampling import sampled_token_possible
 from aftune.inference.verify import InferenceVerifier
-from aftune.verdict.policy import INFERENCE_DEFAULTS, Tolerance
+from aftune.verdict.comparison import INFERENCE_DEFAULTS, Tolerance
 from test_inference import QuantizedServing, failing, infer, policy, verify
 
 FAMILIES = ["llama", "gpt2", "bert", "vit", "resnet"]

@@ -116,7 +116,7 @@ def test_honest_training_replayed_in_another_precision_passes_with_the_defaults(
     from aftune.training.settings import TrainSettings
     from aftune.training.train import train
     from aftune.training.verify import Verifier
-    from aftune.verdict.policy import TENSOR_KINDS
+    from aftune.verdict.comparison import TENSOR_KINDS
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from toploc_compare import PROMPTS as TWENTY

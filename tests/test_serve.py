@@ -291,7 +291,7 @@ def test_attested_serving_is_accepted_and_a_wrong_nonce_or_model_is_refused(serv
     """GET /v1/attestation on the app as `aftune serve --attest` wires it; the client's
     `verify-receipt --attestation` accepts the chain (simulated evidence, with the unsafe option)
     and names the broken link for a wrong nonce or another model."""
-    from aftune.attestation.claims import Policy
+    from aftune.attestation.claims import AppraisalPolicy
     from aftune.attestation.serving import ServingEvidence, check_serving
     from aftune.training.transcript import Transcript
     from test_inference import cli
@@ -309,7 +309,7 @@ def test_attested_serving_is_accepted_and_a_wrong_nonce_or_model_is_refused(serv
         download_record(client, body["record_id"], tmp_path / "audit")
     response = ServingEvidence.from_json(answer.json())
     receipt = Receipt.from_json(body["receipt"])
-    simulated = Policy(unsafe_accept_simulated=True)
+    simulated = AppraisalPolicy(unsafe_accept_simulated=True)
     report = check_serving(response, nonce=bytes.fromhex(attest_nonce), expected_model_digest=final, receipt=receipt,
                            pinned_receipt_key=s["pub"], record_dir=tmp_path / "audit", policy=simulated)
     assert report.ok and [c.name for c in report.links] == ["nonce", "evidence", "binding", "model", "key", "receipt",

@@ -267,7 +267,7 @@ def _check_vector(algorithm: str, name: str, value: bytes) -> None:
 
 
 def test_tags_match_spec_table():
-    from aftune import encoding
+    from aftune.core import encoding
 
     ours = {
         "tensor": encoding.TAG_TENSOR, "leaf": encoding.TAG_LEAF, "node": encoding.TAG_NODE,
@@ -290,7 +290,7 @@ def test_tags_match_spec_table():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_tensor_digest_float32(algorithm):
-    from aftune.encoding import tensor_digest
+    from aftune.core.encoding import tensor_digest
 
     t = torch.tensor(F32_VALUES, dtype=torch.float32).reshape(F32_SHAPE)
     ref = ref_tensor_digest(algorithm, F32_NAME, "F32", F32_SHAPE, F32_BYTES)
@@ -304,7 +304,7 @@ def test_tensor_digest_float32(algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_tensor_digest_int64(algorithm):
-    from aftune.encoding import tensor_digest
+    from aftune.core.encoding import tensor_digest
 
     t = torch.tensor(I64_VALUES, dtype=torch.int64)
     ref = ref_tensor_digest(algorithm, I64_NAME, "I64", I64_SHAPE, I64_BYTES)
@@ -316,7 +316,7 @@ def test_tensor_digest_int64(algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_tensor_digest_scalar(algorithm):
-    from aftune.encoding import tensor_digest
+    from aftune.core.encoding import tensor_digest
 
     t = torch.tensor(SCALAR_VALUE, dtype=torch.float32)
     ref = ref_tensor_digest(algorithm, SCALAR_NAME, "F32", (), SCALAR_BYTES)
@@ -326,7 +326,7 @@ def test_tensor_digest_scalar(algorithm):
 
 
 def test_tensor_header_bytes():
-    from aftune.encoding import tensor_header
+    from aftune.core.encoding import tensor_header
 
     expected = (b"\x00\x00\x00\x01" b"w" b"\x03" b"F32" b"\x00\x00\x00\x02"
                 b"\x00\x00\x00\x00\x00\x00\x00\x02" b"\x00\x00\x00\x00\x00\x00\x00\x02"
@@ -335,7 +335,7 @@ def test_tensor_header_bytes():
 
 
 def test_bool_and_bf16_tensors():
-    from aftune.encoding import tensor_digest
+    from aftune.core.encoding import tensor_digest
 
     b = torch.tensor([True, False, True])
     assert tensor_digest("m", b, "blake3") == ref_tensor_digest("blake3", "m", "BOOL", (3,), b"\x01\x00\x01")
@@ -349,7 +349,7 @@ def test_bool_and_bf16_tensors():
 
 
 def test_canonical_json():
-    from aftune.encoding import canonical_json
+    from aftune.core.encoding import canonical_json
     from aftune.errors import InputError
 
     doc = {"b": 1e-08, "a": [1.0, 0.001, True, None], "\u00e9": "\u00fc"}
@@ -365,7 +365,7 @@ def test_canonical_json():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_merkle_empty(algorithm):
-    from aftune.merkle import merkle_root
+    from aftune.core.merkle import merkle_root
 
     ref = H(algorithm, TAGS["empty"])
     assert merkle_root(algorithm, {}) == ref == ref_merkle_root(algorithm, {})
@@ -375,7 +375,7 @@ def test_merkle_empty(algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_merkle_root_vectors(algorithm, n):
-    from aftune.merkle import merkle_root
+    from aftune.core.merkle import merkle_root
 
     entries = leaf_entries(n)
     L = [ref_leaf(algorithm, f"leaf/{i}", bytes([i + 1]) * 32) for i in range(n)]
@@ -392,7 +392,7 @@ def test_merkle_root_vectors(algorithm, n):
 
 
 def test_merkle_sorts_keys_by_utf8_bytes():
-    from aftune.merkle import merkle_root
+    from aftune.core.merkle import merkle_root
 
     # Code-point (= UTF-8 byte) order puts U+FFFF before U+1F600; UTF-16 order would not.
     entries = {"\U0001F600": b"\x01" * 32, "\uffff": b"\x02" * 32, "Z": b"\x03" * 32, "a": b"\x04" * 32}
@@ -404,7 +404,7 @@ def test_merkle_sorts_keys_by_utf8_bytes():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n", range(1, 10))
 def test_merkle_proofs(algorithm, n):
-    from aftune.merkle import merkle_root, prove, root_from_proof
+    from aftune.core.merkle import merkle_root, prove, root_from_proof
 
     entries = leaf_entries(n)
     root = merkle_root(algorithm, entries)
@@ -429,7 +429,7 @@ def test_merkle_proofs(algorithm, n):
 
 def test_proof_rejects_wrong_shape():
     from aftune.errors import InputError
-    from aftune.merkle import InclusionProof, prove, root_from_proof
+    from aftune.core.merkle import InclusionProof, prove, root_from_proof
 
     entries = leaf_entries(5)
     proof = prove("blake3", entries, "leaf/2")
@@ -443,7 +443,7 @@ def test_proof_rejects_wrong_shape():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_tensors_root_and_files_root(algorithm):
-    from aftune.merkle import files_root, tensors_root
+    from aftune.core.merkle import files_root, tensors_root
 
     tensors = {F32_NAME: torch.tensor(F32_VALUES).reshape(F32_SHAPE), I64_NAME: torch.tensor(I64_VALUES)}
     root, digests = tensors_root(algorithm, tensors)
@@ -463,7 +463,7 @@ def test_tensors_root_and_files_root(algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_chained_root(algorithm):
-    from aftune.manifest import chained_root
+    from aftune.training.manifest import chained_root
 
     r0 = ref_chained_root(algorithm, 0, CONFIG_DIGEST, MERKLE_0)
     assert chained_root(algorithm, 0, CONFIG_DIGEST, MERKLE_0) == r0
@@ -475,7 +475,7 @@ def test_chained_root(algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_run_root(algorithm):
-    from aftune.transcript import run_root
+    from aftune.training.transcript import run_root
 
     ref = ref_run_root(algorithm, CONFIG_DIGEST, LAST_ROOT, FINAL_MODEL)
     assert run_root(algorithm, CONFIG_DIGEST, LAST_ROOT, FINAL_MODEL) == ref
@@ -528,8 +528,8 @@ def test_agreement_digest_and_client_signature(tmp_path, algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_step_block_manifest_root(algorithm):
-    from aftune.manifest import StepBlockManifest
-    from aftune.store import TensorRef
+    from aftune.training.manifest import StepBlockManifest
+    from aftune.core.store import TensorRef
 
     w = torch.tensor(F32_VALUES).reshape(F32_SHAPE)
     ids = torch.tensor(I64_VALUES)
@@ -555,8 +555,8 @@ def test_step_block_manifest_root(algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_config_example_order_and_rng(algorithm):
     from aftune.data import epoch_order
-    from aftune.engine import rng_seed
-    from aftune.run import config_digest
+    from aftune.training.engine import rng_seed
+    from aftune.training.run import config_digest
 
     cfg = b'{"format":"aftune.run.v1"}'
     assert config_digest(algorithm, cfg) == H(algorithm, TAGS["run-config"] + cfg)
@@ -582,7 +582,7 @@ def test_dataset_root(tmp_path, algorithm):
 
 def test_object_store_layout(tmp_path):
     zstandard = pytest.importorskip("zstandard")
-    from aftune.store import ObjectStore, TensorRef
+    from aftune.core.store import ObjectStore, TensorRef
 
     t = torch.tensor(F32_VALUES).reshape(F32_SHAPE)
     ref = TensorRef.of(F32_NAME, t, "blake3")
@@ -610,7 +610,7 @@ def _private_key():
 
 
 def test_signed_message_and_signature():
-    from aftune.signing import PublicKey, SigningKey, signed_message
+    from aftune.core.signing import PublicKey, SigningKey, signed_message
 
     expected_msg = b"aftune.v1.signature\x00" + b"\x00\x00\x00\x0a" + b"step-block" + SIGNED_MESSAGE
     assert ref_signed_message(SIGNED_CONTEXT, SIGNED_MESSAGE) == expected_msg
@@ -637,8 +637,8 @@ def test_signed_message_and_signature():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_transcript_lines(tmp_path, algorithm):
-    from aftune.signing import PublicKey, SigningKey
-    from aftune.transcript import Transcript, TranscriptWriter
+    from aftune.core.signing import PublicKey, SigningKey
+    from aftune.training.transcript import Transcript, TranscriptWriter
 
     sk = _private_key()
     pub = sk.public_key()
@@ -678,8 +678,8 @@ def test_transcript_lines(tmp_path, algorithm):
 
 def test_transcript_rejects_tampering(tmp_path):
     from aftune.errors import RecordError
-    from aftune.signing import PublicKey, SigningKey
-    from aftune.transcript import Transcript, TranscriptWriter
+    from aftune.core.signing import PublicKey, SigningKey
+    from aftune.training.transcript import Transcript, TranscriptWriter
 
     sk = _private_key()
     pub = PublicKey(sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
@@ -750,7 +750,7 @@ def test_spec_appendix_lists_every_vector():
 
 
 def test_digest_fields_are_exactly_64_lowercase_hex_digits():
-    from aftune.encoding import parse_hex_digest
+    from aftune.core.encoding import parse_hex_digest
     from aftune.errors import InputError
 
     good = "0123456789abcdef" * 4
@@ -764,7 +764,7 @@ def test_digest_fields_are_exactly_64_lowercase_hex_digits():
 @pytest.mark.parametrize("doc", [b'{"a":1,"a":1}', b'{"a":{"b":1,"b":2}}', b'{"a":NaN}', b'[Infinity]',
                                  b'{"a":-Infinity}', b'{"a":', b'\xff'])
 def test_strict_json_rejects_duplicates_and_non_finite_literals(doc):
-    from aftune import jsonio
+    from aftune.core import jsonio
 
     with pytest.raises(ValueError):
         jsonio.loads(doc)
@@ -772,7 +772,7 @@ def test_strict_json_rejects_duplicates_and_non_finite_literals(doc):
 
 def test_manifest_reader_is_strict(tmp_path):
     from aftune.errors import InputError, RecordError
-    from aftune.manifest import StepBlockManifest
+    from aftune.training.manifest import StepBlockManifest
 
     d = "ab" * 32
     doc = {"format": "aftune.manifest.v1", "step_block": 0, "first_step": 0, "num_steps": 1,
@@ -792,7 +792,7 @@ def test_objects_must_declare_their_content_size(tmp_path):
     from safetensors.torch import save
 
     from aftune.errors import CommitmentMismatch, RecordError
-    from aftune.store import ObjectStore, TensorRef
+    from aftune.core.store import ObjectStore, TensorRef
 
     t = torch.tensor(F32_VALUES).reshape(F32_SHAPE)
     ref = TensorRef.of(F32_NAME, t, "blake3")
@@ -821,7 +821,7 @@ def test_label_order(tmp_path):
 
 
 def test_settings_integers_hashed_as_u64_are_below_2_63():
-    from aftune.config import TrainSettings
+    from aftune.training.settings import TrainSettings
     from aftune.errors import InputError
 
     TrainSettings.from_json({"seed": 2**63 - 1})
@@ -833,11 +833,11 @@ def test_settings_integers_hashed_as_u64_are_below_2_63():
 
 
 def test_closed_transcript_needs_one_line_per_step_block_plus_the_final_state(tmp_path):
-    from aftune.encoding import canonical_json
+    from aftune.core.encoding import canonical_json
     from aftune.errors import CommitmentMismatch
-    from aftune.run import RunRecord, config_digest
-    from aftune.signing import SigningKey
-    from aftune.transcript import TranscriptWriter
+    from aftune.training.run import RunRecord, config_digest
+    from aftune.core.signing import SigningKey
+    from aftune.training.transcript import TranscriptWriter
 
     config = canonical_json({"format": "aftune.run.v1", "settings": {"steps": 8, "steps_per_block": 4}})  # S = 2
     key = SigningKey(_private_key())
@@ -858,7 +858,7 @@ def test_closed_transcript_needs_one_line_per_step_block_plus_the_final_state(tm
 
 
 def test_tolerance_comparisons():
-    from aftune.verify import Tolerance, relative_errors, tensor_kind
+    from aftune.training.verify import Tolerance, relative_errors, tensor_kind
 
     inf = float("inf")
     assert relative_errors(torch.tensor([1.0, 2.0]), torch.tensor([float("nan"), 2.0])) == (inf, inf)

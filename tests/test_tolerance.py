@@ -60,7 +60,7 @@ def test_lora_run_replayed_in_float64_checks_the_seeded_init(record):
 def test_thresholds_must_be_finite_and_positive(field, value):
     """One Tolerance for training and inference: a threshold that would accept everything (inf,
     nan) or nothing (zero, negative) is bad input before anything is compared."""
-    from aftune.verdict.policy import Tolerance
+    from aftune.verdict.comparison import Tolerance
 
     with pytest.raises(InputError, match=f"invalid tolerance: {field} must be a finite positive number"):
         Tolerance(**{field: value})

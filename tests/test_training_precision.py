@@ -11,7 +11,7 @@ import torch
 
 from aftune.errors import InputError
 from aftune.training.train import Deviation
-from aftune.verdict.policy import TENSOR_KINDS, UNIT_ROUNDOFF, Tolerance
+from aftune.verdict.comparison import TENSOR_KINDS, UNIT_ROUNDOFF, Tolerance
 from conftest import failing, verifier
 from test_tampering import FlipExponentBit, _param
 

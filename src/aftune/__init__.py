@@ -25,10 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import _moved
 from .version import __version__
-
-_moved.install()
 
 # name -> module that defines it
 _API = {
@@ -45,7 +42,7 @@ _API = {
     "LoraSettings": "aftune.training.settings",
     "GenerationPolicy": "aftune.inference.policy",
     "RecordingSettings": "aftune.inference.settings",
-    "Tolerance": "aftune.verdict.policy",
+    "Tolerance": "aftune.verdict.comparison",
     "Report": "aftune.verdict.findings",
     "Finding": "aftune.verdict.findings",
     "PublicKey": "aftune.core.signing",

@@ -17,7 +17,7 @@ from typing import Any
 from .core.signing import PublicKey
 from .errors import InputError
 from .verdict.findings import Report
-from .verdict.policy import Tolerance
+from .verdict.comparison import Tolerance
 
 
 def agree(base_model: str | Path, data: str | Path, settings=None, *, inference=None,

@@ -5,7 +5,6 @@
   concluded about the block, and nothing PASSes.
 - `CommitmentMismatch` (a `RecordError`): a record file is readable but contradicts what was
   signed: evidence of tampering, a FAIL (exit code 1) naming the block or step block.
-- `VerificationFailed`: carries a report whose verdict is FAIL (exit code 1).
 
 The CLI exits 3 on any other exception: that is a bug in aftune, never a verdict.
 """
@@ -41,13 +40,3 @@ class CommitmentMismatch(RecordError):
     verdict is FAIL (exit code 1), naming the block or step block concerned."""
 
     exit_code = 1
-
-
-class VerificationFailed(AftuneError):
-    """Raised by `require_pass` when a verdict is FAIL."""
-
-    exit_code = 1
-
-    def __init__(self, report):
-        self.report = report
-        super().__init__(report.summary())

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..core.signing import PublicKey
-from ..verdict.policy import Tolerance
+from ..verdict.comparison import Tolerance
 from . import bitflip, lazy
 from .quant_objective import QuantObjective
 from .quantize import quantize_model_

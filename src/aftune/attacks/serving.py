@@ -31,7 +31,7 @@ from ..protocol.probability import placement_detection
 from ..errors import InputError
 from ..core.signing import SigningKey
 from ..inference.verify import InferenceVerifier
-from ..verdict.policy import Tolerance
+from ..verdict.comparison import Tolerance
 from .detection import SAMPLE_RATES, nonce_for
 from .task import accuracy, load_classifier, torch_threads
 

@@ -14,7 +14,7 @@ hardware.
 """
 
 from .appraisal import verify_evidence
-from .claims import (AttestationFailure, Appraisal, ChainReport, Check, Claims, Endorsements, Evidence, Policy,
+from .claims import (AttestationFailure, Appraisal, ChainReport, Check, Claims, Endorsements, Evidence, AppraisalPolicy,
                      parse_nonce)
 from .providers import (ConfigfsTsmProvider, EvidenceProvider, GramineProvider, UnsafeSimulatedEvidenceProvider,
                         detect_provider, provider_by_name)
@@ -22,6 +22,6 @@ from .serving import ServingEvidence, check_serving, serving_evidence
 from .verdict import AttestedVerdict, attest_report, attest_run, check_attested_verdict
 
 __all__ = ["AttestationFailure", "Appraisal", "AttestedVerdict", "ChainReport", "Check", "Claims",
-           "ConfigfsTsmProvider", "Endorsements", "Evidence", "EvidenceProvider", "GramineProvider", "Policy",
+           "ConfigfsTsmProvider", "Endorsements", "Evidence", "EvidenceProvider", "GramineProvider", "AppraisalPolicy",
            "ServingEvidence", "UnsafeSimulatedEvidenceProvider", "attest_report", "attest_run", "check_attested_verdict",
            "check_serving", "detect_provider", "parse_nonce", "provider_by_name", "serving_evidence", "verify_evidence"]

@@ -1,8 +1,8 @@
 """Verify evidence: parse it into claims (signatures checked), then appraise the claims against an
 explicit policy, as two separate steps; the result lists every check and names the failed one.
 
-    from aftune.attestation import Evidence, Policy, verify_evidence
-    a = verify_evidence(evidence, policy=Policy(reference_values=(("mrenclave", mr),)), now=t)
+    from aftune.attestation import Evidence, AppraisalPolicy, verify_evidence
+    a = verify_evidence(evidence, policy=AppraisalPolicy(reference_values=(("mrenclave", mr),)), now=t)
     print(a.summary()); a.require()
 
 Step 1 (`parse_claims`) is per platform: `intel_dcap`, `arm_cca`, `nvidia_spdm`, and the
@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from .binding import user_data_field
-from .claims import (FAIL, PASS, SKIPPED, Appraisal, AttestationFailure, Check, Claims, Endorsements, Evidence, Policy,
+from .claims import (FAIL, PASS, SKIPPED, Appraisal, AttestationFailure, Check, Claims, Endorsements, Evidence, AppraisalPolicy,
                      format_time, short, utc_now)
 
 
@@ -41,7 +41,7 @@ def parse_claims(evidence: Evidence, *, endorsements: Endorsements, now: datetim
     return parse_simulated(evidence)
 
 
-def appraise(claims: Claims, policy: Policy, *, expected_user_data: bytes | None = None) -> tuple[Check, ...]:
+def appraise(claims: Claims, policy: AppraisalPolicy, *, expected_user_data: bytes | None = None) -> tuple[Check, ...]:
     """Step 2: compare claims with the policy and the expected binding; every check, in order."""
     checks = [Check("signature", SKIPPED if claims.kind == "simulated" else PASS, claims.anchor)]
     if claims.kind == "simulated":
@@ -81,7 +81,7 @@ def appraise(claims: Claims, policy: Policy, *, expected_user_data: bytes | None
     return tuple(checks)
 
 
-def _reference_checks(claims: Claims, policy: Policy) -> list[Check]:
+def _reference_checks(claims: Claims, policy: AppraisalPolicy) -> list[Check]:
     if claims.kind == "simulated":
         return [Check("measurement", SKIPPED, "simulated evidence has no measurements")]
     if not policy.reference_values:
@@ -100,7 +100,7 @@ def _reference_checks(claims: Claims, policy: Policy) -> list[Check]:
     return out
 
 
-def verify_evidence(evidence: Evidence, *, policy: Policy = Policy(), endorsements: Endorsements = Endorsements(),
+def verify_evidence(evidence: Evidence, *, policy: AppraisalPolicy = AppraisalPolicy(), endorsements: Endorsements = Endorsements(),
                     now: datetime | None = None, expected_user_data: bytes | None = None) -> Appraisal:
     """Verify one piece of evidence at `now` (default: the current time). Returns an Appraisal;
     evidence that is not authentic gives an Appraisal without claims whose one check failed.

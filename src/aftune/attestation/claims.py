@@ -1,13 +1,13 @@
 """Common types of attestation: evidence, the claims parsed from it, the policy they are appraised
 against, and the reports that say which check failed.
 
-    from aftune.attestation import Evidence, Policy, verify_evidence
-    appraisal = verify_evidence(Evidence("tdx", quote, collateral=text), policy=Policy(...))
+    from aftune.attestation import Evidence, AppraisalPolicy, verify_evidence
+    appraisal = verify_evidence(Evidence("tdx", quote, collateral=text), policy=AppraisalPolicy(...))
     appraisal.require()        # raises AttestationFailure("tcb", "status OutOfDate is not ...")
 
 RATS habit (RFC 9334): evidence is first parsed and its signatures checked, giving `Claims`
 (what the attester says about itself); the claims are then appraised against an explicit
-`Policy` (reference values, accepted TCB statuses) as a separate step. Nothing is trusted
+`AppraisalPolicy` (reference values, accepted TCB statuses) as a separate step. Nothing is trusted
 because it parsed. A report is a tuple of `Check`s, each PASS, FAIL or SKIPPED with the reason.
 """
 
@@ -210,7 +210,7 @@ class Appraisal:
 
 
 @dataclass(frozen=True)
-class Policy:
+class AppraisalPolicy:
     """How claims are appraised. Defaults are strict; anything weaker says `unsafe` in its name.
 
     reference_values: (claim name, expected bytes) pairs; every one given must match exactly.

@@ -25,7 +25,7 @@ from ..core.signing import PublicKey
 from ..errors import CommitmentMismatch, InputError, RecordError
 from .appraisal import verify_evidence
 from .binding import SERVING_FORMAT, provider_user_data, serving_binding, user_data
-from .claims import (FAIL, PASS, SKIPPED, ChainReport, Check, Endorsements, Evidence, Policy, first_failure,
+from .claims import (FAIL, PASS, SKIPPED, ChainReport, Check, Endorsements, Evidence, AppraisalPolicy, first_failure,
                      parse_nonce, short)
 from .providers import SIMULATED_WARNING, EvidenceProvider
 
@@ -100,7 +100,7 @@ def attestation_response(provider: EvidenceProvider, nonce_hex: str, *, algorith
                             receipt_key=receipt_key).to_json()
 
 
-def check_serving(response: ServingEvidence, *, nonce: bytes, expected_model_digest: bytes, policy: Policy = Policy(),
+def check_serving(response: ServingEvidence, *, nonce: bytes, expected_model_digest: bytes, policy: AppraisalPolicy = AppraisalPolicy(),
                   endorsements: Endorsements = Endorsements(), receipt=None, pinned_receipt_key: PublicKey | None = None,
                   record_dir: str | Path | None = None, now: datetime | None = None) -> ChainReport:
     """The client's check, link by link: nonce, evidence, binding, model, key, receipt, record.

@@ -30,7 +30,7 @@ from ..core.signing import PublicKey, SigningKey
 from ..errors import InputError
 from .appraisal import verify_evidence
 from .binding import VERDICT_FORMAT, provider_user_data, user_data, verdict_binding, verifier_code_digest
-from .claims import (FAIL, PASS, SKIPPED, ChainReport, Check, Endorsements, Evidence, Policy, first_failure, parse_hex,
+from .claims import (FAIL, PASS, SKIPPED, ChainReport, Check, Endorsements, Evidence, AppraisalPolicy, first_failure, parse_hex,
                      parse_nonce, short)
 from .providers import SIMULATED_WARNING, EvidenceProvider
 
@@ -174,7 +174,7 @@ def attest_run(run_dir: str | Path, public_key: PublicKey, provider: EvidencePro
                          config_digest=run.config_digest, provider_key=public_key)
 
 
-def check_attested_verdict(doc: AttestedVerdict, *, nonce: bytes, expected_run_root: bytes, policy: Policy = Policy(),
+def check_attested_verdict(doc: AttestedVerdict, *, nonce: bytes, expected_run_root: bytes, policy: AppraisalPolicy = AppraisalPolicy(),
                            endorsements: Endorsements = Endorsements(), expected_config_digest: bytes | None = None,
                            expected_provider_key: PublicKey | None = None, expected_code_digest: bytes | None = None,
                            expected_agreement: bytes | None = None, unsafe_no_agreement: bool = False,

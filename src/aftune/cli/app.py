@@ -55,7 +55,7 @@ def tolerance_from_options(mode: str, base=None, tolerance_file=None, rel_l2=Non
 
     from ..core import jsonio
     from ..errors import InputError
-    from ..verdict.policy import Tolerance
+    from ..verdict.comparison import Tolerance
 
     given = (tolerance_file, rel_l2, max_elem, logit) != (None, None, None, None)
     if mode != "tolerance" and given:

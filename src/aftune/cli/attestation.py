@@ -54,7 +54,7 @@ def _read(path: Path, what: str, limit: int = 1 << 22) -> bytes:
 
 def policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug, unsafe_accept_simulated):
     """The appraisal policy from the shared options (also for `verify-receipt --attestation`)."""
-    from ..attestation.claims import Policy, parse_hex
+    from ..attestation.claims import AppraisalPolicy, parse_hex
 
     refs = []
     for item in measurement:
@@ -62,7 +62,7 @@ def policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_d
         if not sep or not name:
             raise InputError(f"--measurement takes NAME=HEX, got {item[:60]!r}")
         refs.append((name, parse_hex(value.lower(), f"--measurement {name}")))
-    return Policy(reference_values=tuple(refs), accepted_tcb_statuses=("UpToDate", *accept_tcb),
+    return AppraisalPolicy(reference_values=tuple(refs), accepted_tcb_statuses=("UpToDate", *accept_tcb),
                   accepted_advisories=tuple(accept_advisory), unsafe_allow_debug=unsafe_allow_debug,
                   unsafe_accept_simulated=unsafe_accept_simulated)
 

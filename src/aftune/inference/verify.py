@@ -17,7 +17,7 @@ For a record and a layer block l the verifier (numbers follow SPEC.md 8.8):
     the output tokens, steps, stop rule and digests agree (steps 1-4: `checks.py`);
  5. replays block l step by step from the committed block inputs with its own KV cache, and
     compares every step's output with the committed boundary under the one comparison policy
-    (`verdict.policy`: bitwise in strict mode, relative errors in tolerance mode);
+    (`verdict.comparison`: bitwise in strict mode, relative errors in tolerance mode);
  6. for the last block, recomputes the logits of every step and checks that each committed token
     follows from them: the argmax for greedy decoding, the seeded draw for sampling.
 
@@ -40,7 +40,7 @@ from ..models.cache import KVCache
 from ..models.shapes import TensorSpec, shape_oracle
 from ..training.replay import check_fits
 from ..verdict.findings import RECORD, BlockResult, Finding, Report
-from ..verdict.policy import ComparisonPolicy, Tolerance, Verifying
+from ..verdict.comparison import Comparison, Tolerance, Verifying
 from ..verdict.threads import pinned_threads, recorded_threads
 from .checks import RecordChecks
 from .policy import GenerationPolicy, check_request_nonce
@@ -95,8 +95,8 @@ class InferenceVerifier(RecordChecks, Verifying):
         depth_note = None
         if tolerance is None:  # the defaults of the record's dtype, the replay's and the accepted block depth
             tolerance, depth_note = default_tolerance(rec, replay_dtype, max_layers_per_block)
-        self.policy = ComparisonPolicy(mode, tolerance)
-        if replay_dtype is not None and self.policy.strict and replay_dtype != rec.model["dtype"]:
+        self.comparison = Comparison(mode, tolerance)
+        if replay_dtype is not None and self.comparison.strict and replay_dtype != rec.model["dtype"]:
             raise InputError(f"replaying a {rec.model['dtype']} record in {replay_dtype} cannot be bitwise: "
                              "use --mode tolerance with --dtype")
         if policy is not None and not isinstance(policy, GenerationPolicy):
@@ -108,7 +108,7 @@ class InferenceVerifier(RecordChecks, Verifying):
         self.served, run_from_model = self._load_model(model, run_dir)
         run_dir = run_dir or run_from_model
         self.notes = self._gaps(public_key, run_dir, expected_prompt, expected_text, expected_image)
-        if depth_note is not None and not self.policy.strict:
+        if depth_note is not None and not self.comparison.strict:
             self.notes.append(depth_note)
         self.shapes = shape_oracle(self.served.hf_config, rec.model["attn_implementation"],
                                   DTYPE_BY_NAME[rec.model["dtype"]])
@@ -251,7 +251,7 @@ class InferenceVerifier(RecordChecks, Verifying):
             res.fail("record", f"the record contradicts itself: {reason}")
         else:
             try:
-                with pinned_threads(self.recorded_threads(), enabled=self.policy.strict):
+                with pinned_threads(self.recorded_threads(), enabled=self.comparison.strict):
                     outputs = self._replay(res, layer_block, inputs)
             except CommitmentMismatch as exc:  # a committed tensor contradicts the agreed computation
                 res.fail("record", str(exc))
@@ -267,7 +267,7 @@ class InferenceVerifier(RecordChecks, Verifying):
         last = l == len(blocks) - 1
         if l > 0 and inputs is None:
             inputs = self.committed_boundary(l, l)
-        if not self.policy.strict:
+        if not self.comparison.strict:
             self._replay_sequence(res, l, inputs)
             return None
         cache = KVCache() if rec.task == "causal_lm" else None
@@ -294,7 +294,7 @@ class InferenceVerifier(RecordChecks, Verifying):
         if ref is None:
             res.fail("record", "no commitment for this block's output", tensor=key)
             return False
-        outcome = self.policy.compare(ref, full, None, rec.algorithm, "activation")
+        outcome = self.comparison.compare(ref, full, None, rec.algorithm, "activation")
         if outcome.matched and steps_root(rec.algorithm, outputs) == rec.boundary_root(b):
             return True
         if outcome.reason:  # a shape
@@ -344,7 +344,7 @@ class InferenceVerifier(RecordChecks, Verifying):
         committed = committed[0] if len(committed) == 1 else torch.cat(committed, dim=1)
         key = boundary_key(l + 1)
         res.compared += 1
-        outcome = self.policy.compare(self.record.rows[key], out, lambda: committed, rec.algorithm, "activation",
+        outcome = self.comparison.compare(self.record.rows[key], out, lambda: committed, rec.algorithm, "activation",
                                       scale=h_in)
         if outcome.elem is not None:
             res.observe("activation", outcome.rel, outcome.elem)
@@ -393,7 +393,7 @@ class InferenceVerifier(RecordChecks, Verifying):
         seed = self.record.seed
         if sampling and seed is None:
             return False, "a sampled record without a seed"
-        if self.policy.strict:
+        if self.comparison.strict:
             want = choose_token(logits, gen, seed, self.record.algorithm, k) if gen is not None else greedy_token(logits)
             return want == token, f"expected {want}"
         scale = max(float(z.abs().max()), 1e-30)
@@ -429,7 +429,7 @@ class InferenceVerifier(RecordChecks, Verifying):
             use = chained if (chained is not None and l > 0 and not self.record.has_tensor(boundary_key(l))) else None
             result, outputs = self.verify_block(l, use)
             report.results.append(result)
-            ok = result.verdict == "PASS" and self.policy.strict
+            ok = result.verdict == "PASS" and self.comparison.strict
             chained = outputs if ok and l + 1 in todo else None
             if on_block:
                 on_block(result)

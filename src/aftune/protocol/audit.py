@@ -22,7 +22,7 @@ from ..training.transcript import Transcript
 from ..training.agreement import Agreement
 from ..training.verify import NEEDS_AGREEMENT, Verifier
 from ..verdict.findings import RECORD, BlockResult, Finding, Report
-from ..verdict.policy import Tolerance
+from ..verdict.comparison import Tolerance
 from .bundle import INFERENCE_BUNDLE_FORMAT, MAX_BUNDLE_JSON, BundleStore, TrainingBundle
 
 
@@ -70,7 +70,7 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
         report.errors.append(Finding(-1, -1, "opening", "the challenge names no blocks: nothing was compared"))
         return report
     if workers is None:  # as many replays as the cores run at full speed: a strict replay pins the recorded threads
-        per_replay = (probe.recorded_threads() or 1) if probe.policy.strict else 1
+        per_replay = (probe.recorded_threads() or 1) if probe.comparison.strict else 1
         workers = min(max(1, (os.cpu_count() or 1) // per_replay), len(blocks)) if len(blocks) >= 4 else 1
     chunks = [blocks[i::workers] for i in range(workers)]
     args = (str(bundle_dir), str(transcript_path), public_key.text)

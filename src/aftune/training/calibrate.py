@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..core.signing import PublicKey
-from ..verdict.policy import TENSOR_KINDS, Tolerance
+from ..verdict.comparison import TENSOR_KINDS, Tolerance
 from .agreement import Agreement
 from .verify import Verifier
 

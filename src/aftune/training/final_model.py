@@ -18,7 +18,7 @@ from ..core.merkle import files_root
 from ..errors import InputError
 from ..models import TOKENIZER_FILES, load_pretrained, model_commitment, model_files, model_weights
 from ..verdict.findings import Finding
-from ..verdict.policy import relative_errors
+from ..verdict.comparison import relative_errors
 from .agreement import canonical_config, differences
 from .conformance import NO_AGREEMENT_NOTE
 from .instantiate import instantiate
@@ -101,14 +101,14 @@ def _check_merge(v, saved: torch.nn.Module, digests: dict[str, bytes], fail) -> 
                 target.copy_(v.record.store.get(ref, f"final state, {name}"))
     merged = model_weights(root.merge_and_unload())
     out = []
-    saved_weights = model_weights(saved) if not v.policy.strict else {}
+    saved_weights = model_weights(saved) if not v.comparison.strict else {}
     for name, t in merged.items():
         if name not in digests:
             out.append(fail("RUN/model lacks a tensor of the merged model", tensor=name))
-        elif v.policy.strict and tensor_digest(name, t, v.algorithm) != digests[name]:
+        elif v.comparison.strict and tensor_digest(name, t, v.algorithm) != digests[name]:
             out.append(fail("RUN/model is not the merge of the committed base weights and final adapters",
                             tensor=name))
-        elif not v.policy.strict:
+        elif not v.comparison.strict:
             rel, elem = relative_errors(t, saved_weights[name])  # the verifier's merge against RUN/model
             max_rel, max_elem = v.tolerance.limits("weights")
             if rel > max_rel or elem > max_elem:

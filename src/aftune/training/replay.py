@@ -22,7 +22,7 @@ from ..core.store import ObjectMissing
 from ..errors import CommitmentMismatch, RecordError
 from ..models.shapes import TensorSpec
 from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
-from ..verdict.policy import tensor_kind
+from ..verdict.comparison import tensor_kind
 from .manifest import StepBlockManifest, common_key
 
 REASONS = {
@@ -73,10 +73,10 @@ class BlockReplay:
             res.fail(check, "no commitment for this tensor in the manifest", tensor=tensor, step=step, micro=micro)
             return
         res.compared += 1
-        loadable = not v.policy.strict or (check == "end_state" and v.record.store.has(ref.digest))
+        loadable = not v.comparison.strict or (check == "end_state" and v.record.store.has(ref.digest))
         committed = (lambda: v.record.store.get(ref, where or tensor)) if loadable else None
         kind = tensor_kind(check, tensor)
-        outcome = v.policy.compare(ref, actual, committed, v.algorithm, kind, measure_mismatch=check == "end_state")
+        outcome = v.comparison.compare(ref, actual, committed, v.algorithm, kind, measure_mismatch=check == "end_state")
         if outcome.elem is not None:
             res.observe(kind, outcome.rel, outcome.elem)
         if outcome.matched:

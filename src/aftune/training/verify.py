@@ -16,7 +16,7 @@ For layer block l and step block s, the verifier (numbers follow SPEC.md 6):
     committed norms of all blocks and applies the optimizer;
  6. compares the end state (weights, buffers, optimizer state) with the commitment of s+1.
 
-Comparisons follow the one policy of `verdict.policy`: strict (bitwise) or tolerance.
+Comparisons follow the one policy of `verdict.comparison`: strict (bitwise) or tolerance.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..errors import CommitmentMismatch, InputError
 from ..models import tokenizer_from_files
 from ..models.shapes import shape_oracle
 from ..verdict.findings import BlockResult, Finding, Report
-from ..verdict.policy import (MODES, TENSOR_KINDS, ComparisonPolicy, Tolerance, Verifying,  # noqa: F401
+from ..verdict.comparison import (MODES, TENSOR_KINDS, Comparison, Tolerance, Verifying,  # noqa: F401
                               relative_errors, tensor_kind)
 from ..verdict.threads import pinned_threads, recorded_threads
 from .engine import BlockedModel
@@ -64,8 +64,8 @@ class Verifier(Verifying):
         only `unsafe_no_agreement=True` proceeds, and then only self-consistency is checked
         (`notes` says so). Tolerance mode without `tolerance` uses the defaults of the agreed
         run dtype and the replay dtype (`Tolerance.for_training`)."""
-        self.policy = ComparisonPolicy(mode, tolerance if tolerance is not None else Tolerance())
-        if replay_dtype is not None and self.policy.strict:
+        self.comparison = Comparison(mode, tolerance if tolerance is not None else Tolerance())
+        if replay_dtype is not None and self.comparison.strict:
             raise InputError("replaying in another dtype cannot be bitwise: use --mode tolerance with --dtype")
         if replay_dtype is not None and replay_dtype not in DTYPE_BY_NAME:
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}")
@@ -88,8 +88,8 @@ class Verifier(Verifying):
         # run's dtype after every update, as the agreed run stores them (SPEC.md 6.3)
         run_dtype = DTYPE_BY_NAME[self.run_settings.dtype]
         self.storage_dtype = run_dtype if run_dtype != self.replay_dtype else None
-        if tolerance is None and not self.policy.strict:
-            self.policy = ComparisonPolicy(mode, Tolerance.for_training(self.run_settings.dtype, self.settings.dtype))
+        if tolerance is None and not self.comparison.strict:
+            self.comparison = Comparison(mode, Tolerance.for_training(self.run_settings.dtype, self.settings.dtype))
         self._hf_config = agreement.base_config
         _, self.model, adapter = instantiate(self._hf_config, self.settings)
         self.blocked = BlockedModel(self.model, adapter, self.settings)
@@ -190,7 +190,7 @@ class Verifier(Verifying):
             res.fail("agreement", f"not replayed: {first.reason}", tensor=first.tensor)
             return res, end_state
         try:
-            with pinned_threads(self.recorded_threads(), enabled=self.policy.strict):
+            with pinned_threads(self.recorded_threads(), enabled=self.comparison.strict):
                 end_state = BlockReplay(self, res, layer_block, step_block).run(start_state)
         except CommitmentMismatch as exc:  # a committed tensor contradicts the agreed computation
             res.fail("record", str(exc))

@@ -8,7 +8,7 @@ One policy for every verifier (training blocks, inference blocks, audits of eith
   kind of tensor (replay on another device or in another precision). Integer tensors (batches,
   token ids, labels) are compared bitwise in both modes.
 
-    policy = ComparisonPolicy("tolerance", Tolerance(rel_l2=1e-3, max_elem=1e-2))
+    policy = Comparison("tolerance", Tolerance(rel_l2=1e-3, max_elem=1e-2))
     outcome = policy.compare(ref, recomputed, load_committed, algorithm="blake3", kind="activation")
 """
 
@@ -218,7 +218,7 @@ def _short(digest: bytes) -> str:
     return digest.hex()[:16] + "…"
 
 
-class ComparisonPolicy:
+class Comparison:
     """strict or tolerance, with the thresholds: the one way every verifier compares tensors."""
 
     def __init__(self, mode: str = "strict", tolerance: Tolerance | None = None):
@@ -258,14 +258,14 @@ class ComparisonPolicy:
 
 
 class Verifying:
-    """A verifier's `mode` and `tolerance`, read from its `policy` (training and inference alike)."""
+    """A verifier's `mode` and `tolerance`, read from its `comparison` (training and inference alike)."""
 
-    policy: ComparisonPolicy
+    comparison: Comparison
 
     @property
     def mode(self) -> str:
-        return self.policy.mode
+        return self.comparison.mode
 
     @property
     def tolerance(self) -> Tolerance:
-        return self.policy.tolerance
+        return self.comparison.tolerance
