@@ -126,7 +126,7 @@ def toploc_module():
 
 def record_bytes(record_dir: Path, result) -> int:
     """Bytes the provider keeps for one request: record file, receipt and the tensors it stores."""
-    rec = InferenceRecord.open(record_dir, result.record_id.hex())
+    rec = InferenceRecord.open(record_dir, result.record_id)
     objects = {rec.store.path(r.digest) for r in rec.rows.values() if rec.store.has(r.digest)}
     return sum(p.stat().st_size for p in {rec.records.record_path(rec.record_id), result.receipt_path, *objects})
 
@@ -203,13 +203,13 @@ def honest(model_dir: Path, dtype: str, args, work: Path, toploc) -> dict:
             proofs = toploc.build_proofs_bytes(toploc_activations(out, ids.shape[1]), DECODE_BATCH, TOPK)
             t["toploc"].append(time.perf_counter() - t0)
             proof_bytes.append(sum(len(p) for p in proofs))
-        rid = result.record_id.hex()
+        rid = result.record_id
         t0 = time.perf_counter()
         report = InferenceVerifier(engine.records.root, rid, model=strict_client, expected_prompt=prompt,
                                    policy=policy).verify_all()
         t["strict"].append(time.perf_counter() - t0)
         assert report.verdict == "PASS", report.summary()
-        c = challenge_for_inference(result.record_id, nb, "all")
+        c = challenge_for_inference(bytes.fromhex(result.record_id), nb, "all")
         bundle = work / f"bundle-{dtype}-{i}"
         t0 = time.perf_counter()
         open_inference_bundle(engine.records.root, c, bundle, model=strict_client)
@@ -264,7 +264,7 @@ def attacks(model_dir: Path, dtype: str, args, work: Path, toploc) -> list[dict]
                                  RecordingSettings(args.layers_per_block, 1), deviation=deviation)
         prompt = PROMPTS[0]
         result = engine.generate(prompt, policy)
-        v = InferenceVerifier(engine.records.root, result.record_id.hex(), model=client, mode="tolerance",
+        v = InferenceVerifier(engine.records.root, result.record_id, model=client, mode="tolerance",
                               replay_dtype=replay, expected_prompt=prompt, policy=policy)
         report = v.verify_all()
         caught = None

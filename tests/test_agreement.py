@@ -142,8 +142,8 @@ def test_a_poisoned_dataset_fails_in_verify_and_in_the_audit(model_dir, datasets
     run, key = _provider_run(tmp_path, "run", model_dir("llama"), poisoned)
     assert Verifier(run, key, agreement).verify_all().verdict == "FAIL"
     c = challenge_from_transcript(run / "transcript.jsonl", key, "all", agreement=agreement)
-    open_bundle(run, list(c.blocks), c.digest_bytes, tmp_path / "bundle")
-    report = audit_bundle(tmp_path / "bundle", run / "transcript.jsonl", key, list(c.blocks), c.digest_bytes,
+    open_bundle(run, c, tmp_path / "bundle")
+    report = audit_bundle(tmp_path / "bundle", run / "transcript.jsonl", key, c,
                           agreement=agreement)
     assert report.verdict == "FAIL" and _named(report, "config.data.root"), report.summary()
     assert "not trained on the agreed dataset" in report.summary()
@@ -160,7 +160,7 @@ def test_permuted_class_labels_fail_in_verify_and_in_the_audit(record, tmp_path)
     run, key = record("bert", **SETTINGS)
     agreement = agreement_for(run)
     first = challenge_from_transcript(run / "transcript.jsonl", key, "all", agreement=agreement)
-    open_bundle(run, list(first.blocks), first.digest_bytes, tmp_path / "bundle")
+    open_bundle(run, first, tmp_path / "bundle")
     _edit_config_and_resign(run, lambda config: config["data"]["labels"].reverse())
     shutil.copy(run / "config.json", tmp_path / "bundle" / "config.json")
     report = verify_all(run, key)
@@ -169,7 +169,7 @@ def test_permuted_class_labels_fail_in_verify_and_in_the_audit(record, tmp_path)
     doc = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     doc["challenge_digest"] = c.digest
     (tmp_path / "bundle" / "bundle.json").write_text(json.dumps(doc))
-    report = audit_bundle(tmp_path / "bundle", run / "transcript.jsonl", key, list(c.blocks), c.digest_bytes,
+    report = audit_bundle(tmp_path / "bundle", run / "transcript.jsonl", key, c,
                           agreement=agreement)
     assert report.verdict == "FAIL" and _named(report, "config.data.labels"), report.summary()
     assert "class labels are not the agreed ones" in report.summary()
@@ -289,10 +289,10 @@ def test_a_signed_agreement_is_checked_against_the_client_key(record, tmp_path):
     agreement_for(run).signed(client).save(tmp_path / "signed.json")
     assert Agreement.load(tmp_path / "signed.json").digest() == agreement_for(run).digest()  # the signature is outside
     r = invoke("verify", run, "--public-key", key.text, "--agreement", tmp_path / "signed.json", "--all",
-               "--client-key", client.public_key.text)
+               "--client-public-key", client.public_key.text)
     assert r.exit_code == 0, r.output
     r = invoke("verify", run, "--public-key", key.text, "--agreement", tmp_path / "signed.json", "--all",
-               "--client-key", SigningKey.generate().public_key.text)
+               "--client-public-key", SigningKey.generate().public_key.text)
     assert r.exit_code == 1 and "not signed by the pinned client key" in r.output
 
 

@@ -70,7 +70,7 @@ def simulated(run, agreement):
 def _client(doc, run, *, nonce=NONCE, rim=RIM, platform=None, **kw):
     _, pub, line, cca, agreed = run
     args = dict(nonce=nonce, expected_run_root=line.root, expected_config_digest=line.config_digest,
-                expected_provider_key=pub, expected_code_digest=verifier_code_digest(doc.hash),
+                expected_provider_key=pub, expected_code_digest=verifier_code_digest(doc.algorithm),
                 expected_agreement=agreed.digest(),
                 policy=AppraisalPolicy(reference_values=(("rim", rim),)),
                 endorsements=Endorsements(cca_platform_keys=((platform or cca).platform_key_pem(),)))
@@ -103,7 +103,7 @@ def test_each_broken_link_of_an_attested_verdict_is_named(verdict, run, case, li
     if case == "wrong nonce":
         kw["nonce"] = OTHER_NONCE
     elif case == "stale evidence":  # evidence made for an earlier request, spliced into a fresh document
-        old = attest_report(json.loads(verdict.report), CcaTestProvider(run[3], RIM), OTHER_NONCE, algorithm=doc.hash,
+        old = attest_report(json.loads(verdict.report), CcaTestProvider(run[3], RIM), OTHER_NONCE, algorithm=doc.algorithm,
                             run_root=doc.run_root, config_digest=doc.config_digest, provider_key=doc.provider_key)
         doc = replace(doc, evidence=old.evidence)
     elif case == "other key":  # someone signs a report with their own key, reusing genuine evidence
@@ -166,17 +166,17 @@ def test_cli_verify_run_and_check_verdict(run, tmp_path):
     run_dir, pub, line, platform, agreed = run
     agreement = agreed.save(tmp_path / "agreement.json")
     out = tmp_path / "verdict.json"
-    r = invoke("attestation", "verify-run", run_dir, "--public-key", pub.text, "--nonce", NONCE.hex(),
-               "--provider", "unsafe-simulated", "--out", out)
+    r = invoke("attestation", "verify-run", run_dir, "--public-key", pub.text, "--attestation-nonce", NONCE.hex(),
+               "--attest", "unsafe-simulated", "--out", out)
     assert r.exit_code == 2 and "--agreement" in r.output  # no agreement: refused before anything is attested
-    r = invoke("attestation", "verify-run", run_dir, "--public-key", pub.text, "--nonce", NONCE.hex(),
-               "--provider", "unsafe-simulated", "--out", out, "--agreement", agreement)
+    r = invoke("attestation", "verify-run", run_dir, "--public-key", pub.text, "--attestation-nonce", NONCE.hex(),
+               "--attest", "unsafe-simulated", "--out", out, "--agreement", agreement)
     assert r.exit_code == 0 and out.is_file() and "proves nothing" in r.output
-    check = ["attestation", "check-verdict", out, "--nonce", NONCE.hex(), "--run-root", line.root.hex(),
+    check = ["attestation", "check-verdict", out, "--attestation-nonce", NONCE.hex(), "--run-root", line.root.hex(),
              "--agreement", agreement]
     r = invoke(*check)
     assert r.exit_code == 1 and "simulated" in r.output
-    r = invoke(*check, "--unsafe-accept-simulated", "--provider-key", pub.text)
+    r = invoke(*check, "--unsafe-accept-simulated", "--public-key", pub.text)
     assert r.exit_code == 0 and "SIMULATED" in r.output and "verdict is PASS" in r.output
     r = invoke(*check[:7], "--unsafe-accept-simulated")
     assert r.exit_code == 2 and "--agreement" in r.output
@@ -187,7 +187,7 @@ def test_cli_verify_run_and_check_verdict(run, tmp_path):
     fail = attest_report({"verdict": "FAIL", "errors": []}, UnsafeSimulatedEvidenceProvider(), NONCE,
                          algorithm="blake3", run_root=line.root, config_digest=line.config_digest, provider_key=pub)
     (tmp_path / "fail.json").write_text(json.dumps(fail.to_json()))
-    r = invoke("attestation", "check-verdict", tmp_path / "fail.json", "--nonce", NONCE.hex(), "--run-root",
+    r = invoke("attestation", "check-verdict", tmp_path / "fail.json", "--attestation-nonce", NONCE.hex(), "--run-root",
                line.root.hex(), "--unsafe-accept-simulated", "--unsafe-no-agreement")
     assert r.exit_code == 1 and "verdict is FAIL" in r.output
 
@@ -199,14 +199,14 @@ def test_cli_verify_attest_writes_a_verdict_the_client_accepts(run, tmp_path):
     agreement = agreed.save(tmp_path / "agreement.json")
     out = tmp_path / "attested.json"
     base = ["verify", run_dir, "--public-key", pub.text, "--agreement", agreement]
-    r = invoke(*base, "-l", "0", "-s", "0", "--attest", "unsafe-simulated", "--nonce", NONCE.hex(), "--attest-out", out)
+    r = invoke(*base, "-l", "0", "-s", "0", "--attest", "unsafe-simulated", "--attestation-nonce", NONCE.hex(), "--attest-out", out)
     assert r.exit_code == 2 and "--all" in r.output and not out.exists()
     r = invoke(*base, "--all", "--attest", "unsafe-simulated", "--attest-out", out)
     assert r.exit_code == 2 and "go together" in r.output
-    r = invoke(*base, "--all", "--attest", "unsafe-simulated", "--nonce", NONCE.hex(), "--attest-out", out)
+    r = invoke(*base, "--all", "--attest", "unsafe-simulated", "--attestation-nonce", NONCE.hex(), "--attest-out", out)
     assert r.exit_code == 0 and "proves nothing" in r.output and out.is_file()
-    r = invoke("attestation", "check-verdict", out, "--nonce", NONCE.hex(), "--run-root", line.root.hex(),
-               "--agreement", agreement, "--provider-key", pub.text, "--unsafe-accept-simulated")
+    r = invoke("attestation", "check-verdict", out, "--attestation-nonce", NONCE.hex(), "--run-root", line.root.hex(),
+               "--agreement", agreement, "--public-key", pub.text, "--unsafe-accept-simulated")
     assert r.exit_code == 0 and "verdict is PASS" in r.output, r.output
 
 
@@ -259,7 +259,7 @@ def test_each_broken_link_of_attested_serving_is_named(run, session, tmp_path, c
     if case == "wrong nonce":
         kw["nonce"] = OTHER_NONCE
     elif case == "stale evidence":
-        old = serving_evidence(CcaTestProvider(run[3], RIM), OTHER_NONCE, algorithm=response.hash,
+        old = serving_evidence(CcaTestProvider(run[3], RIM), OTHER_NONCE, algorithm=response.algorithm,
                                model_digest=response.model_digest, receipt_key=response.receipt_key)
         response = replace(response, evidence=old.evidence)
     elif case == "other model":
@@ -268,14 +268,14 @@ def test_each_broken_link_of_attested_serving_is_named(run, session, tmp_path, c
         from aftune.inference.receipt import issue_receipt
 
         r = result.receipt
-        kw["receipt"] = issue_receipt(SigningKey.generate(), r.hash, r.model_digest, r.input_digest, r.output_digest,
+        kw["receipt"] = issue_receipt(SigningKey.generate(), r.algorithm, r.model_digest, r.input_digest, r.output_digest,
                                       r.record_root, r.time)
     elif case == "pinned key":
         kw["pinned_receipt_key"] = SigningKey.generate().public_key
     elif case == "edited record":
         copy = tmp_path / "records"
         shutil.copytree(records, copy)
-        path = copy / "records" / f"{result.record_id.hex()}.json"
+        path = copy / "records" / f"{result.record_id}.json"
         path.write_bytes(path.read_bytes().replace(b'"format"', b'"format" '))
         kw["record_dir"] = copy
     elif case == "swapped key":  # the host claims another receipt key for the same evidence
@@ -289,7 +289,7 @@ def test_cli_check_serving(run, session, tmp_path):
 
     engine, result, response, records = session
     (tmp_path / "attestation.json").write_text(json.dumps(response.to_json()))
-    base = ["attestation", "check-serving", tmp_path / "attestation.json", "--nonce", NONCE.hex(),
+    base = ["attestation", "check-serving", tmp_path / "attestation.json", "--attestation-nonce", NONCE.hex(),
             "--receipt", result.receipt_path, "--record-dir", records, "--measurement", f"rim={RIM.hex()}"]
     key = tmp_path / "cpak.pem"
     key.write_bytes(run[3].platform_key_pem())

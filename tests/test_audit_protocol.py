@@ -42,7 +42,7 @@ def test_two_parties_sharing_only_files(tmp_path):
     for name, src in [("transcript.jsonl", "run/transcript.jsonl"), ("provider.pub", "run/provider.key.pub")]:
         shutil.copy(provider / src, client / name)
     run([*PY, "challenge", "transcript.jsonl", "--public-key", "provider.pub", "--agreement", "agreement.json",
-         "--blocks", "3", "--strategy", "stratified", "--out", "challenge.json"], client)
+         "--sample-blocks", "3", "--strategy", "stratified", "--out", "challenge.json"], client)
     shutil.copy(client / "challenge.json", provider / "challenge.json")
     run([*PY, "open", "run", "--challenge", "challenge.json", "--out", "bundle"], provider)
     shutil.copytree(provider / "bundle", client / "bundle")
@@ -57,7 +57,7 @@ def test_two_parties_sharing_only_files(tmp_path):
 
     # the same bundle does not answer a new challenge (a new nonce)
     run([*PY, "challenge", "transcript.jsonl", "--public-key", "provider.pub", "--agreement", "agreement.json",
-         "--blocks", "3", "--out", "other.json"], client)
+         "--sample-blocks", "3", "--out", "other.json"], client)
     out = run([*PY, "audit", "bundle", "--transcript", "transcript.jsonl", "--challenge", "other.json",
                "--public-key", "provider.pub", "--agreement", "agreement.json"], client, expect=1)
     assert "another challenge" in out
@@ -72,8 +72,8 @@ def tampered(record):
 
 def _audit(run_dir, key, challenge, tmp_path, name):
     bundle = tmp_path / name
-    open_bundle(run_dir, list(challenge.blocks), challenge.digest_bytes, bundle)
-    return audit_bundle(bundle, run_dir / "transcript.jsonl", key, list(challenge.blocks), challenge.digest_bytes,
+    open_bundle(run_dir, challenge, bundle)
+    return audit_bundle(bundle, run_dir / "transcript.jsonl", key, challenge,
                         agreement=agreement_for(run_dir))
 
 
@@ -103,8 +103,8 @@ def test_a_bundle_missing_anything_fails(record, tmp_path):
     run_dir, key = record("llama", steps=4, steps_per_block=2)
     c = challenge_from_transcript(run_dir / "transcript.jsonl", key, "all")
     bundle = tmp_path / "bundle"
-    open_bundle(run_dir, list(c.blocks), c.digest_bytes, bundle)
-    honest = audit_bundle(bundle, run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes,
+    open_bundle(run_dir, c, bundle)
+    honest = audit_bundle(bundle, run_dir / "transcript.jsonl", key, c,
                           agreement=agreement_for(run_dir))
     assert honest.verdict == "PASS", honest.summary()
 
@@ -112,7 +112,7 @@ def test_a_bundle_missing_anything_fails(record, tmp_path):
         copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
         shutil.copytree(bundle, copy)
         edit(copy)
-        return audit_bundle(copy, run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes,
+        return audit_bundle(copy, run_dir / "transcript.jsonl", key, c,
                             agreement=agreement_for(run_dir))
 
     def drop_start_weight(b):  # a tensor the replay loads: layer block 0's weights at step block 0

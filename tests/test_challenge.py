@@ -324,19 +324,19 @@ from conftest import invoke  # noqa: E402
 def test_cli_challenge(signed_run, tmp_path):
     run, key, root = signed_run
     out = tmp_path / "c.json"
-    r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, "--blocks", 5, "--strategy", "weighted",
-               "--nonce", NONCE.hex(), "--out", out)
+    r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, "--sample-blocks", 5, "--strategy", "weighted",
+               "--challenge-nonce", NONCE.hex(), "--out", out)
     assert r.exit_code == 2 and "aftune agree" in r.output  # no agreement, no grid the client holds
-    r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, "--blocks", 5, "--strategy", "weighted",
-               "--nonce", NONCE.hex(), "--out", out, "--unsafe-no-agreement")
+    r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, "--sample-blocks", 5, "--strategy", "weighted",
+               "--challenge-nonce", NONCE.hex(), "--out", out, "--unsafe-no-agreement")
     assert r.exit_code == 0, r.output
     c = Challenge.load(out)
     assert c == derive_challenge(root, NONCE, 4, 6, "weighted", count=5)
     assert "P(detect)" in r.output
-    r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, "--blocks", 5, "--out", out,
+    r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, "--sample-blocks", 5, "--out", out,
                "--unsafe-no-agreement")
     assert r.exit_code == 2 and "exists" in r.output  # never overwritten
-    for bad in (["--blocks", 25], ["--nonce", "zz", "--blocks", 1], ["--sample-rate", 0.1, "--blocks", 2], []):
+    for bad in (["--sample-blocks", 25], ["--challenge-nonce", "zz", "--sample-blocks", 1], ["--sample-rate", 0.1, "--sample-blocks", 2], []):
         r = invoke("challenge", run / "transcript.jsonl", "--public-key", key.text, *bad, "--out", tmp_path / "x.json",
                    "--unsafe-no-agreement")
         assert r.exit_code == 2, (bad, r.output)

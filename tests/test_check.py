@@ -32,7 +32,7 @@ def recorded(model_dir, datasets, tmp_path_factory):
     agreement.save(root / "agreement.json")
     train(model_dir("llama"), datasets["text"], root / "run", agreement=agreement)
     r = invoke("infer", "--model", root / "run", "--prompt", "Q: What is 3 plus 4? A:", "--record-dir",
-               root / "records", "--max-new-tokens", "3", "--key", root / "run" / "provider.key")
+               root / "records", "--max-new-tokens", "3", "--provider-signing-key", root / "run" / "provider.key")
     assert r.exit_code == 0, r.output
     return root / "run", root / "agreement.json", root / "records"
 
@@ -171,8 +171,8 @@ def test_inference_records_honest_and_damaged(recorded, tmp_path):
 def test_bundle_is_checked_against_the_clients_transcript(recorded, tmp_path):
     run, agreement, _ = recorded
     key = pub(run)
-    for args in (("challenge", run / "transcript.jsonl", "--public-key", key, "--agreement", agreement, "--blocks",
-                  "1", "--nonce", "22" * 32, "--out", tmp_path / "c.json"),
+    for args in (("challenge", run / "transcript.jsonl", "--public-key", key, "--agreement", agreement, "--sample-blocks",
+                  "1", "--challenge-nonce", "22" * 32, "--out", tmp_path / "c.json"),
                  ("open", run, "--challenge", tmp_path / "c.json", "--out", tmp_path / "bundle")):
         assert invoke(*args).exit_code == 0
     bundle = tmp_path / "bundle"

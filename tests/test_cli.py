@@ -218,3 +218,204 @@ def test_agreed_base_model_and_data_are_checked(builtin_run, tmp_path):
     assert r.exit_code == 2 and "aftune agree" in r.output and "PASS" not in r.output
     r = invoke("verify", builtin_run, "--public-key", pub(builtin_run), "--all", "--unsafe-no-agreement")
     assert r.exit_code == 0 and "only the record's consistency with itself was checked" in r.output
+
+
+# --- one place maps AftuneError to an exit code (cli/app.py: report_error) -----------------------
+
+def _deep_failure(monkeypatch, error):
+    """`aftune check` with its library call raising `error` from deep inside."""
+    import aftune.protocol.check as library
+
+    def check_path(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(library, "check_path", check_path)
+
+
+def _key_text():
+    from aftune.core.signing import SigningKey
+
+    return SigningKey.generate().public_key.text
+
+
+def test_an_error_from_deep_in_the_library_exits_2_without_traceback(monkeypatch, tmp_path):
+    from aftune.errors import InputError
+
+    _deep_failure(monkeypatch, InputError("the deep input is wrong"))
+    r = invoke("check", tmp_path, "--public-key", _key_text())
+    assert r.exit_code == 2 and "error: the deep input is wrong" in r.stderr and r.stdout == ""
+
+
+def test_a_commitment_mismatch_from_deep_in_the_library_is_a_fail(monkeypatch, tmp_path):
+    from aftune.errors import CommitmentMismatch
+
+    _deep_failure(monkeypatch, CommitmentMismatch("the deep record is tampered"))
+    r = invoke("check", tmp_path, "--public-key", _key_text())
+    assert r.exit_code == 1 and r.stdout.startswith("FAIL: the deep record is tampered") and r.stderr == ""
+    r = invoke("check", tmp_path, "--public-key", _key_text(), "--json")  # asked for JSON: JSON
+    assert r.exit_code == 1
+    assert json.loads(r.stdout) == {"verdict": "FAIL", "errors": [{"check": "record",
+                                                                  "reason": "the deep record is tampered"}]}
+
+
+_MAIN = """
+import sys
+import aftune.protocol.check as library
+from aftune.errors import {cls}
+
+def check_path(*args, **kwargs):
+    raise {cls}("raised deep in the library")
+
+library.check_path = check_path
+sys.argv[0] = "aftune"
+from aftune.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("cls, code, stream, prefix", [("InputError", 2, "stderr", "error: "),
+                                                       ("CommitmentMismatch", 1, "stdout", "FAIL: ")])
+def test_main_gives_the_same_exit_codes(tmp_path, cls, code, stream, prefix):
+    done = subprocess.run([sys.executable, "-c", _MAIN.format(cls=cls), "check", str(tmp_path), "--public-key",
+                           _key_text()], capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    assert getattr(done, stream).startswith(prefix + "raised deep in the library") and "Traceback" not in done.stderr
+
+
+def test_main_maps_an_error_raised_outside_any_command(monkeypatch, capsys):
+    """AftuneError that reaches main() (past typer, which re-raises what is not click's) is mapped
+    by the same function: exit 2, no traceback."""
+    from aftune.cli import main
+    from aftune.errors import InputError
+
+    app_module = sys.modules["aftune.cli.app"]
+
+    def broken_app():
+        raise InputError("outside any command")
+
+    monkeypatch.setattr(app_module, "app", broken_app)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert "error: outside any command" in capsys.readouterr().err
+
+
+def test_no_command_catches_aftune_error_itself():
+    """The mapping lives in app.py only: no command wraps its body in `except AftuneError`, and
+    every module prints through app.py's two consoles."""
+    import re
+    from pathlib import Path
+
+    import aftune.cli
+
+    for path in Path(aftune.cli.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        if path.name != "app.py":
+            assert not re.search(r"except \(?[\w, ]*AftuneError", text), path.name
+            assert "Console(" not in text, path.name
+        assert not re.search(r"(?<![\w.])print\(", text), path.name
+
+
+# --- one flag name per concept: renamed flags, their deprecated aliases, the glossary ------------
+
+def _commands():
+    """(path, click command) of every command of the app."""
+    import typer
+
+    from aftune.cli import app
+
+    def walk(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield " ".join(path), command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _options(command):
+    return [p for p in command.params if p.param_type_name == "option"]
+
+
+def _aliases():
+    """(path, command, old flag, new flag) of every deprecated alias."""
+    from aftune.cli.options import DEPRECATED_FLAGS
+
+    return [(path, command, old, new) for path, command in _commands()
+            for old, new in getattr(command.callback, DEPRECATED_FLAGS, {}).items()]
+
+
+def test_every_deprecated_alias_sets_its_new_flag_and_says_so(capsys):
+    aliases = _aliases()
+    assert len(aliases) >= 20
+    for path, command, old, new in aliases:
+        flags = {o for p in _options(command) for o in (*p.opts, *p.secondary_opts)}
+        assert old not in flags and new in flags, (path, old, new)
+        param = next(p for p in _options(command) if new in p.opts)
+        kind = param.type_descriptor.annotation  # int, float, str or Path
+        value = {int: "3", float: "0.5"}.get(kind, "abcd")
+        capsys.readouterr()
+        ctx = command.make_context(path, [old, value], resilient_parsing=True)
+        assert ctx.params[param.name] == kind(value), (path, old)
+        assert f"note: {old} is deprecated here; use {new}" in capsys.readouterr().err, (path, old)
+
+
+def test_deprecated_aliases_work_end_to_end():
+    r = invoke("plan", "--blocks", 1000, "--tampered-blocks", 10)
+    assert r.exit_code == 0, r.output
+    assert "note: --blocks is deprecated here; use --total-blocks" in r.stderr and "--sample-blocks" in r.stdout
+    new = invoke("plan", "--total-blocks", 1000, "--tampered-blocks", 10)
+    assert new.stdout == r.stdout and "deprecated" not in new.output
+    r = invoke("plan", "--blocks=1000", "--tampered-blocks", 10)
+    assert r.exit_code == 0 and "use --total-blocks" in r.stderr
+    r = invoke("challenge", "--record-root", "ab" * 32, "--layer-blocks", 4, "--nonce", "zz", "--out", "/nonexistent/c")
+    assert r.exit_code == 2 and "use --challenge-nonce" in r.stderr and "--challenge-nonce must be hex" in r.stderr
+
+
+def test_replacing_deprecated_flags_leaves_values_alone():
+    from aftune.cli.options import replace_deprecated_flags
+
+    args, notes = replace_deprecated_flags(["--prompt", "--nonce", "--nonce=ab", "--nonce", "cd", "--", "--nonce"],
+                                           {"--nonce": "--request-nonce"}, {"--prompt", "--request-nonce"})
+    assert args == ["--prompt", "--nonce", "--request-nonce=ab", "--request-nonce", "cd", "--", "--nonce"]
+    assert notes == ["note: --nonce is deprecated here; use --request-nonce"] * 2
+
+
+def _doc_tables():
+    """The glossary's rows as (flags, commands), and the deprecated names' as (old, new, commands), from docs/cli.md."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    deprecated_part, glossary_part = text.split("## Deprecated names")[1].split("## Glossary")
+
+    def rows(part):
+        for line in part.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("|") and not set(cells[0]) <= set("-") and "`" in line:
+                yield [re.findall(r"`([^`]+)`", c) for c in cells]
+
+    glossary = [(set(cells[1]), set(cells[2])) for cells in rows(glossary_part)]
+    deprecated = [(cells[0][0], cells[1][0], set(cells[2])) for cells in rows(deprecated_part)]
+    return glossary, deprecated
+
+
+def test_the_glossary_lists_every_flag_of_every_command_and_nothing_else():
+    glossary, deprecated = _doc_tables()
+    taken = set()
+    for path, command in _commands():
+        for p in _options(command):
+            if p.hidden:
+                continue
+            names = set(p.opts) | set(p.secondary_opts)
+            long = next(n for n in p.opts if n.startswith("--"))
+            assert any(names <= flags and path in commands for flags, commands in glossary), \
+                f"docs/cli.md: no glossary row for {path} {'/'.join(sorted(names))}"
+            taken |= {(path, n) for n in names}
+            taken.add((path, long))
+    listed = {(c, f) for flags, commands in glossary for c in commands for f in flags if f.startswith("--")}
+    assert listed <= taken, f"docs/cli.md lists flags no command takes: {sorted(listed - taken)}"
+    in_code = {(path, old, new) for path, _, old, new in _aliases()}
+    in_doc = {(path, old, new) for old, new, commands in deprecated for path in commands}
+    assert in_doc == in_code

@@ -52,9 +52,9 @@ def pristine(model_dir, datasets, tmp_path_factory):
     run, pub = root / "run", root / "run" / "provider.key.pub"
     shutil.copy(run / "transcript.jsonl", root / "transcript.jsonl")  # the client's copy
     steps = [("infer", "--model", run, "--prompt", PROMPT, "--record-dir", root / "records", "--max-new-tokens", "2",
-              "--key", run / "provider.key"),
+              "--provider-signing-key", run / "provider.key"),
              ("challenge", root / "transcript.jsonl", "--public-key", pub, "--agreement", root / "agreement.json",
-              "--blocks", "1", "--nonce", NONCE, "--out", root / "challenge.json"),
+              "--sample-blocks", "1", "--challenge-nonce", NONCE, "--out", root / "challenge.json"),
              ("open", run, "--challenge", root / "challenge.json", "--out", root / "bundle")]
     for args in steps:
         r = invoke(*args)

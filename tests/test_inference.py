@@ -91,7 +91,7 @@ def verify(record_dir, result, model=None, **kw):
     unless `kw` says otherwise."""
     asked = ASKED.get(result.record_id) or ASKED.get(Path(record_dir).resolve(), {})
     kw = {**asked, **({"model": model} if model is not None else {}), **kw}
-    v = InferenceVerifier(record_dir, result.record_id.hex(), **kw)
+    v = InferenceVerifier(record_dir, result.record_id, **kw)
     return v, v.verify_all()
 
 
@@ -101,11 +101,11 @@ def failing(report):
 
 # --- honest inference: PASS at every layer block ----------------------------------------------
 
-@pytest.mark.parametrize("family, gen", [
-    ("llama", policy(6)),
-    ("llama", policy(6, temperature=0.8, top_p=0.9)),
-    ("qwen2", policy(5, temperature=1.3)),
-    ("gpt2", policy(6)),
+@pytest.mark.parametrize("family, gen", [  # policies pinning the serving dtype: nothing left unchecked
+    ("llama", policy(6, dtype="float32")),
+    ("llama", policy(6, temperature=0.8, top_p=0.9, dtype="float32")),
+    ("qwen2", policy(5, temperature=1.3, dtype="float32")),
+    ("gpt2", policy(6, dtype="float32")),
     ("bert", None), ("vit", None), ("dinov2", None), ("resnet", None),
 ])
 @pytest.mark.parametrize("layers_per_block", [1, 2])
@@ -165,11 +165,11 @@ def test_records_are_named_by_full_digest_and_never_overwritten(model_dir, tmp_p
     rec = tmp_path / "rec"
     results = [infer(model_dir("llama"), rec)[0] for _ in range(3)]
     names = sorted(p.name for p in (rec / "records").iterdir())
-    assert names == sorted(f"{r.record_id.hex()}.json" for r in results) and len(set(names)) == 3
+    assert names == sorted(f"{r.record_id}.json" for r in results) and len(set(names)) == 3
     for r in results:
         data = r.record_path.read_bytes()
-        assert record_id("blake3", data) == r.record_id and len(r.record_id.hex()) == 64
-        assert (rec / "receipts" / f"{r.record_id.hex()}.json").is_file()
+        assert record_id("blake3", data).hex() == r.record_id and len(r.record_id) == 64
+        assert (rec / "receipts" / f"{r.record_id}.json").is_file()
     with pytest.raises(Exception, match="never overwritten"):
         RecordDir(rec, "blake3").write_new(results[0].record_path, b"{}")
     assert record_id("blake3", results[0].record_path.read_bytes()) == results[0].record_id
@@ -180,7 +180,7 @@ def test_records_are_named_by_full_digest_and_never_overwritten(model_dir, tmp_p
 def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
     gen = policy(5, temperature=0.7, top_p=0.95)
     result, engine = infer(model_dir("llama"), tmp_path / "rec", gen=gen)
-    rec = InferenceRecord.open(tmp_path / "rec", result.record_id.hex()[:12])
+    rec = InferenceRecord.open(tmp_path / "rec", result.record_id[:12])
     assert rec.doc["input"]["prompt"] == PROMPT
     assert rec.tensor("input/input_ids").tolist() == engine.served.prompt_inputs(PROMPT)["input_ids"].tolist()
     assert rec.tensor("output/tokens").tolist() == list(result.tokens) == rec.doc["output"]["tokens"]
@@ -190,7 +190,7 @@ def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
                                                 "stop_rule": "eos_or_length", "chat_template": None},
                                      "policy_digest": digest.hex(),
                                      "seed": request_seed("blake3", NONCE, rec.declared_digest("input"), digest)}
-    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v3"
+    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v4"
     assert "source" not in rec.model  # no path a verifier could be sent to
     assert rec.model_digest == engine.served.digest
     nb = len(engine.blocks)
@@ -201,7 +201,7 @@ def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
         (rec.rows["input/input_ids"].shape[1] + k - 1, 1) for k in range(1, len(result.tokens))]
     receipt = Receipt.load(result.receipt_path)
     verify_receipt(receipt, engine.key.public_key, tmp_path / "rec", request_nonce=NONCE, policy_digest=digest)
-    assert receipt.record_root == result.record_id and receipt.output_digest == rec.rows_root("output/")
+    assert receipt.record_root.hex() == result.record_id and receipt.output_digest == rec.rows_root("output/")
     assert (receipt.request_nonce, receipt.policy_digest) == (NONCE, digest)
 
 
@@ -301,7 +301,7 @@ def cli(*args):
 def test_cli_infer_verify_prepare_and_receipt(model_dir, tmp_path):
     rec, nonce = tmp_path / "rec", NONCE.hex()
     r = cli("infer", "--model", model_dir("llama"), "--prompt", PROMPT, "--record-dir", rec, "--max-new-tokens", 5,
-            "--temperature", 0.8, "--nonce", nonce, "--layers-per-block", 1, "--activation-interval", 2, "--json")
+            "--temperature", 0.8, "--request-nonce", nonce, "--layers-per-block", 1, "--activation-interval", 2, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     rid = out["record_id"]
@@ -354,14 +354,14 @@ ASK = ("--model", "LLAMA", "--prompt", PROMPT, "--max-new-tokens", "6")
     (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--max-new-tokens", "500"), "positions"),
     (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--dtype", "int8"), "--dtype"),
     (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--temperature", "0.7"), "request nonce"),
-    (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--nonce", "abcd"), "16 to 64 bytes"),
+    (("infer", "--model", "LLAMA", "--record-dir", "REC", "--prompt", "a", "--request-nonce", "abcd"), "16 to 64 bytes"),
     (("verify-inference", "REC", "-l", "0", "--all"), "either --all or --layer-block"),
     (("verify-inference", "REC", "-l", "9", *ASK), "layer block 9 does not exist"),
     (("verify-inference", "REC", "--all", "--dtype", "float64", *ASK), "--mode tolerance"),
     (("verify-inference", "REC", "--all", "--mode", "fuzzy", *ASK), "mode must be one of"),
     (("verify-inference", "REC", "--all", "--record", "zz"), "hexadecimal"),
     (("verify-inference", "/nonexistent", "--all"), "does not exist"),
-    (("verify-inference", "REC", "--all", "--run", "REC"), "--run needs --public-key"),
+    (("verify-inference", "REC", "--all", "--run-dir", "REC"), "--run-dir needs --public-key"),
     # no PASS on half a check: what the client asked for is required, and the message says how to give it
     (("verify-inference", "REC", "--all", "--prompt", PROMPT, "--max-new-tokens", "6"), "--model DIR, or --run RUN"),
     (("verify-inference", "REC", "--all", "--model", "LLAMA", "--max-new-tokens", "6"), "--unsafe-skip-input-check"),
@@ -388,7 +388,7 @@ def test_cli_infer_on_run_directory_uses_the_run_key(record, tmp_path):
     rec = tmp_path / "rec"
     r = cli("infer", "--model", run, "--prompt", PROMPT, "--record-dir", rec, "--max-new-tokens", 3)
     assert r.exit_code == 0 and "the run's final model" in r.output, r.output
-    r = cli("verify-inference", rec, "--all", "--public-key", run / "provider.key.pub", "--run", run, "--prompt", PROMPT,
+    r = cli("verify-inference", rec, "--all", "--public-key", run / "provider.key.pub", "--run-dir", run, "--prompt", PROMPT,
             "--max-new-tokens", 3)
     assert r.exit_code == 0 and "NOT CHECKED" not in r.output, r.output
 

@@ -17,7 +17,7 @@ from test_inference_tampering import PerturbBoundary
 
 
 def _challenge(result, engine, strategy="uniform", count=2, nonce=None):
-    return challenge_for_inference(result.record_id, len(engine.blocks), strategy,
+    return challenge_for_inference(bytes.fromhex(result.record_id), len(engine.blocks), strategy,
                                    count=None if strategy == "all" else count, nonce=nonce)
 
 
@@ -76,8 +76,8 @@ def test_inference_audit_through_the_cli(model_dir, tmp_path):
     result, engine = infer(model, tmp_path / "rec", key=key)
     py = [sys.executable, "-m", "aftune"]
     steps = [
-        [*py, "challenge", "--record-root", result.record_id.hex(), "--layer-blocks", str(len(engine.blocks)),
-         "--blocks", "2", "--out", str(tmp_path / "c.json")],
+        [*py, "challenge", "--record-root", result.record_id, "--layer-blocks", str(len(engine.blocks)),
+         "--sample-blocks", "2", "--out", str(tmp_path / "c.json")],
         [*py, "open", str(tmp_path / "rec"), "--challenge", str(tmp_path / "c.json"), "--out", str(tmp_path / "b"),
          "--model", str(model)],
     ]

@@ -32,7 +32,7 @@ from test_inference_tampering import PerturbBoundary
 
 def _record_bytes(rec_dir, result) -> int:
     """What the provider keeps for one request: its record file, receipt and stored tensors."""
-    rec = InferenceRecord.open(rec_dir, result.record_id.hex())
+    rec = InferenceRecord.open(rec_dir, result.record_id)
     objects = {rec.store.path(r.digest) for r in rec.rows.values() if rec.store.has(r.digest)}
     return sum(p.stat().st_size for p in {rec.records.record_path(rec.record_id), result.receipt_path, *objects})
 
@@ -42,7 +42,7 @@ def test_record_directory_holds_the_tokenizer_files_and_no_model_copy(model_dir,
     shutil.copytree(model_dir("llama"), model)
     (model / "notes.txt").write_text("not a tokenizer file")
     result, _ = infer(model, tmp_path / "rec", activation_interval=0)
-    rec = InferenceRecord.open(tmp_path / "rec", result.record_id.hex())
+    rec = InferenceRecord.open(tmp_path / "rec", result.record_id)
     kept = {p.relative_to(tmp_path / "rec").as_posix() for p in (tmp_path / "rec").rglob("*") if p.is_file()}
     tok_dir = rec.tokenizer_dir()
     names = sorted(p.name for p in tok_dir.iterdir())
@@ -79,7 +79,7 @@ def test_a_compact_record_verifies_strict_all_and_needs_activations_for_one_bloc
     result, engine = infer(model_dir("llama"), tmp_path / "rec", activation_interval=0)
     _, report = verify(tmp_path / "rec", result)  # strict --all chains the replays
     assert report.verdict == "PASS", report.summary()
-    v = InferenceVerifier(tmp_path / "rec", result.record_id.hex(), model=model_dir("llama"))
+    v = InferenceVerifier(tmp_path / "rec", result.record_id, model=model_dir("llama"))
     with pytest.raises(RecordError, match="prepare-inference"):
         v.verify([2])
     assert prepare_inference(tmp_path / "rec", model=model_dir("llama")) == list(range(1, len(engine.blocks)))
@@ -113,7 +113,7 @@ def test_the_steps_root_binds_every_step(model_dir, tmp_path):
     (here: a root taken from another boundary) FAILs the block that reads it."""
     result, _ = infer(model_dir("llama"), tmp_path / "rec")
     records = RecordDir(tmp_path / "rec", "blake3")
-    doc = json.loads(records.record_path(result.record_id).read_bytes())
+    doc = json.loads(records.record_path(bytes.fromhex(result.record_id)).read_bytes())
     doc["boundary_roots"]["0002"] = doc["boundary_roots"]["0001"]
     data = canonical_json(doc)
     forged = record_id("blake3", data)

@@ -16,7 +16,7 @@ import pytest
 from aftune.core.signing import SigningKey
 from aftune.errors import InputError, RecordError
 from aftune.inference.engine import InferenceEngine, ServingDeviation
-from aftune.inference.policy import POLICY_FORMAT, GenerationPolicy, parse_request_nonce
+from aftune.inference.policy import POLICY_FORMAT, POLICY_FORMAT_V1, GenerationPolicy, parse_request_nonce
 from aftune.inference.record import InferenceRecord
 from aftune.inference.sampling import request_seed
 from aftune.inference.served import ServedModel
@@ -38,7 +38,9 @@ def test_policy_round_trip_digest_and_normal_form():
     p = GenerationPolicy(max_new_tokens=8, eos_token_ids=(7, 2), temperature=1, top_p=1)
     assert p.eos_token_ids == (2, 7) and p.temperature == 1.0 and isinstance(p.temperature, float)
     doc = json.loads(json.dumps(p.to_json()))
-    assert doc["format"] == POLICY_FORMAT and GenerationPolicy.from_json(doc) == p
+    assert doc["format"] == POLICY_FORMAT_V1 and GenerationPolicy.from_json(doc) == p  # no dtype pinned: v1
+    pinned = GenerationPolicy(max_new_tokens=8, eos_token_ids=(7, 2), temperature=1, top_p=1, dtype="float32")
+    assert pinned.to_json()["format"] == POLICY_FORMAT and GenerationPolicy.from_json(pinned.to_json()) == pinned
     assert GenerationPolicy.from_json({**doc, "eos_token_ids": [7, 2], "temperature": 1}).digest("blake3") == \
         p.digest("blake3") != p.digest("sha256")
     assert p.check(p) == [] and p.check(doc) == [] and p.check({"policy": doc, "seed": 3}) == []
@@ -81,7 +83,7 @@ def test_policy_files_requests_and_nonces(tmp_path, model_dir, record):
     assert [x.split(":")[0] for x in problems] == ["max_new_tokens", "temperature", "chat_template"], problems
     assert GenerationPolicy.for_model(model_dir("llama")).eos_token_ids == (2,)
     run, _ = record("llama", steps=2)  # a run directory: its model/'s config, not the run's config.json
-    assert GenerationPolicy.for_model(run, max_new_tokens=3) == policy(3)
+    assert GenerationPolicy.for_model(run, max_new_tokens=3) == policy(3, dtype="float32")  # the run's dtype
     assert parse_request_nonce("ab" * 16) == b"\xab" * 16
     for text in ("ab" * 15, "ab" * 65, "AB" * 16, "xyz", 7):
         with pytest.raises(InputError, match="request nonce"):
@@ -107,8 +109,12 @@ def test_chat_template_renders_the_same_for_engine_and_verifier(model_dir, tmp_p
 
 # --- honest records: greedy, sampled, with a chat template -------------------------------------
 
-@pytest.mark.parametrize("gen", [policy(8), policy(8, temperature=0.9, top_p=0.8), policy(6, chat_template=TEMPLATE),
-                                 policy(6, temperature=1.2, chat_template=TEMPLATE)])
+F32 = dict(dtype="float32")  # the serving dtype pinned (aftune.generation-policy.v2): nothing left unchecked
+
+
+@pytest.mark.parametrize("gen", [policy(8, **F32), policy(8, temperature=0.9, top_p=0.8, **F32),
+                                 policy(6, chat_template=TEMPLATE, **F32),
+                                 policy(6, temperature=1.2, chat_template=TEMPLATE, **F32)])
 def test_honest_records_pass_the_clients_flow(model_dir, tmp_path, gen):
     key = SigningKey.generate()
     result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=gen, key=key)
@@ -275,7 +281,7 @@ def test_edited_served_config_fails(record, tmp_path):
         assert {e.check for e in report.errors} == {"model", "run"}, report.summary()
         assert any(f"fields ['{name}']" in e.reason for e in findings(report, "model")), report.summary()
         assert "not the run's final model digest" in findings(report, "run")[0].reason
-        r = cli("verify-inference", rec, "--all", "--run", run, "--public-key", pub.text, "--prompt", PROMPT,
+        r = cli("verify-inference", rec, "--all", "--run-dir", run, "--public-key", pub.text, "--prompt", PROMPT,
                 "--max-new-tokens", 6)
         assert r.exit_code == 1 and f"fields ['{name}']" in r.output, r.output
         # the same edit with a record that claims the signed model and its config: the replay fails
@@ -292,7 +298,7 @@ def test_edited_served_config_fails(record, tmp_path):
 # --- no PASS on half a check ---------------------------------------------------------------------
 
 def test_half_a_check_is_refused_unless_unsafe(model_dir, datasets, tmp_path):
-    gen = policy(5, temperature=0.9)
+    gen = policy(5, temperature=0.9, dtype="float32")
     result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=gen)
     rec, model = tmp_path / "rec", model_dir("llama")
     r = cli("verify-inference", rec, "--all", "--model", model)
@@ -324,7 +330,7 @@ def test_half_a_check_is_refused_unless_unsafe(model_dir, datasets, tmp_path):
             tmp_path / "bad-policy.json", "--out", tmp_path / "never.json")
     assert r.exit_code == 2 and "temperature" in r.output and not (tmp_path / "never.json").exists()
     # verify-receipt checks the record unless told not to
-    receipt = rec / "receipts" / f"{result.record_id.hex()}.json"
+    receipt = rec / "receipts" / f"{result.record_id}.json"
     r = cli("verify-receipt", receipt, "--public-key", result.receipt.key.text)
     assert r.exit_code == 2 and "--record-dir" in r.output
     r = cli("verify-receipt", receipt, "--public-key", result.receipt.key.text, "--unsafe-signature-only")
@@ -357,6 +363,6 @@ def test_records_naming_a_path_or_missing_the_nonce_are_rejected(model_dir, tmp_
     edited["generation"]["policy_digest"] = "00" * 32
     data = canonical_json(edited)
     (tmp_path / "rec" / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)
-    fake = type(result)(**{**result.__dict__, "record_id": record_id("blake3", data)})
+    fake = type(result)(**{**result.__dict__, "record_id": record_id("blake3", data).hex()})
     _, report = verify(tmp_path / "rec", fake)
     assert "generation.policy_digest is not the digest" in findings(report, "policy")[0].reason

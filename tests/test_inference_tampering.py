@@ -180,7 +180,7 @@ def test_rehashed_record_without_a_receipt_fails(model_dir, tmp_path):
     data = canonical_json(doc)
     (tmp_path / "rec" / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)
     result.record_path.unlink()
-    v, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": record_id("blake3", data)}),
+    v, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": record_id("blake3", data).hex()}),
                        model=model_dir("llama"), public_key=key.public_key)
     assert {e.check for e in report.errors} >= {"receipt", "output"}, report.summary()
 
@@ -213,7 +213,7 @@ def test_receipt_from_another_key_or_for_another_record_fails(model_dir, tmp_pat
     with pytest.raises(CommitmentMismatch, match="not by the pinned provider key"):
         verify_receipt(Receipt.load(a.receipt_path), other.public_key)
     ra = Receipt.load(a.receipt_path)
-    forged = issue_receipt(key, "blake3", ra.model_digest, ra.input_digest, ra.output_digest, b.record_id, ra.time)
+    forged = issue_receipt(key, "blake3", ra.model_digest, ra.input_digest, ra.output_digest, bytes.fromhex(b.record_id), ra.time)
     with pytest.raises(CommitmentMismatch, match="input digest"):  # a's digests, b's record
         verify_receipt(forged, key.public_key, tmp_path / "rec")
     r = cli("verify-receipt", a.receipt_path, "--public-key", other.public_key.text, "--record-dir", tmp_path / "rec")
@@ -245,7 +245,7 @@ def test_a_boundary_committed_in_another_shape_is_a_finding(model_dir, tmp_path,
     rid = record_id("blake3", data)
     (tmp_path / "rec" / "records" / f"{rid.hex()}.json").write_bytes(data)
     result.record_path.unlink()
-    _, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": rid}))
+    _, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": rid.hex()}))
     assert report.verdict == "FAIL"
     found = [f for r in report.results for f in r.findings] + list(report.errors)
     assert any("boundary/0001" in f"{f.tensor} {f.reason}" for f in found), report.summary()

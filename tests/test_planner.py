@@ -291,17 +291,17 @@ from conftest import invoke  # noqa: E402
 def test_cli_plan(tmp_path):
     import json
 
-    r = invoke("plan", "--blocks", 1000, "--target", 0.99, "--tampered-blocks", 10)
+    r = invoke("plan", "--total-blocks", 1000, "--target", 0.99, "--tampered-blocks", 10)
     assert r.exit_code == 0, r.output
     k = next(o for o in plan([Threat("tampered_blocks", 10)], num_blocks=1000).options).count
-    assert f"--strategy uniform --blocks {k}" in r.output
+    assert f"--strategy uniform --sample-blocks {k}" in r.output
     r = invoke("plan", "--layer-blocks", 8, "--step-blocks", 64, "--skip-steps", 0.05, "--poison-examples", 0.02,
                "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["recommended"]["count"] == min(o["count"] for o in doc["options"])
-    for bad in (["--blocks", 100], ["--blocks", 100, "--skip-steps", 2], ["--blocks", 10, "--tampered-blocks", 11],
-                ["--layer-blocks", 3, "--blocks", 10, "--tampered-blocks", 1], ["--blocks", 10, "--target", 0,
+    for bad in (["--total-blocks", 100], ["--total-blocks", 100, "--skip-steps", 2], ["--total-blocks", 10, "--tampered-blocks", 11],
+                ["--layer-blocks", 3, "--total-blocks", 10, "--tampered-blocks", 1], ["--total-blocks", 10, "--target", 0,
                                                                                 "--tampered-blocks", 1]):
         assert invoke("plan", *bad).exit_code == 2, bad
     c = derive_challenge(bytes(32), bytes(32), 6, 10, "columns", count=60)

@@ -40,8 +40,8 @@ def test_audit_on_a_ray_cluster_matches_the_local_verdicts(record, ray_address, 
     finally:
         torch.set_num_threads(threads)
     c = challenge_from_transcript(run_dir / "transcript.jsonl", key, "all")
-    open_bundle(run_dir, list(c.blocks), c.digest_bytes, tmp_path / "bundle")
-    args = (tmp_path / "bundle", run_dir / "transcript.jsonl", key, list(c.blocks), c.digest_bytes)
+    open_bundle(run_dir, c, tmp_path / "bundle")
+    args = (tmp_path / "bundle", run_dir / "transcript.jsonl", key, c)
     on_ray = audit_bundle(*args, agreement=agreement_for(run_dir), workers=2, ray_address=ray_address)
     local = audit_bundle(*args, agreement=agreement_for(run_dir), workers=1)
     assert [(r.layer_block, r.step_block, r.verdict) for r in on_ray.results] == \

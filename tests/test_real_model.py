@@ -52,7 +52,7 @@ def _record(model, dtype, deviation=None, prompt=PROMPTS[0], record_dir=None):
 
 
 def _verify(model, record_dir, result, dtype, prompt=PROMPTS[0]):
-    v = InferenceVerifier(record_dir, result.record_id.hex(), model=model, mode="tolerance",
+    v = InferenceVerifier(record_dir, result.record_id, model=model, mode="tolerance",
                           replay_dtype=REPLAY[dtype], expected_prompt=prompt, policy=POLICY)
     return v, v.verify_all()
 

@@ -32,7 +32,7 @@ from aftune.inference.verify import InferenceVerifier
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-POLICY = GenerationPolicy(max_new_tokens=64, eos_token_ids=(2,), temperature=0.7, top_p=0.9)
+POLICY = GenerationPolicy(max_new_tokens=64, eos_token_ids=(2,), temperature=0.7, top_p=0.9, dtype="float32")
 
 
 def free_port() -> int:
@@ -241,7 +241,7 @@ def test_served_answer_matches_cli_verification(served_run, tmp_path):
             "--request-nonce", nonce, "--policy", s["root"] / "policy.json")  # you asked 64, not 4
     assert r.exit_code == 1 and "another generation policy" in r.output, r.output
     r = cli("verify-inference", tmp_path / "audit", "--all", "--model", run, "--public-key", run / "provider.key.pub",
-            "--run", run, "--prompt", "Q: hello?", "--request-nonce", nonce, *asked)
+            "--run-dir", run, "--prompt", "Q: hello?", "--request-nonce", nonce, *asked)
     assert r.exit_code == 0 and "PASS" in r.output and "NOT CHECKED" not in r.output, r.output
 
 
@@ -318,13 +318,13 @@ def test_attested_serving_is_accepted_and_a_wrong_nonce_or_model_is_refused(serv
     receipt_file = tmp_path / "audit" / "receipts" / f"{body['record_id']}.json"
     base = ("verify-receipt", receipt_file, "--record-dir", tmp_path / "audit", "--attestation",
             tmp_path / "attestation.json", "--request-nonce", nonce, "--unsafe-accept-simulated")
-    r = cli(*base, "--nonce", attest_nonce, "--model-digest", final.hex())
+    r = cli(*base, "--attestation-nonce", attest_nonce, "--model-digest", final.hex())
     assert r.exit_code == 0 and "VALID attested serving" in r.output and "SIMULATED" in r.output, r.output
-    r = cli(*base, "--nonce", secrets.token_hex(32), "--model-digest", final.hex())
+    r = cli(*base, "--attestation-nonce", secrets.token_hex(32), "--model-digest", final.hex())
     assert r.exit_code == 1 and "link 'nonce' is broken" in r.output, r.output
-    r = cli(*base, "--nonce", attest_nonce, "--model-digest", "66" * 32)
+    r = cli(*base, "--attestation-nonce", attest_nonce, "--model-digest", "66" * 32)
     assert r.exit_code == 1 and "link 'model' is broken" in r.output, r.output
-    r = cli(*base[:-1], "--nonce", attest_nonce, "--model-digest", final.hex())  # simulated, without the unsafe option
+    r = cli(*base[:-1], "--attestation-nonce", attest_nonce, "--model-digest", final.hex())  # simulated, without the unsafe option
     assert r.exit_code == 1 and "link 'evidence' is broken" in r.output, r.output
 
 

@@ -4,18 +4,23 @@ A provider records every (layer block x step block) of a fine-tuning run, commit
 digests and Merkle roots, and signs each step block's root as it ends. A client later challenges
 blocks and a verifier replays them. See SPEC.md for every byte that is hashed, signed or stored.
 
-The Python API, for pipelines that call aftune directly (README "Python API"):
+The Python API (README "Python API"): the client states once what it expects, then verifies.
 
     import aftune
 
     agreement = aftune.agree(BASE_MODEL_DIR, "data.jsonl", steps=8, out="agreement.json")   # the client
     result = aftune.train("runs/demo", BASE_MODEL_DIR, "data.jsonl", agreement=agreement)  # the provider
-    key = aftune.PublicKey.load(result.public_key_path)
-    report = aftune.verify_run("runs/demo", key, agreement, all_blocks=True)  # .verdict is PASS or FAIL
-    policy = aftune.GenerationPolicy.for_model("runs/demo", max_new_tokens=8)   # what the client asks
-    answer = aftune.infer("runs/demo", "Q: What is 3 plus 4? A:", record_dir="records", policy=policy)
-    report = aftune.verify_inference("records", model="runs/demo", public_key=key,
-                                     prompt="Q: What is 3 plus 4? A:", policy=policy)
+    verifier = aftune.RunVerifier(agreement, result.public_key_path)   # pinned out of band, in practice
+    report = verifier.verify("runs/demo")                                # .verdict is PASS or FAIL
+
+    request = aftune.InferenceRequest(prompt="Q: What is 3 plus 4? A:",
+                                      policy=aftune.policy("runs/demo", max_new_tokens=8))
+    answer = aftune.infer("runs/demo", request.prompt, record_dir="records", policy=request.policy)
+    report = aftune.RecordVerifier(request, model="runs/demo", provider_key=result.public_key_path).verify("records")
+
+A FAIL is a `Report` whose verdict is FAIL, never an exception; bad input raises an
+`AftuneError`; nothing prints. `aftune.workflows` holds the verifiers, `aftune.api` every
+command as one function.
 
 Everything is imported on first use, so `import aftune` stays cheap.
 """
@@ -29,14 +34,15 @@ from .version import __version__
 
 # name -> module that defines it
 _API = {
-    "agree": "aftune.api",
-    "train": "aftune.api",
-    "verify_run": "aftune.api",
-    "infer": "aftune.api",
-    "verify_inference": "aftune.api",
-    "challenge_run": "aftune.api",
-    "open_challenge": "aftune.api",
-    "audit": "aftune.api",
+    # the client's workflows: state what you expect once, then verify (aftune.workflows)
+    **{name: "aftune.workflows" for name in (
+        "RunVerifier", "RecordVerifier", "InferenceRequest", "ALL", "Unsafe", "UnsafeNoAgreement",
+        "UnsafeSkipInputCheck", "UnsafeSkipPolicyCheck", "UnsafeSignatureOnly", "verify_receipt", "check",
+        "check_partition", "verify_attestation", "open_challenge", "keygen", "digest", "policy", "plan", "assess")},
+    # every command as one function (aftune.api)
+    **{name: "aftune.api" for name in (
+        "agree", "train", "verify_run", "infer", "verify_inference", "challenge_run", "audit", "calibrate",
+        "prepare", "prepare_inference")},
     "Agreement": "aftune.training.agreement",
     "TrainSettings": "aftune.training.settings",
     "LoraSettings": "aftune.training.settings",
@@ -48,6 +54,10 @@ _API = {
     "PublicKey": "aftune.core.signing",
     "SigningKey": "aftune.core.signing",
     "Challenge": "aftune.protocol.challenge",
+    "Threat": "aftune.protocol.planner",
+    "AppraisalPolicy": "aftune.attestation.claims",
+    "Evidence": "aftune.attestation.claims",
+    "Endorsements": "aftune.attestation.claims",
     "AftuneError": "aftune.errors",
     "InputError": "aftune.errors",
     "RecordError": "aftune.errors",

@@ -138,8 +138,8 @@ def real_audit(run_dir: Path, public_key: PublicKey, agreement, root: bytes, num
     expected = "FAIL" if set(c.blocks) & set(failing) else "PASS"
     with tempfile.TemporaryDirectory(prefix="aftune-eval-", dir=scratch) as tmp:
         bundle = Path(tmp) / "bundle"
-        open_bundle(run_dir, list(c.blocks), c.digest_bytes, bundle)
-        report = audit_bundle(bundle, Path(run_dir) / "transcript.jsonl", public_key, list(c.blocks), c.digest_bytes,
+        open_bundle(run_dir, c, bundle)
+        report = audit_bundle(bundle, Path(run_dir) / "transcript.jsonl", public_key, c,
                               agreement=agreement,
                               workers=1)
     bad = [r for r in report.results if r.verdict == "FAIL"]

@@ -101,7 +101,7 @@ class ServingBench:
         return engine.classify(image=self.image(i))
 
     def verify(self, record_dir: Path, result, *, mode: str = "strict", replay_dtype: str | None = None):
-        v = InferenceVerifier(record_dir, result.record_id.hex(), model=self.run_dir, mode=mode,
+        v = InferenceVerifier(record_dir, result.record_id, model=self.run_dir, mode=mode,
                               replay_dtype=replay_dtype, public_key=self.key.public_key)
         return v.verify_all()
 
@@ -123,7 +123,7 @@ def _failing(report) -> list[int]:
 
 
 def _record_summary(result, report) -> dict:
-    return {"record": result.record_id.hex(), "label": result.label, "verdict": report.verdict,
+    return {"record": result.record_id, "label": result.label, "verdict": report.verdict,
             "failing": _failing(report), "errors": [e.describe() for e in report.errors],
             "headlines": [r.headline() for r in report.results if r.verdict == "FAIL"]}
 
@@ -192,7 +192,7 @@ def _quantized_blocks_expected(sb: ServingBench, rec_dir: Path, result) -> list[
     served = sb.served()
     blocks = served.blocks(sb.settings.layers_per_block)
     nb = len(blocks)
-    rec = InferenceRecord.open(rec_dir, result.record_id.hex())
+    rec = InferenceRecord.open(rec_dir, result.record_id)
     ctx = served.step_context(0, {"pixel_values": rec.tensor("input/pixel_values")})
     with torch.no_grad():
         logits = served.run_block(blocks, nb - 1, rec.tensor(boundary_key(nb - 1)), ctx, None)

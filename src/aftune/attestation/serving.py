@@ -37,14 +37,14 @@ _FIELDS = ("format", "hash", "nonce", "model_digest", "receipt_key", "evidence")
 class ServingEvidence:
     """The answer to `GET /v1/attestation?nonce=HEX`."""
 
-    hash: str
+    algorithm: str  # the hash function (JSON "hash")
     nonce: bytes
     model_digest: bytes
     receipt_key: PublicKey
     evidence: Evidence
 
     def to_json(self) -> dict[str, Any]:
-        doc = {"format": SERVING_FORMAT, "hash": self.hash, "nonce": self.nonce.hex(),
+        doc = {"format": SERVING_FORMAT, "hash": self.algorithm, "nonce": self.nonce.hex(),
                "model_digest": self.model_digest.hex(), "receipt_key": self.receipt_key.text,
                "evidence": self.evidence.to_json()}
         if self.evidence.kind == "simulated":
@@ -113,7 +113,7 @@ def check_serving(response: ServingEvidence, *, nonce: bytes, expected_model_dig
              else Check("nonce", FAIL, f"the evidence answers nonce {short(response.nonce)}, not this client's "
                                        f"{short(nonce)}: stale or replayed")]
     expected = user_data(response.evidence.kind,
-                         serving_binding(response.hash, nonce, response.model_digest, response.receipt_key))
+                         serving_binding(response.algorithm, nonce, response.model_digest, response.receipt_key))
     appraisal = verify_evidence(response.evidence, policy=policy, endorsements=endorsements, now=now,
                                 expected_user_data=expected)
     evidence_checks = tuple(c for c in appraisal.checks if c.name != "binding")

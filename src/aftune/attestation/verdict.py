@@ -57,7 +57,7 @@ def _pairs(pairs):
 
 @dataclass(frozen=True)
 class AttestedVerdict:
-    hash: str
+    algorithm: str  # the hash function (JSON "hash")
     nonce: bytes
     verifier_key: PublicKey  # ephemeral: made, used and dropped inside the TEE
     code_digest: bytes
@@ -75,13 +75,13 @@ class AttestedVerdict:
 
     def message(self) -> bytes:
         lp = length_prefixed
-        return hash_message(self.hash, TAG_ATTESTED_VERDICT, lp(VERDICT_FORMAT.encode("ascii")),
-                            lp(self.hash.encode("ascii")), lp(self.nonce), self.verifier_key.raw, self.code_digest,
+        return hash_message(self.algorithm, TAG_ATTESTED_VERDICT, lp(VERDICT_FORMAT.encode("ascii")),
+                            lp(self.algorithm.encode("ascii")), lp(self.nonce), self.verifier_key.raw, self.code_digest,
                             lp(self.evidence.kind.encode("ascii")), self.run_root, self.config_digest,
                             self.provider_key.raw, lp(self.verdict.encode("ascii")), lp(self.report.encode("utf-8")))
 
     def to_json(self) -> dict[str, Any]:
-        doc = {"format": VERDICT_FORMAT, "hash": self.hash, "nonce": self.nonce.hex(),
+        doc = {"format": VERDICT_FORMAT, "hash": self.algorithm, "nonce": self.nonce.hex(),
                "verifier_key": self.verifier_key.text, "code_digest": self.code_digest.hex(),
                "run": {"run_root": self.run_root.hex(), "config_digest": self.config_digest.hex(),
                        "provider_key": self.provider_key.text},
@@ -193,7 +193,7 @@ def check_attested_verdict(doc: AttestedVerdict, *, nonce: bytes, expected_run_r
     links = [Check("nonce", PASS, f"the verdict answers this client's nonce {short(nonce)}") if doc.nonce == nonce else
              Check("nonce", FAIL, f"the verdict answers nonce {short(doc.nonce)}, not this client's {short(nonce)}: "
                                   "stale or replayed")]
-    expected = user_data(doc.evidence.kind, verdict_binding(doc.hash, nonce, doc.verifier_key, doc.code_digest))
+    expected = user_data(doc.evidence.kind, verdict_binding(doc.algorithm, nonce, doc.verifier_key, doc.code_digest))
     appraisal = verify_evidence(doc.evidence, policy=policy, endorsements=endorsements, now=now,
                                 expected_user_data=expected)
     evidence_checks = tuple(c for c in appraisal.checks if c.name != "binding")

@@ -2,8 +2,10 @@
 
     aftune --help
 
-`app.py` holds the Typer app and `main`, the only place that turns an `AftuneError` into an exit
-code; each other module registers its commands on the app. Nothing below `aftune.cli` imports it.
+`app.py` holds the Typer app, `main` and `report_error`, the only place that turns an
+`AftuneError` into a message and an exit code (commands just raise); each other module registers
+its commands on the app. Flag names and their meaning: docs/cli.md. Nothing below `aftune.cli`
+imports it.
 """
 
 from . import training, inference, audit, plan, attack  # noqa: F401,I001  (register their commands, in this order)

@@ -1,33 +1,135 @@
-"""The `aftune` application: the Typer app, its consoles, and the shared ways of ending a command.
+"""The `aftune` application: the Typer app, its consoles, and the one place that turns an
+`AftuneError` into a message and an exit code.
 
     aftune train --run-dir runs/demo                      # built-in model and data
     aftune verify runs/demo --public-key runs/demo/provider.key.pub --all
 
 Exit codes: 0 PASS (or success), 1 FAIL, 2 bad input or usage, 3 internal error. Only
-`AftuneError` (and OS errors about files) are expected: anything else is a bug, shown with its
-traceback and exit code 3 so it can never be mistaken for a verdict.
+`AftuneError` (and OS errors about files) are expected: a command raises it from wherever it
+arises and `report_error` prints it, for `main()` and for `CliRunner.invoke(app, ...)` alike
+(`AftuneGroup.invoke`). Anything else is a bug, shown with its traceback and exit code 3 so it can
+never be mistaken for a verdict. Flag names and their meaning: docs/cli.md.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from ..errors import AftuneError, CommitmentMismatch
+from .options import DEPRECATED_FLAGS, replace_deprecated_flags
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Auditable fine-tuning: record, commit and verify by replay.")
 err = Console(stderr=True)
 out = Console()
 
 
-def _fail(exc: AftuneError) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(exc.exit_code)
+@dataclass
+class Reporting:
+    """How the running command wants an `AftuneError` reported (kept in the click context's
+    `meta`, which every nested context shares): as JSON when it was asked `--json`, and under which
+    verdict word a `CommitmentMismatch` prints (FAIL; verify-receipt: INVALID)."""
+
+    as_json: bool = False
+    mismatch_word: str = "FAIL"
+
+
+_REPORTING = "aftune.reporting"
+_MISMATCH_WORD = "__aftune_mismatch_word__"  # set by @mismatch_reads on a command's function
+
+
+def mismatch_reads(word: str):
+    """Under `@app.command()`: this command's `CommitmentMismatch` verdict reads `word`, not FAIL."""
+
+    def mark(command):
+        setattr(command, _MISMATCH_WORD, word)
+        return command
+
+    return mark
+
+
+def report_error(exc: AftuneError, reporting: Reporting | None = None) -> int:
+    """Print `exc` as the CLI reports it and return its exit code: a `CommitmentMismatch` is a
+    verdict (`FAIL: why` on stdout, or its JSON report; exit 1), any other error is `error: why`
+    on stderr (exit `exc.exit_code`: 2 bad input, 1 for a FAIL that is not about the record)."""
+    reporting = reporting or Reporting()
+    if isinstance(exc, CommitmentMismatch):
+        if reporting.as_json:
+            out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
+        else:
+            out.print(f"[bold red]{reporting.mismatch_word}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    return exc.exit_code
+
+
+class _PlainFlags:
+    """A flag takes no value: show none in --help (typer would print `<bool>`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class AftuneCommand(_PlainFlags, TyperCommand):
+    """Every `aftune` command: its deprecated flag names (`options.deprecated_flags`) still work,
+    with a note, and it records for `report_error` whether it was asked `--json`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        renames = getattr(self.callback, DEPRECATED_FLAGS, None)
+        if renames:
+            takes_value = {o for p in self.params if p.param_type_name == "option" and not p.is_flag
+                           for o in (*p.opts, *p.secondary_opts)}
+            args, notes = replace_deprecated_flags(args, renames, takes_value)
+            for note in notes:
+                err.print(note, markup=False, highlight=False, soft_wrap=True)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        as_json = any("--json" in p.opts and ctx.params.get(p.name) for p in self.params if p.param_type_name == "option")
+        ctx.meta[_REPORTING] = Reporting(bool(as_json), getattr(self.callback, _MISMATCH_WORD, "FAIL"))
+        return super().invoke(ctx)
+
+
+class AftuneGroup(_PlainFlags, TyperGroup):
+    """The `aftune` group (and its sub-groups): an `AftuneError` raised by any command below it
+    ends here, printed by `report_error`, as its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AftuneError as exc:
+            raise typer.Exit(report_error(exc, ctx.meta.get(_REPORTING))) from None
+
+
+class AftuneTyper(typer.Typer):
+    """A Typer whose groups are `AftuneGroup`s and whose commands are `AftuneCommand`s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("cls", AftuneGroup)
+        kwargs.setdefault("pretty_exceptions_enable", False)
+        super().__init__(**kwargs)
+
+    def command(self, name: str | None = None, *, cls: type | None = None, **kwargs: Any):
+        return super().command(name, cls=cls or AftuneCommand, **kwargs)
+
+
+app = AftuneTyper(add_completion=False, no_args_is_help=True,
+                  help="Auditable fine-tuning: record, commit and verify by replay.")
 
 
 def _progress():
@@ -78,8 +180,8 @@ _UNSAFE_AGREEMENT_HELP = ("Proceed without an agreement: only the record's consi
                           "the report says so.")
 
 
-def load_agreement(path, unsafe: bool, client_key: str | None = None):
-    """The client's agreement from --agreement (its client signature checked with --client-key),
+def load_agreement(path, unsafe: bool, client_public_key: str | None = None):
+    """The client's agreement from --agreement (its client signature checked with --client-public-key),
     or None with --unsafe-no-agreement; neither is bad input that says how to write one."""
     from ..core.signing import PublicKey
     from ..errors import InputError
@@ -93,23 +195,14 @@ def load_agreement(path, unsafe: bool, client_key: str | None = None):
             raise InputError(NEEDS_AGREEMENT)
         return None
     agreement = Agreement.load(path)
-    if client_key is not None:
-        agreement.check_signature(PublicKey.load(client_key))
+    if client_public_key is not None:
+        agreement.check_signature(PublicKey.load(client_public_key))
     return agreement
 
 
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
 _TRANSCRIPT_HELP = ("Your own copy of the transcript, received while training ran (default: the run "
                     "directory's, which the provider could rewrite).")
-
-
-def fail_on_mismatch(exc: CommitmentMismatch, as_json: bool) -> None:
-    """A record that contradicts its commitments before any block was replayed: FAIL (exit 1)."""
-    if as_json:
-        out.print_json(json.dumps({"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}))
-    else:
-        out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def finish_report(report, document: dict, as_json: bool, error_label: str = "", heading: str = "") -> None:
@@ -132,14 +225,18 @@ def finish_report(report, document: dict, as_json: bool, error_label: str = "", 
     raise typer.Exit(0 if report.verdict == "PASS" else 1)
 
 
-
 def main() -> None:
+    """`aftune`: run the app; the exit code is 0, 1 (FAIL), 2 (bad input) or 3 (a bug). A command's
+    `AftuneError` is reported where the command ends (`AftuneGroup.invoke`, which `CliRunner`
+    goes through too); one raised outside any command is reported here, by the same function."""
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # aftune draws its own progress bars
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
+    except AftuneError as exc:  # raised outside any command
+        sys.exit(report_error(exc))
     except OSError as exc:  # unreadable or unwritable files: bad input, not a bug
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)

@@ -23,10 +23,11 @@ from typing import Optional
 
 import typer
 
-from .app import _fail, app, err, escape, out
-from ..errors import AftuneError, InputError
+from .app import AftuneTyper, app, err, escape, out
+from .options import deprecated_flags
+from ..errors import InputError
 
-attack_app = typer.Typer(no_args_is_help=True, help="Build an attack from the threat model for real (tiny ViT task).")
+attack_app = AftuneTyper(no_args_is_help=True, help="Build an attack from the threat model for real (tiny ViT task).")
 app.add_typer(attack_app, name="attack")
 
 _WORK_HELP = "Directory for the attack task, runs and summaries (reused between commands)."
@@ -103,26 +104,24 @@ def _training(name: str, work_dir: Path, steps: int | None, verify: bool, as_jso
         bench = _bench(work_dir, steps, quick)
         run = bench.run_attack(name, **options)
         _report_training(bench, run, verify, as_json)
-    except AftuneError as exc:
-        _fail(exc)
     except ValueError as exc:  # an option the attack rejects
-        _fail(InputError(str(exc)))
+        raise InputError(str(exc)) from None
 
 
 _VERIFY = typer.Option(False, "--verify", help="Replay the whole grid afterwards and list the failing blocks.")
 _JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
-_STEPS = typer.Option(None, "--steps", help="Optimizer steps of the agreed fine-tune (default 48; 16 with --quick).")
+_STEPS = typer.Option(None, "--steps", help="Optimizer steps of the agreed fine-tune.", show_default="48; 16 with --quick")
 _QUICK = typer.Option(False, "--quick", help="The small task and run of the tests (seconds; weaker effects).")
 
 
 @attack_app.command("bitflip")
 def bitflip_cmd(
     work_dir: Path = _WORK,
-    budget: Optional[int] = typer.Option(None, "--budget", help="At most this many flipped bits (12)."),
-    interval: Optional[int] = typer.Option(None, "--interval", help="Steps between injected flips (1); the last lands at the last step."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", help="Weights tried per search round (32)."),
-    surrogates: Optional[int] = typer.Option(None, "--surrogates", help="Surrogate fine-tunes the attacker builds (3)."),
-    target: Optional[int] = typer.Option(None, "--target", help="The backdoor's target class (0)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="At most this many flipped bits.", show_default="12"),
+    interval: Optional[int] = typer.Option(None, "--interval", help="Steps between injected flips; the last lands at the last step.", show_default="1"),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Weights tried per search round.", show_default="32"),
+    surrogates: Optional[int] = typer.Option(None, "--surrogates", help="Surrogate fine-tunes the attacker builds.", show_default="3"),
+    target: Optional[int] = typer.Option(None, "--target", help="The backdoor's target class.", show_default="0"),
     steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK,
 ):
     """WBP: exponent-bit flips of searched weights while the victim fine-tunes (a backdoor)."""
@@ -134,8 +133,8 @@ def bitflip_cmd(
     config = replace(bench.wbp, **{k: v for k, v in given.items() if v is not None})
     try:
         _report_training(bench, bench.bitflip(config), verify, as_json)
-    except (AftuneError, ValueError) as exc:
-        _fail(InputError(str(exc)) if isinstance(exc, ValueError) else exc)
+    except ValueError as exc:  # an option the attack rejects
+        raise InputError(str(exc)) from None
 
 
 @attack_app.command("quant-objective")
@@ -146,7 +145,7 @@ def quant_objective_cmd(
     bits: str = typer.Option("4", "--bits", help="Bit widths of the objective (comma-separated)."),
     repair_from: Optional[int] = typer.Option(
         None, "--repair-from", help="Step from which the lowest width's codes are locked and the float model "
-        "repaired inside its quantization cells (default: a quarter of the steps; -1: never)."),
+        "repaired inside its quantization cells (-1: never).", show_default="a quarter of the steps"),
     repair_lam: float = typer.Option(0.1, "--repair-lam", help="Weight of the quantization term while repairing."),
     inner_steps: int = typer.Option(16, "--inner-steps", min=1, help="Attacker's Adam steps after each agreed update."),
     steps: Optional[int] = _STEPS, verify: bool = _VERIFY, as_json: bool = _JSON, quick: bool = _QUICK,
@@ -158,7 +157,7 @@ def quant_objective_cmd(
         if not widths or any(not 2 <= b <= 16 for b in widths):
             raise ValueError
     except ValueError:
-        _fail(InputError(f"--bits must be comma-separated widths in [2, 16], got {bits!r}"))
+        raise InputError(f"--bits must be comma-separated widths in [2, 16], got {bits!r}") from None
     _training("quant-objective", work_dir, steps, verify, as_json, quick, lam=lam, alpha=alpha, bits=widths,
               repair_from=repair_from, repair_lam=repair_lam, inner_steps=inner_steps)
 
@@ -218,11 +217,8 @@ def poison_cmd(work_dir: Path = _WORK,
 def _serving(name: str, work_dir: Path, steps: int | None, as_json: bool, quick: bool = False, **options) -> None:
     from ..attacks import serving
 
-    try:
-        bench = _bench(work_dir, steps, quick)
-        result = serving.run_serving_attack(bench, name, **{k: v for k, v in options.items() if v is not None})
-    except AftuneError as exc:
-        _fail(exc)
+    bench = _bench(work_dir, steps, quick)
+    result = serving.run_serving_attack(bench, name, **{k: v for k, v in options.items() if v is not None})
     doc = result.to_json()
     (bench.work / "attacks").mkdir(parents=True, exist_ok=True)
     (bench.work / "attacks" / f"{name}.json").write_text(json.dumps(doc, indent=1))
@@ -237,26 +233,27 @@ def _serving(name: str, work_dir: Path, steps: int | None, as_json: bool, quick:
 
 
 @attack_app.command("quant-serving")
+@deprecated_flags({"--model": "--served-run"})
 def quant_serving_cmd(work_dir: Path = _WORK,
                       bits: int = typer.Option(4, "--bits", help="Bit width of the served copy (8 or 4)."),
-                      requests: Optional[int] = typer.Option(None, "--requests", help="Recorded requests (test images; 8)."),
-                      model: str = typer.Option("honest", "--model", help="Whose model is served quantized: "
-                                                "'honest' (the agreed fine-tune) or 'quant-objective' (the "
-                                                "Qu-ANTI-zation run's: its planted collapse fires)."),
+                      requests: Optional[int] = typer.Option(None, "--requests", help="Recorded requests (test images).", show_default="8"),
+                      served_run: str = typer.Option("honest", "--served-run", help="Whose model is served quantized: "
+                                                     "'honest' (the agreed fine-tune) or 'quant-objective' (the "
+                                                     "Qu-ANTI-zation run's: its planted collapse fires)."),
                       steps: Optional[int] = _STEPS, as_json: bool = _JSON, quick: bool = _QUICK):
     """Qu-ANTI-zation B: serve a quantized copy while claiming the float model."""
-    if model == "quant-objective":
+    if served_run == "quant-objective":
         _serving("quant-activated", work_dir, steps, as_json, quick, bits=bits, requests=requests)
-    elif model == "honest":
+    elif served_run == "honest":
         _serving("quant-serving", work_dir, steps, as_json, quick, bits=bits, requests=requests)
     else:
-        _fail(InputError(f"--model must be honest or quant-objective, got {model!r}"))
+        raise InputError(f"--served-run must be honest or quant-objective, got {served_run!r}")
 
 
 @attack_app.command("activation")
 def activation_cmd(work_dir: Path = _WORK,
                    boundary: int = typer.Option(2, "--boundary", help="Perturb the input of this layer block."),
-                   requests: Optional[int] = typer.Option(None, "--requests", help="Test images attacked (4)."),
+                   requests: Optional[int] = typer.Option(None, "--requests", help="Test images attacked.", show_default="4"),
                    steps: Optional[int] = _STEPS, as_json: bool = _JSON, quick: bool = _QUICK):
     """AFTUNE activation attack: smallest L2 perturbation of a block input that changes the answer."""
     _serving("activation", work_dir, steps, as_json, quick, boundary=boundary, requests=requests)
@@ -264,8 +261,8 @@ def activation_cmd(work_dir: Path = _WORK,
 
 @attack_app.command("parameter")
 def parameter_cmd(work_dir: Path = _WORK,
-                  layer: Optional[str] = typer.Option(None, "--layer", help="The layer (or one weight) edited "
-                                                      "(default: the search chooses, vit.layers.2 first)."),
+                  layer: Optional[str] = typer.Option(None, "--layer", help="The layer (or one weight) edited.",
+                                                      show_default="the search chooses, vit.layers.2 first"),
                   training: bool = typer.Option(False, "--training", help="Edit the training run instead: RUN/model "
                                                 "after training, and the last step inside it (tolerance margin)."),
                   steps: Optional[int] = _STEPS, as_json: bool = _JSON, quick: bool = _QUICK):
@@ -279,10 +276,10 @@ def parameter_cmd(work_dir: Path = _WORK,
 @app.command("eval-detection")
 def eval_detection_cmd(
     out_dir: Path = typer.Option(..., "--out", help="Directory for eval-detection.{json,md,png}."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Task and runs (default: OUT/work)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Task and runs.", show_default="OUT/work"),
     trials: int = typer.Option(1000, "--trials", help="Challenges simulated per sample rate."),
     rates: str = typer.Option("0.05,0.1,0.25,0.5", "--rates", help="Sample rates (comma-separated)."),
-    attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated subset (default: all)."),
+    attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated subset.", show_default="all"),
     serving_side: bool = typer.Option(True, "--serving/--no-serving", help="Include the serving-side attacks."),
     quick: bool = typer.Option(False, "--quick", help="A smaller task and run (seconds per attack, weaker effects)."),
 ):
@@ -296,9 +293,9 @@ def eval_detection_cmd(
         if not sample_rates or any(not 0 < r <= 1 for r in sample_rates):
             raise ValueError
     except ValueError:
-        _fail(InputError(f"--rates must be comma-separated numbers in (0, 1], got {rates!r}"))
+        raise InputError(f"--rates must be comma-separated numbers in (0, 1], got {rates!r}") from None
     if trials < 1:
-        _fail(InputError("--trials must be positive"))
+        raise InputError("--trials must be positive")
     names = tuple(a for a in attacks.split(",") if a) if attacks else None
     extra = ()
     if serving_side:
@@ -307,15 +304,12 @@ def eval_detection_cmd(
     if names:
         unknown = [n for n in names if n not in Bench.TRAINING_ATTACKS and not (serving_side and n in SERVING_ATTACKS)]
         if unknown:
-            _fail(InputError(f"unknown attacks {unknown}"))
+            raise InputError(f"unknown attacks {unknown}")
         names = tuple(n for n in names if n in Bench.TRAINING_ATTACKS)
     _quiet()
-    try:
-        doc = eval_detection(out_dir, work_dir=work_dir, attacks=names if names is not None else None,
-                             sample_rates=sample_rates, trials=trials, extra_rows=extra, quick=quick,
-                             progress=lambda text: err.print(f"[dim]{escape(text)}…[/]", highlight=False))
-    except AftuneError as exc:
-        _fail(exc)
+    doc = eval_detection(out_dir, work_dir=work_dir, attacks=names if names is not None else None,
+                         sample_rates=sample_rates, trials=trials, extra_rows=extra, quick=quick,
+                         progress=lambda text: err.print(f"[dim]{escape(text)}…[/]", highlight=False))
     out.print((out_dir / "eval-detection.md").read_text(), highlight=False, soft_wrap=True, markup=False)
     bad = [r["name"] for r in doc["rows"] if not r.get("failing_equals_affected", True) or not r.get("real_audits_agree", True)]
     out.print(f"written: {out_dir / 'eval-detection.json'}, .md, .png ({doc['seconds']:.0f} s)", highlight=False)

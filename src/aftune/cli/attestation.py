@@ -2,9 +2,10 @@
 verifier for Gramine.
 
     aftune attestation verify sgx_quote --kind sgx --collateral sgx_quote_collateral.json --at 2025-06-20T00:00:00Z
-    aftune attestation verify-run RUN --public-key provider.pub --nonce $NONCE --provider auto --out verdict.json
-    aftune attestation check-verdict verdict.json --nonce $NONCE --run-root $ROOT --measurement mrenclave=$MR
-    aftune attestation check-serving attestation.json --nonce $NONCE --model-digest $D --receipt R.json --measurement rim=$RIM
+    aftune attestation verify-run RUN --public-key provider.pub --attestation-nonce $NONCE --attest auto --out verdict.json
+    aftune attestation check-verdict verdict.json --attestation-nonce $NONCE --run-root $ROOT --measurement mrenclave=$MR
+    aftune attestation check-serving attestation.json --attestation-nonce $NONCE --model-digest $D --receipt R.json \\
+        --measurement rim=$RIM
     aftune attestation gramine-manifest --out aftune-verify.manifest.template
     aftune attestation sigstruct aftune-verify.sig
 
@@ -22,10 +23,11 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from ..errors import AftuneError, InputError
-from .app import _fail, app, err, load_agreement, out
+from ..errors import InputError
+from .app import _PUBKEY_HELP, AftuneTyper, app, err, load_agreement, out
+from .options import deprecated_flags
 
-attestation_app = typer.Typer(no_args_is_help=True, help="TEE evidence: verify it, check attested verdicts and serving.")
+attestation_app = AftuneTyper(no_args_is_help=True, help="TEE evidence: verify it, check attested verdicts and serving.")
 app.add_typer(attestation_app, name="attestation")
 
 _MEASUREMENT = typer.Option([], "--measurement", help="Reference value NAME=HEX (mrenclave, mrsigner, mrtd, rtmr0-3, "
@@ -34,7 +36,7 @@ _ACCEPT_TCB = typer.Option([], "--accept-tcb", help="Intel TCB status to accept 
 _ACCEPT_ADVISORY = typer.Option([], "--accept-advisory", help="Intel security advisory to accept (repeatable).")
 _COLLATERAL = typer.Option(None, "--collateral", help="Intel collateral JSON (dcap-qvl's format, from a PCCS).")
 _PLATFORM_KEY = typer.Option([], "--platform-key", help="Trusted Arm CCA platform key, PEM (repeatable).")
-_AT = typer.Option(None, "--at", help="Verification time, RFC 3339 UTC (default: now).")
+_AT = typer.Option(None, "--at", help="Verification time, RFC 3339 UTC.", show_default="now")
 _UNSAFE_ROOT = typer.Option(None, "--unsafe-root-ca", help="UNSAFE: replace the pinned Intel/NVIDIA root (test PKIs).")
 _UNSAFE_DEBUG = typer.Option(False, "--unsafe-allow-debug", help="UNSAFE: accept debug enclaves/TDs, non-SECURED CCA.")
 _UNSAFE_SIM = typer.Option(False, "--unsafe-accept-simulated", help="UNSAFE: accept simulated evidence (no TEE).")
@@ -130,27 +132,24 @@ def verify(
     from ..attestation.appraisal import verify_evidence
     from ..attestation.claims import Evidence, parse_hex
 
-    try:
-        raw = _read(evidence, "evidence")
-        if encoding == "hex":
-            raw = parse_hex("".join(raw.decode("ascii", "replace").split()).lower(), "evidence (hex)")
-        elif encoding == "base64":
-            import base64
-            import binascii
+    raw = _read(evidence, "evidence")
+    if encoding == "hex":
+        raw = parse_hex("".join(raw.decode("ascii", "replace").split()).lower(), "evidence (hex)")
+    elif encoding == "base64":
+        import base64
+        import binascii
 
-            try:
-                raw = base64.b64decode(b"".join(raw.split()), validate=True)
-            except binascii.Error as exc:
-                raise InputError(f"evidence is not base64: {exc}") from None
-        elif encoding != "raw":
-            raise InputError("--encoding is raw, hex or base64")
-        ev = Evidence(kind, raw, cert_chain=_read(cert_chain, "certificate chain") if cert_chain else None)
-        appraisal = verify_evidence(ev, policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug,
-                                                       unsafe_accept_simulated),
-                                    endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at),
-                                    expected_user_data=parse_hex(user_data.lower(), "--user-data") if user_data else None)
-    except AftuneError as exc:
-        _fail(exc)
+        try:
+            raw = base64.b64decode(b"".join(raw.split()), validate=True)
+        except binascii.Error as exc:
+            raise InputError(f"evidence is not base64: {exc}") from None
+    elif encoding != "raw":
+        raise InputError("--encoding is raw, hex or base64")
+    ev = Evidence(kind, raw, cert_chain=_read(cert_chain, "certificate chain") if cert_chain else None)
+    appraisal = verify_evidence(ev, policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug,
+                                                   unsafe_accept_simulated),
+                                endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at),
+                                expected_user_data=parse_hex(user_data.lower(), "--user-data") if user_data else None)
     if not as_json:
         _print_checks(appraisal.checks, f"{kind} evidence {evidence}:")
         if appraisal.claims is not None:
@@ -168,12 +167,13 @@ def _chain_finish(report, as_json: bool, require_pass: bool) -> None:
 
 
 @attestation_app.command("check-verdict")
+@deprecated_flags({"--nonce": "--attestation-nonce", "--provider-key": "--public-key"})
 def check_verdict(
     document: Path = typer.Argument(..., help="An attested verdict (aftune.attested-verdict.v1)."),
-    nonce: str = typer.Option(..., "--nonce", help="The nonce you sent (hex)."),
+    nonce: str = typer.Option(..., "--attestation-nonce", help="The attestation nonce you sent (hex)."),
     run_root: str = typer.Option(..., "--run-root", help="The agreed run's signed run root (hex)."),
     config_digest: Optional[str] = typer.Option(None, "--config-digest", help="The agreed config digest (hex)."),
-    provider_key: Optional[str] = typer.Option(None, "--provider-key", help="The provider's pinned public key."),
+    provider_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " The verdict must name it."),
     code_digest: Optional[str] = typer.Option(None, "--code-digest", help="Expected verifier code digest (hex)."),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help="Your agreement.json: the verdict must be about it."),
     unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help="UNSAFE: accept a verdict about any agreement, or none."),
@@ -189,32 +189,30 @@ def check_verdict(
     from ..training.agreement import Agreement
     from ..core.signing import PublicKey
 
-    try:
-        if agreement is not None and unsafe_no_agreement:
-            raise InputError("give --agreement or --unsafe-no-agreement, not both")
-        report = check_attested_verdict(
-            AttestedVerdict.load(document), nonce=parse_nonce(nonce.lower()),
-            expected_run_root=parse_hex_digest(run_root.lower(), "--run-root"),
-            expected_config_digest=parse_hex_digest(config_digest.lower(), "--config-digest") if config_digest else None,
-            expected_provider_key=PublicKey.load(provider_key) if provider_key else None,
-            expected_code_digest=parse_hex_digest(code_digest.lower(), "--code-digest") if code_digest else None,
-            expected_agreement=Agreement.load(agreement).digest() if agreement else None,
-            unsafe_no_agreement=unsafe_no_agreement,
-            policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug, unsafe_accept_simulated),
-            endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at))
-    except AftuneError as exc:
-        _fail(exc)
+    if agreement is not None and unsafe_no_agreement:
+        raise InputError("give --agreement or --unsafe-no-agreement, not both")
+    report = check_attested_verdict(
+        AttestedVerdict.load(document), nonce=parse_nonce(nonce.lower()),
+        expected_run_root=parse_hex_digest(run_root.lower(), "--run-root"),
+        expected_config_digest=parse_hex_digest(config_digest.lower(), "--config-digest") if config_digest else None,
+        expected_provider_key=PublicKey.load(provider_key) if provider_key else None,
+        expected_code_digest=parse_hex_digest(code_digest.lower(), "--code-digest") if code_digest else None,
+        expected_agreement=Agreement.load(agreement).digest() if agreement else None,
+        unsafe_no_agreement=unsafe_no_agreement,
+        policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug, unsafe_accept_simulated),
+        endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at))
     _chain_finish(report, as_json, require_pass=True)
 
 
 @attestation_app.command("check-serving")
+@deprecated_flags({"--nonce": "--attestation-nonce", "--receipt-key": "--public-key"})
 def check_serving(
     response: Path = typer.Argument(..., help="The answer of GET /v1/attestation?nonce=... (JSON)."),
-    nonce: str = typer.Option(..., "--nonce", help="The nonce you sent (hex)."),
+    nonce: str = typer.Option(..., "--attestation-nonce", help="The attestation nonce you sent (hex)."),
     model_digest: str = typer.Option(..., "--model-digest", help="The agreed model digest (the run's final model)."),
     receipt: Optional[Path] = typer.Option(None, "--receipt", help="A receipt the server returned."),
     record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="The record directory of that receipt."),
-    receipt_key: Optional[str] = typer.Option(None, "--receipt-key", help="A pinned receipt key to compare."),
+    receipt_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " Compared with the attested receipt key."),
     collateral: Optional[Path] = _COLLATERAL, platform_key: List[Path] = _PLATFORM_KEY, at: Optional[str] = _AT,
     measurement: List[str] = _MEASUREMENT, accept_tcb: List[str] = _ACCEPT_TCB,
     accept_advisory: List[str] = _ACCEPT_ADVISORY, unsafe_root_ca: Optional[Path] = _UNSAFE_ROOT,
@@ -228,26 +226,24 @@ def check_serving(
     from ..core.signing import PublicKey
     from ..inference.receipt import Receipt
 
-    try:
-        report = check(ServingEvidence.load(response), nonce=parse_nonce(nonce.lower()),
-                       expected_model_digest=parse_hex_digest(model_digest.lower(), "--model-digest"),
-                       receipt=Receipt.load(receipt) if receipt else None, record_dir=record_dir,
-                       pinned_receipt_key=PublicKey.load(receipt_key) if receipt_key else None,
-                       policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug,
-                                      unsafe_accept_simulated),
-                       endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at))
-    except AftuneError as exc:
-        _fail(exc)
+    report = check(ServingEvidence.load(response), nonce=parse_nonce(nonce.lower()),
+                   expected_model_digest=parse_hex_digest(model_digest.lower(), "--model-digest"),
+                   receipt=Receipt.load(receipt) if receipt else None, record_dir=record_dir,
+                   pinned_receipt_key=PublicKey.load(receipt_key) if receipt_key else None,
+                   policy=policy_from_options(measurement, accept_tcb, accept_advisory, unsafe_allow_debug,
+                                  unsafe_accept_simulated),
+                   endorsements=endorsements_from_options(collateral, platform_key, unsafe_root_ca), now=_at(at))
     _chain_finish(report, as_json, require_pass=False)
 
 
 @attestation_app.command("verify-run")
+@deprecated_flags({"--nonce": "--attestation-nonce", "--nonce-file": "--attestation-nonce-file", "--provider": "--attest"})
 def verify_run(
     run_dir: Path = typer.Argument(..., help="The run directory to verify (inside the TEE)."),
-    public_key: str = typer.Option(..., "--public-key", help="The provider's public key (.pub file or 'ed25519:<hex>')."),
-    nonce: Optional[str] = typer.Option(None, "--nonce", help="The client's nonce (hex)."),
-    nonce_file: Optional[Path] = typer.Option(None, "--nonce-file", help="A file holding the client's nonce (hex)."),
-    provider: str = typer.Option("auto", "--provider", help="gramine, configfs-tsm, auto, or unsafe-simulated."),
+    public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
+    nonce: Optional[str] = typer.Option(None, "--attestation-nonce", help="The client's attestation nonce (hex)."),
+    nonce_file: Optional[Path] = typer.Option(None, "--attestation-nonce-file", help="A file holding the client's attestation nonce (hex)."),
+    provider: str = typer.Option("auto", "--attest", help="The TEE evidence provider: gramine, configfs-tsm, auto, or unsafe-simulated."),
     out_file: Path = typer.Option(..., "--out", help="Where to write the attested verdict (JSON)."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="The client's copy of the transcript."),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help="The client's agreement.json."),
@@ -260,17 +256,14 @@ def verify_run(
     from ..attestation.verdict import attest_run
     from ..core.signing import PublicKey
 
-    try:
-        if (nonce is None) == (nonce_file is None):
-            raise InputError("give exactly one of --nonce and --nonce-file")
-        text = nonce if nonce is not None else _read(nonce_file, "nonce file", 1024).decode("ascii", "replace").strip()
-        doc = attest_run(run_dir, PublicKey.load(public_key), provider_by_name(provider), parse_nonce(text.lower()),
-                         agreement=load_agreement(agreement, unsafe_no_agreement),
-                         unsafe_no_agreement=unsafe_no_agreement, transcript=transcript, mode=mode)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(json.dumps(doc.to_json(), indent=1) + "\n", encoding="utf-8")
-    except AftuneError as exc:
-        _fail(exc)
+    if (nonce is None) == (nonce_file is None):
+        raise InputError("give exactly one of --attestation-nonce and --attestation-nonce-file")
+    text = nonce if nonce is not None else _read(nonce_file, "nonce file", 1024).decode("ascii", "replace").strip()
+    doc = attest_run(run_dir, PublicKey.load(public_key), provider_by_name(provider), parse_nonce(text.lower()),
+                     agreement=load_agreement(agreement, unsafe_no_agreement),
+                     unsafe_no_agreement=unsafe_no_agreement, transcript=transcript, mode=mode)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(doc.to_json(), indent=1) + "\n", encoding="utf-8")
     if doc.simulated:
         err.print("[bold yellow]SIMULATED evidence (no TEE): this attested verdict proves nothing[/]", highlight=False)
     out.print(f"attested verdict ({doc.evidence.kind} evidence) written to {escape(str(out_file))}: the verifier's "
@@ -287,10 +280,7 @@ def gramine_manifest(
     """Write a Gramine manifest template for the verifier (trusted files pinned by SHA-256)."""
     from ..attestation.gramine import ManifestSettings, manifest_template
 
-    try:
-        text = manifest_template(ManifestSettings(enclave_size=enclave_size, max_threads=max_threads))
-    except AftuneError as exc:
-        _fail(exc)
+    text = manifest_template(ManifestSettings(enclave_size=enclave_size, max_threads=max_threads))
     out_file.write_text(text, encoding="utf-8")
     out.print(f"manifest template written to {escape(str(out_file))}; build it with gramine-manifest and "
               "gramine-sgx-sign, then run `aftune attestation sigstruct` on the .sig (docs/tee.md)", highlight=False)
@@ -307,8 +297,6 @@ def sigstruct(path: Path = typer.Argument(..., help="A signed enclave's SIGSTRUC
         s = read_sigstruct(_read(path, "SIGSTRUCT", 1 << 16))
     except AttestationFailure as exc:
         _finish(False, f"INVALID SIGSTRUCT: {exc}", {"valid": False, "check": exc.check, "reason": exc.reason}, as_json)
-    except AftuneError as exc:
-        _fail(exc)
     if not as_json:
         for k, v in s.to_json().items():
             out.print(f"{k:<12} {v}", highlight=False)
@@ -321,13 +309,10 @@ def code_digest(hash_algorithm: str = typer.Option("blake3", "--hash", help="bla
     """Print the code digest of this aftune installation (what attested verdicts bind)."""
     from ..attestation.binding import verifier_code_digest
 
-    try:
-        out.print(verifier_code_digest(hash_algorithm).hex())
-    except AftuneError as exc:
-        _fail(exc)
+    out.print(verifier_code_digest(hash_algorithm).hex())
 
 
 @attestation_app.command("nonce")
 def nonce():
-    """Print a fresh random 32-byte nonce (hex) for a challenge."""
+    """Print a fresh random 32-byte nonce (hex), for --attestation-nonce or --challenge-nonce."""
     out.print(secrets.token_hex(32))

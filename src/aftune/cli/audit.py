@@ -14,9 +14,10 @@ from typing import Optional
 
 import typer
 
-from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _UNSAFE_AGREEMENT_HELP, _fail, _progress, app, escape, finish_report,
-                  load_agreement, out, tolerance_from_options)
-from ..errors import AftuneError, CommitmentMismatch, InputError
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _UNSAFE_AGREEMENT_HELP, _progress, app, finish_report, load_agreement,
+                  out, tolerance_from_options)
+from .options import deprecated_flags
+from ..errors import CommitmentMismatch, InputError
 
 
 @app.command("open")
@@ -24,27 +25,23 @@ def open_(
     run_dir: Path = typer.Argument(..., help="The provider's run directory (or record directory, for inference)."),
     challenge: Path = typer.Option(..., "--challenge", help="The client's challenge (aftune challenge)."),
     out_dir: Path = typer.Option(..., "--out", help="New directory for the bundle."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model (default: the record's)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model.", show_default="the record's"),
 ):
     """Open the challenged blocks: a bundle with exactly what their replay needs, and proofs."""
     from ..protocol.opening import open_bundle
     from ..protocol.challenge import Challenge
 
-    try:
-        c = Challenge.load(challenge)
-        if c.kind == "inference":
-            from ..protocol.opening import open_inference_bundle
+    c = Challenge.load(challenge)
+    if c.kind == "inference":
+        from ..protocol.opening import open_inference_bundle
 
-            summary = open_inference_bundle(run_dir, c, out_dir, model=model)
-            out.print(f"bundle written to {out_dir}: {summary['blocks']} layer blocks, {summary['tensors']} tensors")
-            return
-        _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
-        with _progress() as bar:
-            task = bar.add_task("opening", total=len(c.blocks), note="")
-            summary = open_bundle(run_dir, list(c.blocks), c.digest_bytes, out_dir,
-                                  progress=lambda done, total: bar.update(task, completed=done))
-    except AftuneError as exc:
-        _fail(exc)
+        summary = open_inference_bundle(run_dir, c, out_dir, model=model)
+        out.print(f"bundle written to {out_dir}: {summary['blocks']} layer blocks, {summary['tensors']} tensors")
+        return
+    _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
+    with _progress() as bar:
+        task = bar.add_task("opening", total=len(c.blocks), note="")
+        summary = open_bundle(run_dir, c, out_dir, progress=lambda done, total: bar.update(task, completed=done))
     out.print(f"bundle written to {out_dir}: {summary['blocks']} blocks, {summary['tensors']} tensors, "
               f"{summary['bytes'] / 1e6:.1f} MB")
 
@@ -70,6 +67,7 @@ def _check_run_root(challenge, transcript_path: Path, public_key, config_path: P
 
 
 @app.command()
+@deprecated_flags({"--blocks": "--sample-blocks"})
 def audit(
     target: Path = typer.Argument(..., help="A bundle (from aftune open), or a run directory to audit locally."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
@@ -78,12 +76,12 @@ def audit(
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="Your copy of the transcript (bundle mode)."),
     challenge: Optional[Path] = typer.Option(None, "--challenge", help="Your challenge (bundle mode)."),
     sample_rate: Optional[float] = typer.Option(None, "--sample-rate", help="Local mode: fraction of blocks to check."),
-    blocks: Optional[int] = typer.Option(None, "--blocks", help="Local mode: number of blocks to check."),
+    sample_blocks: Optional[int] = typer.Option(None, "--sample-blocks", help="Local mode: number of blocks to check (K)."),
     strategy: str = typer.Option("uniform", "--strategy", help="Local mode: uniform, weighted, stratified or all."),
     mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
     tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Local processes (default: as many replays as the cores run at full speed: cores / the recorded threads in strict mode, one per core in tolerance mode)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local processes.", show_default="as many replays as the cores run at full speed: cores / the recorded threads in strict mode, one per core in tolerance mode"),
     ray: Optional[str] = typer.Option(None, "--ray", help="Verify on an existing Ray cluster at this address."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the JSON report here."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write a self-contained HTML report."),
@@ -105,52 +103,44 @@ def audit(
     from ..protocol.challenge import Challenge, challenge_from_transcript
     from ..core.signing import PublicKey
 
-    try:
-        key = PublicKey.load(public_key)
-        if (target / "bundle.json").is_file():
-            if challenge is None:
-                raise InputError("auditing a bundle needs --challenge (and --transcript, your copy, for a training run)")
-            c = Challenge.load(challenge)
-            if c.kind == "training" and transcript is None:
-                raise InputError("auditing a training bundle needs --transcript (your copy)")
-            if c.kind == "inference":
-                report = _audit_inference(target, c, key, model, mode, dtype, (prompt, text, image), policy,
-                                          agreement, max_new_tokens, request_nonce, unsafe_skip_input,
-                                          unsafe_skip_policy, max_layers_per_block)
-                finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
-            agreed = load_agreement(agreement, unsafe_no_agreement)
-            bundle, transcript_path, scratch = target, transcript, None
-        elif (target / "transcript.jsonl").is_file():
-            if (sample_rate is None) == (blocks is None) and strategy != "all":
-                raise InputError("a local audit needs --sample-rate or --blocks (or --strategy all)")
-            transcript_path = transcript or target / "transcript.jsonl"
-            agreed = load_agreement(agreement, unsafe_no_agreement)
-            c = challenge_from_transcript(transcript_path, key, strategy, count=blocks, sample_rate=sample_rate,
-                                          config_path=target / "config.json", agreement=agreed)
-            scratch = tempfile.TemporaryDirectory(prefix="aftune-bundle-")
-            bundle = Path(scratch.name) / "bundle"
-            from ..protocol.opening import open_bundle
+    key = PublicKey.load(public_key)
+    if (target / "bundle.json").is_file():
+        if challenge is None:
+            raise InputError("auditing a bundle needs --challenge (and --transcript, your copy, for a training run)")
+        c = Challenge.load(challenge)
+        if c.kind == "training" and transcript is None:
+            raise InputError("auditing a training bundle needs --transcript (your copy)")
+        if c.kind == "inference":
+            report = _audit_inference(target, c, key, model, mode, dtype, (prompt, text, image), policy,
+                                      agreement, max_new_tokens, request_nonce, unsafe_skip_input,
+                                      unsafe_skip_policy, max_layers_per_block)
+            finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
+        agreed = load_agreement(agreement, unsafe_no_agreement)
+        bundle, transcript_path, scratch = target, transcript, None
+    elif (target / "transcript.jsonl").is_file():
+        if (sample_rate is None) == (sample_blocks is None) and strategy != "all":
+            raise InputError("a local audit needs --sample-rate or --sample-blocks (or --strategy all)")
+        transcript_path = transcript or target / "transcript.jsonl"
+        agreed = load_agreement(agreement, unsafe_no_agreement)
+        c = challenge_from_transcript(transcript_path, key, strategy, count=sample_blocks, sample_rate=sample_rate,
+                                      config_path=target / "config.json", agreement=agreed)
+        scratch = tempfile.TemporaryDirectory(prefix="aftune-bundle-")
+        bundle = Path(scratch.name) / "bundle"
+        from ..protocol.opening import open_bundle
 
-            open_bundle(target, list(c.blocks), c.digest_bytes, bundle)
-        else:
-            raise InputError(f"{target} is neither a bundle (bundle.json) nor a run directory (transcript.jsonl)")
-        _check_run_root(c, transcript_path, key, bundle / "config.json")
-        with _progress() as bar:
-            task = bar.add_task("auditing", total=len(c.blocks), note="")
-            report = audit_bundle(bundle, transcript_path, key, list(c.blocks), c.digest_bytes, agreement=agreed,
-                                  unsafe_no_agreement=unsafe_no_agreement, mode=mode,
-                                  tolerance=tolerance_from_options(mode, None, tolerance_file), replay_dtype=dtype, workers=workers, ray_address=ray,
-                                  on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
-    except CommitmentMismatch as exc:
-        out.print(f"[bold red]FAIL:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    except AftuneError as exc:
-        _fail(exc)
+        open_bundle(target, c, bundle)
+    else:
+        raise InputError(f"{target} is neither a bundle (bundle.json) nor a run directory (transcript.jsonl)")
+    _check_run_root(c, transcript_path, key, bundle / "config.json")
+    with _progress() as bar:
+        task = bar.add_task("auditing", total=len(c.blocks), note="")
+        report = audit_bundle(bundle, transcript_path, key, c, agreement=agreed,
+                              unsafe_no_agreement=unsafe_no_agreement, mode=mode,
+                              tolerance=tolerance_from_options(mode, None, tolerance_file), replay_dtype=dtype,
+                              workers=workers, ray_address=ray,
+                              on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
     document = {**report.to_json(), "challenge": c.to_json()}
-    try:
-        _write_reports(document, c, report_json, report_html, report_png, bundle)
-    except AftuneError as exc:
-        _fail(exc)
+    _write_reports(document, c, report_json, report_html, report_png, bundle)
     finish_report(report, document, as_json, heading=c.describe())
 
 

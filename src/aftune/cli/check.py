@@ -15,8 +15,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ..errors import AftuneError
-from .app import _PUBKEY_HELP, _fail, _progress, app, out
+from .app import _PUBKEY_HELP, _progress, app, out
 
 _COLOURS = {"damaged": "red", "missing": "red", "unreferenced": "yellow", "unfinished": "yellow"}
 
@@ -33,14 +32,11 @@ def check(
     from ..core.signing import PublicKey
     from ..protocol.check import check_path
 
-    try:
-        key = PublicKey.load(public_key)
-        with _progress() as bar:
-            task = bar.add_task("hashing", total=None, note="")
-            report = check_path(path, key, transcript=transcript,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except AftuneError as exc:
-        _fail(exc)
+    key = PublicKey.load(public_key)
+    with _progress() as bar:
+        task = bar.add_task("hashing", total=None, note="")
+        report = check_path(path, key, transcript=transcript,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         out.print_json(json.dumps(report.to_json()))
     else:

@@ -1,7 +1,7 @@
 """`aftune` commands for auditable inference; they register on the shared Typer app.
 
     aftune infer --model runs/demo --prompt "Q: hi" --record-dir records --policy policy.json
-    aftune verify-inference records --all --run runs/demo --public-key runs/demo/provider.key.pub \\
+    aftune verify-inference records --all --run-dir runs/demo --public-key runs/demo/provider.key.pub \\
         --prompt "Q: hi" --policy policy.json [--request-nonce HEX]
     aftune prepare-inference records --record ID --layer-block 2 --model runs/demo
     aftune verify-receipt records/receipts/ID.json --public-key runs/demo/provider.key.pub --record-dir records
@@ -17,10 +17,10 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import AftuneError, CommitmentMismatch, InputError
-from .app import _fail, _progress, app, err, escape, fail_on_mismatch, finish_report, out, tolerance_from_options
+from ..errors import AftuneError, InputError
+from .app import _PUBKEY_HELP, _progress, app, err, escape, finish_report, mismatch_reads, out, tolerance_from_options
+from .options import deprecated_flags
 
-_PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
 _RECORD_HELP = "Record id (its full digest, or a unique prefix); optional when the directory holds one record."
 _POLICY_HELP = "The generation policy you asked for (aftune.generation-policy.v1; write one with `aftune policy`)."
 _AGREEMENT_HELP = "Your agreement.json: its 'inference' member is the generation policy you asked for."
@@ -70,6 +70,7 @@ def request_nonce(text: Optional[str]):
 
 
 @app.command()
+@deprecated_flags({"--nonce": "--request-nonce", "--key": "--provider-signing-key"})
 def infer(
     model: Path = typer.Option(..., "--model", help="Hugging Face model directory, or a run directory from `aftune train` (or its model/)."),
     record_dir: Path = typer.Option(..., "--record-dir", help="Directory of records (created; may hold many)."),
@@ -78,47 +79,43 @@ def infer(
     image: Optional[Path] = typer.Option(None, "--image", help="Image for a vision classifier (ViT, DINOv2, ResNet)."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="The client's generation policy file."),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help="The agreement whose 'inference' policy to follow."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate at most (default 32)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="0: greedy; > 0: sampling (needs --nonce)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate at most.", show_default="the policy's, or 32"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0: greedy; > 0: sampling (needs --request-nonce)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
-    nonce: Optional[str] = typer.Option(None, "--nonce", help="The client's request nonce (hex); sampling derives its seed from it."),
+    request_nonce_hex: Optional[str] = typer.Option(None, "--request-nonce", help="The client's request nonce (hex); sampling derives its seed from it."),
     layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block."),
-    activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0 (default): store none, regenerate them when challenged."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype (default: the run's, or float32)."),
-    hash_algorithm: Optional[str] = typer.Option(None, "--hash", help="blake3 or sha256 (default: the run's, or blake3)."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: the run's, or RECORD_DIR/provider.key)."),
+    activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0: store none, regenerate them when challenged."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype.", show_default="the run's, or float32"),
+    hash_algorithm: Optional[str] = typer.Option(None, "--hash", help="blake3 or sha256.", show_default="the run's, or blake3"),
+    provider_signing_key: Optional[Path] = typer.Option(None, "--provider-signing-key", help="The provider's private signing key.", show_default="the run's, or RECORD_DIR/provider.key"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result."),
 ):
     """Run one recorded inference: tokens or label, a record named by its digest, a signed receipt."""
     from ..inference.engine import InferenceEngine
     from ..inference.keys import provider_key
-    from ..inference.policy import parse_request_nonce
     from ..inference.served import ServedModel
     from ..inference.settings import RecordingSettings
 
-    try:
-        given = [x for x in (prompt, text, image) if x is not None]
-        if len(given) != 1:
-            raise AftuneError("give exactly one input: --prompt (causal LM), --text (BERT) or --image (vision)")
-        nonce_bytes = parse_request_nonce(nonce.strip().lower(), "--nonce") if nonce is not None else None
-        settings = RecordingSettings(layers_per_block, activation_interval).validate()
-        gen = None
-        signing_key, pub = provider_key(key, model, record_dir)
-        served = ServedModel.load(model, dtype=dtype, hash_algorithm=hash_algorithm)
-        if prompt is not None:
-            gen = client_policy(served.hf_config, policy, agreement, max_new_tokens, temperature, top_p)
-            gen = gen or client_policy(served.hf_config, None, None, 32)
-        engine = InferenceEngine(served, record_dir, signing_key, settings)
-        if prompt is not None:
-            with _progress() as bar:
-                task = bar.add_task("generating", total=gen.max_new_tokens, note="")
-                result = engine.generate(prompt, gen, request_nonce=nonce_bytes,
-                                         on_token=lambda done, total: bar.update(task, completed=done))
-        else:
-            result = engine.classify(text=text, image=image, request_nonce=nonce_bytes)
-    except AftuneError as exc:
-        _fail(exc)
-    rid = result.record_id.hex()
+    given = [x for x in (prompt, text, image) if x is not None]
+    if len(given) != 1:
+        raise AftuneError("give exactly one input: --prompt (causal LM), --text (BERT) or --image (vision)")
+    nonce_bytes = request_nonce(request_nonce_hex)
+    settings = RecordingSettings(layers_per_block, activation_interval).validate()
+    gen = None
+    signing_key, pub = provider_key(provider_signing_key, model, record_dir)
+    served = ServedModel.load(model, dtype=dtype, hash_algorithm=hash_algorithm)
+    if prompt is not None:
+        gen = client_policy(served.hf_config, policy, agreement, max_new_tokens, temperature, top_p)
+        gen = gen or client_policy(served.hf_config, None, None, 32)
+    engine = InferenceEngine(served, record_dir, signing_key, settings)
+    if prompt is not None:
+        with _progress() as bar:
+            task = bar.add_task("generating", total=gen.max_new_tokens, note="")
+            result = engine.generate(prompt, gen, request_nonce=nonce_bytes,
+                                     on_token=lambda done, total: bar.update(task, completed=done))
+    else:
+        result = engine.classify(text=text, image=image, request_nonce=nonce_bytes)
+    rid = result.record_id
     if as_json:
         out.print_json(json.dumps({"record_id": rid, "text": result.text, "tokens": list(result.tokens),
                                    "label": result.label, "label_name": result.label_name,
@@ -140,20 +137,21 @@ def infer(
 
 
 @app.command("verify-inference")
+@deprecated_flags({"--run": "--run-dir"})
 def verify_inference(
     record_dir: Path = typer.Argument(..., help="The record directory."),
     record: Optional[str] = typer.Option(None, "--record", "-r", help=_RECORD_HELP),
     model: Optional[Path] = typer.Option(None, "--model", help="Your own copy of the model (model or run directory)."),
-    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l"),
+    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="The layer block to verify (index, from 0)."),
     all_blocks: bool = typer.Option(False, "--all", help="Verify every layer block."),
     mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode): float32 or float64."),
-    rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per activation (default by record dtype)."),
-    max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms (default by record dtype)."),
+    rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per activation.", show_default="by record dtype"),
+    max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms.", show_default="by record dtype"),
     logit_tol: Optional[float] = typer.Option(None, "--logit-tol", help="Tolerance: logit error / largest |logit| for token checks."),
     max_layers_per_block: int = typer.Option(2, "--max-layers-per-block", help="Tolerance: the deepest layer block (layers the record chose per block) the default thresholds widen for."),
-    public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " Checks the receipt (and --run)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="The training run the model must come from (needs --public-key); its model/ is your copy unless --model."),
+    public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " Checks the receipt (and --run-dir)."),
+    run: Optional[Path] = typer.Option(None, "--run-dir", help="The training run the model must come from (needs --public-key); its model/ is your copy unless --model."),
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="Your own copy of the run's transcript."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Your prompt: the record must answer it."),
     text: Optional[str] = typer.Option(None, "--text", help="Your text (classifiers)."),
@@ -174,37 +172,32 @@ def verify_inference(
     from ..inference.record import InferenceRecord
     from ..inference.verify import InferenceVerifier, default_tolerance
 
-    try:
-        if all_blocks == (layer_block is not None):
-            raise AftuneError("give either --all or --layer-block")
-        if run is not None and public_key is None:
-            raise AftuneError("--run needs --public-key: a run is only evidence under the provider's pinned key")
-        key = PublicKey.load(public_key) if public_key else None
-        rec = InferenceRecord.open(record_dir, record)
-        tol = None  # the verifier's defaults (default_tolerance), unless a threshold is given
-        if (rel_l2, max_elem, logit_tol) != (None, None, None):
-            base = default_tolerance(rec, dtype, max_layers_per_block)[0] if mode == "tolerance" else None
-            tol = tolerance_from_options(mode, base, None, rel_l2, max_elem, logit_tol)
-        gen = None
-        if model is not None or run is not None or policy is not None or agreement is not None:
-            gen = client_policy(model or run, policy, agreement, max_new_tokens, temperature, top_p)
-        nonce_bytes = request_nonce(nonce)
-        _require_client_inputs(rec, model, run, (prompt, text, image), gen, nonce_bytes, unsafe_skip_input,
-                               unsafe_skip_policy)
-        v = InferenceVerifier(record_dir, rec.record_id.hex(), model=model, mode=mode, tolerance=tol,
-                              replay_dtype=dtype, public_key=key, run_dir=run, transcript=transcript,
-                              expected_prompt=prompt, expected_text=text, expected_image=image, policy=gen,
-                              request_nonce=nonce_bytes, max_layers_per_block=max_layers_per_block)
-        if all_blocks:
-            with _progress() as bar:
-                task = bar.add_task("verifying", total=len(v.blocks), note="")
-                report = v.verify(None, lambda r: bar.update(task, advance=1, note=r.verdict))
-        else:
-            report = v.verify([layer_block])
-    except CommitmentMismatch as exc:  # the record contradicts its own digest
-        fail_on_mismatch(exc, as_json)
-    except AftuneError as exc:
-        _fail(exc)
+    if all_blocks == (layer_block is not None):
+        raise AftuneError("give either --all or --layer-block")
+    if run is not None and public_key is None:
+        raise AftuneError("--run-dir needs --public-key: a run is only evidence under the provider's pinned key")
+    key = PublicKey.load(public_key) if public_key else None
+    rec = InferenceRecord.open(record_dir, record)
+    tol = None  # the verifier's defaults (default_tolerance), unless a threshold is given
+    if (rel_l2, max_elem, logit_tol) != (None, None, None):
+        base = default_tolerance(rec, dtype, max_layers_per_block)[0] if mode == "tolerance" else None
+        tol = tolerance_from_options(mode, base, None, rel_l2, max_elem, logit_tol)
+    gen = None
+    if model is not None or run is not None or policy is not None or agreement is not None:
+        gen = client_policy(model or run, policy, agreement, max_new_tokens, temperature, top_p)
+    nonce_bytes = request_nonce(nonce)
+    _require_client_inputs(rec, model, run, (prompt, text, image), gen, nonce_bytes, unsafe_skip_input,
+                           unsafe_skip_policy)
+    v = InferenceVerifier(record_dir, rec.record_id.hex(), model=model, mode=mode, tolerance=tol,
+                          replay_dtype=dtype, public_key=key, run_dir=run, transcript=transcript,
+                          expected_prompt=prompt, expected_text=text, expected_image=image, policy=gen,
+                          request_nonce=nonce_bytes, max_layers_per_block=max_layers_per_block)
+    if all_blocks:  # a record that contradicts its own digest raises CommitmentMismatch: FAIL
+        with _progress() as bar:
+            task = bar.add_task("verifying", total=len(v.blocks), note="")
+            report = v.verify(None, lambda r: bar.update(task, advance=1, note=r.verdict))
+    else:
+        report = v.verify([layer_block])
     doc = report.to_json()
     doc["record_id"] = v.record.record_id.hex()
     finish_report(report, doc, as_json, heading=f"record {doc['record_id']}")
@@ -236,18 +229,15 @@ def _require_client_inputs(rec, model, run, inputs, gen, nonce, unsafe_input: bo
 
 @app.command("prepare-inference")
 def prepare_inference(
-    record_dir: Path = typer.Argument(...),
+    record_dir: Path = typer.Argument(..., help="The record directory."),
     record: Optional[str] = typer.Option(None, "--record", "-r", help=_RECORD_HELP),
     model: Path = typer.Option(..., "--model", help="Your copy of the model (model or run directory)."),
-    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="Only what this block needs (default: every missing boundary)."),
+    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="Only what this layer block needs (index).", show_default="every missing boundary"),
 ):
     """Regenerate boundary activations committed by digest only (I_A > 1) from the nearest stored one."""
     from ..inference.regenerate import prepare_inference as run_prepare
 
-    try:
-        done = run_prepare(record_dir, record, layer_block, model)
-    except AftuneError as exc:
-        _fail(exc)
+    done = run_prepare(record_dir, record, layer_block, model)
     if done:
         out.print(f"regenerated boundaries {done}; every tensor matched its committed digests", highlight=False)
     else:
@@ -259,6 +249,8 @@ _PLATFORM_KEY = typer.Option([], "--platform-key", help="Attestation: trusted Ar
 
 
 @app.command("verify-receipt")
+@deprecated_flags({"--nonce": "--attestation-nonce"})
+@mismatch_reads("INVALID")
 def verify_receipt(
     receipt: Path = typer.Argument(..., help="A receipt file (JSON)."),
     public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " (With --attestation: optional, compared with the attested key.)"),
@@ -269,7 +261,7 @@ def verify_receipt(
     agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="The max_new_tokens you asked for (with --policy or --agreement)."),
     attestation: Optional[Path] = typer.Option(None, "--attestation", help="The server's GET /v1/attestation answer (JSON)."),
-    attestation_nonce: Optional[str] = typer.Option(None, "--nonce", help="The nonce you sent to /v1/attestation (hex)."),
+    attestation_nonce: Optional[str] = typer.Option(None, "--attestation-nonce", help="The nonce you sent to /v1/attestation (hex)."),
     model_digest: Optional[str] = typer.Option(None, "--model-digest", help="The agreed model digest (the run's final model): the attested one must equal it."),
     collateral: Optional[Path] = typer.Option(None, "--collateral", help="Attestation: Intel collateral JSON."),
     platform_key: List[Path] = _PLATFORM_KEY,
@@ -286,34 +278,28 @@ def verify_receipt(
     from ..inference.receipt import verify_receipt as check
     from ..core.signing import PublicKey
 
-    try:
-        if record_dir is None and not unsafe_signature_only:
-            raise InputError("give --record-dir R: the record the receipt names is checked too (or "
-                             "--unsafe-signature-only to check the signature alone)")
-        if record_dir is not None and unsafe_signature_only:
-            raise InputError("give --record-dir or --unsafe-signature-only, not both")
-        if public_key is None and attestation is None:
-            raise InputError("give --public-key (the provider's pinned key), or --attestation with --nonce and "
-                             "--model-digest (a key attested by the serving TEE)")
-        r = Receipt.load(receipt)
-        gen = client_policy(None, policy, agreement, max_new_tokens) if (policy or agreement) else None
-        if gen is None and max_new_tokens is not None:
-            raise InputError("--max-new-tokens narrows a policy: give --policy or --agreement too")
-        wanted = dict(request_nonce=request_nonce(nonce), policy_digest=gen.digest(r.hash) if gen else None)
-        if unsafe_signature_only:
-            err.print("[yellow]warning:[/] --unsafe-signature-only: the record is not checked", highlight=False)
-        if attestation is not None:
-            report = _attested(r, attestation, attestation_nonce, model_digest, public_key, record_dir,
-                               (collateral, platform_key, measurement, accept_tcb, unsafe_root_ca, unsafe_allow_debug,
-                                unsafe_accept_simulated))
-            check(r, r.key, None, **wanted)  # the attested chain checked the signature; now your request
-        else:
-            check(r, PublicKey.load(public_key), record_dir, **wanted)
-    except CommitmentMismatch as exc:
-        out.print(f"[bold red]INVALID:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    except AftuneError as exc:
-        _fail(exc)
+    if record_dir is None and not unsafe_signature_only:
+        raise InputError("give --record-dir R: the record the receipt names is checked too (or "
+                         "--unsafe-signature-only to check the signature alone)")
+    if record_dir is not None and unsafe_signature_only:
+        raise InputError("give --record-dir or --unsafe-signature-only, not both")
+    if public_key is None and attestation is None:
+        raise InputError("give --public-key (the provider's pinned key), or --attestation with --attestation-nonce and "
+                         "--model-digest (a key attested by the serving TEE)")
+    r = Receipt.load(receipt)
+    gen = client_policy(None, policy, agreement, max_new_tokens) if (policy or agreement) else None
+    if gen is None and max_new_tokens is not None:
+        raise InputError("--max-new-tokens narrows a policy: give --policy or --agreement too")
+    wanted = dict(request_nonce=request_nonce(nonce), policy_digest=gen.digest(r.algorithm) if gen else None)
+    if unsafe_signature_only:
+        err.print("[yellow]warning:[/] --unsafe-signature-only: the record is not checked", highlight=False)
+    if attestation is not None:  # a receipt or chain that does not hold raises CommitmentMismatch: INVALID
+        report = _attested(r, attestation, attestation_nonce, model_digest, public_key, record_dir,
+                           (collateral, platform_key, measurement, accept_tcb, unsafe_root_ca, unsafe_allow_debug,
+                            unsafe_accept_simulated))
+        check(r, r.key, None, **wanted)  # the attested chain checked the signature; now your request
+    else:
+        check(r, PublicKey.load(public_key), record_dir, **wanted)
     for what, given, committed, how in (("request nonce", nonce, r.request_nonce, "--request-nonce"),
                                         ("generation policy", gen, r.policy_digest, "--policy or --agreement")):
         if given is None and committed is not None:
@@ -336,8 +322,8 @@ def _attested(r, attestation, attestation_nonce, model_digest, public_key, recor
 
     collateral, platform_key, measurement, accept_tcb, unsafe_root_ca, unsafe_allow_debug, unsafe_sim = options
     if attestation_nonce is None or model_digest is None:
-        raise InputError("--attestation needs --nonce (the nonce you sent to /v1/attestation) and --model-digest "
-                         "(the agreed model digest)")
+        raise InputError("--attestation needs --attestation-nonce (the nonce you sent to /v1/attestation) and "
+                         "--model-digest (the agreed model digest)")
     return check_serving(ServingEvidence.load(attestation), nonce=parse_nonce(attestation_nonce.strip().lower()),
                          expected_model_digest=parse_hex_digest(model_digest.strip().lower(), "--model-digest"),
                          receipt=r, pinned_receipt_key=PublicKey.load(public_key) if public_key else None,

@@ -1,17 +1,26 @@
-"""The training-settings flags, declared once for every command that takes them (`aftune train`,
-`aftune agree`): `@with_settings_options` adds them to a command's signature and hands the
-command one `settings` argument (a `TrainSettings`, or None when no flag was given).
+"""Flags declared once for every command that takes them.
+
+The training-settings flags (`aftune train`, `aftune agree`): `@with_settings_options` adds them
+to a command's signature and hands the command one `settings` argument (a `TrainSettings`, or
+None when no flag was given).
 
     @app.command()
     @with_settings_options
     def agree(..., settings=None): ...
+
+Renamed flags (docs/cli.md): `@deprecated_flags({"--nonce": "--request-nonce"})` keeps an old
+name working for one release, hidden from --help, with a note on stderr; `AftuneCommand`
+(app.py) applies it before parsing.
+
+    @app.command()
+    @deprecated_flags({"--nonce": "--request-nonce", "--key": "--provider-signing-key"})
+    def infer(..., request_nonce=None, provider_signing_key=None): ...
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional
 
 import typer
 
@@ -32,7 +41,7 @@ SETTINGS_FLAGS = {
     "lora": (bool, False, "--lora", "Train LoRA adapters (PEFT) instead of all weights."),
     "lora_r": (int, 8, "--lora-r", "LoRA rank."),
     "lora_alpha": (int, 16, "--lora-alpha", "LoRA scaling numerator (scale = alpha / r)."),
-    "lora_targets": (str, "", "--lora-targets", "Comma-separated module names (default: PEFT's)."),
+    "lora_targets": (str, "", "--lora-targets", "Comma-separated module names (empty: PEFT's default)."),
     "steps_per_block": (int, 4, "--steps-per-block", "B_S: steps per step block."),
     "layers_per_block": (int, 2, "--layers-per-block", "B_L: layers per layer block."),
     "checkpoint_interval": (int, 1, "--checkpoint-interval", "I_C: store full state every I_C step blocks."),
@@ -43,7 +52,7 @@ SETTINGS_FLAGS = {
 
 
 def settings_from_flags(values: dict):
-    """A TrainSettings from the flags' values, or None when every flag kept its default."""
+    """A TrainSettings from the flags' values (None: not given), or None when no flag was given."""
     from ..training.settings import LoraSettings, TrainSettings
 
     if all(values[name] is None for name in SETTINGS_FLAGS):
@@ -55,18 +64,62 @@ def settings_from_flags(values: dict):
 
 
 def with_settings_options(command):
-    """Add the settings flags to `command`'s signature; it receives `settings` instead."""
+    """Add the settings flags to `command`'s signature (each with its TrainSettings default, shown
+    in --help); it receives `settings` instead: each flag's value, None where it was not given."""
     signature = inspect.signature(command)
     params = [p for name, p in signature.parameters.items() if name != "settings"]
     for name, (kind, default, flag, help_text) in SETTINGS_FLAGS.items():
-        annotation = Optional[bool] if kind is bool else Optional[kind]
-        option = typer.Option(None, flag, help=f"{help_text} (default: {default!r})")
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+        option = typer.Option(default, flag, help=help_text)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    params.append(inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     @functools.wraps(command)
     def wrapper(**kwargs):
+        ctx = kwargs.pop(_CONTEXT)
         values = {name: kwargs.pop(name) for name in SETTINGS_FLAGS}
-        return command(**kwargs, settings=values)
+        given = {name: None if ctx.get_parameter_source(name).name == "DEFAULT" else value
+                 for name, value in values.items()}
+        return command(**kwargs, settings=given)
 
     wrapper.__signature__ = signature.replace(parameters=params)
     return wrapper
+
+
+_CONTEXT = "_settings_context"
+
+DEPRECATED_FLAGS = "__aftune_deprecated_flags__"  # {old flag: new flag}, on a command's function
+
+
+def deprecated_flags(renames: dict[str, str]):
+    """Under `@app.command()`: each old flag of `renames` still works for one release, as its new
+    name, hidden from --help and with a note on stderr ("note: --nonce is deprecated here; use
+    --request-nonce"). "here": an old name may have meant different things in different commands."""
+
+    def mark(command):
+        setattr(command, DEPRECATED_FLAGS, {**getattr(command, DEPRECATED_FLAGS, {}), **renames})
+        return command
+
+    return mark
+
+
+def replace_deprecated_flags(args: list[str], renames: dict[str, str],
+                             takes_value: set[str]) -> tuple[list[str], list[str]]:
+    """`args` with every deprecated flag (`--old V` or `--old=V`) written as its new name, and the
+    notes to print. The values of options (`takes_value`) and everything after `--` are left as they are."""
+    result, notes, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            result.extend(args[i:])
+            break
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in renames:
+            notes.append(f"note: {name} is deprecated here; use {renames[name]}")
+            name = renames[name]
+            arg = name + eq + value
+        result.append(arg)
+        if not eq and name in takes_value and i + 1 < len(args):
+            result.append(args[i + 1])  # the option's value, even if it looks like a flag
+            i += 1
+        i += 1
+    return result, notes

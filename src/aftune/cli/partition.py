@@ -19,12 +19,13 @@ from typing import Optional
 
 import typer
 
-from .app import _fail, app, escape, out
+from .app import AftuneTyper, app, escape, out
+from .options import deprecated_flags
 from ..errors import AftuneError
 
 LABEL = "trusted side: process isolation only (no TEE: no memory encryption, no attestation)"
 
-partition_app = typer.Typer(no_args_is_help=True, help="Partitioned inference: shielded layers in a trusted "
+partition_app = AftuneTyper(no_args_is_help=True, help="Partitioned inference: shielded layers in a trusted "
                             "process, offloaded linear layers blinded and checked with Freivalds.")
 app.add_typer(partition_app, name="partition")
 
@@ -35,7 +36,7 @@ def _pct(x: float) -> str:
 
 @partition_app.command("strategies")
 def strategies(
-    model: Path = typer.Argument(None, help="Model directory (default: the built-in model)."),
+    model: Path = typer.Argument(None, help="Model directory.", show_default="the built-in model"),
     backbone: Optional[Path] = typer.Option(None, "--backbone", help="Public backbone the model was fine-tuned from (teeslice)."),
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", help="Decoders: prompt length assumed for the activation counts."),
     new_tokens: int = typer.Option(16, "--new-tokens", help="Decoders: generated tokens assumed."),
@@ -47,11 +48,8 @@ def strategies(
     from ..partition.catalog import strategy_table
 
     model = model or Path(__file__).resolve().parents[1] / "builtin" / "model"
-    try:
-        rows = strategy_table(model, backbone=backbone, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                              shield_fraction=shield_fraction, magnitude_fraction=magnitude_fraction)
-    except AftuneError as exc:
-        _fail(exc)
+    rows = strategy_table(model, backbone=backbone, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                          shield_fraction=shield_fraction, magnitude_fraction=magnitude_fraction)
     if as_json:
         out.print_json(json.dumps({"trusted_side": LABEL, "strategies": [
             {"strategy": r.strategy, "description": r.description, "note": r.note,
@@ -78,6 +76,7 @@ def strategies(
 
 
 @partition_app.command("run")
+@deprecated_flags({"--key": "--provider-signing-key"})
 def run(
     model: Path = typer.Argument(..., help="Model directory (decoder LM, ViT or ResNet)."),
     strategy: str = typer.Option(..., "--strategy", help="shield-deep, shield-shallow, shield-large-magnitude, shield-intermediate, shield-nonlinear, teeslice, all-shielded, none-shielded."),
@@ -92,7 +91,7 @@ def run(
     magnitude_fraction: float = typer.Option(0.01, "--magnitude-fraction", help="shield-large-magnitude: fraction of weights kept."),
     device: str = typer.Option("cpu", "--device", help="The worker's device: cpu or cuda."),
     threads: int = typer.Option(1, "--threads", help="Torch threads per process."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Trusted side's signing key (PEM); default: a fresh one per run."),
+    provider_signing_key: Optional[Path] = typer.Option(None, "--provider-signing-key", help="The private signing key of the provider's trusted side, which signs the record (PEM).", show_default="a fresh one per run"),
     trusted_command: Optional[str] = typer.Option(None, "--trusted-command", help="Start the trusted side as this program (it runs aftune.partition.trusted), e.g. 'gramine-sgx aftune-partition' with --transport tcp (docs/partition.md)."),
     transport: str = typer.Option("unix", "--transport", help="unix sockets, or tcp on 127.0.0.1 (needed under Gramine)."),
     unsafe_unchecked: bool = typer.Option(False, "--unsafe-unchecked", help="Allow none-shielded: the worker runs everything, nothing is checked."),
@@ -104,30 +103,27 @@ def run(
 
     if not as_json:
         out.print(LABEL, highlight=False, soft_wrap=True)
-    try:
-        if (prompt is None) == (image is None):
-            raise AftuneError("give exactly one input: --prompt (decoder LM) or --image (vision classifier)")
-        config = StrategyConfig(strategy, shield_fraction=shield_fraction, magnitude_fraction=magnitude_fraction)
-        arithmetic = Arithmetic(freivalds=FreivaldsSpec(repetitions))
-        inputs, decode = _inputs(model, prompt, image)
-        command = shlex.split(trusted_command) if trusted_command else None
-        with PartitionRuntime(device=device, threads=threads, key_path=key, trusted_command=command,
-                              transport=transport) as rt:
-            try:
-                result = rt.run(model, strategy=config, backbone=backbone, max_new_tokens=max_new_tokens,
-                                arithmetic=arithmetic, store_crossings=store_crossings,
-                                unsafe_unchecked=unsafe_unchecked, reference=reference, **inputs)
-            except IntegrityFailure as failure:
-                path = failure.record.write(record_dir)
-                if failure.crossings:
-                    save_crossings(path.with_suffix(".crossings"), failure.crossings)
-                out.print(f"[bold red]{escape(str(failure))}[/]", highlight=False, soft_wrap=True)
-                out.print(f"record of the failed session: {path} (key {rt.public_key.text})", highlight=False,
-                          soft_wrap=True)
-                raise typer.Exit(1) from None
-            public_key = rt.public_key
-    except AftuneError as exc:
-        _fail(exc)
+    if (prompt is None) == (image is None):
+        raise AftuneError("give exactly one input: --prompt (decoder LM) or --image (vision classifier)")
+    config = StrategyConfig(strategy, shield_fraction=shield_fraction, magnitude_fraction=magnitude_fraction)
+    arithmetic = Arithmetic(freivalds=FreivaldsSpec(repetitions))
+    inputs, decode = _inputs(model, prompt, image)
+    command = shlex.split(trusted_command) if trusted_command else None
+    with PartitionRuntime(device=device, threads=threads, key_path=provider_signing_key, trusted_command=command,
+                          transport=transport) as rt:
+        try:
+            result = rt.run(model, strategy=config, backbone=backbone, max_new_tokens=max_new_tokens,
+                            arithmetic=arithmetic, store_crossings=store_crossings,
+                            unsafe_unchecked=unsafe_unchecked, reference=reference, **inputs)
+        except IntegrityFailure as failure:
+            path = failure.record.write(record_dir)
+            if failure.crossings:
+                save_crossings(path.with_suffix(".crossings"), failure.crossings)
+            out.print(f"[bold red]{escape(str(failure))}[/]", highlight=False, soft_wrap=True)
+            out.print(f"record of the failed session: {path} (key {rt.public_key.text})", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(1) from None
+        public_key = rt.public_key
     path = result.record.write(record_dir)
     if result.crossings:
         save_crossings(path.with_suffix(".crossings"), result.crossings)
@@ -197,11 +193,8 @@ def check(
     from ..core.signing import PublicKey
     from ..partition import PartitionRecord, check_record, load_crossings
 
-    try:
-        report = check_record(PartitionRecord.read(record), public_key=PublicKey.load(public_key),
-                              crossings=load_crossings(crossings) if crossings else None)
-    except AftuneError as exc:
-        _fail(exc)
+    report = check_record(PartitionRecord.read(record), public_key=PublicKey.load(public_key),
+                          crossings=load_crossings(crossings) if crossings else None)
     if as_json:
         out.print_json(json.dumps({"record": report.record_id, "strategy": report.strategy, "outcome": report.outcome,
                                    "crossings": report.crossings, "digests_checked": report.digests_checked,

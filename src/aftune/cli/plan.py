@@ -1,7 +1,7 @@
 """`aftune challenge`, `aftune plan` and `aftune report`: choose blocks, size an audit, show its result.
 
     aftune plan --layer-blocks 2 --step-blocks 16 --target 0.99 --skip-steps 0.1
-    aftune challenge MY_COPY.jsonl --public-key PUB --blocks 6 --strategy stratified --out challenge.json
+    aftune challenge MY_COPY.jsonl --public-key PUB --sample-blocks 6 --strategy stratified --out challenge.json
     aftune plan --challenge challenge.json --poison-examples 0.05
     aftune report report.json --challenge challenge.json --html report.html --png grid.png
 """
@@ -14,8 +14,9 @@ from typing import Optional
 
 import typer
 
-from .app import _AGREEMENT_HELP, _PUBKEY_HELP, _fail, app, escape, load_agreement, out
-from ..errors import AftuneError, InputError
+from .app import _AGREEMENT_HELP, _PUBKEY_HELP, app, escape, load_agreement, out
+from .options import deprecated_flags
+from ..errors import InputError
 
 MAX_REPORT_BYTES = 256 << 20
 
@@ -50,16 +51,17 @@ def _blocks(n: int) -> str:
 
 
 @app.command()
+@deprecated_flags({"--blocks": "--sample-blocks", "--nonce": "--challenge-nonce"})
 def challenge(
     transcript: Optional[Path] = typer.Argument(None, help="Your copy of the run's transcript (training runs)."),
     public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP),
     sample_rate: Optional[float] = typer.Option(None, "--sample-rate", help="Fraction of blocks to challenge, in (0, 1]."),
-    blocks: Optional[int] = typer.Option(None, "--blocks", help="Number of blocks to challenge (K)."),
+    sample_blocks: Optional[int] = typer.Option(None, "--sample-blocks", help="Number of blocks to challenge (K)."),
     strategy: str = typer.Option("uniform", "--strategy", help="uniform, weighted, stratified or all."),
-    nonce: Optional[str] = typer.Option(None, "--nonce", help="Hex nonce (16-64 bytes); default: 32 random bytes."),
-    edge_weight: Optional[int] = typer.Option(None, "--edge-weight", help="Weighted: weight of first/last layer blocks (4)."),
-    layer_blocks: Optional[int] = typer.Option(None, "--layer-blocks", help="Layer blocks (default: from the run config)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Unsafe mode: the run's config.json (default: beside the transcript)."),
+    challenge_nonce: Optional[str] = typer.Option(None, "--challenge-nonce", help="The challenge's nonce (hex, 16-64 bytes).", show_default="32 random bytes"),
+    edge_weight: Optional[int] = typer.Option(None, "--edge-weight", help="Weighted: weight of first/last layer blocks.", show_default="4"),
+    layer_blocks: Optional[int] = typer.Option(None, "--layer-blocks", help="Layer blocks (L).", show_default="from the run config"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Unsafe mode: the run's config.json.", show_default="beside the transcript"),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP + " The grid comes from it."),
     unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help="Take the grid from the run's own config (or --layer-blocks)."),
     record_root: Optional[str] = typer.Option(None, "--record-root", help="Inference: the signed record root (hex)."),
@@ -71,37 +73,34 @@ def challenge(
     from ..protocol.planner import assess_challenge
     from ..core.signing import PublicKey
 
-    try:
-        if out_path.exists():
-            raise InputError(f"{out_path} exists: a challenge is never overwritten (choose another --out)")
-        raw_nonce = None
-        if nonce is not None:
-            try:
-                raw_nonce = bytes.fromhex(nonce)
-            except ValueError:
-                raise InputError(f"--nonce must be hex, got {nonce[:80]!r}") from None
-        if (transcript is None) == (record_root is None):
-            raise InputError("give a transcript (training run) or --record-root (inference record), not both")
-        if transcript is not None:
-            if public_key is None:
-                raise InputError("--public-key is required: the transcript's signatures are checked against it")
-            agreed = load_agreement(agreement, unsafe_no_agreement)
-            c = challenge_from_transcript(transcript, PublicKey.load(public_key), strategy, count=blocks,
-                                          sample_rate=sample_rate, nonce=raw_nonce, edge_weight=edge_weight,
-                                          num_layer_blocks=layer_blocks, config_path=config, agreement=agreed)
-        else:
-            if layer_blocks is None:
-                raise InputError("an inference challenge needs --layer-blocks")
-            try:
-                root = bytes.fromhex(record_root or "")
-            except ValueError:
-                raise InputError(f"--record-root must be 64 hex digits, got {record_root[:80]!r}") from None
-            c = challenge_for_inference(root, layer_blocks, strategy, count=blocks, sample_rate=sample_rate,
-                                        nonce=raw_nonce, edge_weight=edge_weight, algorithm=hash_algorithm)
-        assessment = assess_challenge(c)
-        c.save(out_path)
-    except AftuneError as exc:
-        _fail(exc)
+    if out_path.exists():
+        raise InputError(f"{out_path} exists: a challenge is never overwritten (choose another --out)")
+    raw_nonce = None
+    if challenge_nonce is not None:
+        try:
+            raw_nonce = bytes.fromhex(challenge_nonce)
+        except ValueError:
+            raise InputError(f"--challenge-nonce must be hex, got {challenge_nonce[:80]!r}") from None
+    if (transcript is None) == (record_root is None):
+        raise InputError("give a transcript (training run) or --record-root (inference record), not both")
+    if transcript is not None:
+        if public_key is None:
+            raise InputError("--public-key is required: the transcript's signatures are checked against it")
+        agreed = load_agreement(agreement, unsafe_no_agreement)
+        c = challenge_from_transcript(transcript, PublicKey.load(public_key), strategy, count=sample_blocks,
+                                      sample_rate=sample_rate, nonce=raw_nonce, edge_weight=edge_weight,
+                                      num_layer_blocks=layer_blocks, config_path=config, agreement=agreed)
+    else:
+        if layer_blocks is None:
+            raise InputError("an inference challenge needs --layer-blocks")
+        try:
+            root = bytes.fromhex(record_root or "")
+        except ValueError:
+            raise InputError(f"--record-root must be 64 hex digits, got {record_root[:80]!r}") from None
+        c = challenge_for_inference(root, layer_blocks, strategy, count=sample_blocks, sample_rate=sample_rate,
+                                    nonce=raw_nonce, edge_weight=edge_weight, algorithm=hash_algorithm)
+    assessment = assess_challenge(c)
+    c.save(out_path)
     out.print(escape(c.describe()), highlight=False)
     shown = ", ".join(f"({l},{s})" for l, s in c.blocks[:40]) + (" …" if len(c.blocks) > 40 else "")
     out.print(f"blocks (layer block, step block): {shown}", highlight=False, soft_wrap=True)
@@ -112,8 +111,9 @@ def challenge(
 
 
 @app.command()
+@deprecated_flags({"--blocks": "--total-blocks"})
 def plan(
-    blocks: Optional[int] = typer.Option(None, "--blocks", help="Blocks in the grid (N); uniform sampling only."),
+    total_blocks: Optional[int] = typer.Option(None, "--total-blocks", help="Blocks in the grid (N); uniform sampling only."),
     layer_blocks: Optional[int] = typer.Option(None, "--layer-blocks", help="Layer blocks (L)."),
     step_blocks: Optional[int] = typer.Option(None, "--step-blocks", help="Step blocks (S)."),
     target: float = typer.Option(0.99, "--target", help="Detection probability to reach, in (0, 1]."),
@@ -132,19 +132,16 @@ def plan(
     from ..protocol.planner import assess_challenge
     from ..protocol.planner import plan as make_plan
 
-    try:
-        threats = _threats(tampered_blocks, skip_steps, poison_examples, tamper_params, substitute_layers)
-        if challenge is not None:
-            if blocks is not None or layer_blocks is not None or step_blocks is not None:
-                raise InputError("--challenge fixes the grid: do not give --blocks, --layer-blocks or --step-blocks")
-            c = Challenge.load(challenge)
-            assessment = assess_challenge(c, threats or None)
-        else:
-            p = make_plan(threats, target=target, num_blocks=blocks, num_layer_blocks=layer_blocks,
-                          num_step_blocks=step_blocks, edge_weight=edge_weight,
-                          strategies=[strategy] if strategy else None)
-    except AftuneError as exc:
-        _fail(exc)
+    threats = _threats(tampered_blocks, skip_steps, poison_examples, tamper_params, substitute_layers)
+    if challenge is not None:
+        if total_blocks is not None or layer_blocks is not None or step_blocks is not None:
+            raise InputError("--challenge fixes the grid: do not give --total-blocks, --layer-blocks or --step-blocks")
+        c = Challenge.load(challenge)
+        assessment = assess_challenge(c, threats or None)
+    else:
+        p = make_plan(threats, target=target, num_blocks=total_blocks, num_layer_blocks=layer_blocks,
+                      num_step_blocks=step_blocks, edge_weight=edge_weight,
+                      strategies=[strategy] if strategy else None)
     if challenge is not None:
         if as_json:
             out.print_json(json.dumps(assessment.to_json()))
@@ -167,7 +164,7 @@ def plan(
         out.print(f"{o.strategy:>10}: challenge {o.count} blocks ({100 * o.count / p.num_blocks:.3g}%): {probs}",
                   highlight=False, soft_wrap=True)
     r = p.recommended
-    how = "--strategy all" if r.strategy == "all" else f"--strategy {r.strategy} --blocks {r.count}"
+    how = "--strategy all" if r.strategy == "all" else f"--strategy {r.strategy} --sample-blocks {r.count}"
     out.print(f"[bold]recommended:[/] {how}" + (f" --edge-weight {p.edge_weight}" if r.strategy == "weighted"
                                                  and p.edge_weight != 4 else ""), highlight=False)
     for note in p.notes:
@@ -177,7 +174,7 @@ def plan(
 @app.command()
 def report(
     report_json: Path = typer.Argument(..., help="A JSON report (aftune audit --report-json, or verify --json)."),
-    challenge: Optional[Path] = typer.Option(None, "--challenge", help="The challenge (default: the report's own)."),
+    challenge: Optional[Path] = typer.Option(None, "--challenge", help="The challenge.", show_default="the report's own"),
     config: Optional[Path] = typer.Option(None, "--config", help="The run's config.json, for the config summary."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML page here."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write a PNG of the block grid here (needs aftune[plot])."),
@@ -192,32 +189,29 @@ def report(
     from ..protocol.challenge import Challenge
     from ..protocol.planner import threat_table
 
-    try:
-        if html is None and png is None:
-            raise InputError("give --html and/or --png")
-        document = _load_json(report_json, "report", jsonio)
-        c = None
-        if challenge is not None:
-            c = Challenge.load(challenge)
-        elif isinstance(document, dict) and document.get("challenge") is not None:
-            c = Challenge.from_json(document["challenge"])
-        run_config = _load_json(config, "config", jsonio) if config is not None else None
-        threats = _threats(tampered_blocks, skip_steps, poison_examples, tamper_params, substitute_layers)
-        table = threat_table(c, threats or None) if c is not None else None
-        if threats and c is None:
-            raise InputError("threat probabilities need the challenge: give --challenge")
-        if html is not None:
-            from ..reporting.html import write_html
+    if html is None and png is None:
+        raise InputError("give --html and/or --png")
+    document = _load_json(report_json, "report", jsonio)
+    c = None
+    if challenge is not None:
+        c = Challenge.load(challenge)
+    elif isinstance(document, dict) and document.get("challenge") is not None:
+        c = Challenge.from_json(document["challenge"])
+    run_config = _load_json(config, "config", jsonio) if config is not None else None
+    threats = _threats(tampered_blocks, skip_steps, poison_examples, tamper_params, substitute_layers)
+    table = threat_table(c, threats or None) if c is not None else None
+    if threats and c is None:
+        raise InputError("threat probabilities need the challenge: give --challenge")
+    if html is not None:
+        from ..reporting.html import write_html
 
-            write_html(html, document, c.to_json() if c else None, run_config, table)
-            out.print(f"HTML report written to {escape(str(html))}", highlight=False)
-        if png is not None:
-            from ..reporting.plot import plot_grid
+        write_html(html, document, c.to_json() if c else None, run_config, table)
+        out.print(f"HTML report written to {escape(str(html))}", highlight=False)
+    if png is not None:
+        from ..reporting.plot import plot_grid
 
-            plot_grid(document, png, challenge=c.to_json() if c else None, config=run_config)
-            out.print(f"grid written to {escape(str(png))}", highlight=False)
-    except AftuneError as exc:
-        _fail(exc)
+        plot_grid(document, png, challenge=c.to_json() if c else None, config=run_config)
+        out.print(f"grid written to {escape(str(png))}", highlight=False)
 
 
 def _load_json(path: Path, what: str, jsonio):

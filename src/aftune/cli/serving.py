@@ -15,25 +15,27 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import AftuneError, InputError
-from .app import _fail, app, err, escape, out
+from ..errors import InputError
+from .app import AftuneTyper, app, err, escape, out
+from .options import deprecated_flags
 
-keys_app = typer.Typer(no_args_is_help=True, help="The API keys of `aftune serve` (kept hashed; each key shown once).")
+keys_app = AftuneTyper(no_args_is_help=True, help="The API keys of `aftune serve` (kept hashed; each key shown once).")
 app.add_typer(keys_app, name="serve-keys")
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()
+@deprecated_flags({"--key": "--provider-signing-key"})
 def serve(
     run_dir: Path = typer.Argument(..., help="A run directory from `aftune train` (or a model directory)."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="The generation policy agreed with the clients (required for a causal LM)."),
     api_keys: Path = typer.Option(..., "--api-keys", help="The clients' API keys file (`aftune serve-keys add NAME`)."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="Where records go (default: RUN/inference)."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: the run's)."),
-    layers_per_block: int = typer.Option(2, "--layers-per-block"),
+    host: str = typer.Option("127.0.0.1", "--host", help="The address to listen on (beyond loopback: serve HTTPS)."),
+    port: int = typer.Option(8000, "--port", help="The port to listen on."),
+    record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="Where records go.", show_default="RUN/inference"),
+    provider_signing_key: Optional[Path] = typer.Option(None, "--provider-signing-key", help="The provider's private signing key, which signs receipts.", show_default="the run's"),
+    layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block of each record."),
     activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0: none."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
@@ -52,24 +54,21 @@ def serve(
     from ..inference.served import ServedModel
     from ..inference.settings import RecordingSettings
 
-    try:
-        rdir = record_dir or (run_dir / "inference")
-        keys = ApiKeys.load(api_keys)
-        gen = GenerationPolicy.load(policy) if policy is not None else None
-        if attest is not None:
-            if key is not None:
-                raise InputError("--attest makes the receipt key inside the serving process, so that the host never "
-                                 "holds it: --key would sign receipts with a key the host has")
-            signing_key, pub = SigningKey.generate(), None
-        else:
-            signing_key, pub = provider_key(key, run_dir, rdir)
-        engine = InferenceEngine(ServedModel.load(run_dir), rdir, signing_key,
-                                 RecordingSettings(layers_per_block, activation_interval).validate())
-        application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine))
-        if (tls_cert is None) != (tls_key is None):
-            raise InputError("HTTPS needs both --tls-cert and --tls-key")
-    except AftuneError as exc:
-        _fail(exc)
+    rdir = record_dir or (run_dir / "inference")
+    keys = ApiKeys.load(api_keys)
+    gen = GenerationPolicy.load(policy) if policy is not None else None
+    if attest is not None:
+        if provider_signing_key is not None:
+            raise InputError("--attest makes the receipt key inside the serving process, so that the host never "
+                             "holds it: --provider-signing-key would sign receipts with a key the host has")
+        signing_key, pub = SigningKey.generate(), None
+    else:
+        signing_key, pub = provider_key(provider_signing_key, run_dir, rdir)
+    engine = InferenceEngine(ServedModel.load(run_dir), rdir, signing_key,
+                             RecordingSettings(layers_per_block, activation_interval).validate())
+    application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine))
+    if (tls_cert is None) != (tls_key is None):
+        raise InputError("HTTPS needs both --tls-cert and --tls-key")
     scheme = "https" if tls_cert else "http"
     if tls_cert is None and host not in _LOOPBACK:
         err.print("[yellow]warning:[/] serving plain HTTP beyond loopback: API keys, prompts and answers cross the "
@@ -77,10 +76,7 @@ def serve(
     err.print(f"serving model {engine.served.digest.hex()[:16]}… on {scheme}://{host}:{port} to {len(keys.clients)} "
               f"client(s) (records in {rdir}; receipt key {engine.key.public_key.text}"
               + (f", {pub}" if pub else ", made in this process") + ")", highlight=False)
-    try:
-        run_server(application, host, port, tls_cert=tls_cert, tls_key=tls_key)
-    except AftuneError as exc:
-        _fail(exc)
+    run_server(application, host, port, tls_cert=tls_cert, tls_key=tls_key)
 
 
 def _attestation(name: Optional[str], engine):
@@ -109,24 +105,19 @@ def keys_add(name: str = typer.Argument(..., help="The client's name (A-Z a-z 0-
     """Add a client and print its key, once: the file keeps only its SHA-256."""
     from ..inference.access import add_client
 
-    try:
-        key = add_client(file, name)
-    except AftuneError as exc:
-        _fail(exc)
+    key = add_client(file, name)
     err.print(f"client {escape(name)} added to {escape(str(file))}; its key (shown once, never stored):",
               highlight=False)
     out.print(key, highlight=False)
 
 
 @keys_app.command("remove")
-def keys_remove(name: str = typer.Argument(...), file: Path = typer.Option(..., "--file")):
+def keys_remove(name: str = typer.Argument(..., help="The client's name."),
+                file: Path = typer.Option(..., "--file", help="The API keys file.")):
     """Remove a client: its key no longer authenticates (restart the server)."""
     from ..inference.access import remove_client
 
-    try:
-        remove_client(file, name)
-    except AftuneError as exc:
-        _fail(exc)
+    remove_client(file, name)
     out.print(f"client {escape(name)} removed from {escape(str(file))}", highlight=False)
 
 
@@ -137,7 +128,7 @@ def policy_command(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampling (seeds from the client's nonce)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-    eos_token_id: List[int] = typer.Option([], "--eos-token-id", help="End-of-sequence token (repeatable; default: the config's)."),
+    eos_token_id: List[int] = typer.Option([], "--eos-token-id", help="End-of-sequence token (repeatable).", show_default="the config's"),
     stop_rule: str = typer.Option("eos_or_length", "--stop-rule", help="eos_or_length, or length (never stop early)."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A Jinja chat template file to render prompts with."),
 ):
@@ -145,19 +136,16 @@ def policy_command(
     from ..core import jsonio
     from ..inference.policy import MAX_CHAT_TEMPLATE_CHARS, GenerationPolicy
 
-    try:
-        values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_rule=stop_rule)
-        if eos_token_id:
-            values["eos_token_ids"] = tuple(eos_token_id)
-        if chat_template is not None:
-            data = jsonio.read_bytes(chat_template, MAX_CHAT_TEMPLATE_CHARS * 4, "chat template", InputError)
-            try:
-                values["chat_template"] = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InputError(f"chat template {chat_template} is not UTF-8 text") from None
-        p = GenerationPolicy.for_model(model, **values)
-    except AftuneError as exc:
-        _fail(exc)
+    values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_rule=stop_rule)
+    if eos_token_id:
+        values["eos_token_ids"] = tuple(eos_token_id)
+    if chat_template is not None:
+        data = jsonio.read_bytes(chat_template, MAX_CHAT_TEMPLATE_CHARS * 4, "chat template", InputError)
+        try:
+            values["chat_template"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"chat template {chat_template} is not UTF-8 text") from None
+    p = GenerationPolicy.for_model(model, **values)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(p.to_json(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     out.print(f"policy written to {escape(str(out_file))}: {escape(json.dumps(p.to_json(), sort_keys=True))}",

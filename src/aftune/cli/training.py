@@ -1,7 +1,7 @@
 """Training commands: `aftune keygen`, `agree`, `train`, `verify`, `calibrate`, `prepare`, `digest`.
 
     aftune agree --base-model BASE --data data.jsonl --steps 32 --out agreement.json   # client
-    aftune train --agreement agreement.json --model BASE --data data.jsonl --run-dir RUN  # provider
+    aftune train --agreement agreement.json --base-model BASE --data data.jsonl --run-dir RUN  # provider
     aftune verify RUN --public-key provider.pub --agreement agreement.json --all         # client
 """
 
@@ -13,10 +13,14 @@ from typing import Optional
 
 import typer
 
-from ..errors import AftuneError, CommitmentMismatch
-from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _TRANSCRIPT_HELP, _UNSAFE_AGREEMENT_HELP, _fail, _progress, app, err,
-                  fail_on_mismatch, finish_report, load_agreement, out, tolerance_from_options)
-from .options import settings_from_flags, with_settings_options
+from ..errors import AftuneError, CommitmentMismatch, InputError
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _TRANSCRIPT_HELP, _UNSAFE_AGREEMENT_HELP, _progress, app, err,
+                  finish_report, load_agreement, out, tolerance_from_options)
+from .options import deprecated_flags, settings_from_flags, with_settings_options
+
+_LAYER_BLOCK_HELP = "The layer block to verify (index, from 0); with --step-block."
+_STEP_BLOCK_HELP = "The step block to verify (index, from 0); with --layer-block."
+_PROVIDER_SIGNING_KEY_HELP = "The provider's private signing key (aftune keygen)"
 
 
 @app.command()
@@ -25,44 +29,41 @@ def keygen(path: Path = typer.Argument(..., help="Where to write the private key
     from ..core.signing import SigningKey
 
     if path.exists():
-        _fail(AftuneError(f"{path} exists: keys are never overwritten"))
+        raise InputError(f"{path} exists: keys are never overwritten")
     pub = SigningKey.generate().save(path)
     out.print(f"private key: {path}\npublic key:  {pub} ({pub.read_text().strip()})")
 
 
 @app.command()
+@deprecated_flags({"--sign": "--client-signing-key"})
 @with_settings_options
 def agree(
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Your copy of the base model (Hugging Face directory; default: the built-in tiny Llama)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Your copy of the dataset (JSONL file or image folder; default: the built-in dataset)."),
     out_path: Path = typer.Option(..., "--out", help="Where to write agreement.json (never overwritten)."),
     inference_policy: Optional[Path] = typer.Option(None, "--inference-policy", help="A generation policy (JSON) for serving the fine-tuned model."),
-    client_key: Optional[Path] = typer.Option(None, "--sign", help="Sign the agreement with this client key (aftune keygen)."),
+    client_signing_key: Optional[Path] = typer.Option(None, "--client-signing-key", help="Sign the agreement with your private client key (aftune keygen)."),
     settings=None,
 ):
     """Write the agreement: the base model, data and training settings a fine-tune must use (client side)."""
     from ..core import jsonio
     from ..core.signing import SigningKey
-    from ..errors import InputError
     from ..training.agreement import make_agreement
     from ..training.settings import TrainSettings
 
-    try:
-        chosen = settings_from_flags(settings) or TrainSettings()
-        policy = None
-        if inference_policy is not None:
-            from ..inference.policy import GenerationPolicy
+    chosen = settings_from_flags(settings) or TrainSettings()
+    policy = None
+    if inference_policy is not None:
+        from ..inference.policy import GenerationPolicy
 
-            doc = jsonio.read_json(inference_policy, 1 << 20, "inference policy", InputError)
-            policy = GenerationPolicy.from_json(doc, f"generation policy {inference_policy}").to_json()
-        from .. import builtin
+        doc = jsonio.read_json(inference_policy, 1 << 20, "inference policy", InputError)
+        policy = GenerationPolicy.from_json(doc, f"generation policy {inference_policy}").to_json()
+    from .. import builtin
 
-        agreement = make_agreement(base_model or builtin.MODEL_DIR, data or builtin.DATA_FILE, chosen, policy)
-        if client_key is not None:
-            agreement = agreement.signed(SigningKey.load(client_key))
-        agreement.save(out_path)
-    except AftuneError as exc:
-        _fail(exc)
+    agreement = make_agreement(base_model or builtin.MODEL_DIR, data or builtin.DATA_FILE, chosen, policy)
+    if client_signing_key is not None:
+        agreement = agreement.signed(SigningKey.load(client_signing_key))
+    agreement.save(out_path)
     out.print(f"agreement written to {out_path}: {agreement.settings.steps} steps of {agreement.base_config['model_type']} "
               f"on {agreement.num_examples} examples; digest {agreement.digest().hex()}", highlight=False, soft_wrap=True)
     out.print("give it to the provider (aftune train --agreement) and keep your copy for aftune verify --agreement",
@@ -70,48 +71,45 @@ def agree(
 
 
 @app.command()
+@deprecated_flags({"--model": "--base-model", "--key": "--provider-signing-key"})
 @with_settings_options
 def train(
     run_dir: Path = typer.Option(..., "--run-dir", help="New directory for the record and the fine-tuned model."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Hugging Face model directory (default: built-in tiny Llama)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="JSONL file or image folder (default: built-in dataset)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="The base model to fine-tune (Hugging Face directory).", show_default="the built-in tiny Llama"),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL file or image folder.", show_default="the built-in dataset"),
     agreement_path: Optional[Path] = typer.Option(None, "--agreement", help="The client's agreement.json: settings, base model and data come from it (no settings flags then)."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Provider signing key (default: a new one in RUN)."),
+    provider_signing_key: Optional[Path] = typer.Option(None, "--provider-signing-key", help=_PROVIDER_SIGNING_KEY_HELP + ".", show_default="a new one in RUN"),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in RUN from its last checkpoint "
-                                "before the first unsigned step block (same machine, same --model; settings from "
+                                "before the first unsigned step block (same machine, same --base-model; settings from "
                                 "RUN/agreement.json)."),
     settings=None,
 ):
     """Fine-tune with recording: every block committed, every step block signed as it ends."""
-    from ..errors import InputError
     from ..training.agreement import Agreement
     from ..training.settings import TrainSettings
     from ..training.train import train as run_training
 
-    try:
-        chosen = settings_from_flags(settings)
-        agreement = None
-        if resume and agreement_path is None:
-            if chosen is not None:
-                raise InputError("--resume continues under the run's own agreement: drop the settings flags")
-            agreement_path = run_dir / "agreement.json"
-            if not agreement_path.is_file():
-                raise InputError(f"{run_dir} holds no run to resume (no agreement.json)")
-        if agreement_path is not None:
-            if chosen is not None:
-                raise InputError("with --agreement the settings come from it: drop the settings flags")
-            agreement = Agreement.load(agreement_path)
-        chosen = agreement.settings if agreement is not None else (chosen or TrainSettings())
-        with _progress() as bar:
-            task = bar.add_task("training", total=chosen.steps, note="")
+    chosen = settings_from_flags(settings)
+    agreement = None
+    if resume and agreement_path is None:
+        if chosen is not None:
+            raise InputError("--resume continues under the run's own agreement: drop the settings flags")
+        agreement_path = run_dir / "agreement.json"
+        if not agreement_path.is_file():
+            raise InputError(f"{run_dir} holds no run to resume (no agreement.json)")
+    if agreement_path is not None:
+        if chosen is not None:
+            raise InputError("with --agreement the settings come from it: drop the settings flags")
+        agreement = Agreement.load(agreement_path)
+    chosen = agreement.settings if agreement is not None else (chosen or TrainSettings())
+    with _progress() as bar:
+        task = bar.add_task("training", total=chosen.steps, note="")
 
-            def progress(done, total, loss):
-                bar.update(task, completed=done, note=f"loss {loss:.4f}")
+        def progress(done, total, loss):
+            bar.update(task, completed=done, note=f"loss {loss:.4f}")
 
-            result = run_training(model, data, run_dir, None if agreement else chosen, key_path=key, progress=progress,
-                                  agreement=agreement, resume=resume)
-    except AftuneError as exc:
-        _fail(exc)
+        result = run_training(base_model, data, run_dir, None if agreement else chosen, key_path=provider_signing_key,
+                              progress=progress, agreement=agreement, resume=resume)
     out.print(f"run recorded in {result.run_dir} (final loss {result.final_loss:.4f})")
     out.print(f"run root:  {result.run_root.hex()}")
     out.print(f"model:     {result.run_dir / 'model'} (digest {result.final_model_digest.hex()[:16]}…)")
@@ -119,29 +117,30 @@ def train(
         out.print(f"provider public key: {result.public_key_path}")
 
 
-def _verifier(run_dir, public_key, agreement_path, unsafe, client_key=None, mode="strict", dtype=None, rel_l2=None,
-              max_elem=None, transcript=None, tolerance_file=None):
+def _verifier(run_dir, public_key, agreement_path, unsafe, client_public_key=None, mode="strict", dtype=None,
+              rel_l2=None, max_elem=None, transcript=None, tolerance_file=None):
     from ..core.signing import PublicKey
     from ..training.verify import Verifier
 
-    agreement = load_agreement(agreement_path, unsafe, client_key)
+    agreement = load_agreement(agreement_path, unsafe, client_public_key)
     tol = tolerance_from_options(mode, None, tolerance_file, rel_l2, max_elem)
     return Verifier(run_dir, PublicKey.load(public_key), agreement, unsafe_no_agreement=unsafe, mode=mode,
                     tolerance=tol, replay_dtype=dtype, transcript=transcript)
 
 
-_CLIENT_KEY_HELP = "Your client public key: the agreement must carry your signature."
+_CLIENT_KEY_HELP = "Your public client key: the agreement must carry your signature."
 
 
 @app.command()
+@deprecated_flags({"--client-key": "--client-public-key", "--nonce": "--attestation-nonce"})
 def verify(
     run_dir: Path = typer.Argument(..., help="The run directory."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
     unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
-    client_key: Optional[str] = typer.Option(None, "--client-key", help=_CLIENT_KEY_HELP),
-    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l"),
-    step_block: Optional[int] = typer.Option(None, "--step-block", "-s"),
+    client_public_key: Optional[str] = typer.Option(None, "--client-public-key", help=_CLIENT_KEY_HELP),
+    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help=_LAYER_BLOCK_HELP),
+    step_block: Optional[int] = typer.Option(None, "--step-block", "-s", help=_STEP_BLOCK_HELP),
     all_blocks: bool = typer.Option(False, "--all", help="Verify every block and the final model."),
     mode: str = typer.Option("strict", "--mode", help="strict (bitwise) or tolerance."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
@@ -151,27 +150,26 @@ def verify(
     transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP),
     attest: Optional[str] = typer.Option(None, "--attest", help="Inside a TEE: attest the report with this evidence "
                                          "provider (gramine, configfs-tsm, auto, unsafe-simulated); needs --all."),
-    nonce: Optional[str] = typer.Option(None, "--nonce", help="With --attest: the client's nonce (hex)."),
+    attestation_nonce: Optional[str] = typer.Option(None, "--attestation-nonce", help="With --attest: the client's attestation nonce (hex)."),
     attest_out: Optional[Path] = typer.Option(None, "--attest-out", help="With --attest: where to write the attested verdict."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ):
     """Replay blocks and compare them with their commitments and your agreement. Exit 0 PASS, 1 FAIL, 2 bad input."""
 
-    v = None
+    if all_blocks == (layer_block is not None or step_block is not None):
+        raise AftuneError("give either --all or both --layer-block and --step-block")
+    if not all_blocks and (layer_block is None or step_block is None):
+        raise AftuneError("give both --layer-block and --step-block")
+    if (attest is None) != (attestation_nonce is None) or (attest is None) != (attest_out is None):
+        raise AftuneError("--attest, --attestation-nonce and --attest-out go together")
+    if attest is not None and not all_blocks:
+        raise AftuneError("an attested verdict covers the whole run: give --all with --attest")
+    v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement, client_public_key, mode, dtype, rel_l2, max_elem,
+                  transcript, tolerance_file)
+    if transcript is None:
+        err.print("note: verifying against the run directory's transcript; pass --transcript with the copy you "
+                  "received during training, so that a rewritten record cannot pass", highlight=False)
     try:
-        if all_blocks == (layer_block is not None or step_block is not None):
-            raise AftuneError("give either --all or both --layer-block and --step-block")
-        if not all_blocks and (layer_block is None or step_block is None):
-            raise AftuneError("give both --layer-block and --step-block")
-        if (attest is None) != (nonce is None) or (attest is None) != (attest_out is None):
-            raise AftuneError("--attest, --nonce and --attest-out go together")
-        if attest is not None and not all_blocks:
-            raise AftuneError("an attested verdict covers the whole run: give --all with --attest")
-        v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement, client_key, mode, dtype, rel_l2, max_elem,
-                      transcript, tolerance_file)
-        if transcript is None:
-            err.print("note: verifying against the run directory's transcript; pass --transcript with the copy you "
-                      "received during training, so that a rewritten record cannot pass", highlight=False)
         if all_blocks:
             total = len(v.blocked.blocks) * v.num_step_blocks
             with _progress() as bar:
@@ -181,15 +179,13 @@ def verify(
             report = v.new_report()
             report.errors.extend(v.conformance)
             report.results.append(v.verify_block(layer_block, step_block)[0])
-    except CommitmentMismatch as exc:  # the record contradicts its signed commitments
-        if attest is not None and v is not None:
-            _attest(v, public_key, {"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}, attest, nonce,
-                    attest_out)
-        fail_on_mismatch(exc, as_json)
-    except AftuneError as exc:
-        _fail(exc)
+    except CommitmentMismatch as exc:  # the record contradicts its signed commitments: FAIL, attested too
+        if attest is not None:
+            _attest(v, public_key, {"verdict": "FAIL", "errors": [{"check": "record", "reason": str(exc)}]}, attest,
+                    attestation_nonce, attest_out)
+        raise
     if attest is not None:
-        _attest(v, public_key, report.to_json(), attest, nonce, attest_out)
+        _attest(v, public_key, report.to_json(), attest, attestation_nonce, attest_out)
     finish_report(report, report.to_json(), as_json, error_label="run")
 
 
@@ -199,19 +195,15 @@ def _attest(verifier, public_key: str, report_doc: dict, provider: str, nonce: s
     from ..attestation.providers import provider_by_name
     from ..attestation.verdict import attest_report
     from ..core.signing import PublicKey
-    from ..errors import InputError
 
-    try:
-        run = verifier.record.transcript.run
-        if run is None:
-            raise InputError("the transcript has no signed run root yet: a verdict must name a finished run")
-        doc = attest_report(report_doc, provider_by_name(provider), parse_nonce(nonce.lower()),
-                            algorithm=verifier.record.algorithm, run_root=run.root, config_digest=run.config_digest,
-                            provider_key=PublicKey.load(public_key))
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(json.dumps(doc.to_json(), indent=1) + "\n", encoding="utf-8")
-    except AftuneError as exc:
-        _fail(exc)
+    run = verifier.record.transcript.run
+    if run is None:
+        raise InputError("the transcript has no signed run root yet: a verdict must name a finished run")
+    doc = attest_report(report_doc, provider_by_name(provider), parse_nonce(nonce.lower()),
+                        algorithm=verifier.record.algorithm, run_root=run.root, config_digest=run.config_digest,
+                        provider_key=PublicKey.load(public_key))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(doc.to_json(), indent=1) + "\n", encoding="utf-8")
     if doc.simulated:
         err.print("[bold yellow]SIMULATED evidence (no TEE): this attested verdict proves nothing[/]", highlight=False)
     err.print(f"attested verdict ({doc.evidence.kind} evidence, verdict {doc.verdict}) written to {out_file}",
@@ -232,12 +224,8 @@ def calibrate(
     from ..core.signing import PublicKey
     from ..training.calibrate import calibrate as run_calibration
 
-    try:
-        c = run_calibration(run_dir, PublicKey.load(public_key), dtype, margin,
-                            agreement=load_agreement(agreement, unsafe_no_agreement),
-                            unsafe_no_agreement=unsafe_no_agreement)
-    except AftuneError as exc:
-        _fail(exc)
+    c = run_calibration(run_dir, PublicKey.load(public_key), dtype, margin,
+                        agreement=load_agreement(agreement, unsafe_no_agreement), unsafe_no_agreement=unsafe_no_agreement)
     out.print(f"{c.blocks} honest blocks replayed; largest honest errors (relative L2, element / rms):")
     for kind, (rel, elem) in c.observed.items():
         out.print(f"  {kind:<10} {rel:.3g}  {elem:.3g}")
@@ -252,21 +240,18 @@ def calibrate(
 
 @app.command()
 def prepare(
-    run_dir: Path = typer.Argument(...),
+    run_dir: Path = typer.Argument(..., help="The run directory."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
-    layer_block: int = typer.Option(..., "--layer-block", "-l"),
-    step_block: int = typer.Option(..., "--step-block", "-s"),
+    layer_block: int = typer.Option(..., "--layer-block", "-l", help="The layer block whose start state to regenerate (index)."),
+    step_block: int = typer.Option(..., "--step-block", "-s", help="The step block whose start state to regenerate (index)."),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
     unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
 ):
     """Regenerate a block's start state from the nearest stored checkpoint (I_C > 1)."""
     from ..training.regenerate import prepare as run_prepare
 
-    try:
-        v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement)
-        done = run_prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
-    except AftuneError as exc:
-        _fail(exc)
+    v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement)
+    done = run_prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
     if done:
         out.print(f"regenerated layer block {layer_block} at step blocks {done}; every tensor matched its digest")
     else:
@@ -277,7 +262,7 @@ def prepare(
 def digest(
     model_dir: Path = typer.Argument(..., help="A Hugging Face model directory."),
     dtype: str = typer.Option("float32", "--dtype", help="The dtype the weights are trained in."),
-    hash_algorithm: str = typer.Option("blake3", "--hash"),
+    hash_algorithm: str = typer.Option("blake3", "--hash", help="blake3 or sha256."),
 ):
     """Print a model's weights digest (compare with a run's base_weights) and its model digest
     (weights, config, generation config and tokenizer: compare with a run's final model)."""
@@ -285,12 +270,9 @@ def digest(
     from ..core.merkle import model_digest, tensors_root
     from ..models import load_pretrained, model_files, model_weights
 
-    try:
-        if dtype not in DTYPE_BY_NAME:
-            raise AftuneError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}")
-        _, model = load_pretrained(model_dir, "eager", DTYPE_BY_NAME[dtype])
-        root, _ = tensors_root(hash_algorithm, model_weights(model))
-        whole = model_digest(hash_algorithm, root, model_files(model_dir))
-    except AftuneError as exc:
-        _fail(exc)
+    if dtype not in DTYPE_BY_NAME:
+        raise AftuneError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}")
+    _, model = load_pretrained(model_dir, "eager", DTYPE_BY_NAME[dtype])
+    root, _ = tensors_root(hash_algorithm, model_weights(model))
+    whole = model_digest(hash_algorithm, root, model_files(model_dir))
     out.print(f"weights {root.hex()}\nmodel   {whole.hex()}")

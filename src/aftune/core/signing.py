@@ -38,17 +38,26 @@ class PublicKey:
 
     @classmethod
     def from_text(cls, text: str) -> "PublicKey":
+        # never echo what was given: it may be a private key passed by mistake
         text = text.strip()
         if not text.startswith(PUBLIC_KEY_PREFIX):
-            raise InputError(f"a public key looks like '{PUBLIC_KEY_PREFIX}<64 hex digits>', got {text[:80]!r}")
+            what = "a private key" if "PRIVATE KEY" in text else f"{len(text)} characters of something else"
+            raise InputError(f"a public key looks like '{PUBLIC_KEY_PREFIX}<64 hex digits>'; this is {what} (its "
+                             "content is not shown)")
         try:
             return cls(bytes.fromhex(text[len(PUBLIC_KEY_PREFIX):]))
         except ValueError:
-            raise InputError(f"public key is not hex: {text[:80]!r}") from None
+            raise InputError(f"a public key looks like '{PUBLIC_KEY_PREFIX}<64 hex digits>'; this one's digits are "
+                             "not hex (its content is not shown)") from None
 
     @classmethod
-    def load(cls, path_or_text: str | Path) -> "PublicKey":
-        """A key given inline ('ed25519:...') or as a file holding that text."""
+    def load(cls, path_or_text: "str | Path | PublicKey") -> "PublicKey":
+        """A key given inline ('ed25519:...'), as a file holding that text, or already loaded."""
+        if isinstance(path_or_text, PublicKey):
+            return path_or_text
+        if not isinstance(path_or_text, (str, Path)):
+            raise InputError(f"a public key is a .pub path, 'ed25519:<hex>' or a PublicKey, not a "
+                             f"{type(path_or_text).__name__}")
         s = str(path_or_text)
         if s.startswith(PUBLIC_KEY_PREFIX):
             return cls.from_text(s)

@@ -119,6 +119,20 @@ class RecordChecks:
             for line in self.client_policy.describe_differences(policy):
                 self._error("policy", f"generation.policy.{line}: the answer was not generated under the policy "
                             "you asked for")
+        # the serving dtype (SPEC.md 8.6.1, 8.8 step 6): model.dtype is the dtype the weights were loaded
+        # and computed in, and the model digest is over them in that dtype, so a copy of your float32
+        # model matches a bfloat16 record's digest too: only the pinned dtype tells them apart
+        served = rec.model["dtype"]
+        if policy.dtype is not None and policy.dtype != served:
+            self._error("policy", f"model.dtype: the record's model was served in {served}, but its own policy pins "
+                        f"dtype {policy.dtype}", expected=policy.dtype, actual=served)
+        want = self.client_policy.dtype if self.client_policy is not None else None
+        if want is not None and want != served:
+            self._error("policy", f"model.dtype: the model was served in {served}, your policy pins dtype {want}: "
+                        "not the computation you asked for", expected=want, actual=served)
+        if (policy.numerics == "portable") != (rec.portable is not None):
+            self._error("policy", f"numerics: the committed policy says {policy.numerics}, but the record "
+                        f"{'has' if rec.portable is not None else 'has no'} portable logs", fatal=True)
         if self.client_nonce is not None and nonce != self.client_nonce:
             self._error("nonce", f"request_nonce: the record answers nonce {_short(nonce) if nonce else 'none'}, not "
                         f"yours {_short(self.client_nonce)}: another (or a replayed) request")

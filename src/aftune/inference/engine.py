@@ -42,6 +42,7 @@ from ..core.rows import TensorRef, rows_to_json
 from ..errors import InputError
 from ..models.cache import KVCache
 from .policy import GenerationPolicy, check_request_nonce
+from .portable import PortableLog, near_tie, round_and_log, tau_for
 from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, digests_root, input_key, record_id,
                      steps_root, utc_now)
 from .receipt import issue_receipt
@@ -78,6 +79,16 @@ class ServingDeviation:
         """Stop generating after this token although the policy says go on (a truncated answer)."""
         return False
 
+    def grid(self, step: int, boundary: int, grid: torch.Tensor, entries: list[list[int]]
+             ) -> tuple[torch.Tensor, list[list[int]]]:
+        """Portable numerics: the grid values committed (and fed on) instead of the rounding, and
+        the near-boundary log entries `[flat index, bits]` listed for this step."""
+        return grid, entries
+
+    def ties(self, steps: list[int]) -> list[int]:
+        """Portable numerics: the near-tie steps listed instead of the honest ones."""
+        return steps
+
 
 # --- recording one request -------------------------------------------------------------------
 
@@ -89,11 +100,12 @@ class _Trace:
     tokens: list[int] = field(default_factory=list)
     boundaries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # boundary -> per-step outputs
     label: int | None = None
+    portable: PortableLog | None = None  # portable numerics: the near-boundary and near-tie logs
 
 
 @dataclass(frozen=True)
 class InferenceResult:
-    record_id: bytes
+    record_id: str  # hex: the record's id, its digest (SPEC.md 8.3)
     record_path: Path
     tokens: tuple[int, ...]
     text: str | None
@@ -134,6 +146,9 @@ class InferenceEngine:
         the nonce when given."""
         if not isinstance(policy, GenerationPolicy):
             raise InputError("generation needs the client's generation policy (a GenerationPolicy)")
+        if policy.dtype is not None and policy.dtype != self.served.dtype:
+            raise InputError(f"the generation policy pins the serving dtype {policy.dtype}, and this model is served "
+                             f"in {self.served.dtype}: load it in {policy.dtype} (--dtype {policy.dtype})")
         if request_nonce is not None:
             request_nonce = check_request_nonce(request_nonce)
         elif policy.sampling:
@@ -197,6 +212,13 @@ class InferenceEngine:
         nb = len(blocks)
         caches = [KVCache() for _ in range(nb)]
         trace = _Trace(boundaries={b: [] for b in range(1, nb)})
+        # portable numerics (SPEC.md 8.13): every boundary rounded to the grid, fed on rounded, and
+        # the elements near a rounding midpoint logged (flat indices into the boundary's steps)
+        portable = policy.numerics == "portable"
+        tau, tau_logit = tau_for(self.settings.layers_per_block)
+        logs: dict[int, list[list[int]]] = {b: [] for b in range(1, nb)}
+        offsets = dict.fromkeys(range(1, nb), 0)
+        ties: list[int] = []
         step_inputs = {"input_ids": inputs["input_ids"]}
         first = 0
         for step in range(policy.max_new_tokens):
@@ -207,9 +229,20 @@ class InferenceEngine:
                 if b > 0:
                     if self.deviation is not None:
                         h = self.deviation.boundary(step, b, h)
-                    trace.boundaries[b].append(h)
+                    if portable:
+                        grid, entries = round_and_log(h, tau, offsets[b])
+                        offsets[b] += h.numel()
+                        if self.deviation is not None:
+                            grid, entries = self.deviation.grid(step, b, grid, entries)
+                        logs[b].extend(entries)
+                        trace.boundaries[b].append(grid)
+                        h = grid.to(h.dtype)
+                    else:
+                        trace.boundaries[b].append(h)
                 h = served.run_block(blocks, b, h, ctx, caches[b])
             token = choose_token(h, policy, seed, algorithm, step)
+            if portable and near_tie(h, token, policy, seed, algorithm, step, tau_logit):
+                ties.append(step)
             if self.deviation is not None:
                 token = self.deviation.token(step, h, token)
             trace.steps.append((first, q))
@@ -220,6 +253,10 @@ class InferenceEngine:
                 break
             first += q
             step_inputs = {"input_ids": torch.tensor([[token]], dtype=torch.int64)}
+        if portable:
+            if self.deviation is not None:
+                ties = self.deviation.ties(ties)
+            trace.portable = PortableLog({b: sorted(v) for b, v in logs.items()}, tuple(ties))
         return trace
 
     @torch.inference_mode()
@@ -288,6 +325,8 @@ class InferenceEngine:
             "input": {**doc_input, "digest": input_digest.hex()},
             "output": {**doc_output, "digest": output_digest.hex()},
             "boundary_roots": roots,
+            # portable numerics: the grid and the near-boundary and near-tie logs (SPEC.md 8.13)
+            "numerics": trace.portable.to_json() if trace.portable is not None else None,
             "tensors": rows_to_json(rows),
             # CPU results depend on the intra-op thread count: strict replay uses the same one
             "environment": {"torch_threads": torch.get_num_threads()},
@@ -301,5 +340,5 @@ class InferenceEngine:
                                 time=doc["created"], request_nonce=request_nonce, policy_digest=policy_digest)
         receipt_path = self.records.receipt_path(rid)
         self.records.write_new(receipt_path, canonical_json(receipt.to_json()) + b"\n")
-        return InferenceResult(rid, path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,
+        return InferenceResult(rid.hex(), path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,
                                time.perf_counter() - t0)

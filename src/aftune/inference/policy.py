@@ -1,4 +1,4 @@
-"""The generation policy (`aftune.generation-policy.v1`, SPEC.md 8.6.1): what a client asks of every
+"""The generation policy (`aftune.generation-policy.v2`, SPEC.md 8.6.1): what a client asks of every
 generated answer, stated by the client, committed in each record and compared field by field.
 
     aftune policy runs/demo --max-new-tokens 8 --out policy.json      # the client writes one
@@ -9,8 +9,13 @@ generated answer, stated by the client, committed in each record and compared fi
 A policy is a standalone document (a request or policy file, `--policy FILE`) and is embedded as
 is in the client's agreement (`agreement.json`, member "inference"). It fixes the temperature
 (0: greedy), top_p, max_new_tokens, the end-of-sequence tokens, the stop rule and the chat template
-(its exact text, or null). A server takes its max_new_tokens as a limit (a request may ask for
-fewer) and every other field as fixed. The client's request nonce (16 to 64 bytes) is checked here
+(its exact text, or null), the serving dtype (the compute dtype of the served weights: a float32
+model served in bfloat16 is another computation) and the numerics (`native`: the provider's
+kernels, strict replay needs its hardware; `portable`: boundary activations rounded to a coarser
+grid so that any hardware replays them bitwise, `portable.py`, SPEC.md 8.13). A policy without a
+dtype is an `aftune.generation-policy.v1` document (read, and written back in its v1 form so that
+its digest stays the one old records commit); every other policy is v2. A server takes its
+max_new_tokens as a limit (a request may ask for fewer) and every other field as fixed. The client's request nonce (16 to 64 bytes) is checked here
 too: sampling seeds are derived from it (`sampling.request_seed`), never chosen by the provider.
 """
 
@@ -24,7 +29,11 @@ from typing import Any
 from ..core.encoding import TAG_GENERATION_POLICY, canonical_json, hash_message
 from ..errors import InputError
 
-POLICY_FORMAT = "aftune.generation-policy.v1"
+POLICY_FORMAT = "aftune.generation-policy.v2"  # written for every policy that pins the serving dtype
+POLICY_FORMAT_V1 = "aftune.generation-policy.v1"  # read; a policy without dtype is written in this form
+SERVING_DTYPES = ("float32", "bfloat16", "float16", "float64")
+NUMERICS = ("native", "portable")  # portable: SPEC.md 8.13 (float32 compute, bfloat16 grid)
+PORTABLE_DTYPES = ("float32",)  # the compute dtypes portable numerics has a grid for
 STOP_RULES = ("eos_or_length", "length")  # stop at an end-of-sequence token or after max_new_tokens | only after
 MAX_NEW_TOKENS = 4096
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # or exactly 0 (greedy)
@@ -33,7 +42,8 @@ MAX_EOS_TOKENS = 64
 MAX_CHAT_TEMPLATE_CHARS = 1 << 16
 MAX_POLICY_BYTES = 1 << 20
 REQUEST_NONCE_BYTES = (16, 64)
-POLICY_FIELDS = ("temperature", "top_p", "max_new_tokens", "eos_token_ids", "stop_rule", "chat_template")
+POLICY_FIELDS_V1 = ("temperature", "top_p", "max_new_tokens", "eos_token_ids", "stop_rule", "chat_template")
+POLICY_FIELDS = POLICY_FIELDS_V1 + ("dtype", "numerics")
 
 
 def _is_int(v: Any) -> bool:
@@ -78,6 +88,14 @@ def policy_problems(values: dict[str, Any]) -> list[str]:
                 tpl.encode("utf-8")
             except UnicodeEncodeError:
                 out.append("chat_template: is not valid Unicode text (lone surrogate)")
+    dtype, numerics = values.get("dtype"), values.get("numerics", "native")
+    if dtype is not None and dtype not in SERVING_DTYPES:
+        out.append(f"dtype: must be one of {', '.join(SERVING_DTYPES)}, got {str(dtype)[:40]!r}")
+    if numerics not in NUMERICS:
+        out.append(f"numerics: must be one of {', '.join(NUMERICS)}, got {str(numerics)[:40]!r}")
+    elif numerics == "portable" and dtype not in PORTABLE_DTYPES:
+        out.append(f"numerics: portable numerics needs dtype {' or '.join(PORTABLE_DTYPES)} (float32 compute, "
+                   f"bfloat16 grid), got {dtype!r}")
     return out
 
 
@@ -91,6 +109,9 @@ class GenerationPolicy:
     top_p: float = 1.0  # nucleus: sample among the most likely tokens holding this much mass
     stop_rule: str = "eos_or_length"  # eos_or_length | length (always max_new_tokens tokens)
     chat_template: str | None = None  # exact Jinja text the prompt is rendered with (data.inputs.render_chat), or None
+    # the serving (parameter and compute) dtype; None: not pinned (an aftune.generation-policy.v1 policy)
+    dtype: str | None = None
+    numerics: str = "native"  # native | portable (boundaries on a bfloat16 grid: bitwise on any hardware)
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -113,10 +134,20 @@ class GenerationPolicy:
         return self.stop_rule == "eos_or_length" and token in self.eos_token_ids
 
     # --- bytes -----------------------------------------------------------------------------
+    @property
+    def format(self) -> str:
+        """v2 when the serving dtype is pinned; a policy without one is a v1 policy."""
+        return POLICY_FORMAT_V1 if self.dtype is None else POLICY_FORMAT
+
     def to_json(self) -> dict[str, Any]:
-        return {"format": POLICY_FORMAT, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "eos_token_ids": list(self.eos_token_ids),
-                "stop_rule": self.stop_rule, "chat_template": self.chat_template}
+        """The normal form: v2 with `dtype` and `numerics`; the v1 form (without them) for a policy
+        that pins no dtype (numerics is then native), so that a v1 policy keeps its digest."""
+        doc = {"format": self.format, "temperature": self.temperature, "top_p": self.top_p,
+               "max_new_tokens": self.max_new_tokens, "eos_token_ids": list(self.eos_token_ids),
+               "stop_rule": self.stop_rule, "chat_template": self.chat_template}
+        if self.dtype is not None:
+            doc.update(dtype=self.dtype, numerics=self.numerics)
+        return doc
 
     def digest(self, algorithm: str) -> bytes:
         """H(TAG_GENERATION_POLICY || canonical_json(to_json())) (SPEC.md 8.6.1)."""
@@ -124,26 +155,35 @@ class GenerationPolicy:
 
     @classmethod
     def from_json(cls, obj: Any, what: str = "generation policy") -> "GenerationPolicy":
-        """Parse hostile input: exactly the fields of `aftune.generation-policy.v1`, each of its
+        """Parse hostile input: exactly the fields of `aftune.generation-policy.v2` (or of v1,
+        which has no dtype and numerics: it reads as dtype None, numerics native), each of its
         type and range; every problem is named at once (InputError)."""
         if not isinstance(obj, dict):
             raise InputError(f"{what}: must be a JSON object ({POLICY_FORMAT}), got {type(obj).__name__}")
         problems = []
-        expected = ("format", *POLICY_FIELDS)
+        v1 = obj.get("format") == POLICY_FORMAT_V1
+        fmt = POLICY_FORMAT_V1 if v1 else POLICY_FORMAT
+        expected = ("format", *(POLICY_FIELDS_V1 if v1 else POLICY_FIELDS))
         missing = [k for k in expected if k not in obj]
         unknown = sorted(str(k)[:40] for k in obj if k not in expected)
         if missing:
             problems.append(f"missing fields {missing}")
         if unknown:
-            problems.append(f"unknown fields {unknown}")
-        if "format" in obj and obj["format"] != POLICY_FORMAT:
-            problems.append(f"format: must be {POLICY_FORMAT!r}, got {str(obj['format'])[:40]!r}")
+            problems.append(f"unknown fields {unknown}" + (" (an aftune.generation-policy.v1 policy has no dtype and "
+                                                           "numerics: make it a v2 policy)" if v1 else ""))
+        if "format" in obj and obj["format"] not in (POLICY_FORMAT, POLICY_FORMAT_V1):
+            problems.append(f"format: must be {POLICY_FORMAT!r} (or {POLICY_FORMAT_V1!r}), got "
+                            f"{str(obj['format'])[:40]!r}")
+        if not v1 and "dtype" in obj and obj["dtype"] is None:
+            problems.append(f"dtype: must be one of {', '.join(SERVING_DTYPES)} (a policy that pins no serving dtype "
+                            f"is an {POLICY_FORMAT_V1} policy)")
         problems += [p for p in policy_problems(obj) if p.split(":")[0] not in missing]
         if problems:
-            raise InputError(f"{what} is not a valid {POLICY_FORMAT}:\n  - " + "\n  - ".join(problems))
+            raise InputError(f"{what} is not a valid {fmt}:\n  - " + "\n  - ".join(problems))
+        extra = {} if v1 else {"dtype": obj["dtype"], "numerics": obj["numerics"]}
         return cls(max_new_tokens=obj["max_new_tokens"], eos_token_ids=tuple(obj["eos_token_ids"]),
                    temperature=obj["temperature"], top_p=obj["top_p"], stop_rule=obj["stop_rule"],
-                   chat_template=obj["chat_template"])
+                   chat_template=obj["chat_template"], **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> "GenerationPolicy":
@@ -160,7 +200,10 @@ class GenerationPolicy:
             other = other["policy"]
         if not isinstance(other, GenerationPolicy):
             other = GenerationPolicy.from_json(other, "the record's generation policy")
-        return [name for name in POLICY_FIELDS if getattr(self, name) != getattr(other, name)]
+        # a policy without a dtype (v1) pins none: the dtype is then compared with the record's
+        # model.dtype by whoever pins one (checks._check_policy), not field against field
+        return [name for name in POLICY_FIELDS if getattr(self, name) != getattr(other, name)
+                and not (name == "dtype" and None in (self.dtype, other.dtype))]
 
     def describe_differences(self, other: "GenerationPolicy", mine: str = "yours") -> list[str]:
         """One line per differing field: `temperature: the record's 3.0, yours 0.0`."""
@@ -200,15 +243,28 @@ class GenerationPolicy:
 
     @classmethod
     def for_model(cls, model: Any, **values: Any) -> "GenerationPolicy":
-        """A policy for `model` (a model or run directory, or its config.json as a dict): the
-        end-of-sequence tokens of its config unless given, greedy, 32 tokens unless given."""
-        if not isinstance(model, dict):
+        """A policy for `model` (a model or run directory, its config.json as a dict, or a loaded
+        ServedModel): the end-of-sequence tokens of its config unless given, greedy, 32 tokens
+        unless given, and the serving dtype unless given: a ServedModel's, a run's (its
+        settings.dtype: the run's final model digest is over it), else the config's `dtype`
+        (`torch_dtype` in older configs), else float32 (what aftune loads a plain directory in)."""
+        dtype = None
+        if hasattr(model, "hf_config") and isinstance(getattr(model, "dtype", None), str):
+            model, dtype = model.hf_config, model.dtype  # a ServedModel: the dtype it is served in
+        elif not isinstance(model, dict):
             from ..core import jsonio
 
             p = Path(model)
             if (p / "transcript.jsonl").is_file() and (p / "model" / "config.json").is_file():
+                run = jsonio.read_json(p / "config.json", 16 << 20, "run config", InputError)
+                settings = run.get("settings") if isinstance(run, dict) else None
+                dtype = settings.get("dtype") if isinstance(settings, dict) else None
                 p = p / "model"  # a run directory (its config.json is the run's): its fine-tuned model
             model = jsonio.read_json(p / "config.json", 16 << 20, "model config", InputError)
+        if dtype is None and isinstance(model, dict):
+            dtype = model.get("dtype", model.get("torch_dtype"))
+        if "dtype" not in values:
+            values["dtype"] = dtype if dtype in SERVING_DTYPES else "float32"
         values.setdefault("max_new_tokens", 32)
         if "eos_token_ids" not in values:
             values["eos_token_ids"] = tuple(config_eos_token_ids(model)) if values.get("stop_rule") != "length" else ()

@@ -32,7 +32,7 @@ _FIELDS = ("format", "hash", "model_digest", "input_digest", "output_digest", "r
 
 @dataclass(frozen=True)
 class Receipt:
-    hash: str
+    algorithm: str  # the hash function (JSON "hash")
     model_digest: bytes
     input_digest: bytes
     output_digest: bytes
@@ -46,14 +46,14 @@ class Receipt:
     def message(self) -> bytes:
         """H(TAG_RECEIPT || lp(format) || lp(hash) || model || input || output || record || lp(time) || key
         || lp(request nonce or empty) || lp(policy digest or empty))."""
-        return hash_message(self.hash, TAG_RECEIPT, length_prefixed(RECEIPT_FORMAT.encode("ascii")),
-                            length_prefixed(self.hash.encode("ascii")), self.model_digest, self.input_digest,
+        return hash_message(self.algorithm, TAG_RECEIPT, length_prefixed(RECEIPT_FORMAT.encode("ascii")),
+                            length_prefixed(self.algorithm.encode("ascii")), self.model_digest, self.input_digest,
                             self.output_digest, self.record_root, length_prefixed(self.time.encode("ascii")),
                             self.key.raw, length_prefixed(self.request_nonce or b""),
                             length_prefixed(self.policy_digest or b""))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": RECEIPT_FORMAT, "hash": self.hash, "model_digest": self.model_digest.hex(),
+        return {"format": RECEIPT_FORMAT, "hash": self.algorithm, "model_digest": self.model_digest.hex(),
                 "input_digest": self.input_digest.hex(), "output_digest": self.output_digest.hex(),
                 "record_root": self.record_root.hex(), "time": self.time, "key": self.key.text,
                 "request_nonce": self.request_nonce.hex() if self.request_nonce is not None else None,
@@ -137,8 +137,8 @@ def verify_receipt(receipt: Receipt, public_key: PublicKey, record_dir: str | Pa
     if not (root / "records" / f"{receipt.record_root.hex()}.json").is_file():
         raise RecordError(f"{root} has no record {receipt.record_root.hex()}: the provider did not hand it over")
     record = InferenceRecord.open(root, receipt.record_root.hex())
-    if record.algorithm != receipt.hash:
-        raise CommitmentMismatch(f"the record uses {record.algorithm}, the receipt {receipt.hash}")
+    if record.algorithm != receipt.algorithm:
+        raise CommitmentMismatch(f"the record uses {record.algorithm}, the receipt {receipt.algorithm}")
     checks = (("model digest", record.model_digest, receipt.model_digest),
               ("input digest", record.rows_root("input/"), receipt.input_digest),
               ("output digest", record.rows_root("output/"), receipt.output_digest))

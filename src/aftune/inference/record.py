@@ -30,10 +30,13 @@ from ..core.store import ObjectStore
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..models import tokenizer_files
 from .policy import MAX_NEW_TOKENS, GenerationPolicy, parse_request_nonce
+from .portable import PortableLog
 from .served import RunBinding
 from .settings import RecordingSettings
 
-RECORD_FORMAT = "aftune.inference.v3"
+RECORD_FORMAT = "aftune.inference.v4"  # written: v3 and the member `numerics` (SPEC.md 8.4, 8.13)
+RECORD_FORMAT_V3 = "aftune.inference.v3"  # read: a v3 record has no `numerics` (native numerics)
+RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_V3)
 MAX_RECORD_BYTES = 256 << 20
 
 
@@ -174,8 +177,8 @@ class InferenceRecord:
         path = root / "records" / f"{name}.json"
         data = jsonio.read_bytes(path, MAX_RECORD_BYTES, "inference record")
         doc = jsonio.parse(data, f"inference record {path}")
-        if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
-            raise RecordError(f"{path} is not an {RECORD_FORMAT} record")
+        if not isinstance(doc, dict) or doc.get("format") not in RECORD_FORMATS:
+            raise RecordError(f"{path} is not an {RECORD_FORMAT} (or {RECORD_FORMAT_V3}) record")
         algorithm = doc.get("hash")
         if algorithm not in HASH_ALGORITHMS:
             raise RecordError(f"{path}: unknown hash {str(algorithm)[:20]!r}")
@@ -206,8 +209,8 @@ class InferenceRecord:
         _need(layout, "stages", list, "record: layout")
         _need(layout, "layer_blocks", list, "record: layout")
         if "steps" in d:
-            raise RecordError("record: 'steps' is not part of an aftune.inference.v3 record (the step layout follows "
-                              "from the input and the tokens)")
+            raise RecordError("record: 'steps' is not part of an aftune.inference.v3 or v4 record (the step layout "
+                              "follows from the input and the tokens)")
         blocks = _need(layout, "layer_blocks", list, "record: layout")
         roots = _need(d, "boundary_roots", dict)
         if sorted(roots) != [boundary_label(b) for b in range(1, len(blocks))]:
@@ -240,6 +243,33 @@ class InferenceRecord:
                     or len(ids.shape) != 2 or ids.shape[1] < 1):
                 raise RecordError("record: a causal LM record needs input/input_ids [1, P] and 1 to "
                                   f"{MAX_NEW_TOKENS} output tokens")
+        self._portable = self._read_numerics(len(blocks))
+
+    def _read_numerics(self, nb: int) -> PortableLog | None:
+        """The `numerics` member: absent in v3 (native), null (native) or the portable logs in v4."""
+        d = self.doc
+        if d["format"] == RECORD_FORMAT_V3:
+            if "numerics" in d:
+                raise RecordError("record: an aftune.inference.v3 record has no 'numerics'")
+            return None
+        if "numerics" not in d:
+            raise RecordError("record: 'numerics' is missing (null for native numerics)")
+        if d["numerics"] is None:
+            return None
+        if self.task != "causal_lm":
+            raise RecordError("record: portable numerics is for causal LMs (a classifier's numerics is null)")
+        sizes = {}
+        for b in range(1, nb):
+            ref = self.rows.get(boundary_key(b))
+            if ref is None:
+                raise RecordError(f"record: no row {boundary_key(b)}")
+            sizes[b] = int(torch.Size(ref.shape).numel())
+        return PortableLog.from_json(d["numerics"], sizes, len(d["output"]["tokens"]))
+
+    @property
+    def portable(self) -> PortableLog | None:
+        """The portable numerics logs (SPEC.md 8.13), or None for native numerics."""
+        return self._portable
 
     @property
     def algorithm(self) -> str:

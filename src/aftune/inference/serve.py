@@ -64,6 +64,9 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
     if engine.served.task == "causal_lm" and not isinstance(policy, GenerationPolicy):
         raise InputError("serving a causal LM needs the generation policy agreed with the clients (--policy FILE; "
                          "write one with `aftune policy`)")
+    if isinstance(policy, GenerationPolicy) and policy.dtype is not None and policy.dtype != engine.served.dtype:
+        raise InputError(f"the generation policy pins the serving dtype {policy.dtype}, and the model is loaded in "
+                         f"{engine.served.dtype}: load it in {policy.dtype}")
     if not isinstance(api_keys, ApiKeys):
         raise InputError("serving needs the clients' API keys (--api-keys FILE; `aftune serve-keys add NAME`)")
 
@@ -77,6 +80,8 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         eos_token_ids: Optional[List[int]] = Field(None, max_length=64, strict=True)
         stop_rule: Optional[str] = Field(None, max_length=64, strict=True)
         chat_template: Optional[str] = Field(None, max_length=MAX_CHAT_TEMPLATE_CHARS, strict=True)
+        dtype: Optional[str] = Field(None, max_length=16, strict=True)
+        numerics: Optional[str] = Field(None, max_length=16, strict=True)
 
     app = FastAPI(title="aftune", summary="Auditable inference: every answer with a signed receipt and a record.")
     app.state.engine = engine
@@ -125,9 +130,9 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         if problems:
             return error(422, "invalid request: " + "; ".join(problems[:8]))
         result = engine.generate(body.prompt, wanted, request_nonce=nonce)
-        owners.add(request.state.client, result.record_id)
+        owners.add(request.state.client, bytes.fromhex(result.record_id))
         return {"text": result.text, "tokens": list(result.tokens), "receipt": result.receipt.to_json(),
-                "record_id": result.record_id.hex()}
+                "record_id": result.record_id}
 
     @app.get("/v1/model")
     def model() -> dict[str, Any]:

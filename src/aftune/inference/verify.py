@@ -44,6 +44,8 @@ from ..verdict.comparison import Comparison, Tolerance, Verifying
 from ..verdict.threads import pinned_threads, recorded_threads
 from .checks import RecordChecks
 from .policy import GenerationPolicy, check_request_nonce
+from .portable import tau_for, token_acceptable, token_cap
+from .portable_replay import PortableReplay
 from .record import InferenceRecord, boundary_key, steps_root
 from .sampling import choose_token, greedy_token, needed_logit_tolerance, sample_uniform, sampled_token_possible
 from .served import ServedModel, is_run_dir
@@ -72,7 +74,7 @@ def default_tolerance(record: InferenceRecord, replay_dtype: str | None = None,
     return Tolerance.for_dtype(record.model["dtype"], known, depth), note
 
 
-class InferenceVerifier(RecordChecks, Verifying):
+class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
     """Verifies one inference record. Construction runs the record-level checks (collected in
     `errors`); `verify_block` replays one layer block, `verify_all` every block."""
 
@@ -96,6 +98,9 @@ class InferenceVerifier(RecordChecks, Verifying):
         if tolerance is None:  # the defaults of the record's dtype, the replay's and the accepted block depth
             tolerance, depth_note = default_tolerance(rec, replay_dtype, max_layers_per_block)
         self.comparison = Comparison(mode, tolerance)
+        if rec.portable is not None and not self.comparison.strict:
+            raise InputError("this record has portable numerics (SPEC.md 8.13): it is verified bitwise on any hardware "
+                             "in strict mode (the default); tolerance mode does not apply to its bfloat16 boundaries")
         if replay_dtype is not None and self.comparison.strict and replay_dtype != rec.model["dtype"]:
             raise InputError(f"replaying a {rec.model['dtype']} record in {replay_dtype} cannot be bitwise: "
                              "use --mode tolerance with --dtype")
@@ -145,6 +150,10 @@ class InferenceVerifier(RecordChecks, Verifying):
             notes.append("the input was not compared with yours (--prompt, --text or --image): the record may answer "
                          "another input")
         if rec.task == "causal_lm":
+            if self.client_policy is not None and self.client_policy.dtype is None:
+                notes.append(f"the serving dtype was not compared with yours: your generation policy "
+                             f"({self.client_policy.format}) pins none (the record's model.dtype is "
+                             f"{rec.model['dtype']}); a policy made by `aftune policy` pins it")
             if self.client_policy is None:
                 notes.append("the generation policy was not compared with yours (--policy or --agreement): the "
                              "provider may have chosen the temperature, top_p, max_new_tokens, end-of-sequence "
@@ -208,13 +217,14 @@ class InferenceVerifier(RecordChecks, Verifying):
         return self._expected
 
     def expected_boundary(self, b: int) -> TensorSpec:
-        """Shape and dtype of boundary b (the input of layer block b) over all steps."""
+        """Shape and dtype of boundary b (the input of layer block b) over all steps (portable
+        numerics: on the bfloat16 grid)."""
         per_step = [specs[b - 1] for specs in self.expected_outputs()]
-        if len(per_step) == 1:
-            return per_step[0]
         shape = list(per_step[0].shape)
-        shape[1] = sum(spec.shape[1] for spec in per_step)
-        return TensorSpec(tuple(shape), per_step[0].dtype)
+        if len(per_step) > 1:
+            shape[1] = sum(spec.shape[1] for spec in per_step)
+        dtype = "BF16" if self.record.portable is not None else per_step[0].dtype
+        return TensorSpec(tuple(shape), dtype)
 
     def committed_boundary(self, b: int, layer_block: int) -> list[torch.Tensor]:
         """The committed input of layer block b, per step: the stored concatenation (its digest
@@ -251,7 +261,9 @@ class InferenceVerifier(RecordChecks, Verifying):
             res.fail("record", f"the record contradicts itself: {reason}")
         else:
             try:
-                with pinned_threads(self.recorded_threads(), enabled=self.comparison.strict):
+                # portable numerics replays on any hardware: the provider's thread count is not needed
+                with pinned_threads(self.recorded_threads(),
+                                    enabled=self.comparison.strict and self.record.portable is None):
                     outputs = self._replay(res, layer_block, inputs)
             except CommitmentMismatch as exc:  # a committed tensor contradicts the agreed computation
                 res.fail("record", str(exc))
@@ -271,16 +283,30 @@ class InferenceVerifier(RecordChecks, Verifying):
             self._replay_sequence(res, l, inputs)
             return None
         cache = KVCache() if rec.task == "causal_lm" else None
+        portable = rec.portable is not None
+        if portable and last:
+            ties, cap = len(rec.portable.token_steps), token_cap(len(self.tokens))
+            if ties > cap:
+                res.fail("token", f"the near-tie log lists {ties} of {len(self.tokens)} steps, more than the cap {cap} "
+                         "(SPEC.md 8.13)", tensor="output/tokens", step=rec.portable.token_steps[cap])
+                return None
         outputs = []
         for k, (first, _) in enumerate(rec.steps):
             ctx = served.step_context(first, self._step_inputs(k))
-            out = served.run_block(blocks, l, inputs[k] if l > 0 else None, ctx, cache)
+            h_in = inputs[k] if l > 0 else None
+            if portable and h_in is not None:  # the committed grid values, computed on in float32
+                h_in = h_in.to(self.replay_dtype)
+            out = served.run_block(blocks, l, h_in, ctx, cache)
             if last:
                 self._check_choice(res, k, out)
             else:
                 outputs.append(out)
         if last:
             return None
+        if portable:
+            outputs = self._portable_outputs(res, l, outputs)
+            if outputs is None:
+                return None
         return outputs if self._compare_steps(res, l, outputs) else None
 
     def _compare_steps(self, res: BlockResult, l: int, outputs: list[torch.Tensor]) -> bool:
@@ -300,15 +326,20 @@ class InferenceVerifier(RecordChecks, Verifying):
         if outcome.reason:  # a shape
             res.fail("output", outcome.reason, tensor=key)
             return False
-        step, expected, actual = None, outcome.expected, outcome.actual
+        step, expected, actual, count = None, outcome.expected, outcome.actual, 0
         if rec.has_tensor(key):
             for k, (mine, theirs) in enumerate(zip(outputs, self.committed_boundary(b, l))):
                 if tensor_digest("activation", mine, rec.algorithm) != tensor_digest("activation", theirs, rec.algorithm):
-                    step = k
-                    expected = tensor_digest("activation", theirs, rec.algorithm).hex()[:16] + "…"
-                    actual = tensor_digest("activation", mine, rec.algorithm).hex()[:16] + "…"
-                    break
+                    if step is None:
+                        step = k
+                        expected = tensor_digest("activation", theirs, rec.algorithm).hex()[:16] + "…"
+                        actual = tensor_digest("activation", mine, rec.algorithm).hex()[:16] + "…"
+                    count += int((mine.to(theirs.dtype) != theirs).sum()) if mine.shape == theirs.shape else 0
         where = "" if step is not None else " (the boundary is not stored: the first differing step is not known)"
+        if rec.portable is not None:
+            where += (f": {count} element(s) of boundary {b} are neither the grid rounding of the recomputed value "
+                      "nor in its near-boundary log" if step is not None else
+                      f": boundary {b} is not the grid rounding of the recomputed values with its near-boundary log")
         res.fail("output", f"the block's recomputed output differs from the committed one{where}", tensor=key,
                  step=step, expected=expected, actual=actual)
         return False
@@ -395,6 +426,13 @@ class InferenceVerifier(RecordChecks, Verifying):
             return False, "a sampled record without a seed"
         if self.comparison.strict:
             want = choose_token(logits, gen, seed, self.record.algorithm, k) if gen is not None else greedy_token(logits)
+            portable = self.record.portable
+            if want != token and portable is not None:  # a logged near tie may go either way (SPEC.md 8.13)
+                if k not in portable.token_steps:
+                    return False, f"expected {want}; step {k} is not in the near-tie log"
+                _, tau_logit = tau_for(self.record.settings.layers_per_block)
+                ok = token_acceptable(logits, token, gen, seed, self.record.algorithm, k, tau_logit)
+                return ok, f"expected {want}; the recomputed logits are not near a tie with it (logged step {k})"
             return want == token, f"expected {want}"
         scale = max(float(z.abs().max()), 1e-30)
         eps = self.tolerance.logit * scale

@@ -65,8 +65,10 @@ class ShapeOracle:
     (every tensor [B, T]), and a meta pass costs about a millisecond per operator whatever the
     sizes. So after two passes at two lengths with the same B and layer blocks, the specs of a
     further length are derived by putting T in dimension 1 where the two passes had their
-    lengths, provided each of the two passes is predicted from the other by that rule (else
-    every length gets its own pass)."""
+    lengths, provided each of the two passes is predicted from the other by that rule and a
+    third pass, at a length well beyond both (4 max + 3), is predicted too: a dimension padded
+    to, capped at or pooled by some size agrees at two short lengths but not there (else every
+    length gets its own pass)."""
 
     MAX_CACHED = 4096
 
@@ -80,19 +82,19 @@ class ShapeOracle:
     @torch.no_grad()
     def training_outputs(self, blocks, batch: dict[str, torch.Tensor]) -> list[TensorSpec]:
         """The output spec of every layer block for a micro-batch shaped like `batch`."""
-        def run():
+        def run(b):
             self.adapter.model.train()
-            return self._run(blocks, self.adapter.stages, self.adapter.context(_meta(batch)), None)
+            return self._run(blocks, self.adapter.stages, self.adapter.context(_meta(b)), None)
         return self._specs("train", blocks, batch, run)
 
     @torch.no_grad()
     def sequence_outputs(self, blocks, batch: dict[str, torch.Tensor]) -> list[TensorSpec]:
         """The output spec of every layer block for one inference pass over the whole of `batch`
         (a prefill from position 0: a causal LM's steps joined along the positions)."""
-        def run():
+        def run(b):
             self.adapter.model.eval()
             caches = [KVCache() for _ in range(len(blocks))] if self.adapter.task == "causal_lm" else None
-            ctx = self.adapter.inference_context(0, _meta(batch))
+            ctx = self.adapter.inference_context(0, _meta(b))
             return self._run(blocks, self.adapter.inference_stages(), ctx, caches)
         return self._specs("sequence", blocks, batch, run)
 
@@ -108,13 +110,18 @@ class ShapeOracle:
             t0, known = next(iter(self._lengths[family].items()))
             specs = _with_length(known, t0, length[1])
         if specs is None:
-            specs = run()
+            specs = run(batch)
             if family is not None:
                 seen = self._lengths.setdefault(family, {})
                 seen[length[1]] = specs
                 if len(seen) == 2 and family not in self._rule:  # does the rule predict one pass from the other?
                     (t0, a), (t1, b) = seen.items()
-                    self._rule[family] = _with_length(a, t0, t1) == b and _with_length(b, t1, t0) == a
+                    agree = _with_length(a, t0, t1) == b and _with_length(b, t1, t0) == a
+                    if agree:  # and a pass far from both: a size that is padded, capped or pooled shows there
+                        tp = 4 * max(t0, t1) + 3
+                        probe = {k: torch.empty((v.shape[0], tp), dtype=v.dtype) for k, v in batch.items()}
+                        agree = _with_length(a, t0, tp) == run(probe)
+                    self._rule[family] = agree
         if len(self._cache) >= self.MAX_CACHED:
             self._cache.clear()
         self._cache[key] = specs

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..core import jsonio
 from ..core.signing import PublicKey
-from ..errors import InputError, MissingExtra, RecordError
+from ..errors import CommitmentMismatch, InputError, MissingExtra, RecordError
 from ..training.transcript import Transcript
 from ..training.agreement import Agreement
 from ..training.verify import NEEDS_AGREEMENT, Verifier
@@ -40,20 +40,31 @@ def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: 
     return [verifier.verify_block(l, s)[0] for l, s in blocks]
 
 
-def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key: PublicKey,
-                 blocks: list[tuple[int, int]], challenge_digest: bytes, *, agreement: Agreement | None = None,
-                 unsafe_no_agreement: bool = False, mode: str = "strict",
+def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key: PublicKey, challenge, *,
+                 agreement: Agreement | None = None, unsafe_no_agreement: bool = False, mode: str = "strict",
                  tolerance: Tolerance | None = None, replay_dtype: str | None = None, workers: int | None = None,
                  ray_address: str | None = None,
                  on_block: Callable[[BlockResult], None] | None = None) -> Report:
-    """Verify every challenged block from the bundle against the client's `agreement`. A bundle
-    that cannot be opened against the transcript and challenge, or whose run does not conform to
-    the agreement (its config, examples, labels, tokenizer), is a FAIL (the report's errors),
-    never a PASS."""
+    """Verify every block of the training `challenge` from the bundle against the client's own
+    transcript and `agreement`. A transcript that the pinned key did not sign, a challenge drawn
+    for another run root or grid (`challenge_mismatch`), a bundle that cannot be opened against
+    the transcript and challenge, or a run that does not conform to the agreement (its config,
+    examples, labels, tokenizer) is a FAIL (the report's errors), never a PASS."""
+    from .challenge import challenge_mismatch
+
     if agreement is None and not unsafe_no_agreement:
         raise InputError(NEEDS_AGREEMENT)
     report = Report(str(bundle_dir), mode)
-    transcript = Transcript.load(Path(transcript_path), public_key)
+    try:
+        transcript = Transcript.load(Path(transcript_path), public_key)
+    except CommitmentMismatch as exc:  # not signed by the pinned key, or rewritten: nothing it commits counts
+        report.errors.append(Finding(-1, -1, "transcript", str(exc)))
+        return report
+    why = challenge_mismatch(challenge, transcript, Path(bundle_dir) / "config.json")
+    if why is not None:
+        report.errors.append(Finding(-1, -1, "challenge", why))
+        return report
+    blocks, challenge_digest = list(challenge.blocks), challenge.digest_bytes
     try:  # structural checks once, in this process, before any work is spread out
         record = TrainingBundle.load(bundle_dir, transcript, challenge_digest, blocks)
         probe = Verifier(None, None, agreement, unsafe_no_agreement=unsafe_no_agreement, mode=mode,

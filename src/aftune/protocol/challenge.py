@@ -386,6 +386,27 @@ def challenge_from_transcript(transcript_path: str | Path, public_key, strategy:
                             algorithm=transcript.algorithm, kind="training")
 
 
+def challenge_mismatch(challenge: Challenge, transcript, config_path: str | Path | None = None) -> str | None:
+    """Why `challenge` was not drawn for the run that `transcript` (a loaded, signature-checked
+    Transcript) signs, or None: it must be a training challenge whose run root is the signed one
+    and whose grid is the transcript's step blocks and the run config's layer blocks (SPEC.md
+    9.7). The provider's `aftune open` and the client's audit apply the same rule, in these words."""
+    from ..training.run import signed_run_config
+
+    if challenge.kind != "training":
+        return f"this is an {challenge.kind} challenge; a run is opened and audited with a training challenge"
+    if transcript.run is None or transcript.run.root.hex() != challenge.run_root:
+        return ("the challenge was drawn from another run root than this transcript signs: the transcript was "
+                "re-signed after the challenge, or belongs to another run")
+    if challenge.num_step_blocks != len(transcript.step_blocks) - 1:
+        return "the challenge's grid does not match the transcript's step blocks"
+    if config_path is not None and Path(config_path).is_file():
+        layer_blocks = (signed_run_config(Path(config_path), transcript).get("layout") or {}).get("layer_blocks")
+        if not isinstance(layer_blocks, list) or len(layer_blocks) != challenge.num_layer_blocks:
+            return "the challenge's grid does not match the run's layer blocks"
+    return None
+
+
 def challenge_for_inference(record_root: bytes, num_layer_blocks: int, strategy: str, *, count: int | None = None,
                             sample_rate: float | None = None, nonce: bytes | None = None,
                             edge_weight: int | None = None, algorithm: str = "blake3") -> Challenge:

@@ -88,19 +88,24 @@ class TracingRun(RunRecord):
 
 # --- writing -------------------------------------------------------------------------------------
 
-def open_bundle(run_dir: str | Path, blocks: list[tuple[int, int]], challenge_digest: bytes, out: str | Path,
-                progress=None) -> dict[str, Any]:
-    """The provider's side: replay each challenged (layer block, step block) on its own record
+def open_bundle(run_dir: str | Path, challenge, out: str | Path, progress=None) -> dict[str, Any]:
+    """The provider's side: replay each block of the training `challenge` on its own record
     (regenerating checkpoints where needed), trace what the replay reads, and write the bundle.
-    Returns a summary {blocks, tensors, bytes, provider_verdicts}."""
+    A challenge drawn for another run root or grid is refused (`challenge_mismatch`). Returns a
+    summary {blocks, tensors, bytes, provider_verdicts}."""
     from ..training.regenerate import prepare
     from ..training.verify import Verifier
+    from .challenge import challenge_mismatch
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not empty: bundles are never overwritten")
     key = Transcript.header_key(run_dir / "transcript.jsonl")
     base = RunRecord.open(run_dir, key)
+    why = challenge_mismatch(challenge, base.transcript, run_dir / "config.json")
+    if why is not None:
+        raise InputError(f"this run cannot open the challenge: {why}")
+    blocks, challenge_digest = list(challenge.blocks), challenge.digest_bytes
     ns, nb = base.num_step_blocks, base.num_blocks
     for l, s in blocks:
         if not (0 <= l < nb and 0 <= s < ns):

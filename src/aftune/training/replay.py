@@ -22,7 +22,7 @@ from ..core.store import ObjectMissing
 from ..errors import CommitmentMismatch, RecordError
 from ..models.shapes import TensorSpec
 from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
-from ..verdict.comparison import tensor_kind
+from ..verdict.comparison import STATE_KINDS, relative_errors, state_errors, tensor_kind
 from .manifest import StepBlockManifest, common_key
 
 REASONS = {
@@ -33,6 +33,7 @@ REASONS = {
     "grad_norms": "the recomputed gradient norms differ from the committed ones",
     "end_state": "replaying the committed steps does not reach the committed end-of-block state",
 }
+DRIFT = "the end state drifts from the chain replayed from step block {first}"
 
 
 class StopReplay(Exception):
@@ -58,12 +59,19 @@ def check_fits(ref: TensorRef | None, want: TensorSpec, key: str) -> TensorRef:
 class BlockReplay:
     """One block's replay, reading the verifier's model, data and record."""
 
-    def __init__(self, verifier, result: BlockResult, layer_block: int, step_block: int):
+    def __init__(self, verifier, result: BlockResult, layer_block: int, step_block: int, chain=None):
         self.v, self.res, self.l, self.s = verifier, result, layer_block, step_block
         self.bm = verifier.blocked
         self.members = self.bm.tied_group(layer_block)  # replayed together (5.2.4); usually [layer_block]
         self.last_block = len(self.bm.blocks) - 1
         self.run_dtype = DTYPE_NAMES[DTYPE_BY_NAME[verifier.record.settings.dtype]]  # committed floats are in it
+        # tolerance mode: the state rule (SPEC.md 6.3) needs each state element's start value and
+        # the sum of its per-step changes (U), and the chain (drift.DriftChain, `verify --all`)
+        self.track = not verifier.comparison.strict
+        self.chain = chain
+        self.start_values: dict[str, torch.Tensor] = {}
+        self.updates: dict[str, torch.Tensor] = {}
+        self._fetched: dict[bytes, torch.Tensor] = {}
 
     # --- comparisons --------------------------------------------------------------------------
     def compare(self, ref: TensorRef | None, actual: torch.Tensor, *, check: str, tensor: str, step=None, micro=None,
@@ -74,7 +82,7 @@ class BlockReplay:
             return
         res.compared += 1
         loadable = not v.comparison.strict or (check == "end_state" and v.record.store.has(ref.digest))
-        committed = (lambda: v.record.store.get(ref, where or tensor)) if loadable else None
+        committed = (lambda: self.fetch(ref, where or tensor, keep=check == "end_state")) if loadable else None
         kind = tensor_kind(check, tensor)
         outcome = v.comparison.compare(ref, actual, committed, v.algorithm, kind, measure_mismatch=check == "end_state")
         if outcome.elem is not None:
@@ -86,6 +94,48 @@ class BlockReplay:
             reason += f"; {outcome.reason}"
         res.fail(check, reason, capped=check != "end_state", tensor=tensor, step=step, micro=micro,
                  expected=outcome.expected, actual=outcome.actual, error=outcome.rel)
+
+    def fetch(self, ref: TensorRef, where: str, keep: bool = False) -> torch.Tensor:
+        """The committed tensor of `ref` (end states: loaded once for both comparisons)."""
+        t = self._fetched.get(ref.digest)
+        if t is None:
+            t = self.v.record.store.get(ref, where)
+            if keep:
+                self._fetched[ref.digest] = t
+        return t
+
+    def state_rule(self, ref: TensorRef | None, key: str, actual: torch.Tensor, where: str) -> None:
+        """Tolerance mode: the end-state tensor `key` under the state rule (SPEC.md 6.3), for this
+        step block's replay and, in a chained replay, for the chain; each failure is a finding."""
+        v, res = self.v, self.res
+        kind = tensor_kind("end_state", key)
+        if ref is None or kind not in STATE_KINDS or not actual.is_floating_point() or tuple(actual.shape) != ref.shape:
+            return  # the comparison itself reported it (missing row, shape), or an integer buffer (bitwise)
+        dtype = v.storage_dtype or actual.dtype  # the replay holds the state at the run's dtype
+        committed = self.fetch(ref, where, keep=True)
+        update = self.updates.get(key)
+        scopes = [("block", actual.detach(), update, None)]
+        if self.chain is not None and key in self.start_values:
+            chained, total = self.chain.advance(self.s, key, self.start_values[key], actual.detach(), update)
+            scopes.append(("chain", chained, total, self.chain.first))
+        for scope, a, U, first in scopes:
+            errors = state_errors(a, committed, U, dtype)
+            v.observe_state(scope, kind, errors)
+            limits = v.state_limits(scope, kind)
+            if limits is None or errors.within(limits):
+                continue
+            rel = relative_errors(a, committed)[0]
+            if first is None:
+                why = f"beyond rounding and the replayed updates: {errors.describe(limits)}"
+                same = [i for i, f in enumerate(res.findings) if f.check == "end_state" and f.tensor == key]
+                if same:  # the relative thresholds failed too: one finding with both reasons
+                    f = res.findings[same[-1]]
+                    res.findings[same[-1]] = Finding(**{**f.__dict__, "reason": f"{f.reason}; {why}"})
+                    continue
+                res.fail("end_state", f"{REASONS['end_state']} {why}", capped=False, tensor=key, error=rel)
+            else:
+                res.fail("end_state", f"{DRIFT.format(first=first)} beyond rounding and the replayed updates: "
+                         f"{errors.describe(limits)}", capped=False, tensor=key, error=rel)
 
     def load(self, ref: TensorRef, key: str) -> torch.Tensor:
         t = self.v.record.store.get(ref, key)
@@ -151,6 +201,8 @@ class BlockReplay:
                 v.initial.check_state(self.res, key[len("state/"):], t)
             elif s == 0 and key.startswith("optim/"):
                 v.initial.check_optimizer(self.res, key, t)
+            if self.track and t.is_floating_point():
+                self.start_values[key] = t.detach().double().clone()
             bm.assign(key, t.to(v.replay_dtype) if t.is_floating_point() else t)
 
     def replay_micro(self, manifest: StepBlockManifest, step: int, m: int) -> None:
@@ -215,6 +267,8 @@ class BlockReplay:
             want = TensorSpec((len(bm.layout[b].trainable),), "F32")
             all_norms.append(self.v.record.store.get(check_fits(manifest.common.get(k), want, k), k))
         coef = bm.clip(all_norms)
+        before = {k: t.detach().clone() for k, (_, t) in self.live_state().items()
+                  if t.is_floating_point()} if self.track else {}
         for b in self.members:  # a shared trainable parameter is updated once, by its owner
             bm.update(b, step, coef)
         stored = self.v.storage_dtype
@@ -223,6 +277,11 @@ class BlockReplay:
                 for _, t in bm.state_tensors(b).values():
                     if t.is_floating_point():
                         t.copy_(t.to(stored))
+        if before:  # U of the state rule: the sum of each element's |change| over the replayed steps
+            live = self.live_state()
+            for key, old in before.items():
+                move = (live[key][1].detach().double() - old.double()).abs_()
+                self.updates[key] = self.updates[key].add_(move) if key in self.updates else move
 
     def end_state(self, m_end: StepBlockManifest) -> dict[str, torch.Tensor]:
         """6. The end state, compared with the commitment of the next step block."""
@@ -230,8 +289,12 @@ class BlockReplay:
         end_state = {}
         for key, (ref, owner) in self.state_refs(m_end).items():
             _, t = live[key]
-            self.compare(ref, t, check="end_state", tensor=key, where=f"step block {self.s + 1}, layer block {owner}")
+            where = f"step block {self.s + 1}, layer block {owner}"
+            self.compare(ref, t, check="end_state", tensor=key, where=where)
+            if self.track:
+                self.state_rule(ref, key, t, where)
             end_state[key] = t.detach().clone()
+        self._fetched.clear()
         self.rank_end_state()
         return end_state
 

@@ -14,9 +14,14 @@ For layer block l and step block s, the verifier (numbers follow SPEC.md 6):
     output (or loss); backward from the committed output gradient, compares the input gradient
     and any tied-weight gradient part; compares per-tensor gradient norms; clips with the
     committed norms of all blocks and applies the optimizer;
- 6. compares the end state (weights, buffers, optimizer state) with the commitment of s+1.
+ 6. compares the end state (weights, buffers, optimizer state) with the commitment of s+1
+    (tolerance mode: also under the state rule, in ulps of the run dtype and units of the
+    replay's own updates; with --all also the chain of step blocks, `drift.py`).
 
 Comparisons follow the one policy of `verdict.comparison`: strict (bitwise) or tolerance.
+A single block's verification (no --all) does not see drift spread over step blocks: each block
+is replayed from its own committed start state, which a provider may have moved, by less than
+one end-state check allows, at the end of every step block before it (SPEC.md 6.3 "Chain").
 """
 
 from __future__ import annotations
@@ -35,14 +40,15 @@ from ..errors import CommitmentMismatch, InputError
 from ..models import tokenizer_from_files
 from ..models.shapes import shape_oracle
 from ..verdict.findings import BlockResult, Finding, Report
-from ..verdict.comparison import (MODES, TENSOR_KINDS, Comparison, Tolerance, Verifying,  # noqa: F401
-                              relative_errors, tensor_kind)
+from ..verdict.comparison import (MODES, TENSOR_KINDS, UNIT_ROUNDOFF, Comparison, StateErrors, Tolerance,  # noqa: F401
+                                  Verifying, default_state_limits, relative_errors, tensor_kind)
 from ..verdict.threads import pinned_threads, recorded_threads
 from .engine import BlockedModel
 from .initial_state import InitialState
 from .agreement import Agreement
 from .conformance import NO_AGREEMENT_NOTE, agreement_of_run, run_conformance
 from .instantiate import base_name, instantiate, is_lora_tensor
+from .drift import DriftChain
 from .final_model import check_final_model
 from .replay import BlockReplay, StateNotStored, StopReplay
 from .check import run_check_findings
@@ -90,6 +96,14 @@ class Verifier(Verifying):
         self.storage_dtype = run_dtype if run_dtype != self.replay_dtype else None
         if tolerance is None and not self.comparison.strict:
             self.comparison = Comparison(mode, Tolerance.for_training(self.run_settings.dtype, self.settings.dtype))
+        # the state rule's limits (SPEC.md 6.3): the tolerance's, else the defaults of the less
+        # precise of the run and replay dtypes; the largest measures seen, per (scope, kind)
+        self._state_defaults = Tolerance(state=default_state_limits(
+            max((self.run_settings.dtype, self.settings.dtype), key=lambda d: UNIT_ROUNDOFF.get(d, 0.0))))
+        self.state_observed: dict[tuple[str, str], list[float]] = {}
+        if not self.comparison.strict and not self.comparison.tolerance.state and not self._state_defaults.state:
+            self.notes.append(f"no state-rule limits for {self.run_settings.dtype} runs: weights and optimizer state "
+                              "are compared with the relative thresholds only (give calibrated ones, aftune calibrate)")
         self._hf_config = agreement.base_config
         _, self.model, adapter = instantiate(self._hf_config, self.settings)
         self.blocked = BlockedModel(self.model, adapter, self.settings)
@@ -106,6 +120,17 @@ class Verifier(Verifying):
         if not self.conformance:
             self._load_data()
         self.initial = InitialState(agreement.base_tensors, self._lora_initial, self.algorithm)
+
+    def state_limits(self, scope: str, kind: str) -> tuple[float, float, float] | None:
+        """(element, norm, count) limits of the state rule (SPEC.md 6.3), or None (no rule)."""
+        given = self.comparison.tolerance.state_limits(scope, kind)
+        return given if given is not None else self._state_defaults.state_limits(scope, kind)
+
+    def observe_state(self, scope: str, kind: str, errors: StateErrors) -> None:
+        """Note the state rule's measures of one tensor (for calibration and the margins)."""
+        seen = self.state_observed.setdefault((scope, kind), [0.0, 0.0, 0.0])
+        for i, x in enumerate((errors.element, errors.norm, errors.count)):
+            seen[i] = max(seen[i], x)
 
     def layout(self) -> tuple[list[str], list[list[int]]]:
         return self.blocked.stage_names, [list(r) for r in self.blocked.blocks.ranges]
@@ -171,12 +196,14 @@ class Verifier(Verifying):
 
     # --- one block ----------------------------------------------------------------------------
     def verify_block(self, layer_block: int, step_block: int, start_state: dict[str, torch.Tensor] | None = None,
-                     after_failure: bool = False) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+                     after_failure: bool = False, chain: DriftChain | None = None
+                     ) -> tuple[BlockResult, dict[str, torch.Tensor]]:
         """Replay (layer_block, step_block). Returns the result and the replayed end state
         (keys as in the manifest), which can start the next step block's replay. With
         `after_failure` (the previous step block of this layer block failed), a start state that
         is committed by digest only cannot be regenerated: that is this block's FAIL, not missing
-        data."""
+        data. With a `chain` (tolerance mode), the block's recomputed move is added to it and
+        the chained state compared with the committed end state (SPEC.md 6.3)."""
         nb, ns = len(self.blocked.blocks), self.num_step_blocks
         if not 0 <= layer_block < nb:
             raise InputError(f"layer block {layer_block} does not exist: this run has layer blocks 0..{nb - 1}")
@@ -191,7 +218,7 @@ class Verifier(Verifying):
             return res, end_state
         try:
             with pinned_threads(self.recorded_threads(), enabled=self.comparison.strict):
-                end_state = BlockReplay(self, res, layer_block, step_block).run(start_state)
+                end_state = BlockReplay(self, res, layer_block, step_block, chain).run(start_state)
         except CommitmentMismatch as exc:  # a committed tensor contradicts the agreed computation
             res.fail("record", str(exc))
         except StopReplay:
@@ -214,7 +241,10 @@ class Verifier(Verifying):
 
     def verify_all(self, on_block: Callable[[BlockResult], None] | None = None) -> Report:
         """Every block, chaining each layer block's replays through the step blocks, then the
-        final model. A run that does not conform to the agreement is not replayed."""
+        final model. A run that does not conform to the agreement is not replayed. In tolerance
+        mode each end state is also compared with the chain of the layer block's step blocks
+        (drift.DriftChain), from step block 0 or from the step block after one whose replay
+        stopped before its end state."""
         report = self.new_report()
         stored = run_check_findings(self.record) if type(self.record) is RunRecord else []  # static check (6.9)
         if self.conformance:
@@ -227,8 +257,11 @@ class Verifier(Verifying):
             max(0, min(self.num_step_blocks, len(self.record.transcript.step_blocks) - 1))
         for l in range(len(self.blocked.blocks)):
             state, failed = None, False
+            chain = None if self.comparison.strict else DriftChain(0)
             for s in range(signed):
-                result, state = self.verify_block(l, s, state, after_failure=failed)
+                if chain is not None and chain.through != s - 1:  # the step block before stopped: restart here
+                    chain = DriftChain(s)
+                result, state = self.verify_block(l, s, state, after_failure=failed, chain=chain)
                 failed = result.verdict == "FAIL"
                 report.results.append(result)
                 if on_block:

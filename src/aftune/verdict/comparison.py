@@ -15,7 +15,7 @@ One policy for every verifier (training blocks, inference blocks, audits of eith
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -26,7 +26,10 @@ from ..errors import InputError
 
 MODES = ("strict", "tolerance")
 TENSOR_KINDS = ("activation", "gradient", "weights", "optimizer")
-TOLERANCE_FORMAT = "aftune.tolerance.v1"
+TOLERANCE_FORMAT = "aftune.tolerance.v2"  # v2 adds `state` (the state rule's limits); v1 is still read
+TOLERANCE_FORMATS = ("aftune.tolerance.v1", TOLERANCE_FORMAT)
+STATE_KINDS = ("weights", "optimizer")  # the kinds the state rule compares (end states of a training replay)
+STATE_SCOPES = ("block", "chain")  # one step block's replay; the chain of step blocks (SPEC.md 6.3)
 
 # Unit roundoff u = 2^-p of each dtype (p: significand bits, the implicit one included).
 UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24, "float64": 2.0 ** -53}
@@ -67,6 +70,40 @@ TRAINING_UNITS = {
 }
 TRAINING_UNITS["float64"] = TRAINING_UNITS["float32"]
 
+# The state rule (SPEC.md 6.3, "State rule"): a replayed weight or optimizer-state element a_i,
+# held at the run's dtype, against the committed e_i, measured in units of
+#   s_i = ulp(a_i) + U_i
+# (ulp: the spacing of the run dtype at |a_i|; U_i: the sum of |per-step change| of the element
+# over the replayed steps, the verifier's own, after rounding to the run dtype). An honest replay
+# differs from the record only where a rounding went the other way and where an update computed
+# from slightly different values differed (at most the update itself: a near-zero Adam gradient
+# whose sign rounds differently turns +lr into -lr, 2 U). Per tensor:
+#   element = max_i |e_i - a_i| / s_i                         (<= element limit)
+#   norm    = ||e - a||_2 / ||s||_2                            (<= norm limit)
+#   count   = max(0, #{i: |e_i - a_i| > ROUNDING_LEVEL (ulp(a_i) + u U_i)} - COUNT_SLACK)
+#             / max(1, #{i: U_i > 0})                          (<= count limit)
+# The chain scope compares the same way the state the verifier carries forward from the first
+# replayed step block (each block's own recomputed move added to it), with U summed since then.
+ROUNDING_LEVEL = 16.0  # K: an element further off than K (ulp + u U) is counted as beyond rounding
+COUNT_SLACK = 8  # elements beyond rounding a tensor may have regardless of its size
+# Defaults per run dtype: {scope: {kind: (element, norm in units of u, count)}}. Measured on honest
+# runs (the built-in model, tiny Llama and Mistral, lr 1e-3 and 1e-2, B_S 2 to 8, up to 32 steps,
+# replayed one precision up; docs/precision.md): weights reach element 7, norm 33 u (bfloat16)
+# and 627 u (float32), count 0.075; optimizer state reaches norm 65 u (bfloat16) and 682 u (float32). The
+# optimizer's element and count measures are not limited by default (2^30, 1.0): an element
+# at or near zero in one replay and a few ulps of the subnormal range in the other is honest
+# there (measured up to 1.4e7 x its scale), and Adam ignores it (it divides by sqrt(v) + eps).
+STATE_UNITS = {
+    "bfloat16": {scope: {"weights": (16.0, 96.0, 0.2), "optimizer": (2.0 ** 30, 192.0, 1.0)}
+                 for scope in ("block", "chain")},
+    "float32": {scope: {"weights": (16.0, 2048.0, 0.2), "optimizer": (2.0 ** 30, 2048.0, 1.0)}
+                for scope in ("block", "chain")},
+}
+STATE_UNITS["float64"] = STATE_UNITS["float32"]
+# significand bits p (the implicit one included) and smallest normal exponent of each float dtype
+FLOAT_FORMATS = {torch.bfloat16: (8, -126), torch.float16: (11, -14), torch.float32: (24, -126),
+                 torch.float64: (53, -1022)}
+
 
 def threshold_problem(name: str, value: Any) -> str | None:
     """Why `value` cannot be a threshold (None when it can): thresholds are finite and positive."""
@@ -86,6 +123,9 @@ class Tolerance:
     max_elem: float = 1e-2  # max_i |recomputed_i - committed_i| / magnitude_i (relative_errors)
     per_kind: tuple[tuple[str, float, float], ...] = ()  # (kind, rel_l2, max_elem)
     logit: float = 1e-2  # token choice: allowed logit error / largest |logit| of the step
+    # the state rule's limits, (scope, kind, element, norm, count) (state_errors); none given: a
+    # training verifier uses the run dtype's defaults (STATE_UNITS)
+    state: tuple[tuple[str, str, float, float, float], ...] = ()
 
     def __post_init__(self):
         problems = [threshold_problem(n, v) for n, v in
@@ -98,6 +138,16 @@ class Tolerance:
             if kind not in TENSOR_KINDS:
                 problems.append(f"unknown tensor kind {kind!r} (kinds: {', '.join(TENSOR_KINDS)})")
             problems += [threshold_problem(f"{kind}.rel_l2", rel), threshold_problem(f"{kind}.max_elem", elem)]
+        for entry in self.state:
+            if not isinstance(entry, tuple) or len(entry) != 5:
+                problems.append(f"state limits are (scope, kind, element, norm, count), got {entry!r}")
+                continue
+            scope, kind, *limits = entry
+            if scope not in STATE_SCOPES or kind not in STATE_KINDS:
+                problems.append(f"unknown state scope or kind {scope!r}, {kind!r} (scopes: {', '.join(STATE_SCOPES)}; "
+                                f"kinds: {', '.join(STATE_KINDS)})")
+            problems += [threshold_problem(f"state.{scope}.{kind}.{n}", x)
+                         for n, x in zip(("element", "norm", "count"), limits)]
         problems = [p for p in problems if p]
         if problems:
             raise InputError("invalid tolerance: " + "; ".join(problems))
@@ -132,7 +182,8 @@ class Tolerance:
                              "and --max-elem)")
         u = UNIT_ROUNDOFF[base]
         per_kind = tuple((k, rel * u, elem * u) for k, (rel, elem) in TRAINING_UNITS[base].items())
-        return cls(max(t[1] for t in per_kind), max(t[2] for t in per_kind), per_kind)
+        return cls(max(t[1] for t in per_kind), max(t[2] for t in per_kind), per_kind,
+                   state=default_state_limits(base))
 
     def limits(self, kind: str) -> tuple[float, float]:
         for k, rel, elem in self.per_kind:
@@ -140,19 +191,49 @@ class Tolerance:
                 return rel, elem
         return self.rel_l2, self.max_elem
 
+    def state_limits(self, scope: str, kind: str) -> tuple[float, float, float] | None:
+        """(element, norm, count) limits of the state rule for `scope` and `kind`, or None when
+        this tolerance gives none for them."""
+        for sc, k, element, norm, count in self.state:
+            if (sc, k) == (scope, kind):
+                return element, norm, count
+        return None
+
     def to_json(self) -> dict[str, Any]:
+        state: dict[str, dict[str, dict[str, float]]] = {}
+        for scope, kind, element, norm, count in self.state:
+            state.setdefault(scope, {})[kind] = {"element": element, "norm": norm, "count": count}
         return {"format": TOLERANCE_FORMAT, "rel_l2": self.rel_l2, "max_elem": self.max_elem, "logit": self.logit,
-                "per_kind": {k: {"rel_l2": rel, "max_elem": elem} for k, rel, elem in self.per_kind}}
+                "per_kind": {k: {"rel_l2": rel, "max_elem": elem} for k, rel, elem in self.per_kind},
+                "state": state}
 
     @classmethod
     def from_json(cls, obj: Any) -> "Tolerance":
+        """An aftune.tolerance.v2 document, or a v1 one (which has no state limits: a training
+        verifier then applies the run dtype's defaults to weights and optimizer state)."""
         try:
-            if obj.get("format") != TOLERANCE_FORMAT:
+            if obj.get("format") not in TOLERANCE_FORMATS:
                 raise ValueError("format")
             per_kind = tuple((k, float(v["rel_l2"]), float(v["max_elem"])) for k, v in obj.get("per_kind", {}).items())
-            return cls(float(obj["rel_l2"]), float(obj["max_elem"]), per_kind, float(obj.get("logit", cls.logit)))
+            state = ()
+            if obj["format"] != TOLERANCE_FORMATS[0]:
+                state = tuple((scope, kind, float(v["element"]), float(v["norm"]), float(v["count"]))
+                              for scope, kinds in obj.get("state", {}).items() for kind, v in kinds.items())
+            return cls(float(obj["rel_l2"]), float(obj["max_elem"]), per_kind, float(obj.get("logit", cls.logit)),
+                       state)
         except (AttributeError, KeyError, TypeError, ValueError):
-            raise InputError(f"not an {TOLERANCE_FORMAT} document (write one with `aftune calibrate --out`)") from None
+            raise InputError(f"not an {TOLERANCE_FORMAT} (or v1) document (write one with `aftune calibrate --out`)"
+                             ) from None
+
+
+def default_state_limits(dtype: str) -> tuple[tuple[str, str, float, float, float], ...]:
+    """The state rule's default limits for runs in `dtype` (STATE_UNITS; norms in units of its u),
+    or () where there are none (float16)."""
+    if dtype not in STATE_UNITS:
+        return ()
+    u = UNIT_ROUNDOFF[dtype]
+    return tuple((scope, kind, element, norm * u, count) for scope, kinds in STATE_UNITS[dtype].items()
+                 for kind, (element, norm, count) in kinds.items())
 
 
 def tensor_kind(check: str, tensor: str) -> str:
@@ -200,6 +281,75 @@ def relative_errors(actual: torch.Tensor, expected: torch.Tensor,
     if not (math.isfinite(rel) and math.isfinite(elem)):
         return math.inf, math.inf
     return rel, elem
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at |values| (binary64): 2^(max(floor(log2 |x|), e_min) - p + 1),
+    the subnormal spacing at zero and below the normal range."""
+    p, emin = FLOAT_FORMATS[dtype]
+    magnitude = values.detach().double().abs()
+    _, e = torch.frexp(magnitude)
+    e = torch.where(magnitude == 0, torch.full_like(e, emin + 1), e)  # frexp(0) has exponent 0
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), torch.clamp(e - 1, min=emin) - (p - 1))
+
+
+@dataclass(frozen=True)
+class StateErrors:
+    """How far a committed state tensor lies from its replay, in the units of the state rule."""
+
+    element: float  # max_i |e_i - a_i| / (ulp(a_i) + U_i)
+    norm: float  # ||e - a|| / ||ulp(a) + U||
+    count: float  # max(0, beyond - COUNT_SLACK) / max(1, touched)
+    beyond: int  # elements off by more than ROUNDING_LEVEL (ulp + u U)
+    touched: int  # elements the replay's updates moved (U > 0)
+    worst: int  # flat index of the element with the largest `element`
+    worst_ulps: float  # |e - a| of that element, in ulps of a
+    numel: int = 0
+
+    def within(self, limits: tuple[float, float, float]) -> bool:
+        element, norm, count = limits
+        return self.element <= element and self.norm <= norm and self.count <= count
+
+    def describe(self, limits: tuple[float, float, float]) -> str:
+        """What exceeds `limits` first, then the other measures."""
+        element, norm, count = limits
+        parts = [(self.count > count, f"{self.beyond} of {self.numel} elements off by more than "
+                  f"{ROUNDING_LEVEL:g} x (ulp + u x their update) ({self.touched} moved by the replay; "
+                  f"allowed {COUNT_SLACK} + {count:.3g} x that)"),
+                 (self.element > element, f"element {self.worst} off by {self.worst_ulps:.4g} ulps = "
+                  f"{self.element:.3g} x (its ulp + its update) (limit {element:.3g})"),
+                 (self.norm > norm, f"norm of the difference {self.norm:.3g} x that of (ulp + update) "
+                  f"(limit {norm:.3g})")]
+        return "; ".join(text for _, text in sorted(parts, key=lambda p: not p[0]))
+
+
+INFINITE_STATE = StateErrors(math.inf, math.inf, math.inf, 0, 0, 0, math.inf)
+
+
+def state_errors(actual: torch.Tensor, committed: torch.Tensor, update: torch.Tensor | None,
+                 dtype: torch.dtype) -> StateErrors:
+    """The state rule's measures (SPEC.md 6.3) of the committed state tensor against the
+    verifier's `actual` one, held at the run's `dtype`; `update` is U (None: nothing moved).
+    Infinite when either side holds a NaN or an infinity."""
+    a, e = actual.detach().double(), committed.detach().double().reshape(actual.shape)
+    n = a.numel()
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return replace(INFINITE_STATE, numel=n)
+    if n == 0:
+        return StateErrors(0.0, 0.0, 0.0, 0, 0, 0, 0.0, 0)
+    u_run = 2.0 ** -FLOAT_FORMATS[dtype][0]
+    spacing = ulp(a, dtype)
+    U = update.detach().double().reshape(a.shape) if update is not None else torch.zeros_like(a)
+    diff = (e - a).abs()
+    scale = spacing + U
+    ratio = diff / scale
+    worst = int(ratio.reshape(-1).argmax())
+    beyond = int((diff > ROUNDING_LEVEL * (spacing + u_run * U)).sum())
+    touched = int((U > 0).sum())
+    norm = float(torch.linalg.vector_norm(diff)) / max(float(torch.linalg.vector_norm(scale)), 1e-300)
+    return StateErrors(float(ratio.reshape(-1)[worst]), norm if math.isfinite(norm) else math.inf,
+                       max(0, beyond - COUNT_SLACK) / max(1, touched), beyond, touched, worst,
+                       float(diff.reshape(-1)[worst] / spacing.reshape(-1)[worst]), n)
 
 
 @dataclass(frozen=True)
@@ -269,3 +419,8 @@ class Verifying:
     @property
     def tolerance(self) -> Tolerance:
         return self.comparison.tolerance
+
+    @property
+    def policy(self) -> Comparison:
+        """The verifier's `comparison` (the name tests and callers used before it was renamed)."""
+        return self.comparison
