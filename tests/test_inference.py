@@ -172,7 +172,7 @@ def test_records_are_named_by_full_digest_and_never_overwritten(model_dir, tmp_p
         assert (rec / "receipts" / f"{r.record_id}.json").is_file()
     with pytest.raises(Exception, match="never overwritten"):
         RecordDir(rec, "blake3").write_new(results[0].record_path, b"{}")
-    assert record_id("blake3", results[0].record_path.read_bytes()) == results[0].record_id
+    assert record_id("blake3", results[0].record_path.read_bytes()).hex() == results[0].record_id
     with pytest.raises(InputError, match="3 records"):
         InferenceRecord.open(rec)
 

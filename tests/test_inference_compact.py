@@ -90,7 +90,7 @@ def test_opening_regenerates_activations_and_a_mismatch_fails(model_dir, tmp_pat
     model, key = model_dir("llama"), SigningKey.generate()
     honest, engine = infer(model, tmp_path / "honest", key=key, activation_interval=0)
     nb = len(engine.blocks)
-    c = challenge_for_inference(honest.record_id, nb, "all")
+    c = challenge_for_inference(bytes.fromhex(honest.record_id), nb, "all")
     summary = open_inference_bundle(tmp_path / "honest", c, tmp_path / "bundle", model=model)
     assert summary["regenerated"] == list(range(1, nb)) and set(summary["provider_verdicts"].values()) == {"PASS"}
     assert not InferenceRecord.open(tmp_path / "honest").has_tensor(boundary_key(1))  # the record stays compact
@@ -102,7 +102,7 @@ def test_opening_regenerates_activations_and_a_mismatch_fails(model_dir, tmp_pat
     # provider's hardware cannot reproduce the committed digest, so the opening FAILs
     bad, engine = infer(model, tmp_path / "bad", key=key, activation_interval=0,
                         deviation=PerturbBoundary(step=1, at=2))
-    c = challenge_for_inference(bad.record_id, nb, "all")
+    c = challenge_for_inference(bytes.fromhex(bad.record_id), nb, "all")
     with pytest.raises(CommitmentMismatch, match="regenerating boundary 2"):
         open_inference_bundle(tmp_path / "bad", c, tmp_path / "bad-bundle", model=model)
     assert not (tmp_path / "bad-bundle").exists()  # no bundle is left behind
