@@ -159,9 +159,9 @@ def test_the_records_block_depth_widens_thresholds_only_as_far_as_the_client_acc
     assert probe.results[0].max_error > 0
     delta = 1e-4 * 1.5 ** 0.5 / fraction(probe, narrow)  # about 1.22x the narrow thresholds, 0.82x the wide
     (v3, accepted3), (v2, accepted2) = served(delta, "attack")
-    assert v3.policy.tolerance == wide and not any("max-layers-per-block" in n for n in v3.notes), v3.notes
+    assert v3.comparison.tolerance == wide and not any("max-layers-per-block" in n for n in v3.notes), v3.notes
     assert accepted3.verdict == "PASS", accepted3.summary()
-    assert v2.policy.tolerance == narrow and any("--max-layers-per-block 3" in n for n in v2.notes), v2.notes
+    assert v2.comparison.tolerance == narrow and any("--max-layers-per-block 3" in n for n in v2.notes), v2.notes
     assert accepted2.verdict == "FAIL" and failing(accepted2) == [0], accepted2.summary()
     finding = accepted2.results[0].findings[0]
     assert finding.check == "output" and "beyond the tolerance" in finding.reason

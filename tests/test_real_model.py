@@ -136,7 +136,7 @@ def test_honest_training_replayed_in_another_precision_passes_with_the_defaults(
         seen = [r.errors_by_kind[kind] for r in report.results if kind in r.errors_by_kind]
         if seen:
             rel, elem = max(s[0] for s in seen), max(s[1] for s in seen)
-            r_lim, e_lim = v.policy.tolerance.limits(kind)
+            r_lim, e_lim = v.comparison.tolerance.limits(kind)
             margins[kind] = min(r_lim / max(rel, 1e-300), e_lim / max(elem, 1e-300))
     print(f"\nSmolLM2 ({LAYERS} layers) {dtype} fine-tuning replayed in {REPLAY[dtype]}: margins "
           + ", ".join(f"{k} {m:.1f}x" for k, m in margins.items()))

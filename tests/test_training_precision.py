@@ -51,10 +51,10 @@ def test_default_thresholds_pass_honest_runs_replayed_in_another_precision(recor
                                                                            replay_dtype):
     run, key = record(family, dtype=record_dtype, lr=1e-3, steps=8, steps_per_block=4)
     v = verifier(run, key, mode="tolerance", replay_dtype=replay_dtype)
-    assert v.policy.tolerance == Tolerance.for_training(record_dtype, replay_dtype)
+    assert v.comparison.tolerance == Tolerance.for_training(record_dtype, replay_dtype)
     report = v.verify_all()
     assert report.verdict == "PASS", report.summary()
-    m = margins(report, v.policy.tolerance)
+    m = margins(report, v.comparison.tolerance)
     print(f"\n{family} {record_dtype} run replayed in {replay_dtype}: margins (threshold / largest honest error) "
           + ", ".join(f"{k} {x:.1f}x" for k, x in m.items()))
     assert set(m) >= {"activation", "gradient", "weights"} and all(x >= 2 for x in m.values()), m
@@ -75,7 +75,7 @@ def test_default_thresholds_catch_an_edited_weight(record, record_dtype, replay_
     # the first step that computes with the edited weight, or the end state that holds it
     assert first.step == 3 or (first.check == "end_state" and first.tensor.endswith(TARGET)), first.describe()
     ratio = {k: max(rel / lim[0], elem / lim[1]) for k, (rel, elem) in bad.errors_by_kind.items()
-             for lim in [v.policy.tolerance.limits(k)]}
+             for lim in [v.comparison.tolerance.limits(k)]}
     print(f"\n{attack} in a {record_dtype} run, replayed in {replay_dtype}: first finding {first.check} at step {first.step}; "
           "errors / default thresholds " + ", ".join(f"{k} {x:.3g}x" for k, x in ratio.items()))
     assert max(ratio.values()) > 1

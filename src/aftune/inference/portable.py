@@ -40,7 +40,7 @@ import torch
 
 from ..errors import InputError, RecordError
 from .policy import GenerationPolicy
-from .sampling import sample_uniform
+from .sampling import possible_tokens, sample_uniform
 
 GRID = "bfloat16"  # the grid of float32 compute
 GRID_DTYPE = torch.bfloat16
@@ -140,36 +140,6 @@ def round_and_log(x: torch.Tensor, tau: float, offset: int = 0) -> tuple[torch.T
     idx = torch.nonzero(near).reshape(-1)
     bits = bits_of(g).reshape(-1)[idx]
     return g, [[int(i) + offset, int(b)] for i, b in zip(idx.tolist(), bits.tolist())]
-
-
-def possible_tokens(z: torch.Tensor, temperature: float, top_p: float, u: float, eps: float) -> torch.Tensor:
-    """Every token that logits within `eps` (each) of `z` could make the seeded draw pick: the
-    vectorised form of `sampling.sampled_token_possible` (same bounds)."""
-    p = torch.softmax(z.double() / float(temperature), dim=-1)
-    r = math.exp(2.0 * eps / float(temperature))
-    n = p.numel()
-    if top_p >= 1.0:
-        maybe = torch.ones(n, dtype=torch.bool)
-        surely = maybe
-    else:
-        ps = torch.sort(p, descending=True).values
-        cs = torch.cumsum(ps, dim=0)
-        neg = -ps
-
-        def mass_above(x: torch.Tensor, inclusive: bool) -> torch.Tensor:
-            count = torch.searchsorted(neg, -x, right=inclusive)
-            return torch.where(count > 0, cs[(count - 1).clamp(min=0)], torch.zeros_like(x))
-
-        sure_above = mass_above(p * r * r, inclusive=False) / r
-        maybe_above = (mass_above(p / (r * r), inclusive=True) - p).clamp(min=0) * r
-        maybe = (sure_above < top_p) | (p * r * r >= float(ps[0]))
-        surely = (maybe_above < top_p) & maybe
-    ps_sure = torch.where(surely, p, torch.zeros_like(p))
-    ps_maybe = torch.where(maybe, p, torch.zeros_like(p))
-    lo = (torch.cumsum(ps_sure, 0) - ps_sure) / r
-    hi = torch.cumsum(ps_maybe, 0) * r
-    tot_lo, tot_hi = float(ps_sure.sum()) / r, float(ps_maybe.sum()) * r
-    return maybe & (u * tot_hi >= lo) & (u * tot_lo < hi)
 
 
 def logit_eps(z: torch.Tensor, tau_logit: float) -> float:

@@ -88,7 +88,14 @@ def sampled_token_possible(z: torch.Tensor, token: int, temperature: float, top_
     """Could logits within `eps` (each) of `z` make the seeded draw pick `token`? A sound,
     conservative test for tolerance mode: every probability of the provider's distribution lies
     within a factor r = exp(2 eps / T) of ours, which bounds nucleus membership and the
-    cumulative sums on both sides of the token."""
+    cumulative sums on both sides of the token (`possible_tokens`, for one token)."""
+    return bool(possible_tokens(z, temperature, top_p, u, eps)[token])
+
+
+def possible_tokens(z: torch.Tensor, temperature: float, top_p: float, u: float, eps: float) -> torch.Tensor:
+    """Every token that logits within `eps` (each) of `z` could make the seeded draw pick: every
+    probability of the provider's distribution lies within r = exp(2 eps / T) of ours, which
+    bounds nucleus membership and the cumulative sums on both sides of each token."""
     p = torch.softmax(z.double() / float(temperature), dim=-1)
     r = math.exp(2.0 * eps / float(temperature))
     n = p.numel()
@@ -98,7 +105,7 @@ def sampled_token_possible(z: torch.Tensor, token: int, temperature: float, top_
     else:
         ps = torch.sort(p, descending=True).values
         cs = torch.cumsum(ps, dim=0)
-        neg = -ps  # ascending
+        neg = -ps
 
         def mass_above(x: torch.Tensor, inclusive: bool) -> torch.Tensor:
             count = torch.searchsorted(neg, -x, right=inclusive)
@@ -106,17 +113,14 @@ def sampled_token_possible(z: torch.Tensor, token: int, temperature: float, top_
 
         sure_above = mass_above(p * r * r, inclusive=False) / r
         maybe_above = (mass_above(p / (r * r), inclusive=True) - p).clamp(min=0) * r
-        top = float(ps[0])
-        maybe = (sure_above < top_p) | (p * r * r >= top)
-        surely = maybe_above < top_p
-        surely = surely & maybe
-    if not bool(maybe[token]):
-        return False
-    lo = float(p[:token][surely[:token]].sum()) / r
-    hi = float(p[: token + 1][maybe[: token + 1]].sum()) * r
-    tot_lo = float(p[surely].sum()) / r
-    tot_hi = float(p[maybe].sum()) * r
-    return u * tot_hi >= lo and u * tot_lo < hi
+        maybe = (sure_above < top_p) | (p * r * r >= float(ps[0]))
+        surely = (maybe_above < top_p) & maybe
+    ps_sure = torch.where(surely, p, torch.zeros_like(p))
+    ps_maybe = torch.where(maybe, p, torch.zeros_like(p))
+    lo = (torch.cumsum(ps_sure, 0) - ps_sure) / r
+    hi = torch.cumsum(ps_maybe, 0) * r
+    tot_lo, tot_hi = float(ps_sure.sum()) / r, float(ps_maybe.sum()) * r
+    return maybe & (u * tot_hi >= lo) & (u * tot_lo < hi)
 
 
 def needed_logit_tolerance(z: torch.Tensor, token: int, gen: GenerationPolicy, u: float) -> float:

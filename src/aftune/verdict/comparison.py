@@ -8,8 +8,8 @@ One policy for every verifier (training blocks, inference blocks, audits of eith
   kind of tensor (replay on another device or in another precision). Integer tensors (batches,
   token ids, labels) are compared bitwise in both modes.
 
-    policy = Comparison("tolerance", Tolerance(rel_l2=1e-3, max_elem=1e-2))
-    outcome = policy.compare(ref, recomputed, load_committed, algorithm="blake3", kind="activation")
+    comparison = Comparison("tolerance", Tolerance(rel_l2=1e-3, max_elem=1e-2))
+    outcome = comparison.compare(ref, recomputed, load_committed, algorithm="blake3", kind="activation")
 """
 
 from __future__ import annotations
@@ -419,8 +419,3 @@ class Verifying:
     @property
     def tolerance(self) -> Tolerance:
         return self.comparison.tolerance
-
-    @property
-    def policy(self) -> Comparison:
-        """The verifier's `comparison` (the name tests and callers used before it was renamed)."""
-        return self.comparison
