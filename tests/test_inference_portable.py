@@ -339,3 +339,17 @@ def test_spec_vectors_of_portable_numerics():
             decode_log(bad, 201, "x")
     with pytest.raises(RecordError, match="outside"):
         decode_log("AD+AAD+BxgEAAQ==", 200, "x")
+
+
+def test_the_records_block_depth_widens_tau_only_as_far_as_the_client_accepts(tmp_path):
+    """tau widens for deeper layer blocks, and the record's depth is the provider's choice: it
+    counts only up to the client's max_layers_per_block (as tolerance thresholds do)."""
+    policy = pinned(4, numerics="portable")
+    deep = make(tmp_path / "deep", policy, layers_per_block=4)
+    v = InferenceVerifier(tmp_path / "deep", deep.record_id, model=BUILTIN, policy=policy, expected_prompt=PROMPT)
+    assert v.portable_depth == 2 and any("--max-layers-per-block 4" in n for n in v.notes), v.notes
+    accepting = InferenceVerifier(tmp_path / "deep", deep.record_id, model=BUILTIN, policy=policy,
+                                  expected_prompt=PROMPT, max_layers_per_block=4)
+    assert accepting.portable_depth == 4 and not any("max-layers-per-block" in n for n in accepting.notes)
+    report = accepting.verify_all()
+    assert report.verdict == "PASS", failures(report)

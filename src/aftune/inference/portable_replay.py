@@ -13,7 +13,7 @@ from .record import boundary_key
 
 
 class PortableReplay:
-    """Mixed into `InferenceVerifier`: reads `record`."""
+    """Mixed into `InferenceVerifier`: reads `record` and `portable_depth`."""
 
     def _step_of(self, flat: int, parts: list[torch.Tensor]) -> int:
         """The step holding flat element `flat` of a boundary's concatenated steps."""
@@ -43,7 +43,7 @@ class PortableReplay:
                      f"elements, more than the cap {cap} (exceeded at step {step}): a log gives a provider one grid "
                      "step of freedom on each element it lists", tensor=key, step=step)
             return None
-        tau, _ = tau_for(rec.settings.layers_per_block)
+        tau, _ = tau_for(self.portable_depth)  # capped by the client's accepted depth
         adjusted = adjust(full, entries, tau)
         if adjusted.refused:
             step = self._step_of(adjusted.refused[0], outputs)

@@ -98,6 +98,13 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
         if tolerance is None:  # the defaults of the record's dtype, the replay's and the accepted block depth
             tolerance, depth_note = default_tolerance(rec, replay_dtype, max_layers_per_block)
         self.comparison = Comparison(mode, tolerance)
+        # portable tau widens for deeper blocks only as far as the client accepts (the depth is the provider's choice)
+        self.portable_depth = min(rec.settings.layers_per_block, max_layers_per_block) \
+            if isinstance(max_layers_per_block, int) and max_layers_per_block >= 1 else 2
+        if rec.portable is not None and rec.settings.layers_per_block > self.portable_depth:
+            depth_note = (f"portable tau was widened for layer blocks of at most {self.portable_depth} layers, not the "
+                          f"record's {rec.settings.layers_per_block} (the provider chose that depth); give "
+                          f"--max-layers-per-block {rec.settings.layers_per_block} if you accept blocks that deep")
         if rec.portable is not None and not self.comparison.strict:
             raise InputError("this record has portable numerics (SPEC.md 8.13): it is verified bitwise on any hardware "
                              "in strict mode (the default); tolerance mode does not apply to its bfloat16 boundaries")
@@ -113,7 +120,7 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
         self.served, run_from_model = self._load_model(model, run_dir)
         run_dir = run_dir or run_from_model
         self.notes = self._gaps(public_key, run_dir, expected_prompt, expected_text, expected_image)
-        if depth_note is not None and not self.comparison.strict:
+        if depth_note is not None and (not self.comparison.strict or rec.portable is not None):
             self.notes.append(depth_note)
         self.shapes = shape_oracle(self.served.hf_config, rec.model["attn_implementation"],
                                   DTYPE_BY_NAME[rec.model["dtype"]])
@@ -430,7 +437,7 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
             if want != token and portable is not None:  # a logged near tie may go either way (SPEC.md 8.13)
                 if k not in portable.token_steps:
                     return False, f"expected {want}; step {k} is not in the near-tie log"
-                _, tau_logit = tau_for(self.record.settings.layers_per_block)
+                _, tau_logit = tau_for(self.portable_depth)
                 ok = token_acceptable(logits, token, gen, seed, self.record.algorithm, k, tau_logit)
                 return ok, f"expected {want}; the recomputed logits are not near a tie with it (logged step {k})"
             return want == token, f"expected {want}"
