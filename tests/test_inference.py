@@ -363,7 +363,7 @@ ASK = ("--model", "LLAMA", "--prompt", PROMPT, "--max-new-tokens", "6")
     (("verify-inference", "/nonexistent", "--all"), "does not exist"),
     (("verify-inference", "REC", "--all", "--run-dir", "REC"), "--run-dir needs --public-key"),
     # no PASS on half a check: what the client asked for is required, and the message says how to give it
-    (("verify-inference", "REC", "--all", "--prompt", PROMPT, "--max-new-tokens", "6"), "--model DIR, or --run RUN"),
+    (("verify-inference", "REC", "--all", "--prompt", PROMPT, "--max-new-tokens", "6"), "--model DIR or --run-dir RUN"),
     (("verify-inference", "REC", "--all", "--model", "LLAMA", "--max-new-tokens", "6"), "--unsafe-skip-input-check"),
     (("verify-inference", "REC", "--all", "--model", "LLAMA", "--prompt", PROMPT), "--unsafe-skip-policy-check"),
     (("verify-inference", "REC", "--all", *ASK, "--temperature", "0.5"), "--request-nonce HEX"),

@@ -147,25 +147,19 @@ def audit(
 def _audit_inference(bundle: Path, c, key, model, mode, dtype, inputs, policy, agreement, max_new_tokens, nonce,
                      unsafe_input: bool, unsafe_policy: bool, max_layers_per_block: int = 2):
     """Audit an opened inference challenge against what the client asked (as `verify-inference`)."""
-    from ..errors import RecordError
-    from ..inference.record import InferenceRecord
-    from ..protocol.audit import audit_inference_bundle
-    from .inference import _require_client_inputs, client_policy, request_nonce
+    from ..workflows import InferenceRequest, RecordVerifier
+    from .inference import client_policy, request_nonce, unsafe_options
 
     if model is None:
         raise InputError("auditing an inference record needs --model (your copy of the model or run)")
-    gen = client_policy(model, policy, agreement, max_new_tokens)
-    nonce_bytes = request_nonce(nonce)
-    try:
-        rec = InferenceRecord.open(bundle, c.run_root)
-    except (InputError, RecordError):
-        rec = None  # not (properly) in the bundle: the audit names that as an opening failure
-    if rec is not None:
-        _require_client_inputs(rec, model, None, inputs, gen, nonce_bytes, unsafe_input, unsafe_policy)
     prompt, text, image = inputs
-    return audit_inference_bundle(bundle, c, key, model, mode=mode, replay_dtype=dtype, expected_prompt=prompt,
-                                  expected_text=text, expected_image=image, policy=gen, request_nonce=nonce_bytes,
-                                  max_layers_per_block=max_layers_per_block)
+    request = InferenceRequest(prompt=prompt, text=text, image=image,
+                               policy=client_policy(model, policy, agreement, max_new_tokens),
+                               request_nonce=request_nonce(nonce))
+    verifier = RecordVerifier(request, model=model, provider_key=key, mode=mode, dtype=dtype,
+                              max_layers_per_block=max_layers_per_block,
+                              unsafe=unsafe_options(unsafe_input, unsafe_policy))
+    return verifier.audit(bundle, c)
 
 
 def _write_reports(document, challenge, json_path, html_path, png_path, bundle: Path) -> None:

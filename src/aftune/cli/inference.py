@@ -168,15 +168,12 @@ def verify_inference(
 ):
     """Replay layer blocks of an inference record and check every token against what you asked.
     Exit 0 PASS, 1 FAIL, 2 bad input."""
-    from ..core.signing import PublicKey
     from ..inference.record import InferenceRecord
-    from ..inference.verify import InferenceVerifier, default_tolerance
+    from ..inference.verify import default_tolerance
+    from ..workflows import InferenceRequest, RecordVerifier
 
     if all_blocks == (layer_block is not None):
         raise AftuneError("give either --all or --layer-block")
-    if run is not None and public_key is None:
-        raise AftuneError("--run-dir needs --public-key: a run is only evidence under the provider's pinned key")
-    key = PublicKey.load(public_key) if public_key else None
     rec = InferenceRecord.open(record_dir, record)
     tol = None  # the verifier's defaults (default_tolerance), unless a threshold is given
     if (rel_l2, max_elem, logit_tol) != (None, None, None):
@@ -185,46 +182,32 @@ def verify_inference(
     gen = None
     if model is not None or run is not None or policy is not None or agreement is not None:
         gen = client_policy(model or run, policy, agreement, max_new_tokens, temperature, top_p)
-    nonce_bytes = request_nonce(nonce)
-    _require_client_inputs(rec, model, run, (prompt, text, image), gen, nonce_bytes, unsafe_skip_input,
-                           unsafe_skip_policy)
-    v = InferenceVerifier(record_dir, rec.record_id.hex(), model=model, mode=mode, tolerance=tol,
-                          replay_dtype=dtype, public_key=key, run_dir=run, transcript=transcript,
-                          expected_prompt=prompt, expected_text=text, expected_image=image, policy=gen,
-                          request_nonce=nonce_bytes, max_layers_per_block=max_layers_per_block)
-    if all_blocks:  # a record that contradicts its own digest raises CommitmentMismatch: FAIL
+    request = InferenceRequest(prompt=prompt, text=text, image=image, policy=gen, request_nonce=request_nonce(nonce))
+    verifier = RecordVerifier(request, model=model, run=run, provider_key=public_key, transcript=transcript, mode=mode,
+                              dtype=dtype, tolerance=tol, max_layers_per_block=max_layers_per_block,
+                              unsafe=unsafe_options(unsafe_skip_input, unsafe_skip_policy))
+    rid = rec.record_id.hex()
+    if all_blocks:
         with _progress() as bar:
-            task = bar.add_task("verifying", total=len(v.blocks), note="")
-            report = v.verify(None, lambda r: bar.update(task, advance=1, note=r.verdict))
+            task = bar.add_task("verifying", total=verifier.block_count(record_dir, rid), note="")
+            report = verifier.verify(record_dir, rid, on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
     else:
-        report = v.verify([layer_block])
+        report = verifier.verify(record_dir, rid, layer_blocks=[layer_block])
     doc = report.to_json()
-    doc["record_id"] = v.record.record_id.hex()
-    finish_report(report, doc, as_json, heading=f"record {doc['record_id']}")
+    doc["record_id"] = rid
+    finish_report(report, doc, as_json, heading=f"record {rid}")
 
 
-def _require_client_inputs(rec, model, run, inputs, gen, nonce, unsafe_input: bool, unsafe_policy: bool) -> None:
-    """No PASS on half a check: what the record is compared with must be the client's own, unless
-    an unsafe option says which comparison to skip (the report then says so in its notes)."""
-    missing = []
-    if model is None and run is None:
-        missing.append("your copy of the model: --model DIR, or --run RUN with --public-key")
-    if inputs == (None, None, None) and not unsafe_input:
-        missing.append("the input you sent: --prompt TEXT, --text TEXT or --image FILE "
-                       "(or --unsafe-skip-input-check)")
-    if rec.task == "causal_lm" and not unsafe_policy:
-        if gen is None:
-            missing.append("the generation policy you asked for: --policy FILE, --agreement FILE, or --max-new-tokens N "
-                           "[--temperature T --top-p P] (or --unsafe-skip-policy-check)")
-        elif nonce is None and gen.sampling:
-            missing.append("your request nonce: --request-nonce HEX (a sampled answer's seed is derived from it; or "
-                           "--unsafe-skip-policy-check)")
-    if missing:
-        raise InputError("the record is compared with what you asked for; give:\n  - " + "\n  - ".join(missing))
-    for flag, on, what in (("--unsafe-skip-input-check", unsafe_input, "the input"),
-                           ("--unsafe-skip-policy-check", unsafe_policy, "the generation policy and request nonce")):
-        if on:
-            err.print(f"[yellow]warning:[/] {flag}: {what} will not be compared with yours", highlight=False)
+def unsafe_options(skip_input: bool, skip_policy: bool) -> list:
+    """The Unsafe objects the --unsafe-skip-... flags name, each announced on stderr."""
+    from ..workflows import UnsafeSkipInputCheck, UnsafeSkipPolicyCheck
+
+    chosen = [u() for u, on in ((UnsafeSkipInputCheck, skip_input), (UnsafeSkipPolicyCheck, skip_policy)) if on]
+    for u, what in ((UnsafeSkipInputCheck, "the input"), (UnsafeSkipPolicyCheck, "the generation policy and request "
+                                                                                  "nonce")):
+        if any(isinstance(c, u) for c in chosen):
+            err.print(f"[yellow]warning:[/] {u.flag}: {what} will not be compared with yours", highlight=False)
+    return chosen
 
 
 @app.command("prepare-inference")

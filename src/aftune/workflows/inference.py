@@ -76,11 +76,9 @@ class RecordVerifier:
         skipped = expect.unsafe_set(unsafe, (UnsafeSkipInputCheck, UnsafeSkipPolicyCheck))
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if model is None and run is None:
-            raise InputError("the record is replayed with your copy of the model: give model= (a model or run "
-                             "directory), or run= with provider_key=")
         if run is not None and provider_key is None:
-            raise InputError("run= needs provider_key=: a run is only evidence under the provider's pinned key")
+            raise InputError("run= needs provider_key= (--run-dir needs --public-key): a run is only evidence under the "
+                             "provider's pinned key")
         self.request, self.model, self.run, self.transcript = request, model, run, transcript
         self.provider_key = expect.public_key(provider_key) if provider_key is not None else None
         self.mode, self.dtype, self.tolerance, self.max_layers_per_block = mode, dtype, tolerance, max_layers_per_block
@@ -91,14 +89,20 @@ class RecordVerifier:
         """No PASS on half a check: the input, and for a causal LM the policy (and, when sampling,
         the nonce), must be the client's, unless an Unsafe object skips that comparison."""
         r, missing = self.request, []
+        if self.model is None and self.run is None:
+            missing.append("your copy of the model: --model DIR or --run-dir RUN with --public-key (Python: model=, "
+                           "or run= with provider_key=)")
         if not r.has_input and not self.skip_input:
-            missing.append("the input you sent: prompt=, text= or image= (or UnsafeSkipInputCheck())")
+            missing.append("the input you sent: --prompt TEXT, --text TEXT or --image FILE (Python: prompt=, text= or "
+                           f"image=); or {UnsafeSkipInputCheck.flag} (UnsafeSkipInputCheck())")
         if task == "causal_lm" and not self.skip_policy:
             if r.policy is None:
-                missing.append("the generation policy you asked for: policy= (or UnsafeSkipPolicyCheck())")
+                missing.append("the generation policy you asked for: --policy FILE, --agreement FILE, or "
+                               "--max-new-tokens N [--temperature T --top-p P] (Python: policy=); or "
+                               f"{UnsafeSkipPolicyCheck.flag} (UnsafeSkipPolicyCheck())")
             elif r.policy.sampling and r.request_nonce is None:
-                missing.append("your request nonce: request_nonce= (a sampled answer's seed is derived from it; or "
-                               "UnsafeSkipPolicyCheck())")
+                missing.append("your request nonce: --request-nonce HEX (Python: request_nonce=; a sampled answer's "
+                               f"seed is derived from it); or {UnsafeSkipPolicyCheck.flag} (UnsafeSkipPolicyCheck())")
         if missing:
             raise InputError("the record is compared with what you asked for; give:\n  - " + "\n  - ".join(missing))
 
@@ -146,7 +150,8 @@ class RecordVerifier:
         if challenge.kind != "inference":
             raise InputError(f"this is a {challenge.kind} challenge: audit it with RunVerifier.audit")
         if self.model is None:
-            raise InputError("auditing an inference record needs model= (your copy of the model or run)")
+            raise InputError("auditing an inference record needs your copy of the model or run: --model DIR (Python: "
+                             "model=)")
         with quiet():
             try:
                 rec = InferenceRecord.open(bundle, challenge.run_root)
