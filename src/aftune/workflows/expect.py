@@ -20,6 +20,7 @@ from typing import Any
 
 from ..core.signing import PublicKey
 from ..errors import InputError
+from ..training.conformance import NO_AGREEMENT_NOTE
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,7 @@ class UnsafeNoAgreement(Unsafe):
     """Verify a training run without the client's agreement: only self-consistency is checked."""
 
     flag = "--unsafe-no-agreement"
-    note = ("no agreement: only the record's consistency with itself was checked, not that it is the computation you "
-            "agreed to")
+    note = NO_AGREEMENT_NOTE  # the verifier's own note, which the report carries
 
 
 @dataclass(frozen=True)
