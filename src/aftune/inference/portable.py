@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..core import grid
 from ..errors import InputError, RecordError
 from .policy import GenerationPolicy
 from .sampling import possible_tokens, sample_uniform
@@ -69,76 +69,44 @@ def token_cap(num_tokens: int) -> int:
     return 4 + num_tokens // 8
 
 
-# --- the grid ------------------------------------------------------------------------------------
+# --- the grid (core/grid.py, with the bfloat16 grid) ------------------------------------------------
 
 def to_grid(x: torch.Tensor) -> torch.Tensor:
     """Round float32 `x` to bfloat16, to nearest, ties to even; -0 becomes +0. Non-finite: error."""
-    if not bool(torch.isfinite(x).all()):
-        raise InputError("portable numerics: a boundary activation is not finite")
-    g = x.to(torch.float32).to(GRID_DTYPE)
-    g = torch.where(g == 0, torch.zeros_like(g), g)
-    if not bool(torch.isfinite(g).all()):
-        raise InputError("portable numerics: a boundary activation overflows bfloat16")
-    return g
+    return grid.to_grid(x.to(torch.float32), GRID_DTYPE, "a boundary activation")
 
 
 def bits_of(g: torch.Tensor) -> torch.Tensor:
     """The 16-bit patterns (int64, 0..65535) of bfloat16 values."""
-    return g.contiguous().view(torch.int16).to(torch.int64) & MAX_BITS
+    return grid.bits_of(g)
 
 
 def values_of(bits: torch.Tensor) -> torch.Tensor:
     """bfloat16 values (as float64) of 16-bit patterns."""
-    b = bits.to(torch.int64)
-    b = torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16)
-    return b.view(GRID_DTYPE).to(torch.float64)
-
-
-def _key(bits: torch.Tensor) -> torch.Tensor:
-    """A monotone integer key of bfloat16 values (+0 is 0; the next value up is key + 1)."""
-    return torch.where(bits >= 0x8000, -(bits & 0x7FFF), bits)
-
-
-def _bits(key: torch.Tensor) -> torch.Tensor:
-    return torch.where(key >= 0, key, (-key) | 0x8000)
+    return grid.values_of(bits, GRID_DTYPE)
 
 
 def midpoints(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rounding interval of each grid value: the midpoints with its lower and upper
     neighbours (float64, exact; +-inf beyond the largest finite values)."""
-    key = _key(bits)
-    v = values_of(bits)
-    return (v + values_of(_bits(key - 1))) / 2, (v + values_of(_bits(key + 1))) / 2
+    return grid.midpoints(bits, GRID_DTYPE)
 
 
-def row_scale(x: torch.Tensor) -> torch.Tensor:
-    """s = |x| + rms of x's row (the last dimension), in float64."""
-    xd = x.to(torch.float64)
-    return xd.abs() + xd.pow(2).mean(dim=-1, keepdim=True).sqrt()
+row_scale = grid.row_scale  # s = |x| + rms of x's row (the last dimension), in float64
 
 
 def is_valid_bits(b: int) -> bool:
     """A finite bfloat16 other than -0."""
-    return 0 <= b <= MAX_BITS and (b & 0x7F80) != 0x7F80 and b != 0x8000
+    return bool(grid.is_valid_bits(torch.tensor(b), GRID_DTYPE))
 
 
 # --- the provider ----------------------------------------------------------------------------------
-
-def near_boundary(x: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
-    """The provider's rule: elements whose float32 value lies within tau * s of a midpoint of
-    the grid (its rounding would change under an error of tau * s)."""
-    lo, hi = midpoints(bits_of(g))
-    xd, band = x.to(torch.float64), tau * row_scale(x)
-    return (xd - lo <= band) | (hi - xd <= band)
-
 
 def round_and_log(x: torch.Tensor, tau: float, offset: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
     """One step's boundary activation on the grid, and its near-boundary log entries
     `[flat index + offset, committed bits]` (flat index into the step's tensor, row-major)."""
     g = to_grid(x)
-    near = near_boundary(x, g, tau).reshape(-1)
-    idx = torch.nonzero(near).reshape(-1)
-    bits = bits_of(g).reshape(-1)[idx]
+    idx, bits = grid.near_boundary(x, g, tau, row_scale(x))
     return g, [[int(i) + offset, int(b)] for i, b in zip(idx.tolist(), bits.tolist())]
 
 
@@ -162,39 +130,13 @@ def near_tie(z: torch.Tensor, token: int, policy: GenerationPolicy, seed: int | 
 
 # --- the verifier ----------------------------------------------------------------------------------
 
-@dataclass
-class Adjusted:
-    """A verifier's grid rounding of its own output, with the log applied."""
-
-    grid: torch.Tensor  # bfloat16: its own rounding, logged elements replaced where the rule allows
-    taken: int  # logged elements whose committed value differs from its own rounding, accepted
-    refused: list[int]  # flat indices of logged elements whose committed value breaks the rule
-
-
-def adjust(y: torch.Tensor, entries: list[list[int]], tau: float) -> Adjusted:
+def adjust(y: torch.Tensor, entries: list[list[int]], tau: float) -> grid.Adjusted:
     """Round the verifier's own float32 output `y` (one boundary, all steps concatenated) and
     take a logged element's committed value where it differs only if that value is the rounding
     of some value within tau * s(y) of y."""
-    a = to_grid(y)
-    if not entries:
-        return Adjusted(a, 0, [])
-    flat_a = bits_of(a).reshape(-1)
     idx = torch.tensor([e[0] for e in entries], dtype=torch.int64)
     bits = torch.tensor([e[1] for e in entries], dtype=torch.int64)
-    differs = flat_a[idx] != bits
-    if not bool(differs.any()):
-        return Adjusted(a, 0, [])
-    idx, bits = idx[differs], bits[differs]
-    yv = y.to(torch.float64).reshape(-1)[idx]
-    band = tau * row_scale(y).reshape(-1)[idx]
-    v = values_of(bits)
-    lo, hi = midpoints(bits)
-    distance = torch.where(v > yv, lo - yv, yv - hi)  # from y to v's rounding interval
-    ok = distance <= band
-    out = flat_a.clone()
-    out[idx[ok]] = bits[ok]
-    grid = values_of(out).to(GRID_DTYPE).reshape(a.shape)
-    return Adjusted(grid, int(ok.sum()), idx[~ok].tolist())
+    return grid.adjust(y.to(torch.float32), idx, bits, tau, row_scale(y), GRID_DTYPE, "a boundary activation")
 
 
 def token_acceptable(z: torch.Tensor, token: int, policy: GenerationPolicy | None, seed: int | None,

@@ -30,6 +30,9 @@ from ..errors import InputError
 from .manifest import common_key
 from ..models.base import Adapter, Batch, Context
 from .optim import STATE_NAMES, apply_update, clip_coefficient, init_state, tensor_norms
+from . import portable
+from .portable import TAU, TAU_STATE, WriterGrid, log_key, state_scale
+from ..core.grid import row_scale
 
 
 def rng_seed(algorithm: str, seed: int, step: int, micro: int, block: int) -> int:
@@ -75,6 +78,18 @@ class BlockedModel:
             for name, p in layout.trainable:
                 self.optim_state[name] = init_state(self.optimizer, p.detach())
         self.owner = {name: b for b, lay in enumerate(self.layout) for name, _ in lay.params}
+        # portable numerics (training/portable.py): float64 compute, every crossing value rounded
+        # to the float32 grid through a grid (WriterGrid for the provider, ReplayGrid to verify)
+        self.portable = settings.numerics == "portable"
+        if self.portable:
+            running = [n for lay in self.layout for n, b in lay.buffers if b.is_floating_point()]
+            if running:
+                raise InputError(f"portable numerics cannot round running statistics such as {running[0]} "
+                                 "(BatchNorm): train this model with native numerics")
+
+    def committed(self, t: torch.Tensor) -> torch.Tensor:
+        """A value as committed: a portable run commits float32 (its grid values, exactly)."""
+        return t.to(portable.GRID_DTYPE) if self.portable and t.is_floating_point() else t
 
     # --- layout ------------------------------------------------------------------------------
     def _layout(self) -> list[BlockLayout]:
@@ -172,6 +187,8 @@ class BlockedModel:
             target = self.optim_state[name][slot]
         else:
             raise InputError(f"unknown state key {key!r}")
+        if self.portable and tensor.dtype == portable.GRID_DTYPE and target.dtype == portable.COMPUTE_DTYPE:
+            tensor = tensor.to(target.dtype)  # committed float32, held in float64
         if target.shape != tensor.shape or target.dtype != tensor.dtype:
             raise InputError(f"{key}: committed {tensor.dtype}{list(tensor.shape)}, model has {target.dtype}{list(target.shape)}")
         target.copy_(tensor)
@@ -188,7 +205,9 @@ class BlockedModel:
 
     # --- one micro-batch through one block -----------------------------------------------------
     def context(self, batch: Batch) -> Context:
-        with torch.no_grad():
+        if self.portable:
+            batch = {k: v.to(portable.COMPUTE_DTYPE) if v.is_floating_point() else v for k, v in batch.items()}
+        with torch.no_grad(), portable.compute(self.portable):
             return self.adapter.context(batch)
 
     def forward(self, block: int, x_in: torch.Tensor | None, context: Context, step: int, micro: int):
@@ -197,13 +216,14 @@ class BlockedModel:
         aliases = {name: p.detach().requires_grad_(p.requires_grad) for name, p, _ in lay.foreign}
         torch.manual_seed(rng_seed(self.algorithm, self.settings.seed, step, micro, block))
         h = x_in
-        for s in self.blocks.stages(block):
-            module = self.adapter.stages[s].module
-            local = lay.aliases.get(s)
-            if local:
-                h = functional_call(module, {ln: aliases[n] for ln, n in local.items()}, (h, context))
-            else:
-                h = module(h, context)
+        with portable.compute(self.portable):
+            for s in self.blocks.stages(block):
+                module = self.adapter.stages[s].module
+                local = lay.aliases.get(s)
+                if local:
+                    h = functional_call(module, {ln: aliases[n] for ln, n in local.items()}, (h, context))
+                else:
+                    h = module(h, context)
         return h, aliases
 
     def backward(self, block: int, output: torch.Tensor, grad_output: torch.Tensor, x_in: torch.Tensor | None,
@@ -245,61 +265,104 @@ class BlockedModel:
         boundary activations and gradients, losses and gradient norms (tied-weight gradient parts
         are not committed: 5.2.4). Returns the mean loss."""
         commit = commit or (lambda key, name, tensor: None)
+        grid = WriterGrid(commit) if self.portable else None
         nb = len(self.blocks)
         losses = []
         for m, batch in enumerate(batches):
             for field_name in fields:
                 commit(common_key(step, m, "batch", field_name), field_name, batch[field_name])
             ctx = self.context(batch)
-            inputs, outputs, aliases = [], [], []
+            inputs, outputs, aliases, crossing = [], [], [], []
             for b in range(nb):
-                x_in = None if b == 0 else outputs[-1].detach().requires_grad_(True)
+                x_in = None if b == 0 else crossing[-1].detach().requires_grad_(True)
                 out, alias = self.forward(b, x_in, ctx, step, m)
                 inputs.append(x_in)
                 outputs.append(out)
                 aliases.append(alias)
-            loss = outputs[-1]
-            grad_out = self.loss_gradient(loss)
+                if b < nb - 1:
+                    crossing.append(self.settle(grid, log_key(step, m, "boundary", f"{b + 1:04d}", "activation"),
+                                                out.detach()))
+            loss = self.settle(grid, log_key(step, m, "loss"), outputs[-1].detach())
+            grad_out = self.loss_gradient(outputs[-1])
             alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
             for b in reversed(range(nb)):
                 r = self.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
                 if b > 0:
-                    commit(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation", outputs[b - 1])
-                    commit(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", r.input_grad)
-                    grad_out = r.input_grad
+                    grad_in = self.settle(grid, log_key(step, m, "boundary", f"{b:04d}", "gradient"), r.input_grad)
+                    commit(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation",
+                           self.committed(crossing[b - 1]))
+                    commit(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", self.committed(grad_in))
+                    grad_out = grad_in
                 for name, part in r.alias_parts.items():
                     alias_parts.setdefault(name, []).append((b, part))
             self.add_tied_parts(alias_parts)  # the fixed order: owner's part (autograd), then by block
-            commit(common_key(step, m, "loss"), "loss", loss.detach().float())
-            losses.append(float(loss.detach()))
-        norms = [self.grad_norms(b) for b in range(nb)]
+            commit(common_key(step, m, "loss"), "loss", loss.float())
+            losses.append(float(loss))
         for b in range(nb):
-            commit(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", norms[b])
+            self.settle_gradients(b, step, grid)
+        norms = [self.grad_norms(b, step, grid) for b in range(nb)]
+        for b in range(nb):
+            commit(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", self.committed(norms[b]))
         coef = self.clip(norms)
         if before_update:
             before_update(step, self)
         for b in range(nb):
-            self.update(b, step, coef)
+            self.update(b, step, coef, grid)
         if after_update:
             after_update(step, self)
         return sum(losses) / len(losses)
 
+    # --- portable numerics ----------------------------------------------------------------------
+    @staticmethod
+    def settle(grid, key: str, x: torch.Tensor, tau: float = TAU, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """A crossing value as the next computation uses it: native, `x` itself; portable, its
+        rounding to the grid (the provider logs near-boundary elements, a verifier applies the log)."""
+        if grid is None:
+            return x
+        return grid.settle(key, x, tau, row_scale(x) if scale is None else scale)
+
+    @torch.no_grad()
+    def settle_gradients(self, block: int, step: int, grid) -> None:
+        """Portable: each trainable tensor's gradient, after every micro-batch, on the grid."""
+        if grid is None:
+            return
+        for name, p in self.layout[block].trainable:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = self.settle(grid, log_key(step, None, "gradient", name), g)
+
     # --- optimizer ---------------------------------------------------------------------------
-    def grad_norms(self, block: int) -> torch.Tensor:
+    def grad_norms(self, block: int, step: int | None = None, grid=None) -> torch.Tensor:
+        """The block's per-tensor gradient norms: float32 (native); portable, computed in float64
+        from the settled gradients and settled themselves."""
         grads = []
         for name, p in self.layout[block].trainable:
             grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
-        return tensor_norms(grads)
+        if grid is None:
+            return tensor_norms(grads)
+        norms = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]) if grads else \
+            torch.zeros(0, dtype=portable.COMPUTE_DTYPE)
+        return self.settle(grid, log_key(step, None, "grad_norms", f"{block:04d}"), norms)
 
     def clip(self, all_norms: list[torch.Tensor]) -> float | None:
+        if self.portable:
+            return portable.exact_clip_coefficient(self.optimizer.max_grad_norm, all_norms)
         return clip_coefficient(self.optimizer.max_grad_norm, all_norms)
 
     @torch.no_grad()
-    def update(self, block: int, step: int, coef: float | None) -> None:
-        """Clip and apply the optimizer to the block's trainable tensors, then clear gradients."""
+    def update(self, block: int, step: int, coef: float | None, grid=None) -> None:
+        """Clip and apply the optimizer to the block's trainable tensors, then clear gradients
+        (portable: the new weights and optimizer state settled on the grid)."""
         for name, p in self.layout[block].trainable:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if coef is not None:
                 g.mul_(coef)  # in place: the gradient is dropped below (a copy costs a large tensor's page faults)
-            apply_update(self.optimizer, p.data, g, self.optim_state[name], step)
+            state = self.optim_state[name]
+            before = {"": p.data.clone(), **{k: t.clone() for k, t in state.items()}} if grid is not None else None
+            apply_update(self.optimizer, p.data, g, state, step)
+            if before is not None:
+                p.data.copy_(self.settle(grid, log_key(step, None, "state", name), p.data, TAU_STATE,
+                                         state_scale(before[""], p.data)))
+                for slot, t in state.items():
+                    t.copy_(self.settle(grid, log_key(step, None, "optim", name, slot), t, TAU_STATE,
+                                        state_scale(before[slot], t)))
             p.grad = None

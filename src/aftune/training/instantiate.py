@@ -43,6 +43,8 @@ def instantiate(hf_config: dict[str, Any], settings: TrainSettings,
             for name, p in model.named_parameters():  # a new task head must train too
                 if name.startswith(CLASSIFIER_PREFIXES):
                     p.requires_grad_(True)
+    if settings.numerics == "portable":  # float64 compute over float32 values (training/portable.py)
+        root.to(torch.float64)
     adapter = adapter_class(hf_config["model_type"])(model)
     model.train()
     return root, model, adapter

@@ -24,6 +24,7 @@ from ..models.shapes import TensorSpec
 from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
 from ..verdict.comparison import STATE_KINDS, relative_errors, state_errors, tensor_kind
 from .manifest import StepBlockManifest, common_key
+from .portable import ReplayGrid, log_key
 
 REASONS = {
     "batch": "the committed batch is not the one the agreed data and order give (swapped batch or edited labels)",
@@ -32,6 +33,8 @@ REASONS = {
     "input_gradient": "the recomputed input gradient differs from the committed one",
     "grad_norms": "the recomputed gradient norms differ from the committed ones",
     "end_state": "replaying the committed steps does not reach the committed end-of-block state",
+    "numerics": "logged values that are not the rounding of any value within the cross-hardware bound of the "
+                "replay's own (portable numerics: the log may only settle elements near a rounding midpoint)",
 }
 DRIFT = "the end state drifts from the chain replayed from step block {first}"
 
@@ -72,6 +75,7 @@ class BlockReplay:
         self.start_values: dict[str, torch.Tensor] = {}
         self.updates: dict[str, torch.Tensor] = {}
         self._fetched: dict[bytes, torch.Tensor] = {}
+        self.grid = None  # portable numerics: the ReplayGrid of the step block being replayed
 
     # --- comparisons --------------------------------------------------------------------------
     def compare(self, ref: TensorRef | None, actual: torch.Tensor, *, check: str, tensor: str, step=None, micro=None,
@@ -137,6 +141,11 @@ class BlockReplay:
                 res.fail("end_state", f"{DRIFT.format(first=first)} beyond rounding and the replayed updates: "
                          f"{errors.describe(limits)}", capped=False, tensor=key, error=rel)
 
+    def refuse(self, key: str, indices: list[int]) -> None:
+        """Portable numerics: a log entry the replay's own values do not allow."""
+        self.res.fail("numerics", f"{REASONS['numerics']}: {len(indices)} element{'s' if len(indices) > 1 else ''}, "
+                      f"first at flat index {indices[0]}", tensor=key)
+
     def load(self, ref: TensorRef, key: str) -> torch.Tensor:
         t = self.v.record.store.get(ref, key)
         return t.to(self.v.replay_dtype) if t.is_floating_point() else t
@@ -155,7 +164,11 @@ class BlockReplay:
             if extra:
                 self.res.fail("record", f"{len(extra)} committed state tensors of layer block {b} the architecture "
                               "does not have", tensor=extra[0])
+        for p in bm.model.parameters():  # a replay stopped by a finding may have left gradients behind
+            p.grad = None
         self.load_start_state(m_start, start_state)
+        if bm.portable:
+            self.grid = ReplayGrid(m_start.common, lambda ref, key: v.record.store.get(ref, key), self.refuse)
         for step in expected_steps:
             for m in range(v.settings.grad_accum):
                 self.replay_micro(m_start, step, m)
@@ -242,25 +255,31 @@ class BlockReplay:
         out, aliases = bm.forward(b, x_in, ctx, step, m)
         if b == self.last_block:
             key = common_key(step, m, "loss")
-            self.compare(common.get(key), out.detach().float(), check="loss", tensor=key, step=step, micro=m)
+            loss = bm.settle(self.grid, log_key(step, m, "loss"), out.detach())
+            self.compare(common.get(key), loss.float(), check="loss", tensor=key, step=step, micro=m)
             grad_out = bm.loss_gradient(out)
         else:
             key = common_key(step, m, "boundary", f"{b + 1:04d}", "activation")
-            self.compare(common.get(key), out.detach(), check="output", tensor=key, step=step, micro=m)
+            y = bm.settle(self.grid, log_key(step, m, "boundary", f"{b + 1:04d}", "activation"), out.detach())
+            self.compare(common.get(key), y, check="output", tensor=key, step=step, micro=m)
             gkey = common_key(step, m, "boundary", f"{b + 1:04d}", "gradient")
             grad_out = self.load(check_fits(common.get(gkey), outputs[b], gkey), gkey)
         r = bm.backward(b, out, grad_out, x_in, aliases)
         if b > 0:
             key = common_key(step, m, "boundary", f"{b:04d}", "gradient")
-            self.compare(common.get(key), r.input_grad, check="input_gradient", tensor=key, step=step, micro=m)
+            grad_in = bm.settle(self.grid, log_key(step, m, "boundary", f"{b:04d}", "gradient"), r.input_grad)
+            self.compare(common.get(key), grad_in, check="input_gradient", tensor=key, step=step, micro=m)
         return r
 
     def update(self, manifest: StepBlockManifest, step: int) -> None:
         """5. Gradient norms (compared), global clipping with every block's committed norms, update."""
         bm = self.bm
         for b in self.members:
+            bm.settle_gradients(b, step, self.grid)
+        for b in self.members:
             key = common_key(step, None, "grad_norms", f"{b:04d}")
-            self.compare(manifest.common.get(key), bm.grad_norms(b), check="grad_norms", tensor=key, step=step)
+            self.compare(manifest.common.get(key), bm.grad_norms(b, step, self.grid), check="grad_norms", tensor=key,
+                         step=step)
         all_norms = []
         for b in range(len(bm.blocks)):
             k = common_key(step, None, "grad_norms", f"{b:04d}")
@@ -270,7 +289,7 @@ class BlockReplay:
         before = {k: t.detach().clone() for k, (_, t) in self.live_state().items()
                   if t.is_floating_point()} if self.track else {}
         for b in self.members:  # a shared trainable parameter is updated once, by its owner
-            bm.update(b, step, coef)
+            bm.update(b, step, coef, self.grid)
         stored = self.v.storage_dtype
         if stored is not None:  # another replay dtype: the state is kept at the run's dtype, as the run stores it
             for b in self.members:

@@ -18,6 +18,7 @@ from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 RUN_FORMAT = "aftune.run.v1"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION = ("sdpa", "eager")
+NUMERICS = ("native", "portable")  # training/portable.py
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class TrainSettings:
     attn_implementation: str = "sdpa"  # sdpa | eager
     hash_algorithm: str = "blake3"  # blake3 | sha256
     lora: LoraSettings | None = None  # None: full fine-tuning
+    # native: the provider's own kernels (strict replay is bitwise on the same hardware); portable:
+    # float64 compute rounded to the float32 grid with a near-boundary log (training/portable.py),
+    # bitwise on any hardware
+    numerics: str = "native"
 
     def problems(self) -> list[str]:
         out = []
@@ -76,10 +81,13 @@ class TrainSettings:
             if isinstance(v, (int, float)) and not 0 <= v < 1:
                 out.append(f"{name} must be in [0, 1), got {v!r}")
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dtype": DTYPES,
-                   "attn_implementation": ATTENTION, "hash_algorithm": HASH_ALGORITHMS}
+                   "attn_implementation": ATTENTION, "hash_algorithm": HASH_ALGORITHMS, "numerics": NUMERICS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 out.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.numerics == "portable" and self.dtype != "float32":
+            out.append(f"numerics portable computes in float64 and rounds to the float32 grid: dtype must be "
+                       f"float32, got {self.dtype!r}")
         if self.lora is not None:
             lora = self.lora
             if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
@@ -122,6 +130,8 @@ class TrainSettings:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.numerics == "native":
+            del d["numerics"]  # the form of runs and agreements made before numerics existed (same digests)
         if self.lora is not None:
             d["lora"]["target_modules"] = list(self.lora.target_modules)
         return d

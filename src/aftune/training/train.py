@@ -226,7 +226,9 @@ def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: boo
     for b in range(len(blocked.blocks)):
         buffers = {name for name, _ in blocked.layout[b].buffers}
         for k, (name, t) in blocked.state_tensors(b).items():
-            if name in buffers:
+            if blocked.portable and t.is_floating_point():
+                recorder.state(s, b, k, name, blocked.committed(t.detach()), stored)  # a float32 copy
+            elif name in buffers:
                 recorder.state(s, b, k, name, t.detach().clone(), stored)
             else:
                 live.append(recorder.state(s, b, k, name, t.detach(), stored))
@@ -257,6 +259,7 @@ def _save_model(root_module, model, base_files: dict[str, bytes], run: Path, set
     agreed base model's config, generation config and tokenizer files byte for byte (fine-tuning
     changes weights only), and return its model digest (SPEC.md 3.6)."""
     out = run / "model"
+    root_module.to(DTYPE_BY_NAME[settings.dtype])  # portable numerics holds float32 values in float64: exact
     if settings.lora is not None:
         root_module.save_pretrained(str(run / "adapter"))
         merged = root_module.merge_and_unload()

@@ -49,6 +49,7 @@ from .agreement import Agreement
 from .conformance import NO_AGREEMENT_NOTE, agreement_of_run, run_conformance
 from .instantiate import base_name, instantiate, is_lora_tensor
 from .drift import DriftChain
+from .portable import COMPUTE_DTYPE
 from .final_model import check_final_model
 from .replay import BlockReplay, StateNotStored, StopReplay
 from .check import run_check_findings
@@ -88,12 +89,17 @@ class Verifier(Verifying):
         self.agreement = agreement
         # from here on every value comes from the agreement (SPEC.md 6.2 step 0)
         self.run_settings = agreement.settings
+        self.portable = agreement.settings.numerics == "portable"
+        if self.portable and (not self.comparison.strict or replay_dtype is not None):
+            raise InputError("a run in portable numerics is verified bitwise on any hardware: use strict mode "
+                             "(no --mode tolerance, no --dtype)")
         self.settings = replace(agreement.settings, dtype=replay_dtype) if replay_dtype else agreement.settings
-        self.replay_dtype = DTYPE_BY_NAME[self.settings.dtype]
+        # portable numerics computes in float64 (training/portable.py) and settles on the run's grid
+        self.replay_dtype = COMPUTE_DTYPE if self.portable else DTYPE_BY_NAME[self.settings.dtype]
         # replaying in another dtype computes in it, but holds weights and optimizer state at the
         # run's dtype after every update, as the agreed run stores them (SPEC.md 6.3)
         run_dtype = DTYPE_BY_NAME[self.run_settings.dtype]
-        self.storage_dtype = run_dtype if run_dtype != self.replay_dtype else None
+        self.storage_dtype = run_dtype if run_dtype != self.replay_dtype and not self.portable else None
         if tolerance is None and not self.comparison.strict:
             self.comparison = Comparison(mode, Tolerance.for_training(self.run_settings.dtype, self.settings.dtype))
         # the state rule's limits (SPEC.md 6.3): the tolerance's, else the defaults of the less
@@ -115,7 +121,8 @@ class Verifier(Verifying):
         # kept before any committed state is loaded over them (6.2 step 3)
         self._lora_init: dict[str, torch.Tensor] | None = None
         if self.run_settings.lora is not None and not replay_dtype:
-            self._lora_init = {n: p.detach().clone() for n, p in self.model.named_parameters() if is_lora_tensor(n)}
+            self._lora_init = {n: p.detach().to(run_dtype).clone() for n, p in self.model.named_parameters()
+                               if is_lora_tensor(n)}
         self._check_base_tensors()
         if not self.conformance:
             self._load_data()
@@ -217,7 +224,8 @@ class Verifier(Verifying):
             res.fail("agreement", f"not replayed: {first.reason}", tensor=first.tensor)
             return res, end_state
         try:
-            with pinned_threads(self.recorded_threads(), enabled=self.comparison.strict):
+            # strict native replay runs the provider's thread count; portable numerics needs none
+            with pinned_threads(self.recorded_threads(), enabled=self.comparison.strict and not self.portable):
                 end_state = BlockReplay(self, res, layer_block, step_block, chain).run(start_state)
         except CommitmentMismatch as exc:  # a committed tensor contradicts the agreed computation
             res.fail("record", str(exc))
