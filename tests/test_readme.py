@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -23,9 +24,13 @@ def readme_commands(name: str) -> list[str]:
 def run_commands(commands: list[str], cwd: Path) -> str:
     for command in commands:
         argv = shlex.split(command)
+        env = dict(os.environ)
+        while "=" in argv[0]:  # VAR=value prefixes, as a shell reads them
+            name, _, value = argv.pop(0).partition("=")
+            env[name] = value
         assert argv[0] == "aftune"
         done = subprocess.run([sys.executable, "-m", "aftune", *argv[1:]], cwd=cwd, capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, env=env)
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -65,3 +70,11 @@ def test_readme_python_api_example_runs(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS: 8/8 blocks pass (strict mode)" in done.stdout
+
+
+def test_readme_portable_run_passes_on_other_kernels(tmp_path):
+    """The portable block: a run agreed in portable numerics verifies strict under ATen's default
+    kernels and one thread."""
+    commands = readme_commands("portable")
+    assert "--numerics portable" in commands[0] and "ATEN_CPU_CAPABILITY=default" in commands[-1]
+    assert "PASS: 8/8 blocks pass (strict mode)" in run_commands(commands, tmp_path)

@@ -190,3 +190,19 @@ def test_rank_one_drift_fails_in_portable_mode(record):
     run_dir, key = record("llama", deviation=RankOneDrift(2, TARGET), steps=8, **PORTABLE)
     report = verify_all(run_dir, key)
     assert failing(report) == [(1, s) for s in range(4)]
+
+
+def test_portable_audit_with_regenerated_checkpoints(record, tmp_path):
+    """State committed by digest only (checkpoint interval 2) is regenerated bitwise by the
+    provider's `open` (float32, as committed), and the client's audit of the opened blocks PASSes;
+    `verify --all` chains through the unstored start states."""
+    from aftune import workflows
+
+    run_dir, key = record("llama", steps=8, checkpoint_interval=2, **PORTABLE)
+    assert verify_all(run_dir, key).verdict == "PASS"
+    client = workflows.RunVerifier(agreement_path(run_dir), key, transcript=run_dir / "transcript.jsonl")
+    challenge = client.challenge(strategy="all")
+    workflows.open_challenge(run_dir, challenge, out=tmp_path / "bundle")
+    report = client.audit(tmp_path / "bundle", challenge)
+    assert report.verdict == "PASS", [f.reason for r in report.results for f in r.findings] + report.errors
+    assert sorted((r.layer_block, r.step_block) for r in report.results) == list(challenge.blocks)

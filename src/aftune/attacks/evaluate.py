@@ -31,14 +31,15 @@ def evaluate_run(run: AttackRun, *, sample_rates=SAMPLE_RATES, trials: int = 100
 
 def eval_detection(out_dir: str | Path, *, work_dir: str | Path | None = None, attacks: tuple[str, ...] | None = None,
                    sample_rates=SAMPLE_RATES, trials: int = 1000, extra_rows=(), progress=None,
-                   quick: bool = False) -> dict:
+                   quick: bool = False, numerics: str = "native") -> dict:
     """Run the attacks, write OUT/eval-detection.{json,md,png}; returns the JSON document.
     `extra_rows`: callables (bench, sample_rates=, trials=, say=) -> rows, for the serving side.
-    `quick`: the small bench (tests; weaker attack effects)."""
+    `quick`: the small bench (tests; weaker attack effects). `numerics`: the agreed fine-tune's
+    (portable: every run recorded and verified in portable numerics, SPEC.md 5.4)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir or out / "work")
-    bench = Bench.small(work) if quick else Bench(work)
+    bench = Bench.small(work, numerics=numerics) if quick else Bench(work, numerics=numerics)
     names = attacks or Bench.TRAINING_ATTACKS
     t0 = time.perf_counter()
     rows = []

@@ -282,6 +282,8 @@ def eval_detection_cmd(
     attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated subset.", show_default="all"),
     serving_side: bool = typer.Option(True, "--serving/--no-serving", help="Include the serving-side attacks."),
     quick: bool = typer.Option(False, "--quick", help="A smaller task and run (seconds per attack, weaker effects)."),
+    numerics: str = typer.Option("native", "--numerics", help="The agreed fine-tune's numerics: native, or portable "
+                                 "(float64 compute on a float32 grid, verified bitwise on any hardware)."),
 ):
     """Run every attack against the audit; write the detection table and plot."""
     from ..attacks.bench import Bench
@@ -308,7 +310,7 @@ def eval_detection_cmd(
         names = tuple(n for n in names if n in Bench.TRAINING_ATTACKS)
     _quiet()
     doc = eval_detection(out_dir, work_dir=work_dir, attacks=names if names is not None else None,
-                         sample_rates=sample_rates, trials=trials, extra_rows=extra, quick=quick,
+                         sample_rates=sample_rates, trials=trials, extra_rows=extra, quick=quick, numerics=numerics,
                          progress=lambda text: err.print(f"[dim]{escape(text)}…[/]", highlight=False))
     out.print((out_dir / "eval-detection.md").read_text(), highlight=False, soft_wrap=True, markup=False)
     bad = [r["name"] for r in doc["rows"] if not r.get("failing_equals_affected", True) or not r.get("real_audits_agree", True)]

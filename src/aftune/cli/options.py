@@ -48,6 +48,8 @@ SETTINGS_FLAGS = {
     "seed": (int, 0, "--seed", "Seed of the example order, dropout and LoRA initialisation."),
     "dtype": (str, "float32", "--dtype", "float32, bfloat16, float16 or float64."),
     "hash_algorithm": (str, "blake3", "--hash", "blake3 or sha256."),
+    "numerics": (str, "native", "--numerics", "native, or portable: float64 compute rounded to a float32 grid, "
+                 "verified bitwise on any hardware (SPEC.md 5.4)."),
 }
 
 

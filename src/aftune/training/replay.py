@@ -312,7 +312,7 @@ class BlockReplay:
             self.compare(ref, t, check="end_state", tensor=key, where=where)
             if self.track:
                 self.state_rule(ref, key, t, where)
-            end_state[key] = t.detach().clone()
+            end_state[key] = self.bm.committed(t.detach()).clone()  # as committed (portable: float32)
         self._fetched.clear()
         self.rank_end_state()
         return end_state
