@@ -89,26 +89,29 @@ def verify_run(run_dir: str | Path, public_key, agreement=None, *, unsafe_no_agr
 
 def infer(model: str | Path, prompt: str | None = None, *, record_dir: str | Path, text: str | None = None,
           image: str | Path | None = None, policy=None, request_nonce=None, recording=None,
-          key_path: str | Path | None = None):
+          key_path: str | Path | None = None, dtype: str | None = None):
     """One recorded inference (`aftune infer`): a prompt for a causal LM under the client's
-    `policy` (a GenerationPolicy; default: greedy, 32 tokens, the model's end-of-sequence tokens)
-    and `request_nonce` (needed to sample), a text for BERT, an image for a vision classifier.
-    Returns an `InferenceResult` (tokens or label, record id, receipt)."""
-    from .inference.engine import InferenceEngine
+    `policy` (a GenerationPolicy, its JSON or a policy file; default: `GenerationPolicy.for_model`
+    of the served model: greedy, 32 tokens, its end-of-sequence tokens, its dtype) and
+    `request_nonce` (needed to sample), a text for BERT, an image for a vision classifier. The
+    model is loaded in `dtype`, else in the serving dtype the policy pins, else the run's (or
+    float32); a `dtype` the policy contradicts is an InputError. A portable policy records in
+    portable numerics (SPEC.md 8.13). Returns an `InferenceResult` (tokens or label, record id, receipt)."""
+    from .inference.engine import InferenceEngine, load_served
     from .inference.keys import provider_key
     from .inference.policy import GenerationPolicy
-    from .inference.served import ServedModel
     from .inference.settings import RecordingSettings
 
     if sum(x is not None for x in (prompt, text, image)) != 1:
         raise InputError("give exactly one input: a prompt (causal LM), text= (BERT) or image= (vision)")
     nonce = expect.request_nonce(request_nonce)
+    policy = expect.generation_policy(policy) if prompt is not None else None
     with quiet():
         key, _ = provider_key(Path(key_path) if key_path else None, Path(model), Path(record_dir))
-        served = ServedModel.load(model)
+        served = load_served(model, policy, dtype=dtype)
         engine = InferenceEngine(served, record_dir, key, recording or RecordingSettings())
         if prompt is not None:
-            policy = expect.generation_policy(policy) or GenerationPolicy.for_model(served.hf_config)
+            policy = policy or GenerationPolicy.for_model(served)  # the served model's: its dtype is the served one
             return engine.generate(prompt, policy, request_nonce=nonce)
         return engine.classify(text=text, image=image, request_nonce=nonce)
 

@@ -22,7 +22,7 @@ from .app import _PUBKEY_HELP, _progress, app, err, escape, finish_report, misma
 from .options import deprecated_flags
 
 _RECORD_HELP = "Record id (its full digest, or a unique prefix); optional when the directory holds one record."
-_POLICY_HELP = "The generation policy you asked for (aftune.generation-policy.v1; write one with `aftune policy`)."
+_POLICY_HELP = "The generation policy you asked for (aftune.generation-policy.v2, or v1; write one with `aftune policy`)."
 _AGREEMENT_HELP = "Your agreement.json: its 'inference' member is the generation policy you asked for."
 _MAX_NEW_HELP = "The max_new_tokens you asked for (at most the policy's); without a policy file: a greedy policy."
 _NONCE_HELP = "Your request nonce (hex, 16 to 64 bytes): sampled answers derive their seed from it."
@@ -85,15 +85,16 @@ def infer(
     request_nonce_hex: Optional[str] = typer.Option(None, "--request-nonce", help="The client's request nonce (hex); sampling derives its seed from it."),
     layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block."),
     activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0: store none, regenerate them when challenged."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype.", show_default="the run's, or float32"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute (serving) dtype; a policy that pins another is an error.", show_default="the policy's, the run's, or float32"),
     hash_algorithm: Optional[str] = typer.Option(None, "--hash", help="blake3 or sha256.", show_default="the run's, or blake3"),
     provider_signing_key: Optional[Path] = typer.Option(None, "--provider-signing-key", help="The provider's private signing key.", show_default="the run's, or RECORD_DIR/provider.key"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result."),
 ):
-    """Run one recorded inference: tokens or label, a record named by its digest, a signed receipt."""
-    from ..inference.engine import InferenceEngine
+    """Run one recorded inference: tokens or label, a record named by its digest, a signed receipt.
+    A policy that pins the serving dtype loads the model in it; a portable policy records in
+    portable numerics (SPEC.md 8.13)."""
+    from ..inference.engine import InferenceEngine, load_served
     from ..inference.keys import provider_key
-    from ..inference.served import ServedModel
     from ..inference.settings import RecordingSettings
 
     given = [x for x in (prompt, text, image) if x is not None]
@@ -102,11 +103,13 @@ def infer(
     nonce_bytes = request_nonce(request_nonce_hex)
     settings = RecordingSettings(layers_per_block, activation_interval).validate()
     gen = None
+    if prompt is not None and (policy is not None or agreement is not None):  # the file's policy: before loading
+        gen = client_policy(None, policy, agreement, max_new_tokens, temperature, top_p)
     signing_key, pub = provider_key(provider_signing_key, model, record_dir)
-    served = ServedModel.load(model, dtype=dtype, hash_algorithm=hash_algorithm)
-    if prompt is not None:
-        gen = client_policy(served.hf_config, policy, agreement, max_new_tokens, temperature, top_p)
-        gen = gen or client_policy(served.hf_config, None, None, 32)
+    served = load_served(model, gen, dtype=dtype, hash_algorithm=hash_algorithm)
+    if prompt is not None and gen is None:  # a policy from flags: the served model's (its dtype is the served one)
+        gen = client_policy(served, None, None, max_new_tokens, temperature, top_p) or client_policy(served, None,
+                                                                                                    None, 32)
     engine = InferenceEngine(served, record_dir, signing_key, settings)
     if prompt is not None:
         with _progress() as bar:

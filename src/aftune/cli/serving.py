@@ -2,6 +2,7 @@
 under the generation policy agreed with them, optionally over HTTPS and from inside a TEE.
 
     aftune policy runs/demo --max-new-tokens 64 --out policy.json       # the client's (or agreement's)
+    aftune policy runs/demo --dtype float32 --numerics portable --out policy.json  # bitwise on any hardware
     aftune serve-keys add alice --file api-keys.txt                     # prints alice's key once
     aftune serve runs/demo --policy policy.json --api-keys api-keys.txt --tls-cert cert.pem --tls-key key.pem
     aftune serve runs/demo --policy policy.json --api-keys api-keys.txt --attest configfs-tsm
@@ -37,6 +38,7 @@ def serve(
     provider_signing_key: Optional[Path] = typer.Option(None, "--provider-signing-key", help="The provider's private signing key, which signs receipts.", show_default="the run's"),
     layers_per_block: int = typer.Option(2, "--layers-per-block", help="B_L: layers per layer block of each record."),
     activation_interval: int = typer.Option(0, "--activation-interval", help="I_A: store boundary activations every I_A boundaries; 0: none."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute (serving) dtype; a policy that pins another is an error.", show_default="the policy's, the run's, or float32"),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
     attest: Optional[str] = typer.Option(None, "--attest", help="Serve GET /v1/attestation with this TEE evidence provider "
@@ -44,14 +46,14 @@ def serve(
                                                                 "receipt key is then made inside this process."),
 ):
     """Serve the model over HTTP(S) to clients with API keys: POST /v1/generate, GET /v1/model,
-    GET /v1/records/{id} (a client's own), GET /v1/attestation (with --attest)."""
+    GET /v1/records/{id} (a client's own), GET /v1/attestation (with --attest). The model is
+    loaded in the serving dtype the policy pins; a portable policy records in portable numerics."""
     from ..core.signing import SigningKey
     from ..inference.access import ApiKeys
-    from ..inference.engine import InferenceEngine
+    from ..inference.engine import InferenceEngine, load_served
     from ..inference.keys import provider_key
     from ..inference.policy import GenerationPolicy
     from ..inference.serve import create_app, run_server
-    from ..inference.served import ServedModel
     from ..inference.settings import RecordingSettings
 
     rdir = record_dir or (run_dir / "inference")
@@ -64,7 +66,7 @@ def serve(
         signing_key, pub = SigningKey.generate(), None
     else:
         signing_key, pub = provider_key(provider_signing_key, run_dir, rdir)
-    engine = InferenceEngine(ServedModel.load(run_dir), rdir, signing_key,
+    engine = InferenceEngine(load_served(run_dir, gen, dtype=dtype), rdir, signing_key,
                              RecordingSettings(layers_per_block, activation_interval).validate())
     application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine))
     if (tls_cert is None) != (tls_key is None):
@@ -73,7 +75,9 @@ def serve(
     if tls_cert is None and host not in _LOOPBACK:
         err.print("[yellow]warning:[/] serving plain HTTP beyond loopback: API keys, prompts and answers cross the "
                   "network in clear (--tls-cert, --tls-key)", highlight=False)
-    err.print(f"serving model {engine.served.digest.hex()[:16]}… on {scheme}://{host}:{port} to {len(keys.clients)} "
+    numerics = f", {gen.numerics} numerics" if gen is not None else ""
+    err.print(f"serving model {engine.served.digest.hex()[:16]}… ({engine.served.dtype}{numerics}) on "
+              f"{scheme}://{host}:{port} to {len(keys.clients)} "
               f"client(s) (records in {rdir}; receipt key {engine.key.public_key.text}"
               + (f", {pub}" if pub else ", made in this process") + ")", highlight=False)
     run_server(application, host, port, tls_cert=tls_cert, tls_key=tls_key)
@@ -124,19 +128,25 @@ def keys_remove(name: str = typer.Argument(..., help="The client's name."),
 @app.command("policy")
 def policy_command(
     model: Path = typer.Argument(..., help="The model (or run) directory: its config.json gives the end-of-sequence tokens."),
-    out_file: Path = typer.Option(..., "--out", help="Where to write the policy (aftune.generation-policy.v1)."),
+    out_file: Path = typer.Option(..., "--out", help="Where to write the policy (aftune.generation-policy.v2: it pins the serving dtype)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampling (seeds from the client's nonce)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     eos_token_id: List[int] = typer.Option([], "--eos-token-id", help="End-of-sequence token (repeatable).", show_default="the config's"),
     stop_rule: str = typer.Option("eos_or_length", "--stop-rule", help="eos_or_length, or length (never stop early)."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A Jinja chat template file to render prompts with."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="The serving dtype: float32, bfloat16, float16 or float64.", show_default="the run's, the config's, or float32"),
+    numerics: str = typer.Option("native", "--numerics", help="native (the provider's kernels: strict replay needs its hardware) or portable (float32 on a bfloat16 grid: bitwise on any hardware)."),
 ):
-    """Write a generation policy: what every answer must be generated under."""
+    """Write a generation policy: what every answer must be generated under, the serving dtype
+    and numerics included (aftune.generation-policy.v2)."""
     from ..core import jsonio
     from ..inference.policy import MAX_CHAT_TEMPLATE_CHARS, GenerationPolicy
 
-    values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_rule=stop_rule)
+    values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_rule=stop_rule,
+                  numerics=numerics)
+    if dtype is not None:
+        values["dtype"] = dtype
     if eos_token_id:
         values["eos_token_ids"] = tuple(eos_token_id)
     if chat_template is not None:

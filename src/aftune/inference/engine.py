@@ -47,8 +47,29 @@ from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, dig
                      steps_root, utc_now)
 from .receipt import issue_receipt
 from .sampling import choose_token, greedy_token, request_seed
-from .served import ServedModel
+from .served import ModelSource, ServedModel
 from .settings import RecordingSettings
+
+
+def load_served(model: str | Path, policy: GenerationPolicy | None = None, *, dtype: str | None = None,
+                hash_algorithm: str | None = None) -> ServedModel:
+    """The model (or run) directory loaded for serving under the client's `policy`: in `dtype`
+    when given, else in the serving dtype the policy pins (a v2 policy), else in the run's dtype
+    or float32. An explicit `dtype` that the policy contradicts is an error naming both (the
+    engine would refuse every request); so is a pinned dtype a run was not trained in (its final
+    model digest is over its own dtype). Numerics need nothing here: `generate` records portable
+    numerics when the policy says so."""
+    pinned = policy.dtype if isinstance(policy, GenerationPolicy) else None
+    if dtype is not None and pinned is not None and dtype != pinned:
+        raise InputError(f"--dtype {dtype} contradicts the generation policy, which pins the serving dtype {pinned}: "
+                         f"drop --dtype to serve in {pinned}, or agree a {dtype} policy with the client")
+    if dtype is None and pinned is not None:
+        src = ModelSource.resolve(model, hash_algorithm=hash_algorithm)
+        if src.run_dir is not None and src.dtype != pinned:
+            raise InputError(f"the generation policy pins the serving dtype {pinned}, and the run {src.run_dir} was "
+                             f"trained in {src.dtype}: its final model digest is over its {src.dtype} weights, so a "
+                             f"record could not be bound to it (agree a {src.dtype} policy with the client)")
+    return ServedModel.load(model, dtype=dtype or pinned, hash_algorithm=hash_algorithm)
 
 
 # --- deviations (attack simulations for tests; honest serving uses none) ------------------------
