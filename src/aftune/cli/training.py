@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from ..errors import AftuneError, CommitmentMismatch, InputError
-from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _TRANSCRIPT_HELP, _UNSAFE_AGREEMENT_HELP, _progress, app, err,
-                  finish_report, load_agreement, out, tolerance_from_options)
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _TRANSCRIPT_DEFAULT, _TRANSCRIPT_HELP, _UNSAFE_AGREEMENT_HELP,
+                  _progress, app, err, finish_report, load_agreement, out, tolerance_from_options)
 from .options import deprecated_flags, settings_from_flags, with_settings_options
 
 _LAYER_BLOCK_HELP = "The layer block to verify (index, from 0); with --step-block."
@@ -38,8 +38,10 @@ def keygen(path: Path = typer.Argument(..., help="Where to write the private key
 @deprecated_flags({"--sign": "--client-signing-key"})
 @with_settings_options
 def agree(
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Your copy of the base model (Hugging Face directory; default: the built-in tiny Llama)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Your copy of the dataset (JSONL file or image folder; default: the built-in dataset)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Your copy of the base model (Hugging Face directory).",
+                                              show_default="the built-in tiny Llama"),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your copy of the dataset (JSONL file or image folder).",
+                                        show_default="the built-in dataset"),
     out_path: Path = typer.Option(..., "--out", help="Where to write agreement.json (never overwritten)."),
     inference_policy: Optional[Path] = typer.Option(None, "--inference-policy", help="A generation policy (JSON) for serving the fine-tuned model."),
     client_signing_key: Optional[Path] = typer.Option(None, "--client-signing-key", help="Sign the agreement with your private client key (aftune keygen)."),
@@ -147,7 +149,7 @@ def verify(
     rel_l2: Optional[float] = typer.Option(None, "--rel-l2", help="Tolerance: max relative L2 error per tensor."),
     max_elem: Optional[float] = typer.Option(None, "--max-elem", help="Tolerance: max element error / rms."),
     tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
-    transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP),
+    transcript: Optional[Path] = typer.Option(None, "--transcript", help=_TRANSCRIPT_HELP, show_default=_TRANSCRIPT_DEFAULT),
     attest: Optional[str] = typer.Option(None, "--attest", help="Inside a TEE: attest the report with this evidence "
                                          "provider (gramine, configfs-tsm, auto, unsafe-simulated); needs --all."),
     attestation_nonce: Optional[str] = typer.Option(None, "--attestation-nonce", help="With --attest: the client's attestation nonce (hex)."),
@@ -229,13 +231,17 @@ def calibrate(
     out.print(f"{c.blocks} honest blocks replayed; largest honest errors (relative L2, element / rms):")
     for kind, (rel, elem) in c.observed.items():
         out.print(f"  {kind:<10} {rel:.3g}  {elem:.3g}")
+    if c.floored:
+        out.print(f"note: thresholds floored at the minimum {c.floor:g} for {', '.join(c.floored)}: {margin:g} x the "
+                  f"largest honest error is below it (0 when the replay is bitwise, as on identical hardware)",
+                  highlight=False, soft_wrap=True)
     if out_file:
         out_file.write_text(json.dumps(c.suggested.to_json(), indent=1), encoding="utf-8")
         out.print(f"thresholds ({margin:g} x) written to {out_file}: verify with --mode tolerance"
                   f"{' --dtype ' + dtype if dtype else ''} --tolerance {out_file}")
     else:
         out.print(f"suggested: --mode tolerance{' --dtype ' + dtype if dtype else ''} "
-                  f"--rel-l2 {c.suggested.rel_l2:.3g} --max-elem {c.suggested.max_elem:.3g} (or --out FILE for per-kind thresholds)")
+                  f"--rel-l2 {c.suggested.rel_l2:.3g} --max-elem {c.suggested.max_elem:.3g} (or --out FILE for per-kind thresholds)", soft_wrap=True)
 
 
 @app.command()

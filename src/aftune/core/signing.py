@@ -24,6 +24,17 @@ def signed_message(context: str, message: bytes) -> bytes:
     return TAG_SIGNATURE + length_prefixed(context.encode("ascii")) + message
 
 
+def _shown_name(given: str) -> str:
+    """`given`, a file name that names no file, as an error message may show it: not at all when it
+    may be key material pasted in place of a path (a PEM block, or a long run of base64 or hex
+    characters with no '.'), so that a private key given by mistake is never echoed."""
+    if ("PRIVATE KEY" in given or any(c.isspace() or not c.isprintable() for c in given)
+            or (len(given) >= 32 and "." not in given
+                and all(c.isalnum() or c in "+/=_-" for c in given))):
+        return f"(the {len(given)} characters given are not shown: they may be key material)"
+    return given
+
+
 @dataclass(frozen=True)
 class PublicKey:
     raw: bytes
@@ -62,8 +73,13 @@ class PublicKey:
         if s.startswith(PUBLIC_KEY_PREFIX):
             return cls.from_text(s)
         p = Path(s)
-        if not p.is_file():
-            raise InputError(f"public key file {p} does not exist (pass the provider's .pub file or 'ed25519:<hex>')")
+        try:
+            found = p.is_file()
+        except (OSError, ValueError):  # a name too long for a path, or with a NUL byte: not a path
+            found = False
+        if not found:
+            raise InputError(f"public key file {_shown_name(s)} does not exist (pass the provider's .pub file or "
+                             "'ed25519:<hex>')")
         return cls.from_text(p.read_text(encoding="utf-8", errors="replace")[:200])
 
     def verify(self, context: str, message: bytes, signature: bytes) -> bool:

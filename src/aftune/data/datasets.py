@@ -96,6 +96,11 @@ def detect_kind(path: Path) -> str:
         return "image_folder"
     with path.open("rb") as f:
         first = f.readline(MAX_LINE_BYTES)
+        while first and not first.strip():  # blank lines are skipped when the file is read, too
+            first = f.readline(MAX_LINE_BYTES)
+    if not first.strip():
+        raise InputError(f"{path} is empty: expected JSONL, one example per line, with 'text', 'messages' or "
+                         f"'text'+'label'")
     try:
         obj = jsonio.loads(first)
     except ValueError:
@@ -139,8 +144,8 @@ def _load_jsonl(path: Path, kind: str) -> Dataset:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise InputError(f"{path}: {shown}")
-    if not examples:
-        raise InputError(f"{path} holds no examples")
+    if not examples:  # every line blank (problems were raised above)
+        raise InputError(f"{path} is empty: expected JSONL, one example per line")
     labels: tuple[str, ...] = ()
     if kind == "labeled_text":
         labels = tuple(sorted({e.label for e in examples}, key=_label_sort_key))

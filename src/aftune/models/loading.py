@@ -81,11 +81,20 @@ def _culprit(fields: dict[str, Any], exc: Exception) -> str:
     return f" (field {', '.join(named[:3])})" if named else ""
 
 
+def _check_model_dir(d: Path) -> None:
+    """A model directory must exist, be a directory and hold config.json: say which it is not."""
+    if not d.exists():
+        raise InputError(f"model directory {d} does not exist")
+    if not d.is_dir():
+        raise InputError(f"{d} is not a model directory: it is a file (give the Hugging Face directory that holds it)")
+    if not (d / "config.json").is_file():
+        raise InputError(f"{d} is not a model directory: it has no config.json")
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     """config.json of a Hugging Face model directory, as a dict (checked, never executed)."""
     d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise InputError(f"{d} is not a model directory: it has no config.json")
+    _check_model_dir(d)
     hf_config = jsonio.read_json(d / "config.json", MAX_CONFIG_BYTES, "model config", InputError)
     if not isinstance(hf_config, dict):
         raise InputError(f"{d / 'config.json'} must hold a JSON object")
@@ -137,7 +146,7 @@ def model_files(directory: str | Path) -> dict[str, bytes]:
     files = {name: jsonio.read_bytes(d / name, MAX_CONFIG_BYTES, "model file", InputError)
              for name in MODEL_CONFIG_FILES if (d / name).is_file()}
     if "config.json" not in files:
-        raise InputError(f"{d} is not a model directory: it has no config.json")
+        _check_model_dir(d)
     return {**files, **_present_tokenizer_files(d)}  # none for image models
 
 

@@ -390,14 +390,40 @@ def unit_threat_models(num_layer_blocks: int, num_step_blocks: int) -> tuple[Thr
     )
 
 
+# the threats that need optimizer steps: an inference record has none (SPEC.md 9.7a)
+TRAINING_ONLY_THREATS = ("skip_steps", "poison_examples")
+
+
+def unit_inference_threat_models(num_layer_blocks: int) -> tuple[ThreatModel, ...]:
+    """The smallest instance of each threat to an inference record (its layer blocks x one step
+    block): a tampered layer block, and another model served in place of the committed one."""
+    L = num_layer_blocks
+    return (
+        ThreatModel(Threat("tampered_blocks", 1, "one tampered layer block"), 1, "free", 1,
+                    "1 layer block fails, wherever the provider chooses (an edited activation or weight)"),
+        ThreatModel(Threat("substitute_layers", 1.0, "another model served"), L, "layer_blocks", L,
+                    f"every layer block computes with other weights (e.g. a quantized copy): {_n(L, 'block')} fail"),
+    )
+
+
 def assess_challenge(challenge: Challenge, threats: Iterable[Threat] | None = None, *,
                      layer_block_params: list[int] | None = None) -> ChallengeAssessment:
     """P(detect) of each threat under this challenge's strategy, K and grid (worst-case placement);
-    without threats, of the smallest instance of each (`unit_threat_models`)."""
+    without threats, of the smallest instance of each (`unit_threat_models`; for an inference
+    challenge `unit_inference_threat_models`: a record has no optimizer steps or examples to skip
+    or poison, so those threats are refused)."""
     L, S, k = challenge.num_layer_blocks, challenge.num_step_blocks, challenge.num_challenged
+    inference = challenge.kind == "inference"
     if threats is None:
-        models = unit_threat_models(L, S)
+        models = unit_inference_threat_models(L) if inference else unit_threat_models(L, S)
     else:
+        threats = tuple(threats)
+        if inference:
+            for t in threats:
+                if t.kind in TRAINING_ONLY_THREATS:
+                    raise InputError(f"{t.label} is a threat to training: an inference record has no optimizer "
+                                     f"steps or training examples (use --tampered-blocks, --tamper-params or "
+                                     f"--substitute-layers)")
         models = tuple(threat_model(t, L, S, layer_block_params=layer_block_params) for t in threats)
     if not models:
         raise InputError("name at least one threat to assess the challenge against")

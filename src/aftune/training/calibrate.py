@@ -32,6 +32,10 @@ class Calibration:
     suggested: Tolerance
     # (scope, kind) -> the state rule's largest (element, norm, count) (SPEC.md 6.3)
     state: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict)
+    floor: float = 1e-7  # the smallest threshold calibration sets
+    # the kinds with a threshold raised to `floor`: margin x their largest honest error was below it
+    # (0 when the replay is bitwise, as on identical hardware); `aftune calibrate` says so
+    floored: tuple[str, ...] = ()
 
     @property
     def max_rel_l2(self) -> float:
@@ -65,8 +69,10 @@ def calibrate(run_dir: str | Path, public_key: PublicKey, replay_dtype: str | No
     if not observed:
         raise InputError("calibration compared no floating-point tensor: nothing to calibrate on")
     per_kind = tuple((k, max(rel * margin, floor), max(elem * margin, floor)) for k, (rel, elem) in observed.items())
+    floored = tuple(k for k, (rel, elem) in observed.items() if min(rel, elem) * margin < floor)
     fallback = (max(t[1] for t in per_kind), max(t[2] for t in per_kind))
     state_seen = {k: tuple(x) for k, x in v.state_observed.items()}
     state = tuple((sc, k, *(max(x * margin, f) for x, f in zip(seen, STATE_FLOORS)))
                   for (sc, k), seen in sorted(state_seen.items()))
-    return Calibration(len(report.results), observed, Tolerance(*fallback, per_kind=per_kind, state=state), state_seen)
+    return Calibration(len(report.results), observed, Tolerance(*fallback, per_kind=per_kind, state=state), state_seen,
+                       floor, floored)

@@ -119,18 +119,25 @@ class Report:
         return PASS if all(r.verdict == PASS for r in self.results) else FAIL
 
     def summary(self) -> str:
+        """One line: the verdict, then what decided it. A failure of the whole run or record (a
+        wrong prompt, settings that are not the agreed ones) comes first, with how the replayed
+        blocks fared after it, so that a FAIL never reads "FAIL: 4/4 blocks pass"; otherwise the
+        blocks that pass, and the first one that does not."""
         failed = [r for r in self.results if r.verdict == FAIL]
-        text = f"{self.verdict}: {len(self.results) - len(failed)}/{len(self.results)} blocks pass ({self.mode} mode)"
-        if self.errors and not self.results:
-            text = f"{self.verdict}: nothing replayed ({self.mode} mode)"
         if self.errors:
-            text += "; " + self.errors[0].describe()
+            text = f"{self.verdict}: " + self.errors[0].describe()
             if len(self.errors) > 1:
                 text += f" (and {len(self.errors) - 1} more)"
-        elif failed:
-            text += "; first failure: " + failed[0].headline()
-        elif not self.results:
-            text += "; nothing was verified"
+            replayed = f"{len(self.results) - len(failed)}/{len(self.results)} replayed blocks pass"
+            text += f" ({self.mode} mode; " + (replayed if self.results else "nothing replayed") + ")"
+            if failed:
+                text += "; first failing block: " + failed[0].headline()
+        else:
+            text = f"{self.verdict}: {len(self.results) - len(failed)}/{len(self.results)} blocks pass ({self.mode} mode)"
+            if failed:
+                text += "; first failure: " + failed[0].headline()
+            elif not self.results:
+                text += "; nothing was verified"
         if self.notes:
             text += f"; NOT CHECKED ({len(self.notes)}): " + "; ".join(self.notes)
         return text
