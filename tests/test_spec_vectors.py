@@ -51,6 +51,7 @@ TAGS = {
     "rng": b"aftune.v1.rng\x00",
     "model": b"aftune.v1.model\x00",
     "agreement": b"aftune.v1.agreement\x00",
+    "lora-init": b"aftune.v1.lora-init\x00",
 }
 
 
@@ -274,7 +275,7 @@ def test_tags_match_spec_table():
         "empty": encoding.TAG_EMPTY, "step-block": encoding.TAG_STEP_BLOCK, "run": encoding.TAG_RUN,
         "run-config": encoding.TAG_RUN_CONFIG, "example": encoding.TAG_EXAMPLE, "order": encoding.TAG_ORDER,
         "file": encoding.TAG_FILE, "signature": encoding.TAG_SIGNATURE, "rng": encoding.TAG_RNG,
-        "model": encoding.TAG_MODEL, "agreement": encoding.TAG_AGREEMENT,
+        "model": encoding.TAG_MODEL, "agreement": encoding.TAG_AGREEMENT, "lora-init": encoding.TAG_LORA_INIT,
     }
     assert ours == TAGS
     assert encoding.ENCODING_VERSION == 1
@@ -885,3 +886,17 @@ def test_tolerance_comparisons():
         ["activation", "activation", "gradient", "gradient", "gradient", "optimizer", "weights", "weights"]
     tol = Tolerance(1e-3, 1e-2, per_kind=(("gradient", 1e-2, 1e-1),))
     assert tol.limits("gradient") == (1e-2, 1e-1) and tol.limits("weights") == (1e-3, 1e-2)
+
+
+# =============================================================================================
+# 5.4 portable numerics: LoRA A initialisation
+# =============================================================================================
+
+
+def test_portable_lora_init_vector():
+    from aftune.core import grid
+    from aftune.training.portable import lora_init
+
+    t = lora_init("blake3", 7, "model.layers.0.self_attn.q_proj.lora_A.default.weight", (2, 4))
+    assert [f"{int(b):08x}" for b in grid.bits_of(t).reshape(-1)] == [
+        "3edf6ee2", "3e1d8570", "3e3ceacc", "3db64e0f", "3e6f8d06", "bed3f15d", "3d0a1645", "bd56ec33"]

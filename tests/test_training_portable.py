@@ -22,7 +22,7 @@ import torch
 from aftune.core import grid
 from aftune.errors import InputError
 from aftune.training import portable
-from aftune.training.settings import TrainSettings
+from aftune.training.settings import LoraSettings, TrainSettings
 from aftune.training.train import Deviation
 from conftest import agreement_path, failing, verifier, verify_all
 from test_tampering import _param
@@ -41,11 +41,14 @@ def _verify_in_subprocess(run_dir, public_key, tmp_path, **env) -> subprocess.Co
 
 # --- honest runs ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
-def test_honest_portable_runs_pass_strict(record, family):
-    """Decoder, tied embeddings (a tied group), encoder classification: every block and the final
-    model PASS bitwise; the run logged near-boundary elements and stores float32 state."""
-    run_dir, key = record(family, **PORTABLE)
+@pytest.mark.parametrize("family, lora", [("llama", False), ("gpt2", False), ("bert", False), ("vit", False),
+                                          ("llama", True)])
+def test_honest_portable_runs_pass_strict(record, family, lora):
+    """Decoder, tied embeddings (a tied group), encoder and image classification, LoRA: every
+    block and the final model PASS bitwise; the run logged near-boundary elements and stores
+    float32 state."""
+    extra = {"lora": LoraSettings(r=4, alpha=8)} if lora else {}
+    run_dir, key = record(family, **PORTABLE, **extra)
     report = verify_all(run_dir, key)
     assert report.verdict == "PASS", [f.reason for r in report.results for f in r.findings] + report.errors
     assert all(r.compared > 0 for r in report.results)
@@ -60,8 +63,10 @@ def test_portable_verdict_holds_on_other_kernels_and_thread_counts(record, tmp_p
     with one thread: PASS. The native run of the same agreement FAILs under the default kernels
     (the contrast portable numerics exists for)."""
     run_dir, key = record("llama", **PORTABLE)
-    for env in ({"ATEN_CPU_CAPABILITY": "default"}, {"OMP_NUM_THREADS": "1"}):
-        done = _verify_in_subprocess(run_dir, key, tmp_path, **env)
+    lora_dir, lora_key = record("llama", lora=LoraSettings(r=4, alpha=8), **PORTABLE)  # the merge is checked too
+    for (d, k), env in (((run_dir, key), {"ATEN_CPU_CAPABILITY": "default"}), ((run_dir, key), {"OMP_NUM_THREADS": "1"}),
+                        ((lora_dir, lora_key), {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"})):
+        done = _verify_in_subprocess(d, k, tmp_path, **env)
         assert done.returncode == 0 and "PASS" in done.stdout, (env, done.stdout[-2000:], done.stderr[-2000:])
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU runs ATen's default kernels already: no other kernels to contrast with")

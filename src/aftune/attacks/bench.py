@@ -382,26 +382,28 @@ class Bench:
         # (b) edited inside training, after the last update
         dev = EditDuringTraining(edit.delta, self.settings.steps - 1)
         result, seconds = self._train("parameter-training", dev)
-        with torch_threads(self.threads):
-            cal = calibrate(honest.run_dir, honest.key(), replay_dtype="float64", agreement=self.agreement)
-            tol = Verifier(result.run_dir, PublicKey.load(result.public_key_path), self.agreement, mode="tolerance",
-                           tolerance=cal.suggested, replay_dtype="float64")
-            owner = self.owner_map()[0]
-            last = self.num_step_blocks - 1
-            blocks = sorted({owner[n] for n in names})
-            tol_results = [tol.verify_block(l, last)[0] for l in blocks]
-        threshold = cal.suggested.limits("weights")[0]
-        errors = [f.error for r in tol_results for f in r.findings if f.check == "end_state" and f.error is not None]
-        observed = max(errors) if errors else 0.0
-        honest_error = cal.observed.get("weights", (0.0, 0.0))[0]
-        # the defaults a client gets without calibrating (Tolerance.for_training): a rel_l2 error above
-        # their weights threshold alone fails the block
-        default = Tolerance.for_training(self.settings.dtype, "float64").limits("weights")[0]
-        margins = {"honest_error": honest_error, "threshold": threshold, "attack_error": observed,
-                   "edit_rel_l2": edit.rel_l2, "margin": observed / threshold if threshold else float("inf"),
-                   "default_threshold": default, "default_margin": observed / default,
-                   "tolerance_verdict": "FAIL" if all(r.verdict == "FAIL" for r in tol_results) else "PASS",
-                   "tolerance_headlines": [r.headline() for r in tol_results]}
+        owner = self.owner_map()[0]
+        last = self.num_step_blocks - 1
+        blocks = sorted({owner[n] for n in names})
+        margins: dict = {}  # a portable run is verified bitwise only: no tolerance margins to measure
+        if self.settings.numerics != "portable":
+            with torch_threads(self.threads):
+                cal = calibrate(honest.run_dir, honest.key(), replay_dtype="float64", agreement=self.agreement)
+                tol = Verifier(result.run_dir, PublicKey.load(result.public_key_path), self.agreement, mode="tolerance",
+                               tolerance=cal.suggested, replay_dtype="float64")
+                tol_results = [tol.verify_block(l, last)[0] for l in blocks]
+            threshold = cal.suggested.limits("weights")[0]
+            errors = [f.error for r in tol_results for f in r.findings if f.check == "end_state" and f.error is not None]
+            observed = max(errors) if errors else 0.0
+            honest_error = cal.observed.get("weights", (0.0, 0.0))[0]
+            # the defaults a client gets without calibrating (Tolerance.for_training): a rel_l2 error above
+            # their weights threshold alone fails the block
+            default = Tolerance.for_training(self.settings.dtype, "float64").limits("weights")[0]
+            margins = {"honest_error": honest_error, "threshold": threshold, "attack_error": observed,
+                       "edit_rel_l2": edit.rel_l2, "margin": observed / threshold if threshold else float("inf"),
+                       "default_threshold": default, "default_margin": observed / default,
+                       "tolerance_verdict": "FAIL" if all(r.verdict == "FAIL" for r in tol_results) else "PASS",
+                       "tolerance_headlines": [r.headline() for r in tol_results]}
         acc = accuracy(load_classifier(result.run_dir / "model"), a.test_images, a.test_labels)
         gain = {"layer": layer, "layers": names, "edit_rel_l2": edit.rel_l2,
                 "backdoor_input_answered_target": edit.success == 1.0,

@@ -111,9 +111,16 @@ def flipped_value(value: float, bit: int) -> float:
 
 @torch.no_grad()
 def flip_bit(param: torch.Tensor, index: int, bit: int) -> None:
-    """XOR one bit of one float32 element in place (what a rowhammer flip does to DRAM)."""
-    if param.dtype != torch.float32 or not param.is_contiguous():
+    """XOR one bit of one float32 element in place (what a rowhammer flip does to DRAM). A float64
+    tensor holding float32 values (a portable run's parameters) has the bit of the element's
+    float32 encoding flipped, which is the weight the run stores."""
+    if param.dtype not in (torch.float32, torch.float64) or not param.is_contiguous():
         raise ValueError("bit flips are modelled on contiguous float32 tensors")
+    if param.dtype == torch.float64:
+        element = param.view(-1)[index:index + 1].to(torch.float32)
+        element.view(torch.int32).bitwise_xor_(1 << bit)
+        param.view(-1)[index:index + 1] = element.to(torch.float64)
+        return
     param.view(-1)[index:index + 1].view(torch.int32).bitwise_xor_(1 << bit)
 
 

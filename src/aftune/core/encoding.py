@@ -34,6 +34,7 @@ TAG_ORDER = b"aftune.v1.order\x00"
 TAG_FILE = b"aftune.v1.file\x00"
 TAG_SIGNATURE = b"aftune.v1.signature\x00"
 TAG_RNG = b"aftune.v1.rng\x00"
+TAG_LORA_INIT = b"aftune.v1.lora-init\x00"  # portable numerics: LoRA A initialisation (SPEC.md 5.4)
 TAG_INFERENCE_RECORD = b"aftune.v1.inference-record\x00"  # record id = H(tag || record file bytes)
 TAG_SAMPLE = b"aftune.v1.sample\x00"  # per-step uniform of seeded sampling
 TAG_RECEIPT = b"aftune.v1.receipt\x00"

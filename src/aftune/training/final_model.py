@@ -101,10 +101,16 @@ def _check_merge(v, saved: torch.nn.Module, digests: dict[str, bytes], fail) -> 
                 target.copy_(v.record.store.get(ref, f"final state, {name}"))
     merged = model_weights(root.merge_and_unload())
     out = []
-    saved_weights = model_weights(saved) if not v.comparison.strict else {}
+    saved_weights = model_weights(saved) if not v.comparison.strict or v.portable else {}
     for name, t in merged.items():
         if name not in digests:
             out.append(fail("RUN/model lacks a tensor of the merged model", tensor=name))
+        elif v.portable:  # merged in float64 and rounded (SPEC.md 5.4): bitwise up to near-midpoint elements
+            refused = merge_rounding_refused(t, saved_weights[name])
+            if refused:
+                out.append(fail(f"RUN/model is not the merge of the committed base weights and final adapters: "
+                                f"{refused} elements are not the float32 rounding of the float64 merge (nor "
+                                "within the cross-hardware bound of a rounding midpoint)", tensor=name))
         elif v.comparison.strict and tensor_digest(name, t, v.algorithm) != digests[name]:
             out.append(fail("RUN/model is not the merge of the committed base weights and final adapters",
                             tensor=name))
@@ -118,3 +124,19 @@ def _check_merge(v, saved: torch.nn.Module, digests: dict[str, bytes], fail) -> 
     extra = sorted(set(digests) - set(merged))
     out += [fail("RUN/model has a tensor the merged model does not", tensor=n) for n in extra[:8]]
     return out
+
+
+def merge_rounding_refused(merged: torch.Tensor, saved: torch.Tensor) -> int:
+    """Portable numerics: the elements of the exported float32 tensor `saved` that are neither the
+    rounding of the verifier's float64 merge nor a rounding the cross-hardware bound allows (each
+    differing element is treated as a log entry of portable.settle, under TAU and the row scale)."""
+    from ..core import grid
+    from .portable import GRID_DTYPE, TAU
+
+    if saved.dtype != GRID_DTYPE or saved.shape != merged.shape:
+        return merged.numel()
+    own = grid.bits_of(grid.to_grid(merged, GRID_DTYPE, "the merged model"))
+    committed = grid.bits_of(saved.contiguous())
+    idx = torch.nonzero((own != committed).reshape(-1)).reshape(-1)
+    adjusted = grid.adjust(merged, idx, committed.reshape(-1)[idx], TAU, grid.row_scale(merged), GRID_DTYPE)
+    return len(adjusted.refused)

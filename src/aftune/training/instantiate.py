@@ -44,6 +44,13 @@ def instantiate(hf_config: dict[str, Any], settings: TrainSettings,
                 if name.startswith(CLASSIFIER_PREFIXES):
                     p.requires_grad_(True)
     if settings.numerics == "portable":  # float64 compute over float32 values (training/portable.py)
+        if settings.lora is not None:
+            from .portable import lora_init
+
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".lora_A." in name:
+                        p.copy_(lora_init(settings.hash_algorithm, settings.seed, name, tuple(p.shape)))
         root.to(torch.float64)
     adapter = adapter_class(hf_config["model_type"])(model)
     model.train()

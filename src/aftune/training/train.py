@@ -259,18 +259,36 @@ def _save_model(root_module, model, base_files: dict[str, bytes], run: Path, set
     agreed base model's config, generation config and tokenizer files byte for byte (fine-tuning
     changes weights only), and return its model digest (SPEC.md 3.6)."""
     out = run / "model"
-    root_module.to(DTYPE_BY_NAME[settings.dtype])  # portable numerics holds float32 values in float64: exact
+    dtype = DTYPE_BY_NAME[settings.dtype]
     if settings.lora is not None:
-        root_module.save_pretrained(str(run / "adapter"))
+        # portable numerics holds float32 values in float64: the adapter converts exactly, and the
+        # merge is computed in float64 and rounded to float32 once (SPEC.md 5.4)
+        if settings.numerics == "portable":
+            _save_adapter_as(root_module, run / "adapter", dtype)
+        else:
+            root_module.save_pretrained(str(run / "adapter"))
         merged = root_module.merge_and_unload()
-        merged.save_pretrained(str(out))
+        merged.to(dtype).save_pretrained(str(out))
     else:
-        model.save_pretrained(str(out))
+        model.to(dtype).save_pretrained(str(out))  # portable: float32 values held in float64, exactly
     (out / "generation_config.json").unlink(missing_ok=True)
     for name, data in base_files.items():
         (out / name).write_bytes(data)
     _, saved = load_pretrained(out, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
     return model_commitment(saved, out, algorithm)[0]
+
+
+def _save_adapter_as(root_module, path: Path, dtype: torch.dtype) -> None:
+    """Save the PEFT adapter with its tensors in `dtype` (the model itself stays as it is)."""
+    saved = {n: p.detach().clone() for n, p in root_module.named_parameters() if ".lora_" in n}
+    with torch.no_grad():
+        for n, p in root_module.named_parameters():
+            if n in saved:
+                p.data = p.data.to(dtype)
+        root_module.save_pretrained(str(path))
+        for n, p in root_module.named_parameters():
+            if n in saved:
+                p.data = saved[n]
 
 
 def _versions() -> dict[str, str]:
