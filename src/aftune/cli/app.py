@@ -147,11 +147,68 @@ def _aftune(version: bool = typer.Option(False, "--version", "-V", callback=_pri
     pass
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+_QUIET_HELP = "Draw no progress on stderr (none is drawn when stderr is not a terminal)."
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[note]}"), console=err, transient=False, disable=not err.is_terminal)
+
+def _progress_shown(quiet: bool = False) -> bool:
+    """Progress is drawn on stderr only when it is an interactive terminal, and never with --quiet:
+    pipes, CI logs and tests get exactly the command's output."""
+    return not quiet and err.is_terminal and not err.is_dumb_terminal
+
+
+def _clock(seconds: float | None) -> str:
+    """m:ss, or h:mm:ss from an hour; -:-- while unknown."""
+    if seconds is None:
+        return "-:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:d}:{secs:02d}"
+
+
+def _progress(quiet: bool = False):
+    """The one progress display of the CLI, on stderr: what is being done, done/total in the
+    task's unit (steps, blocks, rows), the rate, elapsed time, ETA and the task's note (the
+    last loss, the last verdict). A task is `bar.add_task(description, total=N, unit="steps",
+    note="")`. Drawn only where `_progress_shown(quiet)`; otherwise nothing is printed at all."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
+    from rich.table import Column
+    from rich.text import Text
+
+    class Cell(ProgressColumn):  # kept whole, on one line
+        def __init__(self):
+            super().__init__(Column(no_wrap=True))
+
+    class Counts(Cell):
+        def render(self, task) -> Text:
+            unit = task.fields.get("unit", "")
+            total = "?" if task.total is None else f"{int(task.total)}"
+            return Text(f"{int(task.completed)}/{total}" + (f" {unit}" if unit else ""), style="progress.download")
+
+    class Rate(Cell):
+        def render(self, task) -> Text:
+            unit, speed = task.fields.get("unit", "") or "items", task.speed
+            if task.finished and task.finished_time:  # done: the whole task's rate (blocks may arrive all at once)
+                speed = task.completed / task.finished_time
+            if not speed:
+                return Text(f"-- {unit}/s", style="progress.data.speed")
+            if speed >= 1:
+                return Text(f"{speed:.1f} {unit}/s", style="progress.data.speed")
+            return Text(f"{1 / speed:.1f} s/{unit.removesuffix('s') or unit}", style="progress.data.speed")
+
+    class Times(Cell):
+        def render(self, task) -> Text:
+            elapsed = task.finished_time if task.finished else task.elapsed
+            remaining = 0.0 if task.finished else task.time_remaining
+            return Text(f"{_clock(elapsed)} elapsed, ETA {_clock(remaining)}", style="progress.elapsed")
+
+    class Note(ProgressColumn):  # the one column that gives way on a narrow terminal: cut short, on one line
+        def render(self, task) -> Text:
+            return Text(str(task.fields.get("note", "")), no_wrap=True, overflow="ellipsis")
+
+    # while running, the rate since the first update, however long ago (an eval-detection row takes minutes)
+    return Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True)), BarColumn(bar_width=10),
+                    Counts(), Rate(), Times(), Note(), console=err, transient=False, redirect_stdout=False,
+                    speed_estimate_period=24 * 3600, disable=not _progress_shown(quiet))
 
 
 def _distinct_checks(findings, limit: int = 6):

@@ -23,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from .app import AftuneTyper, app, err, escape, out
+from .app import _QUIET_HELP, AftuneTyper, _progress, _progress_shown, app, err, escape, out
 from .options import deprecated_flags
 from ..errors import InputError
 
@@ -284,6 +284,7 @@ def eval_detection_cmd(
     quick: bool = typer.Option(False, "--quick", help="A smaller task and run (seconds per attack, weaker effects)."),
     numerics: str = typer.Option("native", "--numerics", help="The agreed fine-tune's numerics: native, or portable "
                                  "(float64 compute on a float32 grid, verified bitwise on any hardware)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
     """Run every attack against the audit; write the detection table and plot."""
     from ..attacks.bench import Bench
@@ -299,7 +300,7 @@ def eval_detection_cmd(
     if trials < 1:
         raise InputError("--trials must be positive")
     names = tuple(a for a in attacks.split(",") if a) if attacks else None
-    extra = ()
+    extra, serving_names = (), ()
     if serving_side:
         serving_names = tuple(n for n in (names or SERVING_ATTACKS) if n in SERVING_ATTACKS)
         extra = (lambda bench, **kw: detection_rows(bench, serving_names, **kw),) if serving_names else ()
@@ -309,9 +310,24 @@ def eval_detection_cmd(
             raise InputError(f"unknown attacks {unknown}")
         names = tuple(n for n in names if n in Bench.TRAINING_ATTACKS)
     _quiet()
-    doc = eval_detection(out_dir, work_dir=work_dir, attacks=names if names is not None else None,
-                         sample_rates=sample_rates, trials=trials, extra_rows=extra, quick=quick, numerics=numerics,
-                         progress=lambda text: err.print(f"[dim]{escape(text)}…[/]", highlight=False))
+    # one row per run: the honest run, the training attacks (all of them when none is named), the serving ones
+    rows = 1 + len(names or Bench.TRAINING_ATTACKS) + len(serving_names)
+    with _progress(quiet) as bar:
+        task = bar.add_task("evaluating", total=rows, unit="rows", note="")
+
+        begun: list[str] = []
+
+        def say(text: str) -> None:
+            if _progress_shown(quiet):  # a terminal: the row under way, in the progress line
+                bar.update(task, advance=1 if begun else 0, note=text)
+                begun.append(text)
+            elif not quiet:  # a pipe or a log: one line per row, as always
+                err.print(f"[dim]{escape(text)}…[/]", highlight=False)
+
+        doc = eval_detection(out_dir, work_dir=work_dir, attacks=names if names is not None else None,
+                             sample_rates=sample_rates, trials=trials, extra_rows=extra, quick=quick,
+                             numerics=numerics, progress=say)
+        bar.update(task, completed=rows, note="")
     out.print((out_dir / "eval-detection.md").read_text(), highlight=False, soft_wrap=True, markup=False)
     bad = [r["name"] for r in doc["rows"] if not r.get("failing_equals_affected", True) or not r.get("real_audits_agree", True)]
     out.print(f"written: {out_dir / 'eval-detection.json'}, .md, .png ({doc['seconds']:.0f} s)", highlight=False)

@@ -14,8 +14,8 @@ from typing import Optional
 
 import typer
 
-from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _UNSAFE_AGREEMENT_HELP, _progress, app, finish_report, load_agreement,
-                  out, tolerance_from_options)
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _QUIET_HELP, _UNSAFE_AGREEMENT_HELP, _progress, app, finish_report,
+                  load_agreement, out, tolerance_from_options)
 from .options import deprecated_flags
 from ..errors import CommitmentMismatch, InputError
 
@@ -26,6 +26,7 @@ def open_(
     challenge: Path = typer.Option(..., "--challenge", help="The client's challenge (aftune challenge)."),
     out_dir: Path = typer.Option(..., "--out", help="New directory for the bundle."),
     model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model.", show_default="the record's"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
     """Open the challenged blocks: a bundle with exactly what their replay needs, and proofs."""
     from ..protocol.opening import open_bundle
@@ -39,8 +40,8 @@ def open_(
         out.print(f"bundle written to {out_dir}: {summary['blocks']} layer blocks, {summary['tensors']} tensors")
         return
     _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
-    with _progress() as bar:
-        task = bar.add_task("opening", total=len(c.blocks), note="")
+    with _progress(quiet) as bar:
+        task = bar.add_task("opening", total=len(c.blocks), unit="blocks", note="")
         summary = open_bundle(run_dir, c, out_dir, progress=lambda done, total: bar.update(task, completed=done))
     out.print(f"bundle written to {out_dir}: {summary['blocks']} blocks, {summary['tensors']} tensors, "
               f"{summary['bytes'] / 1e6:.1f} MB")
@@ -97,6 +98,7 @@ def audit(
     unsafe_skip_input: bool = typer.Option(False, "--unsafe-skip-input-check", help="UNSAFE (inference): do not compare the record's input with yours."),
     unsafe_skip_policy: bool = typer.Option(False, "--unsafe-skip-policy-check", help="UNSAFE (inference): do not compare the generation policy and request nonce."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
     """Verify an opened challenge (or challenge, open and verify a run locally). Exit 0 PASS, 1 FAIL, 2 bad input."""
     from ..protocol.audit import audit_bundle
@@ -113,7 +115,7 @@ def audit(
         if c.kind == "inference":
             report = _audit_inference(target, c, key, model, mode, dtype, (prompt, text, image), policy,
                                       agreement, max_new_tokens, request_nonce, unsafe_skip_input,
-                                      unsafe_skip_policy, max_layers_per_block)
+                                      unsafe_skip_policy, max_layers_per_block, quiet)
             finish_report(report, {**report.to_json(), "challenge": c.to_json()}, as_json, heading=c.describe())
         agreed = load_agreement(agreement, unsafe_no_agreement)
         bundle, transcript_path, scratch = target, transcript, None
@@ -128,12 +130,14 @@ def audit(
         bundle = Path(scratch.name) / "bundle"
         from ..protocol.opening import open_bundle
 
-        open_bundle(target, c, bundle)
+        with _progress(quiet) as bar:  # local mode: the provider's side first (it replays each block too)
+            task = bar.add_task("opening", total=len(c.blocks), unit="blocks", note="")
+            open_bundle(target, c, bundle, progress=lambda done, total: bar.update(task, completed=done))
     else:
         raise InputError(f"{target} is neither a bundle (bundle.json) nor a run directory (transcript.jsonl)")
     _check_run_root(c, transcript_path, key, bundle / "config.json")
-    with _progress() as bar:
-        task = bar.add_task("auditing", total=len(c.blocks), note="")
+    with _progress(quiet) as bar:
+        task = bar.add_task("auditing", total=len(c.blocks), unit="blocks", note="")
         report = audit_bundle(bundle, transcript_path, key, c, agreement=agreed,
                               unsafe_no_agreement=unsafe_no_agreement, mode=mode,
                               tolerance=tolerance_from_options(mode, None, tolerance_file), replay_dtype=dtype,
@@ -145,7 +149,7 @@ def audit(
 
 
 def _audit_inference(bundle: Path, c, key, model, mode, dtype, inputs, policy, agreement, max_new_tokens, nonce,
-                     unsafe_input: bool, unsafe_policy: bool, max_layers_per_block: int = 2):
+                     unsafe_input: bool, unsafe_policy: bool, max_layers_per_block: int = 2, quiet: bool = False):
     """Audit an opened inference challenge against what the client asked (as `verify-inference`)."""
     from ..workflows import InferenceRequest, RecordVerifier
     from .inference import client_policy, request_nonce, unsafe_options
@@ -159,7 +163,9 @@ def _audit_inference(bundle: Path, c, key, model, mode, dtype, inputs, policy, a
     verifier = RecordVerifier(request, model=model, provider_key=key, mode=mode, dtype=dtype,
                               max_layers_per_block=max_layers_per_block,
                               unsafe=unsafe_options(unsafe_input, unsafe_policy))
-    return verifier.audit(bundle, c)
+    with _progress(quiet) as bar:
+        task = bar.add_task("auditing", total=len(c.blocks), unit="blocks", note="")
+        return verifier.audit(bundle, c, on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
 
 
 def _write_reports(document, challenge, json_path, html_path, png_path, bundle: Path) -> None:

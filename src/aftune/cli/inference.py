@@ -18,7 +18,8 @@ from typing import List, Optional
 import typer
 
 from ..errors import AftuneError, InputError
-from .app import _PUBKEY_HELP, _progress, app, err, escape, finish_report, mismatch_reads, out, tolerance_from_options
+from .app import (_PUBKEY_HELP, _QUIET_HELP, _progress, app, err, escape, finish_report, mismatch_reads, out,
+                  tolerance_from_options)
 from .options import deprecated_flags
 
 _RECORD_HELP = "Record id (its full digest, or a unique prefix); optional when the directory holds one record."
@@ -168,6 +169,7 @@ def verify_inference(
     unsafe_skip_input: bool = typer.Option(False, "--unsafe-skip-input-check", help="UNSAFE: do not compare the record's input with yours."),
     unsafe_skip_policy: bool = typer.Option(False, "--unsafe-skip-policy-check", help="UNSAFE: do not compare the record's generation policy and request nonce with yours."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
     """Replay layer blocks of an inference record and check every token against what you asked.
     Exit 0 PASS, 1 FAIL, 2 bad input."""
@@ -191,8 +193,8 @@ def verify_inference(
                               unsafe=unsafe_options(unsafe_skip_input, unsafe_skip_policy))
     rid = rec.record_id.hex()
     if all_blocks:
-        with _progress() as bar:
-            task = bar.add_task("verifying", total=verifier.block_count(record_dir, rid), note="")
+        with _progress(quiet) as bar:
+            task = bar.add_task("verifying", total=verifier.block_count(record_dir, rid), unit="blocks", note="")
             report = verifier.verify(record_dir, rid, on_block=lambda r: bar.update(task, advance=1, note=r.verdict))
     else:
         report = verifier.verify(record_dir, rid, layer_blocks=[layer_block])

@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from ..errors import AftuneError, CommitmentMismatch, InputError
-from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _TRANSCRIPT_DEFAULT, _TRANSCRIPT_HELP, _UNSAFE_AGREEMENT_HELP,
-                  _progress, app, err, finish_report, load_agreement, out, tolerance_from_options)
+from .app import (_AGREEMENT_HELP, _PUBKEY_HELP, _QUIET_HELP, _TRANSCRIPT_DEFAULT, _TRANSCRIPT_HELP,
+                  _UNSAFE_AGREEMENT_HELP, _progress, app, err, finish_report, load_agreement, out, tolerance_from_options)
 from .options import deprecated_flags, settings_from_flags, with_settings_options
 
 _LAYER_BLOCK_HELP = "The layer block to verify (index, from 0); with --step-block."
@@ -84,6 +84,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in RUN from its last checkpoint "
                                 "before the first unsigned step block (same machine, same --base-model; settings from "
                                 "RUN/agreement.json)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     settings=None,
 ):
     """Fine-tune with recording: every block committed, every step block signed as it ends."""
@@ -104,11 +105,11 @@ def train(
             raise InputError("with --agreement the settings come from it: drop the settings flags")
         agreement = Agreement.load(agreement_path)
     chosen = agreement.settings if agreement is not None else (chosen or TrainSettings())
-    with _progress() as bar:
-        task = bar.add_task("training", total=chosen.steps, note="")
+    with _progress(quiet) as bar:
+        task = bar.add_task("training", total=chosen.steps, unit="steps", note="")
 
         def progress(done, total, loss):
-            bar.update(task, completed=done, note=f"loss {loss:.4f}")
+            bar.update(task, completed=done, total=total, note=f"loss {loss:.4f}")
 
         result = run_training(base_model, data, run_dir, None if agreement else chosen, key_path=provider_signing_key,
                               progress=progress, agreement=agreement, resume=resume)
@@ -155,6 +156,7 @@ def verify(
     attestation_nonce: Optional[str] = typer.Option(None, "--attestation-nonce", help="With --attest: the client's attestation nonce (hex)."),
     attest_out: Optional[Path] = typer.Option(None, "--attest-out", help="With --attest: where to write the attested verdict."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
     """Replay blocks and compare them with their commitments and your agreement. Exit 0 PASS, 1 FAIL, 2 bad input."""
 
@@ -174,8 +176,8 @@ def verify(
     try:
         if all_blocks:
             total = len(v.blocked.blocks) * v.num_step_blocks
-            with _progress() as bar:
-                task = bar.add_task("verifying", total=total, note="")
+            with _progress(quiet) as bar:
+                task = bar.add_task("verifying", total=total, unit="blocks", note="")
                 report = v.verify_all(lambda r: bar.update(task, advance=1, note=r.verdict))
         else:
             report = v.new_report()
