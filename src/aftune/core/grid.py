@@ -99,15 +99,24 @@ def row_scale(x: torch.Tensor) -> torch.Tensor:
     return xd.abs() + xd.pow(2).mean(dim=-1, keepdim=True).sqrt()
 
 
+def interval(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`midpoints` of a whole tensor of grid values (as a grid dtype tensor), with the neighbours
+    from `torch.nextafter` (toward -inf and +inf; +0's lower neighbour is the least negative
+    subnormal, as the keys give it): two vectorised passes instead of the integer dance of
+    `midpoints`, which tests/test_grid.py checks it agrees with, edge values included."""
+    far = torch.full_like(g, float("inf"))
+    gd = g.to(torch.float64)
+    return (gd + torch.nextafter(g, -far).to(torch.float64)) / 2, (gd + torch.nextafter(g, far).to(torch.float64)) / 2
+
+
 def near_boundary(x: torch.Tensor, g: torch.Tensor, tau: float, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The writer's rule: (flat indices, grid bits) of the elements whose own value x lies within
     tau * scale of a midpoint of the grid (their rounding would change under such an error)."""
-    bits = bits_of(g)
-    lo, hi = midpoints(bits, g.dtype)
+    lo, hi = interval(g)
     xd, band = x.detach().to(torch.float64), tau * scale
     near = ((xd - lo <= band) | (hi - xd <= band)).reshape(-1)
     idx = torch.nonzero(near).reshape(-1)
-    return idx, bits.reshape(-1)[idx]
+    return idx, bits_of(g.reshape(-1)[idx])
 
 
 @dataclass
@@ -126,8 +135,8 @@ def adjust(y: torch.Tensor, idx: torch.Tensor, bits: torch.Tensor, tau: float, s
     a = to_grid(y, dtype, what)
     if idx.numel() == 0:
         return Adjusted(a, 0, [])
-    flat = bits_of(a).reshape(-1)
-    differs = flat[idx] != bits
+    flat = a.reshape(-1)
+    differs = bits_of(flat[idx]) != bits
     if not bool(differs.any()):
         return Adjusted(a, 0, [])
     idx, bits = idx[differs], bits[differs]
@@ -137,7 +146,7 @@ def adjust(y: torch.Tensor, idx: torch.Tensor, bits: torch.Tensor, tau: float, s
     lo, hi = midpoints(bits, dtype)
     distance = torch.where(v > yv, lo - yv, yv - hi)  # from y to v's rounding interval
     ok = distance <= band
-    out = flat.clone()
-    out[idx[ok]] = bits[ok]
-    grid = values_of(out, dtype).to(dtype).reshape(a.shape)
+    grid = flat.clone()
+    grid[idx[ok]] = v[ok].to(dtype)
+    grid = grid.reshape(a.shape)
     return Adjusted(grid, int(ok.sum()), idx[~ok].tolist())
