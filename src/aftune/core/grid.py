@@ -40,11 +40,10 @@ def _width(dtype: torch.dtype) -> tuple[torch.dtype, int]:
 
 def to_grid(x: torch.Tensor, dtype: torch.dtype, what: str = "a value") -> torch.Tensor:
     """`x` rounded to the grid `dtype` (to nearest, ties to even); -0 becomes +0. Non-finite: error."""
-    if not bool(torch.isfinite(x).all()):
-        raise InputError(f"portable numerics: {what} is not finite")
-    g = x.to(dtype)
-    g = torch.where(g == 0, torch.zeros_like(g), g)
-    if not bool(torch.isfinite(g).all()):
+    g = x.to(dtype) + 0.0  # IEEE: -0 + 0 is +0, and any other value is unchanged
+    if not bool(torch.isfinite(g).all()):  # a non-finite x gives a non-finite g
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"portable numerics: {what} is not finite")
         raise InputError(f"portable numerics: {what} overflows {str(dtype).removeprefix('torch.')}")
     return g
 
