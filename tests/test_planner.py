@@ -87,7 +87,7 @@ def test_detection_is_monotone_and_above_the_binomial_bound():
         probs = [detection_probability(n, m, k) for k in range(n + 1)]
         assert probs == sorted(probs) and probs[0] == 0.0 and probs[-1] == 1.0
         for k in range(n + 1):
-            assert probs[k] >= 1 - (1 - k / n) ** m - 1e-12  # THREATS.md's lower bound
+            assert probs[k] >= 1 - (1 - k / n) ** m - 1e-12  # docs/threats.md's lower bound
     for k in (1, 5, 20):
         assert [detection_probability(n, m, k) for m in range(n + 1)] == sorted(
             detection_probability(n, m, k) for m in range(n + 1))

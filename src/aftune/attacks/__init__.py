@@ -1,4 +1,4 @@
-"""The attack suite: each threat of THREATS.md built for real against a small model, and shown
+"""The attack suite: each threat of docs/threats.md built for real against a small model, and shown
 caught by aftune's audit (`aftune attack NAME`, `aftune eval-detection`; docs/attacks.md).
 
 Training side (an `aftune.train.Deviation` inside aftune's own recorded trainer):

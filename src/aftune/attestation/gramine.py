@@ -1,4 +1,4 @@
-"""Gramine packaging of the verifier (seed 000's `make SGX=1`, `gramine-sgx ./aftune verify_block.py`):
+"""Gramine packaging of the verifier (the original AFTUNE ran its verifier under gramine-sgx; docs/threats.md):
 a manifest template for `aftune attestation verify-run` inside an SGX enclave, and a reader for
 the SIGSTRUCT that `gramine-sgx-sign` writes, to report MRENCLAVE and MRSIGNER.
 

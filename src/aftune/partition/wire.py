@@ -4,7 +4,7 @@
     msg = decode(frame, max_bytes=1 << 30)        # hostile input: every size is checked
 
 Nothing that crosses a process boundary is unpickled: a pickle from the untrusted worker would
-run its code inside the trusted process (THREATS.md, weakness 6). A frame is
+run its code inside the trusted process (docs/threats.md, mistake 6). A frame is
 
     "AFTP" || u32 version (1) || u32 H || H bytes: canonical JSON header || tensor bytes
 

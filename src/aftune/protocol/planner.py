@@ -5,7 +5,7 @@
 Every probability is exact (closed form or an exact recursion; no simulation) and is for the worst
 case the threat allows: where a threat leaves the provider free to choose which blocks it
 tampers, it is assumed to choose the blocks each strategy is least likely to draw. The provider
-is also assumed to concentrate its deviation in as few blocks as it can (THREATS.md, "the
+is also assumed to concentrate its deviation in as few blocks as it can (docs/threats.md, "the
 concentrating adversary"): one block's committed tensors can steer every other block (a fake
 boundary gradient drives every upstream block; one inflated gradient norm sets the whole step's
 clipping coefficient), so changing the updates of a step block costs it one failing block there,
@@ -353,7 +353,7 @@ def plan(threats: Iterable[Threat], *, target: float = 0.99, num_blocks: int | N
         notes.append("reaching the target needs every block: challenge them all")
     if any(m.tampered == 1 for m in models):
         notes.append("a threat that fails a single block is caught only with probability about K/N: "
-                     "structural checks of every block still apply (THREATS.md)")
+                     "structural checks of every block still apply (docs/threats.md)")
     return Plan(float(target), n, L, S, edge_weight, models, tuple(options), best, tuple(notes))
 
 

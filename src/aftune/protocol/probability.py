@@ -44,7 +44,7 @@ def hypergeometric_miss_exact(num_blocks: int, tampered: int, count: int) -> Fra
 
 
 def detection_probability(num_blocks: int, tampered: int, count: int) -> float:
-    """Uniform sampling: P(detect) = 1 - C(N-m, K) / C(N, K) (THREATS.md)."""
+    """Uniform sampling: P(detect) = 1 - C(N-m, K) / C(N, K) (docs/threats.md)."""
     return 1.0 - hypergeometric_miss(num_blocks, tampered, count)
 
 
