@@ -161,3 +161,21 @@ def test_transcript_resigned_after_the_challenge_is_rejected(record, tmp_path):
     with pytest.raises(CommitmentMismatch, match="re-signed after the challenge"):
         _check_run_root(c, rewritten, key)
     assert Challenge.from_json(c.to_json()).blocks == c.blocks
+
+
+def test_audit_reports_each_block_as_it_ends_with_one_or_more_workers(tampered, tmp_path):
+    """Progress (issue 25): on_block sees every challenged block while the audit runs, with one
+    worker and with several processes, and both give the same findings."""
+    run_dir, key = tampered
+    root = Transcript.load(run_dir / "transcript.jsonl", key).run.root
+    c = derive_challenge(root, bytes(32), 2, 3, "uniform", count=6)
+    bundle = tmp_path / "bundle"
+    open_bundle(run_dir, c, bundle)
+    reports = {}
+    for workers in (1, 2):
+        seen = []
+        reports[workers] = audit_bundle(bundle, run_dir / "transcript.jsonl", key, c, agreement=agreement_for(run_dir),
+                                        workers=workers, on_block=seen.append)
+        assert sorted((r.layer_block, r.step_block) for r in seen) == sorted(c.blocks)
+        assert [(r.layer_block, r.step_block) for r in reports[workers].results] == list(c.blocks)
+    assert failing(reports[1]) == failing(reports[2]) == [(1, 1)]

@@ -28,7 +28,8 @@ from .bundle import INFERENCE_BUNDLE_FORMAT, MAX_BUNDLE_JSON, BundleStore, Train
 
 def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: list[tuple[int, int]],
                   all_blocks: list[tuple[int, int]], challenge_digest: bytes, agreement: Agreement | None, mode: str,
-                  tolerance: Tolerance, replay_dtype: str | None, threads: int | None) -> list[BlockResult]:
+                  tolerance: Tolerance, replay_dtype: str | None, threads: int | None,
+                  on_block: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
     if threads and mode != "strict":  # strict replay uses the recorded thread count (Verifier)
         import torch
 
@@ -37,7 +38,12 @@ def _verify_chunk(bundle_dir: str, transcript_path: str, key_text: str, blocks: 
     record = TrainingBundle.load(bundle_dir, transcript, challenge_digest, all_blocks)
     verifier = Verifier(None, None, agreement, unsafe_no_agreement=agreement is None, mode=mode, tolerance=tolerance,
                         replay_dtype=replay_dtype, record=record)
-    return [verifier.verify_block(l, s)[0] for l, s in blocks]
+    results = []
+    for l, s in blocks:
+        results.append(verifier.verify_block(l, s)[0])
+        if on_block:  # in-process only: progress as each block ends
+            on_block(results[-1])
+    return results
 
 
 def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key: PublicKey, challenge, *,
@@ -83,27 +89,38 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     if workers is None:  # as many replays as the cores run at full speed: a strict replay pins the recorded threads
         per_replay = (probe.recorded_threads() or 1) if probe.comparison.strict else 1
         workers = min(max(1, (os.cpu_count() or 1) // per_replay), len(blocks)) if len(blocks) >= 4 else 1
-    chunks = [blocks[i::workers] for i in range(workers)]
     args = (str(bundle_dir), str(transcript_path), public_key.text)
     rest = (blocks, challenge_digest, agreement, mode, tolerance, replay_dtype)
     results: list[BlockResult] = []
+    reported = False
     if ray_address:
-        results = _ray_map(ray_address, args, chunks, rest)
+        results = _ray_map(ray_address, args, [blocks[i::workers] for i in range(workers)], rest)
     elif workers == 1:
-        results = _verify_chunk(*args, blocks, *rest, None)
+        results = _verify_chunk(*args, blocks, *rest, None, on_block)
+        reported = True
     else:
         import multiprocessing
+        from concurrent.futures import as_completed
 
+        # several chunks per worker, so that progress arrives while the audit runs (each chunk
+        # opens the bundle once: a few chunks per worker keep that cost small)
+        n_chunks = min(len(blocks), workers * 4)
+        chunks = [blocks[i::n_chunks] for i in range(n_chunks)]
         ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for chunk_results in pool.map(_verify_chunk, *zip(*[(*args, c, *rest, threads) for c in chunks])):
-                results += chunk_results
+            futures = [pool.submit(_verify_chunk, *args, c, *rest, threads) for c in chunks]
+            for future in as_completed(futures):
+                for r in future.result():
+                    results.append(r)
+                    if on_block:
+                        on_block(r)
+        reported = True
     order = {b: i for i, b in enumerate(blocks)}
     results.sort(key=lambda r: order[(r.layer_block, r.step_block)])
     for r in results:
         report.results.append(r)
-        if on_block:
+        if on_block and not reported:
             on_block(r)
     return report
 
