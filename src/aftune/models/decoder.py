@@ -1,4 +1,5 @@
-"""Causal decoder LMs: the Llama family (Llama, Qwen2, Qwen3, Mistral) and GPT-2.
+"""Causal decoder LMs: GPT-2, and what every decoder adapter shares (the layer-stack families,
+Llama, Qwen, Mistral, Gemma and the rest, are in layerstack.py).
 
 Stages: token embedding (GPT-2: plus position embedding and dropout), one per decoder layer, and
 the head. In training the head is the final norm, the LM head and the shifted cross-entropy;
@@ -25,33 +26,17 @@ def _cache_kwargs(context) -> dict:
     return {"use_cache": False} if cache is None else {"past_key_values": cache, "use_cache": True}
 
 
-class _TokenEmbedding(nn.Module):
-    def __init__(self, embed_tokens: nn.Module):
-        super().__init__()
-        self.embed_tokens = embed_tokens
-
-    def forward(self, hidden, context):
-        return self.embed_tokens(context["batch"]["input_ids"])
-
-
-class _LlamaLayer(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, hidden, context):
-        return _first(self.layer(hidden, attention_mask=context["attention_mask"], position_ids=context["position_ids"],
-                                 position_embeddings=context["position_embeddings"], **_cache_kwargs(context)))
-
-
 class _LMHead(nn.Module):
     def __init__(self, norm: nn.Module, lm_head: nn.Module):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
 
+    def logits(self, hidden):
+        return self.lm_head(self.norm(hidden))
+
     def forward(self, hidden, context):
-        return causal_lm_loss(self.lm_head(self.norm(hidden)), context["batch"]["labels"])
+        return causal_lm_loss(self.logits(hidden), context["batch"]["labels"])
 
 
 class _NextTokenLogits(nn.Module):
@@ -62,11 +47,11 @@ class _NextTokenLogits(nn.Module):
         self.head = head
 
     def forward(self, hidden, context):
-        return self.head.lm_head(self.head.norm(hidden[:, -1:, :]))[0, -1]
+        return self.head.logits(hidden[:, -1:, :])[0, -1]
 
     def every_position(self, hidden):
         """The logits [q, V] of every position of the one sequence (a verifier's teacher forcing)."""
-        return self.head.lm_head(self.head.norm(hidden))[0]
+        return self.head.logits(hidden)[0]
 
 
 class _DecoderAdapter(Adapter):
@@ -98,41 +83,6 @@ class _DecoderAdapter(Adapter):
 
     def sliding_window(self) -> int | None:
         """The attention window, when the config enables one (aftune does not replay beyond it)."""
-        return None
-
-
-class LlamaAdapter(_DecoderAdapter):
-    families = ("llama", "qwen2", "qwen3", "mistral")
-
-    def build_stages(self):
-        inner = self.model.model
-        stages = [Stage("embedding", _TokenEmbedding(inner.embed_tokens))]
-        stages += [Stage(f"layer.{i}", _LlamaLayer(layer)) for i, layer in enumerate(inner.layers)]
-        stages.append(Stage("head", _LMHead(inner.norm, self.model.lm_head)))
-        return stages
-
-    def rotary_embeddings(self, positions: torch.Tensor, dtype: torch.dtype):
-        probe = torch.empty(0, dtype=dtype, device=positions.device)
-        return self.model.model.rotary_emb(probe, positions)
-
-    def context(self, batch: Batch) -> Context:
-        dtype = model_dtype(self.model)
-        ids = batch["input_ids"]
-        position_ids = torch.arange(ids.shape[1], device=ids.device)[None, :].expand(ids.shape[0], -1)
-        return {
-            "batch": batch,
-            "attention_mask": padding_causal_mask(batch["attention_mask"], dtype),
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary_embeddings(position_ids, dtype),
-        }
-
-    def sliding_window(self) -> int | None:
-        c = self.model.config
-        window = getattr(c, "sliding_window", None)
-        if c.model_type == "mistral" and window:
-            return int(window)
-        if c.model_type in ("qwen2", "qwen3") and getattr(c, "use_sliding_window", False) and window:
-            return int(window)
         return None
 
 
