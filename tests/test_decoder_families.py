@@ -24,7 +24,7 @@ from aftune.inference.verify import InferenceVerifier
 from aftune.models import adapter_class
 from aftune.models.layerstack import LayerStackAdapter
 from aftune.training.agreement import make_agreement
-from aftune.training.settings import TrainSettings
+from aftune.training.settings import LoraSettings, TrainSettings
 from aftune.training.train import Deviation, train
 from aftune.training.verify import Verifier
 from conftest import BUILTIN, TOKENIZER_FILES, failing
@@ -90,9 +90,9 @@ class FlipBit(Deviation):
             params[self.name].data.view(-1)[:1].view(torch.int32).bitwise_xor_(1 << 24)
 
 
-def _train(family_dir, datasets, tmp_path, family, name, deviation=None):
+def _train(family_dir, datasets, tmp_path, family, name, deviation=None, **kw):
     settings = TrainSettings(steps=2, batch_size=2, seq_len=16, layers_per_block=1, steps_per_block=1, lr=1e-2,
-                             attn_implementation="eager" if family in EAGER else "sdpa")
+                             attn_implementation="eager" if family in EAGER else "sdpa", **kw)
     agreement = make_agreement(family_dir(family), datasets["text"], settings)
     result = train(family_dir(family), datasets["text"], tmp_path / name, agreement=agreement, deviation=deviation)
     return Verifier(tmp_path / name, PublicKey.load(result.public_key_path), agreement).verify_all()
@@ -130,6 +130,14 @@ def test_family_trains_verifies_and_answers(family_dir, datasets, tmp_path, fami
     assert answer.verdict == "PASS", answer.summary()
     assert not answer.notes and len(answer.results) == len(engine.blocks) == 2
     assert all(r.compared > 0 for r in answer.results)
+
+
+@pytest.mark.parametrize("family, targets", [("gemma3_text", ("q_proj", "v_proj")), ("phi3", ("qkv_proj",))])
+def test_lora_passes(family_dir, datasets, tmp_path, family, targets):
+    lora = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=targets)  # Phi-3 fuses q, k and v
+    report = _train(family_dir, datasets, tmp_path, family, "lora", lora=lora)
+    assert report.verdict == "PASS", report.summary()
+    assert len(report.results) == 4 and all(r.compared > 0 for r in report.results)
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "mistral"])

@@ -85,8 +85,8 @@ def structure_problem(model: nn.Module) -> str | None:
     inner = getattr(model, "model", None)
     missing = [f"model.{a}" for a in ("embed_tokens", "layers", "norm", "rotary_emb")
                if not isinstance(getattr(inner, a, None), nn.Module)]
-    if not isinstance(getattr(model, "lm_head", None), nn.Linear):
-        missing.append("lm_head (a Linear)")
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):  # a Linear, or LoRA's wrapper of one
+        missing.append("lm_head")
     if missing:
         return f"it has no {', '.join(missing)}"
     if not isinstance(inner.embed_tokens, nn.Embedding) or not isinstance(inner.layers, nn.ModuleList):
