@@ -250,20 +250,46 @@ def calibrate(
 def prepare(
     run_dir: Path = typer.Argument(..., help="The run directory."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
-    layer_block: int = typer.Option(..., "--layer-block", "-l", help="The layer block whose start state to regenerate (index)."),
-    step_block: int = typer.Option(..., "--step-block", "-s", help="The step block whose start state to regenerate (index)."),
+    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="The layer block to prepare (index)."),
+    step_block: Optional[int] = typer.Option(None, "--step-block", "-s", help="The step block to prepare (index)."),
+    all_blocks: bool = typer.Option(False, "--all", help="Regenerate everything committed by digest only (for a local verify --all)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="The agreed base model (Hugging Face directory): "
+                                              "digest-only runs regenerate from it when no later checkpoint is stored.",
+                                              show_default="the built-in tiny Llama"),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
     unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
 ):
-    """Regenerate a block's start state from the nearest stored checkpoint (I_C > 1)."""
-    from ..training.regenerate import prepare as run_prepare
+    """Regenerate what the run committed by digest only: a block's start state (I_C > 1) and,
+    with digest-only boundaries, its boundary tensors; --all: everything."""
+    from ..training.regenerate import prepare as run_prepare, prepare_digest
 
+    if all_blocks == (layer_block is not None or step_block is not None):
+        raise InputError("give --layer-block and --step-block, or --all")
+    if not all_blocks and (layer_block is None or step_block is None):
+        raise InputError("give both --layer-block and --step-block, or --all")
     v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement)
-    done = run_prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
+    if v.run_settings.digest_boundaries:
+        r = prepare_digest(v, layer_block, step_block, base_model)
+        what = "every block" if all_blocks else f"layer block {layer_block}, step block {step_block}"
+        if r.tensors:
+            out.print(f"{what}: regenerated {r.boundaries} boundary and {r.states} state tensors by re-running step "
+                      f"blocks {r.step_blocks[0]}..{r.step_blocks[-1]}; every tensor matched its digest",
+                      highlight=False, soft_wrap=True)
+        else:
+            out.print(f"{what}: already stored", highlight=False)
+        return
+    key = v.record.transcript.public_key
+    targets = [(layer_block, step_block)] if not all_blocks else \
+        [(l, s) for l in range(len(v.blocked.blocks)) for s in range(v.num_step_blocks)]
+    done = []
+    for l, s in targets:
+        done += run_prepare(run_dir, key, l, s, verifier=v)
     if done:
-        out.print(f"regenerated layer block {layer_block} at step blocks {done}; every tensor matched its digest")
+        out.print(f"regenerated {'every layer block' if all_blocks else f'layer block {layer_block}'} at step blocks "
+                  f"{sorted(set(done))}; every tensor matched its digest", highlight=False)
     else:
-        out.print(f"layer block {layer_block}, step block {step_block}: already stored")
+        out.print(f"{'every block' if all_blocks else f'layer block {layer_block}, step block {step_block}'}: "
+                  "already stored", highlight=False)
 
 
 @app.command()
