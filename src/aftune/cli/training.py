@@ -45,6 +45,8 @@ def agree(
     out_path: Path = typer.Option(..., "--out", help="Where to write agreement.json (never overwritten)."),
     inference_policy: Optional[Path] = typer.Option(None, "--inference-policy", help="A generation policy (JSON) for serving the fine-tuned model."),
     client_signing_key: Optional[Path] = typer.Option(None, "--client-signing-key", help="Sign the agreement with your private client key (aftune keygen)."),
+    max_recompute_steps: Optional[int] = typer.Option(None, "--max-recompute-steps", help="Checkpoint spacing: the most training steps you accept the provider re-runs to open one block (sets --checkpoint-interval)."),
+    storage_budget: Optional[int] = typer.Option(None, "--storage-budget", help="Checkpoint spacing: the most bytes the record may take (sets --checkpoint-interval; aftune estimate)."),
     settings=None,
 ):
     """Write the agreement: the base model, data and training settings a fine-tune must use (client side)."""
@@ -62,6 +64,15 @@ def agree(
         policy = GenerationPolicy.from_json(doc, f"generation policy {inference_policy}").to_json()
     from .. import builtin
 
+    if max_recompute_steps is not None or storage_budget is not None:
+        from ..training.agreement import batch_spec
+        from ..training.estimate import spacing_for
+
+        if settings is not None and settings.get("checkpoint_interval") is not None:
+            raise InputError("--max-recompute-steps and --storage-budget set the checkpoint interval: drop "
+                             "--checkpoint-interval")
+        config = _base_config(base_model or builtin.MODEL_DIR)
+        chosen = spacing_for(config, chosen, batch_spec(config, chosen), max_recompute_steps, storage_budget)
     agreement = make_agreement(base_model or builtin.MODEL_DIR, data or builtin.DATA_FILE, chosen, policy)
     if client_signing_key is not None:
         agreement = agreement.signed(SigningKey.load(client_signing_key))
@@ -70,6 +81,36 @@ def agree(
               f"on {agreement.num_examples} examples; digest {agreement.digest().hex()}", highlight=False, soft_wrap=True)
     out.print("give it to the provider (aftune train --agreement) and keep your copy for aftune verify --agreement",
               highlight=False, soft_wrap=True)
+    from ..training.estimate import estimate as run_estimate
+
+    out.print(run_estimate(agreement).line(), highlight=False, soft_wrap=True)
+
+
+def _base_config(model_dir: Path) -> dict:
+    """The canonical architecture config of a base model directory (as the agreement records it)."""
+    from ..core import jsonio
+    from ..training.agreement import canonical_config
+
+    doc = jsonio.read_json(Path(model_dir) / "config.json", 1 << 20, "model config", InputError)
+    if not isinstance(doc, dict):
+        raise InputError(f"{model_dir}/config.json is not a JSON object")
+    return canonical_config(doc)
+
+
+@app.command()
+def estimate(
+    agreement_path: Path = typer.Argument(..., help="The agreement (aftune agree)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+):
+    """Before the run: the record's size and the cost of opening one challenged block (SPEC.md 6.10)."""
+    from ..training.agreement import Agreement
+    from ..training.estimate import estimate as run_estimate
+
+    e = run_estimate(Agreement.load(agreement_path))
+    if as_json:
+        out.print(json.dumps(e.to_json(), indent=1), highlight=False)
+    else:
+        out.print(e.line(), highlight=False, soft_wrap=True)
 
 
 @app.command()
