@@ -42,7 +42,7 @@ _API = {
     # every command as one function (aftune.api)
     **{name: "aftune.api" for name in (
         "agree", "train", "verify_run", "infer", "verify_inference", "challenge_run", "audit", "calibrate",
-        "prepare", "prepare_inference")},
+        "prepare", "prepare_inference", "estimate")},
     "Agreement": "aftune.training.agreement",
     "TrainSettings": "aftune.training.settings",
     "LoraSettings": "aftune.training.settings",

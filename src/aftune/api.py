@@ -169,11 +169,22 @@ def calibrate(run_dir: str | Path, public_key, agreement, *, replay_dtype: str |
     return RunVerifier(agreement, public_key, mode="tolerance", dtype=replay_dtype).calibrate(run_dir, margin=margin)
 
 
-def prepare(run_dir: str | Path, public_key, agreement, layer_block: int, step_block: int) -> list[int]:
-    """Regenerate a block's start state from the nearest checkpoint (`aftune prepare`)."""
+def prepare(run_dir: str | Path, public_key, agreement, layer_block: int | None = None,
+            step_block: int | None = None, *, base_model: str | Path | None = None) -> list[int]:
+    """Regenerate what the run committed by digest only (`aftune prepare`): a block's start state
+    and, with digest-only boundaries, its boundary tensors; neither block given: everything."""
     from .workflows import RunVerifier
 
-    return RunVerifier(agreement, public_key).prepare(run_dir, layer_block, step_block)
+    return RunVerifier(agreement, public_key).prepare(run_dir, layer_block, step_block, base_model=base_model)
+
+
+def estimate(agreement):
+    """The record's size and the cost of opening one block, before the run (`aftune estimate`):
+    an `Estimate` (`.line()`, `.to_json()`) of the agreement (an Agreement or its path)."""
+    from .training.agreement import Agreement
+    from .training.estimate import estimate as run_estimate
+
+    return run_estimate(agreement if isinstance(agreement, Agreement) else Agreement.load(agreement))
 
 
 def prepare_inference(record_dir: str | Path, record: str | None = None, *, model: str | Path,

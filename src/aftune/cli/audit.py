@@ -20,12 +20,17 @@ from .options import deprecated_flags
 from ..errors import CommitmentMismatch, InputError
 
 
+_BASE_MODEL_HELP = ("Training runs with digest-only boundaries: the agreed base model, to regenerate what the "
+                    "challenged blocks read when no later checkpoint is stored.")
+
+
 @app.command("open")
 def open_(
     run_dir: Path = typer.Argument(..., help="The provider's run directory (or record directory, for inference)."),
     challenge: Path = typer.Option(..., "--challenge", help="The client's challenge (aftune challenge)."),
     out_dir: Path = typer.Option(..., "--out", help="New directory for the bundle."),
     model: Optional[Path] = typer.Option(None, "--model", help="Inference: the served model.", show_default="the record's"),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_MODEL_HELP, show_default="the built-in tiny Llama"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
     """Open the challenged blocks: a bundle with exactly what their replay needs, and proofs."""
@@ -42,7 +47,8 @@ def open_(
     _check_run_root(c, run_dir / "transcript.jsonl", None, run_dir / "config.json")
     with _progress(quiet) as bar:
         task = bar.add_task("opening", total=len(c.blocks), unit="blocks", note="")
-        summary = open_bundle(run_dir, c, out_dir, progress=lambda done, total: bar.update(task, completed=done))
+        summary = open_bundle(run_dir, c, out_dir, progress=lambda done, total: bar.update(task, completed=done),
+                              base_model=base_model)
     out.print(f"bundle written to {out_dir}: {summary['blocks']} blocks, {summary['tensors']} tensors, "
               f"{summary['bytes'] / 1e6:.1f} MB")
 
@@ -88,6 +94,7 @@ def audit(
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write a self-contained HTML report."),
     report_png: Optional[Path] = typer.Option(None, "--report-png", help="Write a PNG of the block grid."),
     model: Optional[Path] = typer.Option(None, "--model", help="Inference: your copy of the model (or run directory)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local mode: " + _BASE_MODEL_HELP, show_default="the built-in tiny Llama"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Inference: your prompt, which the record must answer."),
     text: Optional[str] = typer.Option(None, "--text", help="Inference: your text (classifiers)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Inference: your image (vision classifiers)."),
@@ -132,7 +139,8 @@ def audit(
 
         with _progress(quiet) as bar:  # local mode: the provider's side first (it replays each block too)
             task = bar.add_task("opening", total=len(c.blocks), unit="blocks", note="")
-            open_bundle(target, c, bundle, progress=lambda done, total: bar.update(task, completed=done))
+            open_bundle(target, c, bundle, progress=lambda done, total: bar.update(task, completed=done),
+                        base_model=base_model)
     else:
         raise InputError(f"{target} is neither a bundle (bundle.json) nor a run directory (transcript.jsonl)")
     _check_run_root(c, transcript_path, key, bundle / "config.json")

@@ -45,6 +45,8 @@ def agree(
     out_path: Path = typer.Option(..., "--out", help="Where to write agreement.json (never overwritten)."),
     inference_policy: Optional[Path] = typer.Option(None, "--inference-policy", help="A generation policy (JSON) for serving the fine-tuned model."),
     client_signing_key: Optional[Path] = typer.Option(None, "--client-signing-key", help="Sign the agreement with your private client key (aftune keygen)."),
+    max_recompute_steps: Optional[int] = typer.Option(None, "--max-recompute-steps", help="Checkpoint spacing: the most training steps you accept the provider re-runs to open one block (sets --checkpoint-interval)."),
+    storage_budget: Optional[int] = typer.Option(None, "--storage-budget", help="Checkpoint spacing: the most bytes the record may take (sets --checkpoint-interval; aftune estimate)."),
     settings=None,
 ):
     """Write the agreement: the base model, data and training settings a fine-tune must use (client side)."""
@@ -62,6 +64,15 @@ def agree(
         policy = GenerationPolicy.from_json(doc, f"generation policy {inference_policy}").to_json()
     from .. import builtin
 
+    if max_recompute_steps is not None or storage_budget is not None:
+        from ..training.agreement import batch_spec
+        from ..training.estimate import spacing_for
+
+        if settings is not None and settings.get("checkpoint_interval") is not None:
+            raise InputError("--max-recompute-steps and --storage-budget set the checkpoint interval: drop "
+                             "--checkpoint-interval")
+        config = _base_config(base_model or builtin.MODEL_DIR)
+        chosen = spacing_for(config, chosen, batch_spec(config, chosen), max_recompute_steps, storage_budget)
     agreement = make_agreement(base_model or builtin.MODEL_DIR, data or builtin.DATA_FILE, chosen, policy)
     if client_signing_key is not None:
         agreement = agreement.signed(SigningKey.load(client_signing_key))
@@ -70,6 +81,36 @@ def agree(
               f"on {agreement.num_examples} examples; digest {agreement.digest().hex()}", highlight=False, soft_wrap=True)
     out.print("give it to the provider (aftune train --agreement) and keep your copy for aftune verify --agreement",
               highlight=False, soft_wrap=True)
+    from ..training.estimate import estimate as run_estimate
+
+    out.print(run_estimate(agreement).line(), highlight=False, soft_wrap=True)
+
+
+def _base_config(model_dir: Path) -> dict:
+    """The canonical architecture config of a base model directory (as the agreement records it)."""
+    from ..core import jsonio
+    from ..training.agreement import canonical_config
+
+    doc = jsonio.read_json(Path(model_dir) / "config.json", 1 << 20, "model config", InputError)
+    if not isinstance(doc, dict):
+        raise InputError(f"{model_dir}/config.json is not a JSON object")
+    return canonical_config(doc)
+
+
+@app.command()
+def estimate(
+    agreement_path: Path = typer.Argument(..., help="The agreement (aftune agree)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+):
+    """Before the run: the record's size and the cost of opening one challenged block (SPEC.md 6.10)."""
+    from ..training.agreement import Agreement
+    from ..training.estimate import estimate as run_estimate
+
+    e = run_estimate(Agreement.load(agreement_path))
+    if as_json:
+        out.print(json.dumps(e.to_json(), indent=1), highlight=False)
+    else:
+        out.print(e.line(), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -250,20 +291,46 @@ def calibrate(
 def prepare(
     run_dir: Path = typer.Argument(..., help="The run directory."),
     public_key: str = typer.Option(..., "--public-key", help=_PUBKEY_HELP),
-    layer_block: int = typer.Option(..., "--layer-block", "-l", help="The layer block whose start state to regenerate (index)."),
-    step_block: int = typer.Option(..., "--step-block", "-s", help="The step block whose start state to regenerate (index)."),
+    layer_block: Optional[int] = typer.Option(None, "--layer-block", "-l", help="The layer block to prepare (index)."),
+    step_block: Optional[int] = typer.Option(None, "--step-block", "-s", help="The step block to prepare (index)."),
+    all_blocks: bool = typer.Option(False, "--all", help="Regenerate everything committed by digest only (for a local verify --all)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="The agreed base model (Hugging Face directory): "
+                                              "digest-only runs regenerate from it when no later checkpoint is stored.",
+                                              show_default="the built-in tiny Llama"),
     agreement: Optional[Path] = typer.Option(None, "--agreement", help=_AGREEMENT_HELP),
     unsafe_no_agreement: bool = typer.Option(False, "--unsafe-no-agreement", help=_UNSAFE_AGREEMENT_HELP),
 ):
-    """Regenerate a block's start state from the nearest stored checkpoint (I_C > 1)."""
-    from ..training.regenerate import prepare as run_prepare
+    """Regenerate what the run committed by digest only: a block's start state (I_C > 1) and,
+    with digest-only boundaries, its boundary tensors; --all: everything."""
+    from ..training.regenerate import prepare as run_prepare, prepare_digest
 
+    if all_blocks == (layer_block is not None or step_block is not None):
+        raise InputError("give --layer-block and --step-block, or --all")
+    if not all_blocks and (layer_block is None or step_block is None):
+        raise InputError("give both --layer-block and --step-block, or --all")
     v = _verifier(run_dir, public_key, agreement, unsafe_no_agreement)
-    done = run_prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
+    if v.run_settings.digest_boundaries:
+        r = prepare_digest(v, layer_block, step_block, base_model)
+        what = "every block" if all_blocks else f"layer block {layer_block}, step block {step_block}"
+        if r.tensors:
+            out.print(f"{what}: regenerated {r.boundaries} boundary and {r.states} state tensors by re-running step "
+                      f"blocks {r.step_blocks[0]}..{r.step_blocks[-1]}; every tensor matched its digest",
+                      highlight=False, soft_wrap=True)
+        else:
+            out.print(f"{what}: already stored", highlight=False)
+        return
+    key = v.record.transcript.public_key
+    targets = [(layer_block, step_block)] if not all_blocks else \
+        [(l, s) for l in range(len(v.blocked.blocks)) for s in range(v.num_step_blocks)]
+    done = []
+    for l, s in targets:
+        done += run_prepare(run_dir, key, l, s, verifier=v)
     if done:
-        out.print(f"regenerated layer block {layer_block} at step blocks {done}; every tensor matched its digest")
+        out.print(f"regenerated {'every layer block' if all_blocks else f'layer block {layer_block}'} at step blocks "
+                  f"{sorted(set(done))}; every tensor matched its digest", highlight=False)
     else:
-        out.print(f"layer block {layer_block}, step block {step_block}: already stored")
+        out.print(f"{'every block' if all_blocks else f'layer block {layer_block}, step block {step_block}'}: "
+                  "already stored", highlight=False)
 
 
 @app.command()

@@ -109,7 +109,8 @@ class ObjectStore:
         path = self.path(ref.digest)
         if not path.is_file():
             raise ObjectMissing(f"{where}: tensor {ref.name!r} ({ref.digest.hex()[:16]}…) is not stored at {path}; "
-                              "if the run used a checkpoint interval > 1, run `aftune prepare` for this block first")
+                              "it is committed by digest only (checkpoint interval > 1, or digest-only boundaries, "
+                                "SPEC.md 3.8): run `aftune prepare` for this block, or `aftune prepare RUN --all`, first")
         limit = ref.nbytes + _HEADER_ALLOWANCE
         file_limit = limit + 1024 + limit // 64
         compressed = read_capped(path, file_limit)

@@ -88,12 +88,15 @@ class TracingRun(RunRecord):
 
 # --- writing -------------------------------------------------------------------------------------
 
-def open_bundle(run_dir: str | Path, challenge, out: str | Path, progress=None) -> dict[str, Any]:
+def open_bundle(run_dir: str | Path, challenge, out: str | Path, progress=None,
+                base_model: str | Path | None = None) -> dict[str, Any]:
     """The provider's side: replay each block of the training `challenge` on its own record
     (regenerating checkpoints where needed), trace what the replay reads, and write the bundle.
-    A challenge drawn for another run root or grid is refused (`challenge_mismatch`). Returns a
-    summary {blocks, tensors, bytes, provider_verdicts}."""
-    from ..training.regenerate import prepare
+    A challenge drawn for another run root or grid is refused (`challenge_mismatch`). A run with
+    digest-only boundaries (SPEC.md 3.8) first regenerates what the challenged blocks read, from
+    the nearest stored checkpoint or the agreed `base_model`. Returns a summary {blocks, tensors,
+    bytes, provider_verdicts, regenerated}."""
+    from ..training.regenerate import prepare, regenerate
     from ..training.verify import Verifier
     from .challenge import challenge_mismatch
 
@@ -115,6 +118,14 @@ def open_bundle(run_dir: str | Path, challenge, out: str | Path, progress=None) 
     # reference here (the client checks the opening against its agreement)
     verifier = Verifier(None, None, unsafe_no_agreement=True, record=record)
     verdicts = {}
+    regenerated = 0
+    if base.settings.digest_boundaries:  # one re-run for every challenged block
+        states: dict[int, set[int]] = {}
+        for l, s in blocks:
+            states.setdefault(s, set()).add(l)
+            states.setdefault(s + 1, set()).add(l)
+        regenerated = regenerate(Verifier(run_dir, key, unsafe_no_agreement=True), {s for _, s in blocks}, states,
+                                 base_model).tensors
     for i, (l, s) in enumerate(blocks):
         for target in (s, s + 1):
             if target < ns and not _stored(record, l, target):
@@ -182,7 +193,8 @@ def open_bundle(run_dir: str | Path, challenge, out: str | Path, progress=None) 
     doc = {"format": BUNDLE_FORMAT, "challenge_digest": challenge_digest.hex(),
            "blocks": [[l, s] for l, s in blocks], "step_blocks": step_blocks, "examples": examples}
     (out / "bundle.json").write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-    return {"blocks": len(blocks), "tensors": len(opened), "bytes": nbytes, "provider_verdicts": verdicts}
+    return {"blocks": len(blocks), "tensors": len(opened), "bytes": nbytes, "provider_verdicts": verdicts,
+            "regenerated": regenerated}
 
 
 def verifier_indices(verifier, step_block: int) -> list[int]:

@@ -34,7 +34,7 @@ from ..core.rows import MAX_DIM, MAX_NDIM, TensorRef
 from ..core.signing import PublicKey
 from ..core.store import OBJECT_SUFFIX, ObjectStore
 from ..errors import AftuneError, CommitmentMismatch, InputError, RecordError
-from .manifest import StepBlockManifest
+from .manifest import StepBlockManifest, is_boundary
 from .run import RunRecord, committed_settings, signed_run_config
 from .transcript import MAX_TRANSCRIPT_BYTES, Transcript
 
@@ -366,9 +366,11 @@ def _check_manifests(report: CheckReport, rec: RunRecord, rows: CommittedRows) -
                        f"step block {s} steps {first}+{min(settings.steps_per_block, settings.steps - first)}")
         out[s] = m
         where = f"manifests/{s:06d}.json"
-        stored_state = s % settings.checkpoint_interval == 0 or s == total
+        stored_state = settings.stores_state(s)
         for key, ref in m.common.items():
-            rows.add(ref, where, key, required=not ("/batch/" in key and ref.dtype in _INTEGER_DTYPES))
+            required = not ("/batch/" in key and ref.dtype in _INTEGER_DTYPES) and not (
+                settings.digest_boundaries and is_boundary(key))
+            rows.add(ref, where, key, required=required)
         for b, block_rows in enumerate(m.blocks):
             for key, ref in block_rows.items():
                 rows.add(ref, where, f"block {b} {key}", required=stored_state)

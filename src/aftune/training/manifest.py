@@ -32,6 +32,11 @@ def common_key(step: int, micro: int | None, *rest: str) -> str:
     return "/".join((head, *rest))
 
 
+def is_boundary(key: str) -> bool:
+    """Whether a common entry is a boundary activation or gradient (SPEC.md 3.3)."""
+    return "/boundary/" in key
+
+
 def subtree_label(block: int | None) -> str:
     return "common" if block is None else f"block/{block:04d}"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .manifest import StepBlockManifest
+from .manifest import StepBlockManifest, is_boundary
 from ..core.store import ObjectStore, TensorRef
 from .transcript import TranscriptWriter
 
@@ -30,9 +30,12 @@ BATCH_TENSORS = 32  # tensors handed over per background job
 BATCH_BYTES = 32 << 20
 
 
-def stored_common(key: str, tensor: torch.Tensor) -> bool:
+def stored_common(key: str, tensor: torch.Tensor, digest_boundaries: bool = False) -> bool:
     """Whether a common entry's object is stored (SPEC.md 3.2): all but integer and boolean
-    batch fields, which no verifier loads."""
+    batch fields, which no verifier loads, and, with digest-only boundaries, the boundary
+    tensors (SPEC.md 3.8: regenerated on challenge)."""
+    if digest_boundaries and is_boundary(key):
+        return False
     return tensor.is_floating_point() or "/batch/" not in key
 
 
@@ -50,7 +53,7 @@ class _Digest(Future):
 
 class Recorder:
     def __init__(self, run_dir: Path, algorithm: str, num_blocks: int, transcript: TranscriptWriter,
-                 workers: int = 2, compression_level: int = -1, signed: int = 0):
+                 workers: int = 2, compression_level: int = -1, signed: int = 0, digest_boundaries: bool = False):
         self.run_dir = run_dir
         self.algorithm = algorithm
         self.num_blocks = num_blocks
@@ -65,6 +68,7 @@ class Recorder:
         self._pending_kind = ""
         self._commits: list[Future] = []
         self.roots: dict[int, bytes] = {}
+        self.digest_boundaries = digest_boundaries
         self.signed = signed  # resuming: step blocks below this one are signed; their manifests stay as they are
 
     def _job(self, name: str, tensor: torch.Tensor, store: bool) -> TensorRef:
@@ -114,7 +118,7 @@ class Recorder:
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        self._open[step_block][2][key] = self._add("common", name, t, stored_common(key, t))
+        self._open[step_block][2][key] = self._add("common", name, t, stored_common(key, t, self.digest_boundaries))
 
     def end(self, step_block: int) -> None:
         """Close `step_block`: it is committed and signed in the background. Waits for the step

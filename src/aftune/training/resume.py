@@ -75,7 +75,7 @@ def resume_point(run: Path, key: SigningKey, settings: TrainSettings, config_dig
     entries = transcript.step_blocks
     if len(entries) > settings.num_step_blocks + 1:
         raise RecordError(f"{path} signs {len(entries)} step blocks, more than the run's {settings.num_step_blocks + 1}")
-    start = max((s for s in range(len(entries)) if settings.is_checkpoint(s)), default=0)
+    start = max((s for s in range(len(entries)) if settings.stores_state(s)), default=0)
     manifest = None
     if start > 0:
         manifest = StepBlockManifest.read(run / "manifests" / f"{start:06d}.json", num_blocks)

@@ -145,7 +145,8 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         point = resume_point(run, key, settings, digest, len(blocked.blocks))
         writer = TranscriptWriter.resume(run / "transcript.jsonl", key, algorithm, digest, point.prev_root,
                                          dict(enumerate(point.signed_roots)))
-        recorder = Recorder(run, algorithm, len(blocked.blocks), writer, signed=point.signed)
+        recorder = Recorder(run, algorithm, len(blocked.blocks), writer, signed=point.signed,
+                            digest_boundaries=settings.digest_boundaries)
         if point.manifest is not None:
             load_checkpoint(blocked, recorder.store, point.manifest)
         first_block = point.start
@@ -154,7 +155,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     else:
         (run / "config.json").write_bytes(config_bytes)
         writer = TranscriptWriter(run / "transcript.jsonl", key, algorithm, digest)
-        recorder = Recorder(run, algorithm, len(blocked.blocks), writer)
+        recorder = Recorder(run, algorithm, len(blocked.blocks), writer, digest_boundaries=settings.digest_boundaries)
         first_block = 0
     order = OrderCache(algorithm, settings.seed, len(dataset.examples))
     loss_value = float("nan")
@@ -162,7 +163,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         for s in range(first_block, settings.num_step_blocks + 1):
             steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
             recorder.begin(s, steps.start, len(steps))
-            hashing = _commit_state(blocked, recorder, s, settings.is_checkpoint(s))
+            hashing = _commit_state(blocked, recorder, s, settings.stores_state(s))
             for t in steps:
                 loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer,
                                          deviation or Deviation(), wait_before_update=hashing)

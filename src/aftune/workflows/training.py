@@ -167,13 +167,21 @@ class RunVerifier:
             return calibrate(run_dir, self.provider_key, self.dtype, margin, agreement=self.agreement,
                              unsafe_no_agreement=self.unsafe_no_agreement)
 
-    def prepare(self, run_dir: str | Path, layer_block: int, step_block: int) -> list[int]:
-        """Regenerate a block's start state from the nearest checkpoint (`aftune prepare`); returns
-        the step blocks regenerated, each tensor checked against its committed digest."""
-        from ..training.regenerate import prepare
+    def prepare(self, run_dir: str | Path, layer_block: int | None = None, step_block: int | None = None, *,
+                base_model: str | Path | None = None) -> list[int]:
+        """Regenerate what the run committed by digest only (`aftune prepare`): a block's start
+        state from the nearest checkpoint and, with digest-only boundaries (SPEC.md 3.8), its
+        boundary tensors (neither block given: everything, from `base_model` where the re-run
+        starts at step block 0). Returns the step blocks re-run, each tensor checked against its
+        committed digest."""
+        from ..training.regenerate import prepare, prepare_digest
 
         with quiet():
             v = self._verifier(run_dir)
+            if v.run_settings.digest_boundaries:
+                return prepare_digest(v, layer_block, step_block, base_model).step_blocks
+            if layer_block is None or step_block is None:
+                raise InputError("give the layer block and the step block")
             return prepare(run_dir, v.record.transcript.public_key, layer_block, step_block, verifier=v)
 
     def attest(self, run_dir: str | Path, report: Report, evidence_provider: str, attestation_nonce: bytes):
@@ -195,10 +203,11 @@ class RunVerifier:
 
 
 def open_challenge(target: str | Path, challenge, out: str | Path, *, model: str | Path | None = None,
-                   progress=None) -> dict:
+                   progress=None, base_model: str | Path | None = None) -> dict:
     """The provider's opening of a challenge (`aftune open`): a bundle in `out`, from a run
     directory (a training challenge; one drawn for another run root or grid is refused) or a
-    record directory (an inference challenge; `model` the served model, default the record's)."""
+    record directory (an inference challenge; `model` the served model, default the record's).
+    `base_model`: a training run with digest-only boundaries regenerates from it (SPEC.md 3.8)."""
     from ..protocol.challenge import Challenge
     from ..protocol.opening import open_bundle, open_inference_bundle
 
@@ -206,4 +215,4 @@ def open_challenge(target: str | Path, challenge, out: str | Path, *, model: str
     with quiet():
         if challenge.kind == "inference":
             return open_inference_bundle(target, challenge, out, model=model)
-        return open_bundle(target, challenge, out, progress=progress)
+        return open_bundle(target, challenge, out, progress=progress, base_model=base_model)
