@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..core.encoding import HASH_ALGORITHMS
+from ..data.sft import SftSettings
 from ..errors import InputError
 from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 
@@ -58,6 +59,9 @@ class TrainSettings:
     # float64 compute rounded to the float32 grid with a near-boundary log (training/portable.py),
     # bitwise on any hardware
     numerics: str = "native"
+    # supervised fine-tuning as TRL defines it (chat template, loss mask; data/sft.py, SPEC.md 4.4.1);
+    # None: every token of text/messages data is trained on (SPEC.md 4.4)
+    sft: SftSettings | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -100,6 +104,8 @@ class TrainSettings:
             if not isinstance(lora.target_modules, tuple) or not all(
                     isinstance(m, str) and 0 < len(m) <= 256 for m in lora.target_modules):
                 out.append("lora.target_modules must be a list of module names")
+        if self.sft is not None:
+            out += self.sft.problems()
         return out
 
     def validate(self) -> "TrainSettings":
@@ -132,6 +138,10 @@ class TrainSettings:
         d = asdict(self)
         if self.numerics == "native":
             del d["numerics"]  # the form of runs and agreements made before numerics existed (same digests)
+        if self.sft is None:
+            del d["sft"]  # likewise before sft existed
+        else:
+            d["sft"] = self.sft.to_json()
         if self.lora is not None:
             d["lora"]["target_modules"] = list(self.lora.target_modules)
         return d
@@ -153,6 +163,8 @@ class TrainSettings:
             if not isinstance(tm, list) or not all(isinstance(x, str) for x in tm):
                 raise InputError("run config: 'settings.lora.target_modules' must be a list of strings")
             values["lora"] = LoraSettings(**{**lora, "target_modules": tuple(tm)})
+        if values.get("sft") is not None:
+            values["sft"] = SftSettings.from_json(values["sft"])
         try:
             settings = cls(**values)
         except TypeError as exc:
