@@ -221,3 +221,38 @@ def test_smollm2_sft_script_verifies_strict(tmp_path):
     assert result.exit_code == 0 and "(strict mode)" in result.output and "PASS" in result.output, result.output
     with pytest.raises(InputError, match="learning_rate"):
         run_script(client, tmp_path / "RUN2", learning_rate=2e-4)
+
+
+def test_lora_through_peft_config_verifies_strict(client, tmp_path):
+    """LoRA given to SFTTrainer as peft_config: agreed with --lora flags, checked, replayed."""
+    from peft import LoraConfig
+
+    root = client["root"]
+    result = invoke("agree", "--base-model", client["model"], "--data", client["data"], "--trainer-config",
+                    root / "sft_config.json", "--layers-per-block", 2, "--steps-per-block", 2, "--lora",
+                    "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", "q_proj,v_proj", "--out", tmp_path / "L.json")
+    assert result.exit_code == 0, result.output
+    lora = {**client, "agreement": tmp_path / "L.json"}
+
+    def script(run, r):
+        from datasets import load_dataset
+        from trl import SFTConfig, SFTTrainer
+
+        config = {**CONFIG, "output_dir": str(tmp_path / "out")}
+        trainer = SFTTrainer(model=str(client["model"]), args=SFTConfig(**config),
+                             train_dataset=load_dataset("json", data_files=str(client["data"]))["train"],
+                             peft_config=LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                             callbacks=[AftuneCallback(lora["agreement"], run_dir=run, data=client["data"])])
+        trainer.train()
+        return trainer
+
+    trainer = script(tmp_path / "RUN", 4)
+    result = verify(lora, tmp_path / "RUN")
+    assert result.exit_code == 0 and "(strict mode)" in result.output, result.output
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "RUN" / "adapter" / "adapter_model.safetensors"))
+    state = {k.replace(".default", ""): v for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    assert adapter and all(torch.equal(state[k], v) for k, v in adapter.items())
+    with pytest.raises(InputError, match="peft_config.r"):
+        script(tmp_path / "RUN2", 8)

@@ -145,7 +145,7 @@ def _refuse_unreplayable(trainer, args) -> None:
 def _refuse_differences(agreement: Agreement, own: TrainSettings, why: str) -> None:
     wrong = differences(agreement.settings.to_json(), own.to_json())
     if wrong:
-        named = [f"{TRAINER_FIELD.get(w.split(':')[0], w.split(':')[0])} ({w})" for w in wrong]
+        named = [f"{_trainer_field(w.split(':')[0])} ({w})" for w in wrong]
         raise InputError(f"{why}; refused:\n  - " + "\n  - ".join(named[:12]))
 
 
@@ -153,6 +153,14 @@ def _args_values(args) -> dict:
     """The Trainer's arguments as plain values (`to_dict()` masks the token fields)."""
     return {f.name: (getattr(args, f.name).value if isinstance(getattr(args, f.name), Enum) else getattr(args, f.name))
             for f in fields(args) if f.init}
+
+
+def _trainer_field(path: str) -> str:
+    """The Trainer's name of an agreed setting: `lr` -> `learning_rate`, `lora.r` -> `peft_config.r`."""
+    head, _, rest = path.partition(".")
+    if path in TRAINER_FIELD or head not in TRAINER_FIELD:
+        return TRAINER_FIELD.get(path, path)
+    return f"{TRAINER_FIELD[head]}.{rest}"
 
 
 def _dtype_name(model) -> str:
