@@ -24,12 +24,14 @@ from .workflows.quiet import quiet
 
 
 def agree(base_model: str | Path, data: str | Path, settings=None, *, inference=None,
-          out: str | Path | None = None, **setting_values):
+          out: str | Path | None = None, trainer_config=None, **setting_values):
     """The client's agreement (`aftune agree`): the base model, data and training settings a
     fine-tune must use, from the client's own copies, and optionally the generation policy of
     serving the result (`inference`: a `GenerationPolicy` or its JSON). `settings` is a
-    `TrainSettings`, or give its fields as keywords. Written to `out` when given. Returns the
-    `Agreement`."""
+    `TrainSettings`, or give its fields as keywords. `trainer_config`: the TrainingArguments /
+    SFTConfig (a dict or a JSON file) the provider's Trainer script will run with `AftuneCallback`
+    (SPEC.md 4.6); its fields replace the settings', the rest (blocks, checkpoints) stay. Written
+    to `out` when given. Returns the `Agreement`."""
     from .inference.policy import GenerationPolicy
     from .training.agreement import make_agreement
     from .training.settings import TrainSettings
@@ -39,8 +41,13 @@ def agree(base_model: str | Path, data: str | Path, settings=None, *, inference=
 
     if settings is not None and setting_values:
         raise InputError("give either settings= or setting keywords, not both")
+    chosen = settings or TrainSettings(**setting_values)
+    if trainer_config is not None:
+        from .integrations.trainer_config import trainer_config_settings
+
+        chosen = trainer_config_settings(base_model, trainer_config, chosen)
     with quiet():
-        agreement = make_agreement(base_model, data, settings or TrainSettings(**setting_values), inference)
+        agreement = make_agreement(base_model, data, chosen, inference)
     if out is not None:
         agreement.save(out)
     return agreement

@@ -47,6 +47,7 @@ def agree(
     client_signing_key: Optional[Path] = typer.Option(None, "--client-signing-key", help="Sign the agreement with your private client key (aftune keygen)."),
     max_recompute_steps: Optional[int] = typer.Option(None, "--max-recompute-steps", help="Checkpoint spacing: the most training steps you accept the provider re-runs to open one block (sets --checkpoint-interval)."),
     storage_budget: Optional[int] = typer.Option(None, "--storage-budget", help="Checkpoint spacing: the most bytes the record may take (sets --checkpoint-interval; aftune estimate)."),
+    trainer_config: Optional[Path] = typer.Option(None, "--trainer-config", help="The SFTConfig / TrainingArguments (JSON) the provider's Trainer script runs with AftuneCallback: the training settings come from it."),
     settings=None,
 ):
     """Write the agreement: the base model, data and training settings a fine-tune must use (client side)."""
@@ -56,6 +57,17 @@ def agree(
     from ..training.settings import TrainSettings
 
     chosen = settings_from_flags(settings) or TrainSettings()
+    if trainer_config is not None:
+        from ..integrations.trainer_config import TRAINER_FIELD, trainer_config_settings
+
+        clash = sorted(n for n, v in settings.items() if v is not None and n != "lora" and (
+            n in TRAINER_FIELD or n in ("optimizer", "warmup_steps", "dtype")))
+        if clash:
+            raise InputError(f"--trainer-config gives {', '.join(clash)}: set them in the Trainer configuration, "
+                             "not as flags")
+        from .. import builtin
+
+        chosen = trainer_config_settings(base_model or builtin.MODEL_DIR, trainer_config, chosen)
     policy = None
     if inference_policy is not None:
         from ..inference.policy import GenerationPolicy

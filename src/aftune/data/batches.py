@@ -8,7 +8,8 @@ both call `build_batch` with the run's `BatchSpec`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -16,6 +17,7 @@ from ..errors import InputError
 from ..models.base import IGNORE_INDEX
 from .datasets import Dataset, split_image_raw
 from .images import IMAGE_MEAN, IMAGE_STD, image_tensor
+from .sft import SftSettings, sft_example
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,17 @@ class BatchSpec:
     image_mean: tuple[float, ...] = IMAGE_MEAN
     image_std: tuple[float, ...] = IMAGE_STD
     fields: tuple[str, ...] = ()
+    sft: SftSettings | None = None  # supervised fine-tuning rows (SPEC.md 4.4.1); None: plain causal LM
+
+    def to_json(self) -> dict[str, Any]:
+        """The run config's `batch` member (SPEC.md 4.3); `sft` only when set (older runs keep their bytes)."""
+        d = {**asdict(self), "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+             "fields": list(self.fields)}
+        if self.sft is None:
+            del d["sft"]
+        else:
+            d["sft"] = self.sft.to_json()
+        return d
 
 
 def chat_text(messages: tuple[tuple[str, str], ...]) -> str:
@@ -47,22 +60,34 @@ def _causal_batch(examples, spec: BatchSpec, tokenizer) -> dict[str, torch.Tenso
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise InputError("the tokenizer has neither a pad nor an eos token")
+    if spec.sft is not None:
+        rows = [sft_example(e, tokenizer, spec.sft, spec.seq_len) for e in examples]
+        return _padded(rows, pad)
     rows = []
     for e in examples:
+        if e.text is None and e.messages is None:
+            raise InputError("prompt/completion data is supervised fine-tuning: the agreement needs settings.sft")
         text = e.text if e.text is not None else chat_text(e.messages)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id] + ids
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
-        rows.append(ids[: spec.seq_len])
-    width = max(len(r) for r in rows)
+        ids = ids[: spec.seq_len]
+        rows.append((ids, ids))
+    return _padded(rows, pad)
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """(ids, labels) rows right-padded to the longest: pad ids, attention 0 and labels -100 there."""
+    width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.int64)
     attention = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        attention[i, : len(r)] = 1
-    labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        attention[i, : len(ids)] = 1
+        labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.int64)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 

@@ -1,7 +1,8 @@
 """Datasets and the dataset root (SPEC.md 4.1): the agreed examples, as committed bytes.
 
 Three kinds of dataset:
-- `text`: JSONL, one `{"text": ...}` or `{"messages": [{"role", "content"}, ...]}` per line, for causal LMs;
+- `text`: JSONL, one `{"text": ...}`, `{"messages": [{"role", "content"}, ...]}` or `{"prompt": ...,
+  "completion": ...}` (strings, or both message lists; supervised fine-tuning, `sft.py`) per line, for causal LMs;
 - `labeled_text`: JSONL, `{"text": ..., "label": ...}` per line, for sequence classifiers;
 - `image_folder`: a directory with one subdirectory per class, for image classifiers.
 
@@ -34,6 +35,9 @@ class Example:
     text: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
     label: str | None = None
+    # prompt/completion data (SPEC.md 4.1, 4.4.1): both strings, or both message tuples
+    prompt: str | tuple[tuple[str, str], ...] | None = None
+    completion: str | tuple[tuple[str, str], ...] | None = None
     image_path: Path | None = None  # where it was read from (informational)
 
     @property
@@ -174,12 +178,26 @@ def _parse_example(obj: Any, raw: bytes, kind: str) -> Example:
         return Example(raw, text=obj["text"], label=str(label))
     if isinstance(obj.get("text"), str):
         return Example(raw, text=obj["text"])
-    messages = obj.get("messages")
-    if isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    messages = _messages(obj.get("messages"))
+    if messages:
+        return Example(raw, messages=messages)
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Example(raw, prompt=prompt, completion=completion)
+    prompt, completion = _messages(prompt), _messages(completion)
+    if prompt and completion:
+        return Example(raw, prompt=prompt, completion=completion)
+    raise ValueError("a text line needs a string 'text', a non-empty 'messages' list of {role, content}, or a "
+                     "'prompt' and a 'completion' (both strings, or both non-empty lists of {role, content})")
+
+
+def _messages(value: Any) -> tuple[tuple[str, str], ...] | None:
+    """A non-empty JSON list of {role, content} strings as (role, content) pairs, else None."""
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
-        return Example(raw, messages=tuple((m["role"], m["content"]) for m in messages))
-    raise ValueError("a text line needs a string 'text' or a non-empty 'messages' list of {role, content}")
+        return tuple((m["role"], m["content"]) for m in value)
+    return None
 
 
 def _load_image_folder(root: Path) -> Dataset:

@@ -49,7 +49,10 @@ def batch_spec(hf_config: dict, settings: TrainSettings) -> BatchSpec:
     image_size = settings.image_size or int(hf_config.get("image_size", 0) or 0)
     if hf_config.get("model_type") == "resnet" and not image_size:
         image_size = 64
-    return BatchSpec(task=cls.task, seq_len=settings.seq_len, image_size=image_size, fields=cls.batch_fields)
+    if settings.sft is not None and cls.task != "causal_lm":
+        raise InputError(f"settings.sft is supervised fine-tuning of a causal LM, not of a {cls.task} model")
+    return BatchSpec(task=cls.task, seq_len=settings.seq_len, image_size=image_size, fields=cls.batch_fields,
+                     sft=settings.sft)
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,9 @@ def agreement_from(hf_config: dict[str, Any], model, model_dir: str | Path, data
     """The agreement of a loaded base model (from `model_dir`, in the training dtype) and dataset."""
     algorithm = settings.hash_algorithm
     check_dataset_fits(dataset, hf_config)
+    if settings.sft is None and any(e.prompt is not None for e in dataset.examples):
+        raise InputError("prompt/completion data is supervised fine-tuning: set the sft settings (aftune agree "
+                         "--trainer-config, or TrainSettings(sft=SftSettings(...)))")
     _, tensors = tensors_root(algorithm, model_weights(model))
     generation = None
     if (Path(model_dir) / "generation_config.json").is_file():

@@ -14,7 +14,6 @@ config: the verdict then says only that the record is consistent with itself.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from ..errors import InputError
@@ -38,8 +37,7 @@ def expected_run_config(agreement: Agreement, layout: tuple[list[str], list[list
                   "tokenizer": agreement.tokenizer.hex() if agreement.tokenizer is not None else None},
         "data": {"kind": agreement.data_kind, "root": agreement.data_root.hex(),
                  "num_examples": agreement.num_examples, "labels": list(agreement.labels)},
-        "batch": {**asdict(spec), "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
-                  "fields": list(spec.fields)},
+        "batch": spec.to_json(),
         "layout": {"stages": list(stages), "layer_blocks": [list(r) for r in ranges]},
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -193,8 +193,7 @@ def _run_config(settings: TrainSettings, agreement: Agreement, hf_config: dict, 
                   "tokenizer": files_root(algorithm, tokenizer).hex() if tokenizer is not None else None},
         "data": {"kind": dataset.kind, "root": dataset.root(algorithm).hex(), "num_examples": len(dataset.examples),
                  "labels": list(dataset.labels), "path": data_rel},
-        "batch": {**asdict(spec), "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
-                  "fields": list(spec.fields)},
+        "batch": spec.to_json(),
         "layout": {"stages": blocked.stage_names, "layer_blocks": [list(r) for r in blocked.blocks.ranges]},
         "versions": _versions(),
         # CPU matmul results depend on the intra-op thread count: strict replay uses the same one
