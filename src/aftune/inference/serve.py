@@ -31,6 +31,8 @@ from ..data.inputs import MAX_PROMPT_CHARS
 from ..errors import AftuneError, InputError, MissingExtra
 from .access import ApiKeys, RecordOwners
 from .engine import InferenceEngine
+from .openai_wire import error_body
+from .openai_routes import OPENAI_PATHS, add_openai_routes
 from .policy import MAX_CHAT_TEMPLATE_CHARS, POLICY_FIELDS, GenerationPolicy, parse_request_nonce
 
 _HEX = set("0123456789abcdef")
@@ -96,7 +98,10 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         client = api_keys.client_of(key.strip()) if scheme.lower() == "bearer" else None
         if client is None:
-            return JSONResponse(status_code=401, content={"error": UNAUTHORIZED}, headers={"WWW-Authenticate": "Bearer"})
+            content = ({"error": UNAUTHORIZED} if request.url.path not in OPENAI_PATHS and
+                       not request.url.path.startswith("/v1/models/") else
+                       error_body(UNAUTHORIZED, "invalid_request_error", None, "invalid_api_key"))
+            return JSONResponse(status_code=401, content=content, headers={"WWW-Authenticate": "Bearer"})
         request.state.client = client
         return await call_next(request)
 
@@ -133,6 +138,8 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         owners.add(request.state.client, bytes.fromhex(result.record_id))
         return {"text": result.text, "tokens": list(result.tokens), "receipt": result.receipt.to_json(),
                 "record_id": result.record_id}
+
+    add_openai_routes(app, engine, policy, owners)
 
     @app.get("/v1/model")
     def model() -> dict[str, Any]:
