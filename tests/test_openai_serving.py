@@ -209,3 +209,87 @@ def test_chat_outside_the_template_and_bad_keys_are_refused(server):
     with pytest.raises(openai.AuthenticationError) as e:
         stranger.models.list()
     assert e.value.body["code"] == "invalid_api_key"
+
+
+# --- limits: the request size (413, before parsing) and the requests in flight (429) -----------
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, model_dir):
+    """A server answering one request at a time with bodies of at most 4096 bytes, whose engine
+    holds each generation until the test lets it go (so that 'in flight' is not a matter of time)."""
+    import threading
+
+    from aftune.inference.limits import ServingLimits
+    from aftune.inference.serve import create_app
+
+    root = tmp_path_factory.mktemp("limits")
+    keys_file = root / "api-keys.txt"
+    api_key = add_client(keys_file, "alice")
+    engine = InferenceEngine(ServedModel.load(model_dir("llama")), root / "records", SigningKey.generate(),
+                             RecordingSettings(layers_per_block=1))
+    entered, release = threading.Event(), threading.Event()
+    generate = engine.generate
+
+    def held(*args, **kw):
+        entered.set()
+        assert release.wait(120)
+        return generate(*args, **kw)
+
+    engine.generate = held
+    app = create_app(engine, policy=POLICY, api_keys=ApiKeys.load(keys_file),
+                     limits=ServingLimits(max_request_bytes=4096, max_concurrent=1))
+    with Server(app) as url:
+        yield dict(url=url, key=api_key, digest=engine.served.digest.hex(), entered=entered, release=release)
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(limited):
+    s = limited
+    url, auth = s["url"], bearer(s["key"])
+    s["release"].set()
+    junk = b"{" + b"x" * 5000  # not even JSON: refused for its size, so never parsed
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(url + path, content=junk, headers={**auth, "content-type": "application/json"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert "4096 bytes" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/generate", content=junk, headers=auth, timeout=30)
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"], r.text
+
+    def chunked():  # no Content-Length: the cap holds on the bytes as they come
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = httpx.post(url + "/v1/completions", content=chunked(), headers=auth, timeout=30)
+    assert r.request.headers.get("transfer-encoding") == "chunked" and r.status_code == 413, r.text
+    # within the limit (chunked too): answered
+    body = json.dumps({"model": s["digest"], "prompt": PROMPT, "max_tokens": 2, "aftune_nonce": NONCE}).encode()
+    r = httpx.post(url + "/v1/completions", content=iter([body[:10], body[10:]]), headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["aftune"]["record_id"], r.text
+    # without a key: 401 first, whatever the size
+    r = httpx.post(url + "/v1/completions", content=junk, headers={"authorization": "Bearer nope"}, timeout=30)
+    assert r.status_code == 401
+
+
+def test_a_request_beyond_the_ones_in_flight_is_429(limited):
+    import threading
+
+    s = limited
+    s["release"].clear()
+    s["entered"].clear()
+    auth = bearer(s["key"])
+    body = {"model": s["digest"], "prompt": PROMPT, "max_tokens": 2, "aftune_nonce": NONCE}
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=httpx.post(s["url"] + "/v1/completions", json=body,
+                                                                   headers=auth, timeout=120)))
+    t.start()
+    try:
+        assert s["entered"].wait(60)  # the first request is in the engine
+        r = httpx.post(s["url"] + "/v1/completions", json=body, headers=auth, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "rate_limit_exceeded" and "1 at once" in r.json()["error"]["message"]
+        r = httpx.get(s["url"] + "/v1/model", headers=auth, timeout=30)
+        assert r.status_code == 429 and "at once" in r.json()["error"]
+    finally:
+        s["release"].set()
+        t.join(120)
+    assert first["r"].status_code == 200
+    assert httpx.post(s["url"] + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
