@@ -293,3 +293,58 @@ def test_a_request_beyond_the_ones_in_flight_is_429(limited):
         t.join(120)
     assert first["r"].status_code == 200
     assert httpx.post(s["url"] + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
+
+
+# --- the translation alone (no server) ----------------------------------------------------------
+
+def test_the_wire_maps_the_policy_and_accepts_only_neutral_extras():
+    from aftune.errors import InputError
+    from aftune.inference.openai_wire import WireError, parse_request
+
+    greedy = GenerationPolicy(max_new_tokens=12, eos_token_ids=(2,), dtype="float32")
+    base = {"model": "m", "prompt": PROMPT}
+    req = parse_request({**base, "seed": 7, "max_tokens": 3, "n": 1, "presence_penalty": 0, "user": "u",
+                         "logprobs": None, "stop": [], "temperature": 0}, "completion", greedy, "m")
+    assert req.policy == greedy.with_max_new_tokens(3) and req.nonce is None  # greedy: a seed changes nothing
+    chat = parse_request({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                    {"type": "text", "text": "b"}]}],
+                          "max_completion_tokens": 4, "aftune_nonce": NONCE}, "chat", POLICY, "m")
+    assert chat.prompt == "ab" and chat.policy.max_new_tokens == 4 and chat.nonce == bytes.fromhex(NONCE)
+    for body, param in (({**base, "seed": 7, "aftune_nonce": NONCE}, "seed"),  # sampling: the seed is the nonce's
+                        ({**base, "aftune_nonce": NONCE, "max_tokens": True}, "max_tokens"),
+                        ({**base, "aftune_nonce": NONCE, "temperature": "0.7"}, "temperature"),
+                        ({**base, "aftune_nonce": NONCE, "n": True}, "n"),
+                        ({**base, "aftune_nonce": NONCE, "stream_options": {"include_usage": True}}, "stream_options"),
+                        ({"model": "m", "messages": [], "aftune_nonce": NONCE}, "messages")):
+        with pytest.raises(WireError) as e:
+            parse_request(body, "chat" if "messages" in body else "completion", POLICY, "m")
+        assert e.value.param == param and isinstance(e.value, InputError), (body, e.value.to_json())
+
+
+def test_streamed_text_never_sends_what_a_later_token_changes():
+    from aftune.inference.openai_wire import TextDeltas
+
+    pieces = {1: "Hello", 2: " ", 3: ".", 4: "\xe2", 5: "\x82\xac", 6: " world"}
+
+    def decode(ids):  # bytes of a partial character show as U+FFFD; " ." is cleaned up to "."
+        raw = "".join(pieces[i] for i in ids).encode("latin-1")
+        return raw.decode("utf-8", errors="replace").replace(" .", ".")
+
+    deltas = TextDeltas(decode)
+    sent = [deltas.add(t) for t in (1, 2, 3, 4, 5, 6)]
+    assert sent == ["Hello", "", ".", "", "\u20ac", " world"]
+    assert "".join(sent) + deltas.rest(decode([1, 2, 3, 4, 5, 6])) == "Hello.\u20ac world"
+    assert deltas.rest("Goodbye") is None  # a text that does not begin with what was sent: the stream fails
+
+
+def test_a_saved_answer_needs_exactly_one_receipt():
+    from aftune.errors import InputError
+
+    chunk = {"id": "c", "object": "text_completion", "model": "m", "choices": [{"index": 0, "text": "hi"}]}
+    last = {**chunk, "aftune": {"record_id": "ab" * 32, "receipt": {"x": 1}, "tokens": [1]}}
+    assert response_claims(json.dumps([chunk, last]).encode()).text == "hihi"
+    for bad in ([chunk, chunk], [chunk, last, last], {**chunk}):
+        with pytest.raises(InputError, match="exactly one 'aftune'"):
+            response_claims(json.dumps(bad).encode())
+    with pytest.raises(CommitmentMismatch, match="different models"):
+        response_claims(json.dumps([{**chunk, "model": "other"}, last]).encode())

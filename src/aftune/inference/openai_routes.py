@@ -121,7 +121,12 @@ def _events(req, first, events, tokenizer, model_id: str, created: int):
         yield sse(error_body(f"the answer failed: {type(event[1]).__name__}: {str(event[1])[:200]}", "server_error"))
         return
     result = event[1]
-    yield sse(stream_chunk(req, sid, model_id, created, deltas.rest(result.text),
+    rest = deltas.rest(result.text)
+    if rest is None:  # never sends a text the record does not hold: the client sees a failure
+        yield sse(error_body(f"the streamed text is not the beginning of record {result.record_id}'s text: "
+                             "ask again without stream", "server_error"))
+        return
+    yield sse(stream_chunk(req, sid, model_id, created, rest,
                            finish_reason(result.tokens, req.policy), {RESPONSE_FIELD: attachment(result)}))
     if req.include_usage:
         yield sse(stream_chunk(req, sid, model_id, created, None,

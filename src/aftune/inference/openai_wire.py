@@ -221,25 +221,26 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 class TextDeltas:
-    """Text deltas of a growing token sequence: only text that later tokens cannot change (no
-    trailing partial UTF-8 character) is released, and the deltas add up to the final decoding."""
+    """Text deltas of a growing token sequence. Only text that later tokens are not known to change
+    is released: never a trailing partial UTF-8 character (U+FFFD) nor trailing whitespace (a
+    decoder's clean-up may drop a space before the punctuation that follows), and only text that
+    extends what was sent. The deltas and `rest` add up to the final decoding."""
 
     def __init__(self, decode):
         self.decode, self.tokens, self.sent = decode, [], ""
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.decode(self.tokens)
+        text = self.decode(self.tokens).rstrip()
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text
         return delta
 
-    def rest(self, final_text: str) -> str:
-        """What remains of `final_text` (the record's text) after what was sent."""
-        if not final_text.startswith(self.sent):  # cannot happen with a prefix-stable decoder
-            raise InputError("the streamed text is not a prefix of the answer's text")
-        return final_text[len(self.sent):]
+    def rest(self, final_text: str) -> str | None:
+        """What remains of `final_text` (the record's text) after what was sent; None if what was
+        sent is not its beginning (a decoder that rewrites earlier text: the stream must fail)."""
+        return final_text[len(self.sent):] if final_text.startswith(self.sent) else None
 
 
 # --- reading a saved answer back (the client's side) ---------------------------------------------
