@@ -100,7 +100,7 @@ def test_every_readme_block_is_run_or_marked_with_a_reason():
         if b.lang == "":
             assert b.marker is None, f"README line {b.line}: a marker on an output listing"
     # the blocks whose outputs the end-to-end test checks
-    for label in ("demo", "inference", "two-party", "checkpoints", "portable", "python-api", "trainer"):
+    for label in ("demo", "inference", "openai", "two-party", "checkpoints", "portable", "python-api", "trainer"):
         assert labelled(blocks, label).skip_reason is None
     demo = labelled(blocks, "demo").body.splitlines()
     assert demo[0].startswith("aftune agree") and demo[1].startswith("aftune train")
@@ -178,6 +178,8 @@ def test_readme_runs_top_to_bottom_in_one_fresh_clone(tmp_path):
     out = {b.label: " ".join(outputs.get(i, "").split()) for i, b in enumerate(blocks) if b.label}
     assert "PASS: 32/32 blocks pass (strict mode)" in out["demo"]
     assert "PASS: 4/4 blocks pass (strict mode)" in out["inference"] and "VALID receipt" in out["inference"]
+    assert "VALID receipt" in out["openai"] and "the answer's text is the record's" in out["openai"]
+    assert "PASS: 4/4 blocks pass (strict mode)" in out["openai"]
     assert "PASS: 4/4 blocks pass (strict mode)" in out["two-party"]  # 10% of 32 blocks, rounded up
     assert (clone / "report.html").stat().st_size > 0 and (clone / "grid.png").stat().st_size > 0
     assert "every tensor matched its digest" in out["checkpoints"]

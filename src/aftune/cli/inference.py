@@ -168,6 +168,7 @@ def verify_inference(
     nonce: Optional[str] = typer.Option(None, "--request-nonce", help=_NONCE_HELP),
     unsafe_skip_input: bool = typer.Option(False, "--unsafe-skip-input-check", help="UNSAFE: do not compare the record's input with yours."),
     unsafe_skip_policy: bool = typer.Option(False, "--unsafe-skip-policy-check", help="UNSAFE: do not compare the record's generation policy and request nonce with yours."),
+    response: Optional[Path] = typer.Option(None, "--response", help="A saved OpenAI-format answer: its receipt (needs --public-key), record and text are checked, and it names the record."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
 ):
@@ -179,6 +180,11 @@ def verify_inference(
 
     if all_blocks == (layer_block is not None):
         raise AftuneError("give either --all or --layer-block")
+    claims = None
+    if response is not None:
+        claims = _response_checked(response, record, record_dir, public_key, nonce, model or run, policy, agreement,
+                                   max_new_tokens, temperature, top_p)
+        record = claims.record_id
     rec = InferenceRecord.open(record_dir, record)
     tol = None  # the verifier's defaults (default_tolerance), unless a threshold is given
     if (rel_l2, max_elem, logit_tol) != (None, None, None):
@@ -201,6 +207,30 @@ def verify_inference(
     doc = report.to_json()
     doc["record_id"] = rid
     finish_report(report, doc, as_json, heading=f"record {rid}")
+
+
+def _response_checked(response, record, record_dir, public_key, nonce, model, policy, agreement, max_new_tokens,
+                      temperature, top_p):
+    """A saved OpenAI-format answer (`--response`): its receipt verifies under the pinned key, for
+    your nonce and policy, agrees with the record it names, and its text is the record's."""
+    from ..core.signing import PublicKey
+    from ..inference.openai_wire import check_claims, load_receipt_or_response
+    from ..inference.receipt import verify_receipt as check
+
+    receipt, claims = load_receipt_or_response(response)
+    if claims is None:
+        raise InputError(f"--response {response} is a receipt, not a saved answer: give the answer's JSON")
+    if public_key is None:
+        raise InputError("--response needs --public-key: the answer's receipt is checked against the provider's key")
+    if record is not None and record != claims.record_id:
+        raise InputError(f"--record {record[:16]} is not the record the answer names ({claims.record_id[:16]}…)")
+    gen = None
+    if model is not None or policy is not None or agreement is not None:
+        gen = client_policy(model, policy, agreement, max_new_tokens, temperature, top_p)
+    check(receipt, PublicKey.load(public_key), record_dir, request_nonce=request_nonce(nonce),
+          policy_digest=gen.digest(receipt.algorithm) if gen else None)
+    check_claims(claims, receipt, record_dir)
+    return claims
 
 
 def unsafe_options(skip_input: bool, skip_policy: bool) -> list:
@@ -240,7 +270,7 @@ _PLATFORM_KEY = typer.Option([], "--platform-key", help="Attestation: trusted Ar
 @deprecated_flags({"--nonce": "--attestation-nonce"})
 @mismatch_reads("INVALID")
 def verify_receipt(
-    receipt: Path = typer.Argument(..., help="A receipt file (JSON)."),
+    receipt: Path = typer.Argument(..., help="A receipt file (JSON), or a saved OpenAI-format answer carrying one (its text is then checked against the record)."),
     public_key: Optional[str] = typer.Option(None, "--public-key", help=_PUBKEY_HELP + " (With --attestation: optional, compared with the attested key.)"),
     record_dir: Optional[Path] = typer.Option(None, "--record-dir", help="The record directory: the record the receipt names must agree."),
     unsafe_signature_only: bool = typer.Option(False, "--unsafe-signature-only", help="UNSAFE: check the signature only, not the record."),
@@ -262,7 +292,7 @@ def verify_receipt(
     """Check a receipt's signature, that it answers your request and policy, and that its record
     agrees; with --attestation, the chain evidence -> model and receipt key -> receipt -> record.
     Exit 0 valid, 1 invalid, 2 bad input."""
-    from ..inference.receipt import Receipt
+    from ..inference.openai_wire import check_claims, load_receipt_or_response
     from ..inference.receipt import verify_receipt as check
     from ..core.signing import PublicKey
 
@@ -274,7 +304,7 @@ def verify_receipt(
     if public_key is None and attestation is None:
         raise InputError("give --public-key (the provider's pinned key), or --attestation with --attestation-nonce and "
                          "--model-digest (a key attested by the serving TEE)")
-    r = Receipt.load(receipt)
+    r, claims = load_receipt_or_response(receipt)
     gen = client_policy(None, policy, agreement, max_new_tokens) if (policy or agreement) else None
     if gen is None and max_new_tokens is not None:
         raise InputError("--max-new-tokens narrows a policy: give --policy or --agreement too")
@@ -288,6 +318,8 @@ def verify_receipt(
         check(r, r.key, None, **wanted)  # the attested chain checked the signature; now your request
     else:
         check(r, PublicKey.load(public_key), record_dir, **wanted)
+    if claims is not None:  # a saved answer: it is the receipt's, and its text the record's
+        check_claims(claims, r, record_dir)
     for what, given, committed, how in (("request nonce", nonce, r.request_nonce, "--request-nonce"),
                                         ("generation policy", gen, r.policy_digest, "--policy or --agreement")):
         if given is None and committed is not None:
@@ -297,7 +329,9 @@ def verify_receipt(
 
         _chain_finish(report, False, require_pass=False)
     out.print(f"VALID receipt for record {r.record_root.hex()} (model {r.model_digest.hex()[:16]}…, {r.time})"
-              + (", record agrees" if record_dir else ""), highlight=False, soft_wrap=True)
+              + (", record agrees" if record_dir else "")
+              + ((", the answer's text is the record's" if record_dir else ", the answer's text NOT compared (no "
+                  "--record-dir)") if claims else ""), highlight=False, soft_wrap=True)
 
 
 def _attested(r, attestation, attestation_nonce, model_digest, public_key, record_dir, options):

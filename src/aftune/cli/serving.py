@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import InputError
+from ..inference.limits import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_REQUEST_BYTES
 from .app import AftuneTyper, app, err, escape, out
 from .options import deprecated_flags
 
@@ -44,18 +45,23 @@ def serve(
     attest: Optional[str] = typer.Option(None, "--attest", help="Serve GET /v1/attestation with this TEE evidence provider "
                                                                 "(gramine, configfs-tsm, auto, unsafe-simulated); the "
                                                                 "receipt key is then made inside this process."),
+    max_request_bytes: int = typer.Option(DEFAULT_MAX_REQUEST_BYTES, "--max-request-bytes", help="Refuse a larger request body with 413, before reading it."),
+    max_concurrent: int = typer.Option(DEFAULT_MAX_CONCURRENT, "--max-concurrent", help="Refuse a request beyond this many in flight with 429."),
 ):
     """Serve the model over HTTP(S) to clients with API keys: POST /v1/generate, GET /v1/model,
-    GET /v1/records/{id} (a client's own), GET /v1/attestation (with --attest). The model is
+    GET /v1/records/{id} (a client's own), GET /v1/attestation (with --attest), and the OpenAI
+    API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models. The model is
     loaded in the serving dtype the policy pins; a portable policy records in portable numerics."""
     from ..core.signing import SigningKey
     from ..inference.access import ApiKeys
     from ..inference.engine import InferenceEngine, load_served
     from ..inference.keys import provider_key
+    from ..inference.limits import ServingLimits
     from ..inference.policy import GenerationPolicy
     from ..inference.serve import create_app, run_server
     from ..inference.settings import RecordingSettings
 
+    limits = ServingLimits(max_request_bytes, max_concurrent).validate()
     rdir = record_dir or (run_dir / "inference")
     keys = ApiKeys.load(api_keys)
     gen = GenerationPolicy.load(policy) if policy is not None else None
@@ -68,7 +74,8 @@ def serve(
         signing_key, pub = provider_key(provider_signing_key, run_dir, rdir)
     engine = InferenceEngine(load_served(run_dir, gen, dtype=dtype), rdir, signing_key,
                              RecordingSettings(layers_per_block, activation_interval).validate())
-    application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine))
+    application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine),
+                             limits=limits)
     if (tls_cert is None) != (tls_key is None):
         raise InputError("HTTPS needs both --tls-cert and --tls-key")
     scheme = "https" if tls_cert else "http"

@@ -135,6 +135,7 @@ class InferenceResult:
     receipt: Any  # receipt.Receipt
     receipt_path: Path
     seconds: float
+    prompt_tokens: int = 0  # a causal LM's prompt length in tokens (the OpenAI wire format's usage)
 
 
 class InferenceEngine:
@@ -161,10 +162,11 @@ class InferenceEngine:
 
     # --- requests --------------------------------------------------------------------------
     def generate(self, prompt: str, policy: GenerationPolicy, *, request_nonce: bytes | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> InferenceResult:
+                 on_token: Callable[[int, int], None] | None = None,
+                 on_token_id: Callable[[int], None] | None = None) -> InferenceResult:
         """Generate under the client's `policy`. A sampled request needs the client's
         `request_nonce` (16 to 64 bytes), from which its seed is derived; a greedy one commits
-        the nonce when given."""
+        the nonce when given. `on_token_id(token)` sees each token as it is chosen (streaming)."""
         if not isinstance(policy, GenerationPolicy):
             raise InputError("generation needs the client's generation policy (a GenerationPolicy)")
         if policy.dtype is not None and policy.dtype != self.served.dtype:
@@ -194,7 +196,7 @@ class InferenceEngine:
         if self.deviation is not None:
             seed = self.deviation.seed(seed)
         with self._lock:
-            trace = self._generate(inputs, policy, seed, on_token)
+            trace = self._generate(inputs, policy, seed, on_token, on_token_id)
         text = self.served.tokenizer.decode(trace.tokens, skip_special_tokens=True)
         doc_input = {"kind": "prompt", "prompt": prompt}
         doc_output = {"tokens": trace.tokens, "text": text}
@@ -228,7 +230,7 @@ class InferenceEngine:
 
     # --- computation -----------------------------------------------------------------------
     @torch.inference_mode()
-    def _generate(self, inputs, policy: GenerationPolicy, seed: int | None, on_token) -> _Trace:
+    def _generate(self, inputs, policy: GenerationPolicy, seed: int | None, on_token, on_token_id=None) -> _Trace:
         served, blocks, algorithm = self.served, self.blocks, self.served.algorithm
         nb = len(blocks)
         caches = [KVCache() for _ in range(nb)]
@@ -270,6 +272,8 @@ class InferenceEngine:
             trace.tokens.append(token)
             if on_token:
                 on_token(step + 1, policy.max_new_tokens)
+            if on_token_id:
+                on_token_id(token)
             if policy.stops_at(token) or (self.deviation is not None and self.deviation.stop(step, token)):
                 break
             first += q
@@ -362,4 +366,4 @@ class InferenceEngine:
         receipt_path = self.records.receipt_path(rid)
         self.records.write_new(receipt_path, canonical_json(receipt.to_json()) + b"\n")
         return InferenceResult(rid.hex(), path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0)

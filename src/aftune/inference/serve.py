@@ -31,6 +31,9 @@ from ..data.inputs import MAX_PROMPT_CHARS
 from ..errors import AftuneError, InputError, MissingExtra
 from .access import ApiKeys, RecordOwners
 from .engine import InferenceEngine
+from .limits import RequestLimits, ServingLimits
+from .openai_wire import error_body
+from .openai_routes import OPENAI_PATHS, add_openai_routes
 from .policy import MAX_CHAT_TEMPLATE_CHARS, POLICY_FIELDS, GenerationPolicy, parse_request_nonce
 
 _HEX = set("0123456789abcdef")
@@ -51,10 +54,11 @@ def _fastapi():
 
 
 def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], api_keys: ApiKeys,
-               attestation: Optional[Callable[[str], dict]] = None):
+               attestation: Optional[Callable[[str], dict]] = None, limits: Optional[ServingLimits] = None):
     """The FastAPI application serving `engine` to the clients of `api_keys` under `policy`
     (required for a causal LM). `attestation(nonce_hex)` answers `GET /v1/attestation` (the CLI
-    wires `aftune.attestation.serving.attestation_response` with the TEE's evidence provider)."""
+    wires `aftune.attestation.serving.attestation_response` with the TEE's evidence provider);
+    `limits`: the request-size and concurrency limits (413, 429; defaults when None)."""
     fastapi, pydantic = _fastapi()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -91,12 +95,16 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": message})
 
+    app.add_middleware(RequestLimits, limits=limits or ServingLimits())  # inside the key check: added first
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         client = api_keys.client_of(key.strip()) if scheme.lower() == "bearer" else None
         if client is None:
-            return JSONResponse(status_code=401, content={"error": UNAUTHORIZED}, headers={"WWW-Authenticate": "Bearer"})
+            content = (error_body(UNAUTHORIZED, "invalid_request_error", None, "invalid_api_key")
+                       if request.url.path.startswith(OPENAI_PATHS) else {"error": UNAUTHORIZED})
+            return JSONResponse(status_code=401, content=content, headers={"WWW-Authenticate": "Bearer"})
         request.state.client = client
         return await call_next(request)
 
@@ -133,6 +141,8 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         owners.add(request.state.client, bytes.fromhex(result.record_id))
         return {"text": result.text, "tokens": list(result.tokens), "receipt": result.receipt.to_json(),
                 "record_id": result.record_id}
+
+    add_openai_routes(app, engine, policy, owners)
 
     @app.get("/v1/model")
     def model() -> dict[str, Any]:
