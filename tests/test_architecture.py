@@ -40,7 +40,7 @@ LAYERS = [
     {"protocol", "attestation", "partition"},
     {"reporting"},
     {"attacks"},
-    {"workflows"},  # may not exist yet: a layer without modules checks nothing
+    {"workflows", "integrations"},  # integrations: hooks into other tools (a Trainer callback)
     {"api"},
     {"cli", "__init__", "__main__"},
 ]
