@@ -161,20 +161,8 @@ def test_recorded_with_another_lr_fails_naming_the_field(client, tmp_path):
     assert result.exit_code != 0 and "FAIL" in result.output and "settings.lr" in result.output, result.output
 
 
-def test_recorded_loss_on_prompt_fails_naming_the_block(client, tmp_path):
-    class PromptToo(_Dishonest):
-        deviation = TrainOnPrompt()
-
-    run = tmp_path / "RUN"
-    run_script(client, run, callback_cls=PromptToo)
-    result = verify(client, run)
-    assert result.exit_code != 0, result.output
-    assert "FAIL layer block 1 (layer.2..head), step block 0" in result.output, result.output
-    assert "batch/labels" in result.output
-
-
 class SkipBatch(Deviation):
-    """Step 1 trains on step 2's examples: the agreed micro-batch of step 1 is skipped."""
+    """Step 2 trains on step 1's batch again: the agreed micro-batch of step 2 is skipped."""
 
     def __init__(self):
         self.seen = {}
@@ -184,16 +172,20 @@ class SkipBatch(Deviation):
         return self.seen.get(step - 1, batch) if step == 2 else batch
 
 
-def test_skipped_batch_fails_naming_the_block(client, tmp_path):
-    class Skips(_Dishonest):
-        deviation = SkipBatch()
+@pytest.mark.parametrize("deviation,block,tensor", [
+    (TrainOnPrompt, "layer block 1 (layer.2..head), step block 0", "step/00000000/micro/0000/batch/labels"),
+    (SkipBatch, "layer block 0 (embedding..layer.1), step block 1", "step/00000002/micro/0000/batch/input_ids")])
+def test_recorded_departure_fails_naming_the_block(client, tmp_path, deviation, block, tensor):
+    """Loss on the prompt tokens, or a skipped batch, inside the engine after the check passed."""
+    class Departs(_Dishonest):
+        pass
 
+    Departs.deviation = deviation()
     run = tmp_path / "RUN"
-    run_script(client, run, callback_cls=Skips)
+    run_script(client, run, callback_cls=Departs)
     result = verify(client, run)
-    assert result.exit_code != 0, result.output
-    assert "FAIL layer block 0 (embedding..layer.1), step block 1" in result.output, result.output
-    assert "step/00000002/micro/0000/batch/input_ids" in result.output
+    assert result.exit_code != 0 and f"FAIL {block}" in result.output, result.output
+    assert tensor in result.output
 
 
 @pytest.mark.long
