@@ -28,7 +28,7 @@ from conftest import invoke  # noqa: E402
 from test_sft import QA, TEMPLATE, TrainOnPrompt  # noqa: E402
 
 CONFIG = {"max_steps": 4, "per_device_train_batch_size": 3, "learning_rate": 1e-2, "max_length": 48,
-          "lr_scheduler_type": "linear", "seed": 0, "bf16": False, "use_cpu": True, "report_to": "none",
+          "lr_scheduler_type": "linear", "warmup_steps": 1, "seed": 0, "bf16": False, "use_cpu": True, "report_to": "none",
           "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}
 
 
@@ -107,18 +107,36 @@ def test_honest_script_verifies_strict(client, tmp_path):
 @pytest.mark.parametrize("change,field", [({"learning_rate": 2e-2}, "learning_rate"),
                                           ({"completion_only_loss": False}, "completion_only_loss"),
                                           ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
-                                          ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type")])
+                                          ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type"),
+                                          ({"warmup_steps": 2}, "warmup_steps")])
 def test_other_computation_refused_at_start(client, tmp_path, change, field):
     with pytest.raises(InputError, match=field):
         run_script(client, tmp_path / "RUN", **change)
     assert not (tmp_path / "RUN").exists()  # nothing recorded
 
 
-@pytest.mark.parametrize("change,what", [({"packing": True}, "packing"), ({"warmup_steps": 2}, "warmup_steps"),
+@pytest.mark.parametrize("change,what", [({"packing": True}, "packing"), ({"warmup_steps": 0.1}, "warmup_steps=0.1: give"),
                                          ({"optim": "sgd"}, "optim"), ({"max_steps": -1}, "max_steps")])
 def test_unreplayable_refused_with_why(client, tmp_path, change, what):
     with pytest.raises(InputError, match=what):
         run_script(client, tmp_path / "RUN", **change)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant_with_warmup", "constant"])
+def test_learning_rates_are_the_trainers(schedule):
+    """Each step's learning rate is the one the Trainer's own scheduler gives, bit for bit."""
+    from transformers import get_scheduler
+
+    from aftune.integrations.trainer_config import settings_from_trainer_config
+
+    config = {**CONFIG, "max_steps": 11, "warmup_steps": 3, "learning_rate": 3e-4, "lr_scheduler_type": schedule}
+    spec = settings_from_trainer_config(config).optimizer_spec()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=3, num_training_steps=11)
+    for step in range(11):
+        assert spec.lr_at(step) == optimizer.param_groups[0]["lr"], (schedule, step)
+        optimizer.step()
+        scheduler.step()
 
 
 def test_custom_compute_loss_refused(client, tmp_path):
