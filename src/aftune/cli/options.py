@@ -35,7 +35,7 @@ SETTINGS_FLAGS = {
     "optimizer": (str, "adamw", "--optimizer", "adamw or sgd (momentum)."),
     "momentum": (float, 0.9, "--momentum", "SGD momentum."),
     "weight_decay": (float, 0.0, "--weight-decay", "Decoupled (AdamW) or L2 (SGD) weight decay."),
-    "schedule": (str, "constant", "--schedule", "constant, linear or cosine."),
+    "schedule": (str, "constant", "--schedule", "constant, linear or cosine; trainer_constant, trainer_linear, trainer_cosine: the Hugging Face Trainer's (SPEC.md 5.3.2)."),
     "warmup_steps": (int, 0, "--warmup-steps", "Linear warm-up steps."),
     "max_grad_norm": (float, 1.0, "--max-grad-norm", "Global gradient clipping; 0 disables."),
     "lora": (bool, False, "--lora", "Train LoRA adapters (PEFT) instead of all weights."),

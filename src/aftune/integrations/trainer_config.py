@@ -25,8 +25,9 @@ from ..training.settings import TrainSettings
 
 # Trainer optimizers aftune replays (SPEC.md 5.3: AdamW written out per tensor).
 ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
-# Trainer schedules whose values aftune's schedule gives exactly (without warm-up; SPEC.md 4.6).
-SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
+# The Trainer's schedules as aftune's (SPEC.md 4.6, 5.3.2; `constant` has no warm-up in the Trainer).
+SCHEDULES = {"constant": "constant", "constant_with_warmup": "trainer_constant", "linear": "trainer_linear",
+             "cosine": "trainer_cosine"}
 
 # field: (allowed values, why another value is refused). A field absent from the config is allowed.
 _REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -45,9 +46,7 @@ _REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
                        "model in bfloat16 (model_init_kwargs dtype) and set bf16 false"),
     "optim_args": ((None, ""), "optimizer arguments beyond the betas, epsilon and weight decay are not replayed"),
     "lr_scheduler_kwargs": ((None, {}), "schedule arguments (cycles, min lr) are not replayed"),
-    "warmup_steps": ((0, 0.0), "the Trainer's warm-up gives lr*t/W at step t where aftune's gives lr*(t+1)/W "
-                               "(SPEC.md 5.3.2): a warm-up would be recorded with other values"),
-    "warmup_ratio": ((None, 0, 0.0), "as warmup_steps: the warm-up is not replayed yet"),
+    "warmup_ratio": ((None, 0, 0.0), "give the warm-up as a whole number of warmup_steps"),
     "shuffle_dataset": ((False,), "aftune orders the agreed examples itself (SPEC.md 4.2)"),
     "group_by_length": ((False,), "aftune orders the agreed examples itself (SPEC.md 4.2)"),
     "pad_to_multiple_of": ((None, "auto"), "rows are padded to the longest row of the micro-batch (SPEC.md 4.4.1)"),
@@ -82,6 +81,15 @@ def settings_from_trainer_config(config: dict[str, Any], chat_template: str | No
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"max_steps={steps!r}: set max_steps (the Trainer's epochs end on a partial batch that "
                         "aftune's order, SPEC.md 4.2, does not have)")
+    warmup = config.get("warmup_steps", 0)
+    if isinstance(warmup, float) and warmup.is_integer() and warmup >= 1:
+        warmup = int(warmup)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 or (
+            isinstance(warmup, float) and warmup != 0):
+        problems.append(f"warmup_steps={warmup!r}: give the warm-up as a whole number of steps (a fraction is "
+                        "a ratio of the Trainer's total)")
+    elif warmup and schedule == "constant":
+        warmup = 0  # the Trainer's `constant` ignores warmup_steps
     max_length = config.get("max_length", 1024)  # SFTConfig's default
     if max_length is None:
         problems.append("max_length=None: aftune cuts rows to an agreed length; set max_length")
@@ -97,7 +105,7 @@ def settings_from_trainer_config(config: dict[str, Any], chat_template: str | No
                   grad_accum=config.get("gradient_accumulation_steps", 1), seq_len=max_length, optimizer="adamw",
                   lr=config.get("learning_rate", 5e-5), beta1=config.get("adam_beta1", 0.9),
                   beta2=config.get("adam_beta2", 0.999), eps=config.get("adam_epsilon", 1e-8),
-                  weight_decay=weight_decay, schedule=SCHEDULES[schedule], warmup_steps=0,
+                  weight_decay=weight_decay, schedule=SCHEDULES[schedule], warmup_steps=int(warmup),
                   max_grad_norm=config.get("max_grad_norm", 1.0), seed=config.get("seed", 42), dtype=dtype, sft=sft)
     for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"):
         if isinstance(values[name], float) and not math.isfinite(values[name]):
@@ -131,7 +139,7 @@ def trainer_config_settings(base_model: str | Path, config: dict[str, Any] | str
 TRAINER_FIELD = {"steps": "max_steps", "batch_size": "per_device_train_batch_size",
                  "grad_accum": "gradient_accumulation_steps", "seq_len": "max_length", "lr": "learning_rate",
                  "beta1": "adam_beta1", "beta2": "adam_beta2", "eps": "adam_epsilon", "weight_decay": "weight_decay",
-                 "schedule": "lr_scheduler_type", "max_grad_norm": "max_grad_norm", "seed": "seed",
+                 "schedule": "lr_scheduler_type", "warmup_steps": "warmup_steps", "max_grad_norm": "max_grad_norm", "seed": "seed",
                  "dtype": "the model's dtype", "sft.chat_template": "the chat template",
                  "sft.completion_only_loss": "completion_only_loss", "sft.assistant_only_loss": "assistant_only_loss",
                  "lora": "peft_config"}

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "linear", "cosine")
+# trainer_*: the same shapes with the Hugging Face Trainer's warm-up, lr * t / W from 0 (SPEC.md 5.3.2)
+SCHEDULES = ("constant", "linear", "cosine", "trainer_constant", "trainer_linear", "trainer_cosine")
 STATE_NAMES = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 CLIP_EPS = 1e-6
 
@@ -35,6 +36,8 @@ class OptimizerSpec:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based), as a Python float (binary64)."""
+        if self.schedule.startswith("trainer_"):
+            return self.lr * self._trainer_factor(step)
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
@@ -44,6 +47,18 @@ class OptimizerSpec:
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.lr
+
+    def _trainer_factor(self, step: int) -> float:
+        """The Hugging Face Trainer's schedule factor (transformers.optimization), op for op."""
+        w, total = self.warmup_steps, self.total_steps
+        if step < w:
+            return float(step) / float(max(1, w))
+        if self.schedule == "trainer_linear":
+            return max(0.0, float(total - step) / float(max(1, total - w)))
+        if self.schedule == "trainer_cosine":
+            progress = float(step - w) / float(max(1, total - w))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(0.5) * 2.0 * progress)))
+        return 1.0
 
 
 def decays(param: torch.Tensor) -> bool:
