@@ -132,6 +132,42 @@ def test_family_trains_verifies_and_answers(family_dir, datasets, tmp_path, fami
     assert all(r.compared > 0 for r in answer.results)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stages_compute_what_transformers_computes(family_dir, family):
+    """Not only self-consistent: the stages give transformers' own loss (with padding, past the
+    sliding window) and its greedy generation, so a PASS is about the family's real computation."""
+    import transformers as tf
+
+    from aftune.models.cache import KVCache
+
+    attn = "eager" if family in EAGER else "sdpa"
+    model = tf.AutoModelForCausalLM.from_pretrained(family_dir(family), attn_implementation=attn).eval()
+    adapter = adapter_class(family)(model)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 512, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    with torch.no_grad():
+        expected = model(**batch).loss
+        ctx, h = adapter.context(batch), None
+        for i in range(len(adapter.stages)):
+            h = adapter.run_stage(i, h, ctx)
+        assert torch.allclose(h, expected, rtol=1e-5, atol=0), (h, expected)
+        prompt = ids[:1, :4]
+        hf = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                            eos_token_id=None)[0, 4:].tolist()
+        stages, cache, tokens, step, first = adapter.inference_stages(), KVCache(), [], prompt, 0
+        for _ in range(8):  # past the window of 6: the sliding layers' explicit masks are used
+            ctx = adapter.inference_context(first, {"input_ids": step})
+            ctx["cache"], x = cache, None
+            for stage in stages:
+                x = stage.module(x, ctx)
+            tokens.append(int(x.argmax()))
+            first, step = first + step.shape[1], torch.tensor([[tokens[-1]]])
+    assert tokens == hf
+
+
 @pytest.mark.parametrize("family, targets", [("gemma3_text", ("q_proj", "v_proj")), ("phi3", ("qkv_proj",))])
 def test_lora_passes(family_dir, datasets, tmp_path, family, targets):
     lora = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=targets)  # Phi-3 fuses q, k and v

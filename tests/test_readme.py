@@ -100,7 +100,8 @@ def test_every_readme_block_is_run_or_marked_with_a_reason():
         if b.lang == "":
             assert b.marker is None, f"README line {b.line}: a marker on an output listing"
     # the blocks whose outputs the end-to-end test checks
-    for label in ("demo", "inference", "openai", "two-party", "checkpoints", "portable", "python-api", "trainer"):
+    for label in ("demo", "inference", "openai", "two-party", "checkpoints", "portable", "python-api", "real-models",
+                  "trainer"):
         assert labelled(blocks, label).skip_reason is None
     demo = labelled(blocks, "demo").body.splitlines()
     assert demo[0].startswith("aftune agree") and demo[1].startswith("aftune train")

@@ -43,6 +43,7 @@ _API = {
     **{name: "aftune.api" for name in (
         "agree", "train", "verify_run", "infer", "verify_inference", "challenge_run", "audit", "calibrate",
         "prepare", "prepare_inference", "estimate")},
+    "export_model": "aftune.models.packaged",
     "Agreement": "aftune.training.agreement",
     "TrainSettings": "aftune.training.settings",
     "LoraSettings": "aftune.training.settings",

@@ -13,6 +13,7 @@ from . import serving  # noqa: F401,E402  (`aftune serve`, `aftune serve-keys`, 
 from . import attestation  # noqa: F401,E402  (`aftune attestation ...`)
 from . import partition  # noqa: F401,E402  (`aftune partition ...`)
 from . import check  # noqa: F401,E402  (`aftune check`)
+from . import models  # noqa: F401,E402  (`aftune model list`, `aftune model export`)
 from .app import app, main
 
 __all__ = ["app", "main"]

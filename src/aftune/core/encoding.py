@@ -35,6 +35,7 @@ TAG_FILE = b"aftune.v1.file\x00"
 TAG_SIGNATURE = b"aftune.v1.signature\x00"
 TAG_RNG = b"aftune.v1.rng\x00"
 TAG_LORA_INIT = b"aftune.v1.lora-init\x00"  # portable numerics: LoRA A initialisation (SPEC.md 5.4)
+TAG_HEAD_INIT = b"aftune.v1.head-init\x00"  # tensors absent from a base checkpoint (SPEC.md 4.7)
 TAG_INFERENCE_RECORD = b"aftune.v1.inference-record\x00"  # record id = H(tag || record file bytes)
 TAG_SAMPLE = b"aftune.v1.sample\x00"  # per-step uniform of seeded sampling
 TAG_RECEIPT = b"aftune.v1.receipt\x00"
@@ -105,6 +106,20 @@ def u64(n: int) -> bytes:
 
 def length_prefixed(data: bytes) -> bytes:
     return u32(len(data)) + data
+
+
+def hashed_uniforms(algorithm: str, tag: bytes, seed: int, name: str, n: int) -> torch.Tensor:
+    """n float64 uniforms in [0, 1), the same on every machine: u_i = (w_i >> 11) * 2^-53 for the
+    i-th big-endian u64 word of H(tag || u64(seed) || u32(len(name)) || name || u64(j)), j = 0, 1,
+    ... (each digest gives its words in order)."""
+    words: list[int] = []
+    prefix = (u64(seed), length_prefixed(name.encode("utf-8")))
+    j = 0
+    while len(words) < n:
+        d = hash_message(algorithm, tag, *prefix, u64(j))
+        words += [int.from_bytes(d[k:k + 8], "big") for k in range(0, len(d) - 7, 8)]
+        j += 1
+    return torch.tensor([w >> 11 for w in words[:n]], dtype=torch.float64) * 2.0 ** -53
 
 
 def dtype_name(dtype: torch.dtype) -> str:

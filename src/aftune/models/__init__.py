@@ -7,9 +7,10 @@ training stages (ending in the loss) and the inference stages (ending in the log
 """
 
 from .base import Adapter, Stage
+from .heads import HeadInit
 from .loading import (TOKENIZER_FILES, build_model, load_pretrained, load_tokenizer, model_commitment, model_files,
                       model_weights, read_config, tokenizer_files, tokenizer_from_files)
 from .registry import ADAPTERS, IMAGE_FAMILIES, adapter_class, auto_class_name
 
-__all__ = ["ADAPTERS", "Adapter", "IMAGE_FAMILIES", "Stage", "TOKENIZER_FILES", "adapter_class", "auto_class_name",
+__all__ = ["ADAPTERS", "Adapter", "HeadInit", "IMAGE_FAMILIES", "Stage", "TOKENIZER_FILES", "adapter_class", "auto_class_name",
            "build_model", "load_pretrained", "load_tokenizer", "model_commitment", "model_files", "model_weights", "read_config", "tokenizer_files", "tokenizer_from_files"]

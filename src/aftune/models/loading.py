@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core import jsonio
 from ..errors import InputError, MissingExtra
+from .heads import HeadInit, init_absent
 from .registry import adapter_class, auto_class_name
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -101,8 +102,11 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return hf_config
 
 
-def load_pretrained(model_dir: str | Path, attn_implementation: str, dtype: torch.dtype) -> tuple[dict[str, Any], nn.Module]:
+def load_pretrained(model_dir: str | Path, attn_implementation: str, dtype: torch.dtype,
+                    head_init: HeadInit | None = None) -> tuple[dict[str, Any], nn.Module]:
     """(config dict, model) from a local directory: safetensors weights only, no remote code.
+    A tensor the checkpoint lacks (a new task head) is drawn from `head_init`, the agreement's
+    seed (heads.py); without one it is refused.
 
     Loading goes through `from_pretrained` because checkpoints may store tensors under older
     names that transformers maps to the current module layout."""
@@ -117,10 +121,13 @@ def load_pretrained(model_dir: str | Path, attn_implementation: str, dtype: torc
         raise InputError(f"{d} has no *.safetensors weights (aftune never loads pickled .bin weights)")
     auto = getattr(transformers, auto_class_name(model_type))
     try:
-        model = auto.from_pretrained(str(d), use_safetensors=True, local_files_only=True, trust_remote_code=False,
-                                     dtype=dtype, **_attention_kwargs(model_type, attn_implementation))
+        model, info = auto.from_pretrained(str(d), use_safetensors=True, local_files_only=True,
+                                           trust_remote_code=False, dtype=dtype, output_loading_info=True,
+                                           **_attention_kwargs(model_type, attn_implementation))
     except (OSError, RuntimeError) + _CONFIG_ERRORS as exc:
         raise InputError(f"cannot load the model in {d}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    weights = model_weights(model)
+    init_absent(model, [k for k in info.get("missing_keys", ()) if k in weights], head_init, str(d))
     return hf_config, model
 
 

@@ -26,7 +26,7 @@ from ..core.merkle import files_root, merkle_root, tensors_root
 from ..core.signing import PublicKey, SigningKey
 from ..data import BatchSpec, Dataset, load_dataset
 from ..errors import CommitmentMismatch, InputError
-from ..models import adapter_class, load_pretrained, model_weights, tokenizer_files
+from ..models import HeadInit, adapter_class, load_pretrained, model_weights, tokenizer_files
 from .settings import TrainSettings
 
 AGREEMENT_FORMAT = "aftune.agreement.v1"
@@ -233,7 +233,8 @@ def make_agreement(base_model: str | Path, data: str | Path, settings: TrainSett
                    inference: dict[str, Any] | None = None) -> Agreement:
     """The agreement from the client's own copies of the base model and the dataset."""
     settings.validate()
-    hf_config, model = load_pretrained(base_model, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype])
+    hf_config, model = load_pretrained(base_model, settings.attn_implementation, DTYPE_BY_NAME[settings.dtype],
+                                       head_init=HeadInit(settings.hash_algorithm, settings.seed))
     return agreement_from(hf_config, model, base_model, load_dataset(data), settings, inference)
 
 

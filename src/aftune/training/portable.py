@@ -41,7 +41,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..core import grid
-from ..core.encoding import TAG_LORA_INIT, hash_message, length_prefixed, u64
+from ..core.encoding import TAG_LORA_INIT, hashed_uniforms
 from ..errors import CommitmentMismatch
 from .manifest import common_key
 from .settings import NUMERICS  # noqa: F401  (native | portable)
@@ -94,15 +94,7 @@ def lora_init(algorithm: str, seed: int, name: str, shape: tuple[int, ...]) -> t
     bound of PEFT's Kaiming-uniform init, 1 / sqrt(fan_in), times 2u - 1, rounded once to float32.
     u_i = (w_i >> 11) * 2^-53 for the i-th big-endian u64 word of H(TAG_LORA_INIT || u64(seed) ||
     u32(len(name)) || name || u64(j)), j = 0, 1, ... (each digest gives its words in order)."""
-    n = math.prod(shape)
-    words: list[int] = []
-    prefix = (u64(seed), length_prefixed(name.encode("utf-8")))
-    j = 0
-    while len(words) < n:
-        d = hash_message(algorithm, TAG_LORA_INIT, *prefix, u64(j))
-        words += [int.from_bytes(d[k:k + 8], "big") for k in range(0, len(d) - 7, 8)]
-        j += 1
-    u = torch.tensor([w >> 11 for w in words[:n]], dtype=torch.float64) * 2.0 ** -53
+    u = hashed_uniforms(algorithm, TAG_LORA_INIT, seed, name, math.prod(shape))
     bound = 1.0 / math.sqrt(shape[-1])
     return ((2.0 * u - 1.0) * bound).reshape(shape).to(GRID_DTYPE)
 

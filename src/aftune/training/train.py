@@ -25,6 +25,7 @@ from ..core.signing import SigningKey
 from ..data import BatchSpec, OrderCache, build_batch, copy_into, load_dataset
 from ..errors import InputError
 from ..models import (
+    HeadInit,
     load_pretrained,
     model_commitment,
     model_files,
@@ -95,7 +96,8 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     algorithm = settings.hash_algorithm
 
     dtype = DTYPE_BY_NAME[settings.dtype]
-    hf_config, base_model = load_pretrained(model_dir, settings.attn_implementation, dtype)
+    hf_config, base_model = load_pretrained(model_dir, settings.attn_implementation, dtype,
+                                            head_init=HeadInit(algorithm, settings.seed))
     dataset = load_dataset(data_path)
     own = agreement_from(hf_config, base_model, model_dir, dataset, settings,
                          agreement.inference if agreement is not None else None)
