@@ -9,7 +9,9 @@ same data with the same settings, then reports side by side:
 * the estimate `aftune estimate` makes from the agreement, and what the run stores: objects,
   manifests and transcript (the record), the state checkpoints among them, and the exported
   model's weights;
-* bytes stored per recorded step beyond checkpoints: (record - checkpoint objects) / steps;
+* bytes stored per recorded step beyond checkpoints: (record - checkpoint objects) / steps, and
+  the same without the manifests' state rows ("-rows": the digests of each step block's state,
+  816 rows on SmolLM2, which a run of few step blocks amortises over few steps);
 * the run directory against the exported model (the issue's target: at most the model + 25%
   for a 4-step SmolLM2 run with default spacing);
 * digest mode only: the time `aftune open` takes for a challenge of one block (the regeneration
@@ -50,6 +52,17 @@ def _checkpoint_bytes(run: Path, key) -> int:
                     seen.add(ref.digest)
                     total += rec.store.path(ref.digest).stat().st_size
     return total
+
+
+def _state_rows_bytes(run: Path, key) -> int:
+    """Bytes of the manifests' state rows (the commitment to each step block's state, stored or not)."""
+    import json
+
+    from aftune.training.run import RunRecord
+
+    rec = RunRecord.open(run, key)
+    return sum(len(json.dumps(rec.manifest(s).to_json()["blocks"], separators=(",", ":")))
+               for s in range(rec.num_step_blocks + 1))
 
 
 def main() -> None:
@@ -103,8 +116,9 @@ def main() -> None:
         checkpoints = _checkpoint_bytes(run, key)
         weights = _bytes(run / "model" / "model.safetensors")
         model_dir_bytes = _bytes(run / "model")
+        state_rows = _state_rows_bytes(run, key)
         row = {"mode": mode, "record": record, "estimate": e.record_bytes, "checkpoints": checkpoints,
-               "per_step": (record - checkpoints) / args.steps, "run_dir": _bytes(run), "model": model_dir_bytes,
+               "per_step": (record - checkpoints) / args.steps, "rows_per_step": (record - checkpoints - state_rows) / args.steps, "run_dir": _bytes(run), "model": model_dir_bytes,
                "weights": weights, "open": None}
         if mode == "digest":
             root = Transcript.load(run / "transcript.jsonl", key).run.root
@@ -122,11 +136,11 @@ def main() -> None:
         print(f"  {mode}: done", flush=True)
 
     mb = 1e6
-    print(f"\n{'boundaries':<10} {'record MB':>10} {'estimate':>9} {'ckpt MB':>8} {'kB/step':>8} "
+    print(f"\n{'boundaries':<10} {'record MB':>10} {'estimate':>9} {'ckpt MB':>8} {'kB/step':>8} {'-rows':>6} "
           f"{'run dir MB':>10} {'model MB':>9} {'run/model':>9}")
     for r in rows:
         print(f"{r['mode']:<10} {r['record'] / mb:>10.2f} {r['estimate'] / r['record']:>8.2f}x "
-              f"{r['checkpoints'] / mb:>8.2f} {r['per_step'] / 1e3:>8.1f} {r['run_dir'] / mb:>10.2f} "
+              f"{r['checkpoints'] / mb:>8.2f} {r['per_step'] / 1e3:>8.1f} {r['rows_per_step'] / 1e3:>6.1f} {r['run_dir'] / mb:>10.2f} "
               f"{r['model'] / mb:>9.2f} {r['run_dir'] / r['model']:>9.3f}")
     if len(rows) == 2:
         a, b = rows
