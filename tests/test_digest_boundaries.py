@@ -15,6 +15,7 @@ from aftune.errors import CommitmentMismatch, InputError, RecordError
 from aftune.protocol.audit import audit_bundle
 from aftune.protocol.challenge import challenge_from_transcript
 from aftune.protocol.opening import open_bundle
+from aftune.training.check import check_run
 from aftune.training.regenerate import prepare_digest
 from aftune.training.run import RunRecord
 from conftest import agreement_for, failing, verifier
@@ -51,6 +52,8 @@ def test_digest_run_stores_no_boundary_nor_base_or_final_state(digest_run):
     for s in (1, 2):
         assert stored[(s, "state")][0] == stored[(s, "state")][1] > 0  # checkpoints (I_C = 1)
     assert '"boundaries":"digest"' in (run_dir / "config.json").read_text()
+    report = check_run(run_dir, key)  # aftune check: what is digest-only is not missing
+    assert report.status == "intact", [p.__dict__ for p in report.problems]
 
 
 def test_verify_says_prepare_and_never_passes_without_the_tensors(digest_run):

@@ -28,6 +28,7 @@ from ..verdict.threads import pinned_threads
 from .agreement import Agreement
 from .engine import BlockedModel
 from .instantiate import instantiate
+from .manifest import is_boundary
 from .resume import load_checkpoint
 from .verify import Verifier
 
@@ -67,15 +68,16 @@ def regenerate(v: Verifier, boundaries=(), states: dict[int, set[int]] | None = 
                base_model: str | Path | None = None) -> Regenerated:
     """Store the boundary tensors of the step blocks in `boundaries` and the state of the layer
     blocks `states[s]` at the start of step block s (s up to the final state), where they are
-    not stored yet, by one re-run of the whole model from the nearest fully stored step block at
-    or before the first of them (step block 0 from `base_model`, by default the built-in one)."""
+    not stored yet, by re-running the whole model's training: each wanted step block from its
+    nearest fully stored step block (none: step block 0, from `base_model`, by default the
+    built-in one). Returns what was stored and which step blocks were re-run."""
     rec, ns = v.record, v.num_step_blocks
     settings, alg = v.run_settings, v.algorithm
     if v.conformance:
         raise CommitmentMismatch(f"cannot regenerate: the run does not conform ({v.conformance[0].reason})")
     out = Regenerated()
     want_b = sorted({s for s in boundaries if 0 <= s < ns and any(
-        not rec.store.has(r.digest) for k, r in rec.manifest(s).common.items() if "/boundary/" in k)})
+        not rec.store.has(r.digest) for k, r in rec.manifest(s).common.items() if is_boundary(k))})
     want_s: dict[int, list[tuple[int, str, TensorRef]]] = {}
     layout_bm = v.blocked
     for s, blocks in (states or {}).items():
@@ -182,7 +184,7 @@ def _rerun(bm: BlockedModel, v: Verifier, s: int, store: bool) -> int:
                                      "record is not this computation (or its start state was altered), or this is not "
                                      "the hardware it was made on")
         seen.add(key)
-        if store and "/boundary/" in key and not v.record.store.has(ref.digest):
+        if store and is_boundary(key) and not v.record.store.has(ref.digest):
             v.record.store.put(ref, t)
             stored += 1
 
