@@ -309,13 +309,14 @@ def response_claims(data: bytes) -> ResponseClaims:
 
 def looks_like_response(data: bytes) -> bool:
     """A saved answer rather than a receipt file (which has a `signature` at the top)."""
-    head = data.lstrip()[:5]
-    if head.startswith(b"data:") or head.startswith(b"["):
+    if data.lstrip()[:5] == b"data:":
         return True
     try:
         doc = jsonio.loads(data)
     except ValueError:
         return False
+    if isinstance(doc, list):  # streamed chunks
+        return bool(doc) and all(isinstance(c, dict) and "choices" in c for c in doc)
     return isinstance(doc, dict) and "choices" in doc
 
 
