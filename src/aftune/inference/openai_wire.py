@@ -346,10 +346,14 @@ def _json(text: str) -> Any:
 
 def load_receipt_or_response(path: str | Path):
     """A receipt file, or a saved answer carrying one: (Receipt, ResponseClaims or None)."""
-    from .receipt import Receipt
+    from .receipt import MAX_RECEIPT_BYTES, Receipt
 
+    if not Path(path).is_file():
+        raise InputError(f"receipt {path} does not exist")
     data = jsonio.read_bytes(path, MAX_SAVED_RESPONSE_BYTES, "receipt or saved response", InputError)
     if looks_like_response(data):
         claims = response_claims(data)
         return Receipt.from_json(claims.receipt), claims
+    if len(data) > MAX_RECEIPT_BYTES:
+        raise InputError(f"receipt {path} is larger than {MAX_RECEIPT_BYTES} bytes")
     return Receipt.from_json(jsonio.parse(data, f"receipt {path}", InputError)), None
