@@ -3,7 +3,7 @@ recorded server against the same HTTP stack with recording off and with plain tr
 generation, measured side by side in one process.
 
     python benchmarks/serving_throughput.py                       # built-in tiny Llama, about a minute
-    python benchmarks/serving_throughput.py --requests 64 --tokens 32 --rounds 3
+    python benchmarks/serving_throughput.py --requests 64 --tokens 32 --rounds 3 --threads 0
 
 Three servers, each uvicorn on loopback (in a thread of this process) answering `POST
 /v1/completions` in the OpenAI wire format (`openai_wire.parse_request` for the request) under one
@@ -137,8 +137,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--layers-per-block", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; on a shared 2-core "
+                                                            "machine 2 threads spin against other jobs)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from aftune.core.signing import SigningKey
     from aftune.inference.access import ApiKeys, add_client
     from aftune.inference.engine import InferenceEngine

@@ -309,13 +309,14 @@ def response_claims(data: bytes) -> ResponseClaims:
 
 def looks_like_response(data: bytes) -> bool:
     """A saved answer rather than a receipt file (which has a `signature` at the top)."""
-    head = data.lstrip()[:5]
-    if head.startswith(b"data:") or head.startswith(b"["):
+    if data.lstrip()[:5] == b"data:":
         return True
     try:
         doc = jsonio.loads(data)
     except ValueError:
         return False
+    if isinstance(doc, list):  # streamed chunks
+        return bool(doc) and all(isinstance(c, dict) and "choices" in c for c in doc)
     return isinstance(doc, dict) and "choices" in doc
 
 
@@ -345,10 +346,14 @@ def _json(text: str) -> Any:
 
 def load_receipt_or_response(path: str | Path):
     """A receipt file, or a saved answer carrying one: (Receipt, ResponseClaims or None)."""
-    from .receipt import Receipt
+    from .receipt import MAX_RECEIPT_BYTES, Receipt
 
+    if not Path(path).is_file():
+        raise InputError(f"receipt {path} does not exist")
     data = jsonio.read_bytes(path, MAX_SAVED_RESPONSE_BYTES, "receipt or saved response", InputError)
     if looks_like_response(data):
         claims = response_claims(data)
         return Receipt.from_json(claims.receipt), claims
+    if len(data) > MAX_RECEIPT_BYTES:
+        raise InputError(f"receipt {path} is larger than {MAX_RECEIPT_BYTES} bytes")
     return Receipt.from_json(jsonio.parse(data, f"receipt {path}", InputError)), None
