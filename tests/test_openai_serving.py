@@ -348,3 +348,39 @@ def test_a_saved_answer_needs_exactly_one_receipt():
             response_claims(json.dumps(bad).encode())
     with pytest.raises(CommitmentMismatch, match="different models"):
         response_claims(json.dumps([{**chunk, "model": "other"}, last]).encode())
+
+
+def test_a_chat_and_a_completion_of_one_text_are_one_computation_under_the_policys_template(model_dir, tmp_path):
+    """Greedy policy with a chat template: no nonce needed, a seed accepted (it changes nothing);
+    the chat's message and the completion's prompt are rendered by the policy's template alike, so
+    both answers commit the same input and the same tokens, and the record replays PASS."""
+    from aftune.inference.serve import create_app, download_record
+    from aftune.inference.verify import InferenceVerifier
+
+    template = "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    policy = GenerationPolicy(max_new_tokens=5, eos_token_ids=(2,), chat_template=template, dtype="float32")
+    key = SigningKey.generate()
+    keys_file = tmp_path / "keys.txt"
+    api_key = add_client(keys_file, "carol")
+    engine = InferenceEngine(ServedModel.load(model_dir("llama")), tmp_path / "records", key,
+                             RecordingSettings(layers_per_block=2))
+    with Server(create_app(engine, policy=policy, api_keys=ApiKeys.load(keys_file))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+        digest = engine.served.digest.hex()
+        chat = client.chat.completions.create(model=digest, messages=[{"role": "user", "content": PROMPT}], seed=5)
+        completion = client.completions.create(model=digest, prompt=PROMPT)
+        a, b = chat.model_extra["aftune"], completion.model_extra["aftune"]
+        with httpx.Client(base_url=url, headers=bearer(api_key), timeout=60) as http:
+            download_record(http, a["record_id"], tmp_path / "audit")
+    ra, rb = Receipt.from_json(a["receipt"]), Receipt.from_json(b["receipt"])
+    assert ra.input_digest == rb.input_digest and a["tokens"] == b["tokens"] and ra.record_root != rb.record_root
+    assert chat.choices[0].message.content == completion.choices[0].text
+    assert ra.request_nonce is None and ra.policy_digest == policy.digest("blake3")
+    verify_receipt(ra, key.public_key, tmp_path / "audit", policy_digest=policy.digest("blake3"))
+    v = InferenceVerifier(tmp_path / "audit", a["record_id"], model=ServedModel.load(model_dir("llama")),
+                          public_key=key.public_key, expected_prompt=PROMPT, policy=policy)
+    report = v.verify_all()
+    assert report.verdict == "PASS", report.summary()
+    ids = engine.served.prompt_inputs(PROMPT, template)["input_ids"][0].tolist()
+    assert v.record.rows["input/input_ids"].shape == (1, len(ids))  # the template's rendering, not the raw text
+    assert len(ids) != len(engine.served.prompt_inputs(PROMPT)["input_ids"][0])
