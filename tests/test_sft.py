@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from aftune.data import load_dataset
 from aftune.data.batches import build_batch
-from aftune.data.sft import SftSettings, sft_example
+from aftune.data.sft import SftSettings, accumulation_weights, sft_example
 from aftune.errors import InputError
 from aftune.models.loading import tokenizer_files, tokenizer_from_files
 from aftune.training.agreement import Agreement, make_agreement
@@ -128,13 +129,24 @@ def test_settings_sft_only_when_set(chat_model, sft_data):
 
 
 # --- recorded and verified --------------------------------------------------------------------------
-@pytest.mark.parametrize("data,sft", [("chat", {"assistant_only_loss": True}), ("pc", {})])
-def test_sft_run_verifies_strict(chat_model, sft_data, tmp_path, data, sft):
-    run, key, agreement = _record(chat_model, sft_data[data], tmp_path, _settings(**sft))
+@pytest.mark.parametrize("data,sft,accum", [("chat", {"assistant_only_loss": True}, 1), ("pc", {}, 1),
+                                            ("pc", {}, 2)])
+def test_sft_run_verifies_strict(chat_model, sft_data, tmp_path, data, sft, accum):
+    settings = replace(_settings(**sft), grad_accum=accum, batch_size=3 if accum == 1 else 2)
+    run, key, agreement = _record(chat_model, sft_data[data], tmp_path, settings)
     config = json.loads((run / "config.json").read_text())
     assert config["batch"]["sft"]["chat_template"] == TEMPLATE
     report = Verifier(run, key, agreement).verify_all()
     assert report.verdict == "PASS", report
+
+
+def test_accumulation_weights_are_the_trainers():
+    """Micro-batches weigh by their predicted tokens (labels after position 0), as the Trainer's
+    num_items_in_batch does: 2 and 6 of 8 here."""
+    a = torch.tensor([[-100, 5, 6, -100], [7, -100, -100, -100]])
+    b = torch.tensor([[1, 2, 3, 4], [-100, 8, 9, 10]])
+    assert accumulation_weights([a, b]) == [0.25, 0.75]
+    assert accumulation_weights([a[:, :1], b[:, :1]]) == [0.5, 0.5]  # no predicted token at all
 
 
 class TrainOnPrompt(Deviation):

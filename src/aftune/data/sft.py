@@ -121,6 +121,15 @@ def _render(tokenizer, sft: SftSettings, messages, generation_prompt: bool = Fal
     return ids, [mask]
 
 
+def accumulation_weights(labels: list) -> list[float]:
+    """Each micro-batch's share of the step's loss, as the Hugging Face Trainer weighs them: its
+    predicted tokens (labels after the first position that are not -100) over the step's
+    (SPEC.md 4.4.1, 5.2.1); equal shares when the step has none."""
+    counts = [int((x[:, 1:] != IGNORE_INDEX).sum()) for x in labels]
+    total = sum(counts)
+    return [c / total for c in counts] if total else [1.0 / len(counts)] * len(counts)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -130,4 +139,4 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-__all__ = ["SftSettings", "sft_example"]
+__all__ = ["SftSettings", "accumulation_weights", "sft_example"]

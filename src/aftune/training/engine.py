@@ -33,6 +33,7 @@ from .optim import STATE_NAMES, apply_update, clip_coefficient, init_state, tens
 from . import portable
 from .portable import TAU, TAU_STATE, WriterGrid, log_key, state_scale
 from ..core.grid import row_scale
+from ..data.sft import accumulation_weights
 
 
 def rng_seed(algorithm: str, seed: int, step: int, micro: int, block: int) -> int:
@@ -238,8 +239,9 @@ class BlockedModel:
                 alias_parts[name] = a.grad if a.grad is not None else torch.zeros_like(a)
         return MicroResult(output.detach(), None if x_in is None else x_in.grad, alias_parts)
 
-    def loss_gradient(self, loss: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(loss, 1.0 / self.settings.grad_accum)
+    def loss_gradient(self, loss: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """The loss's output gradient: 1/A, or the micro-batch's agreed weight (SFT: 5.2.1)."""
+        return torch.full_like(loss, 1.0 / self.settings.grad_accum if weight is None else weight)
 
     @torch.no_grad()
     def add_gradient(self, param: torch.Tensor, part: torch.Tensor) -> None:
@@ -268,6 +270,9 @@ class BlockedModel:
         grid = WriterGrid(commit) if self.portable else None
         nb = len(self.blocks)
         losses = []
+        weights = [None] * len(batches)
+        if self.settings.sft is not None:  # the Trainer's weighting of micro-batches (SPEC.md 4.4.1)
+            weights = accumulation_weights([batch["labels"] for batch in batches])
         for m, batch in enumerate(batches):
             for field_name in fields:
                 commit(common_key(step, m, "batch", field_name), field_name, batch[field_name])
@@ -283,7 +288,7 @@ class BlockedModel:
                     crossing.append(self.settle(grid, log_key(step, m, "boundary", f"{b + 1:04d}", "activation"),
                                                 out.detach()))
             loss = self.settle(grid, log_key(step, m, "loss"), outputs[-1].detach())
-            grad_out = self.loss_gradient(outputs[-1])
+            grad_out = self.loss_gradient(outputs[-1], weights[m])
             alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
             for b in reversed(range(nb)):
                 r = self.backward(b, outputs[b], grad_out, inputs[b], aliases[b])

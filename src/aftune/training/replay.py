@@ -257,7 +257,7 @@ class BlockReplay:
             key = common_key(step, m, "loss")
             loss = bm.settle(self.grid, log_key(step, m, "loss"), out.detach())
             self.compare(common.get(key), loss.float(), check="loss", tensor=key, step=step, micro=m)
-            grad_out = bm.loss_gradient(out)
+            grad_out = bm.loss_gradient(out, self.v.loss_weight(step, m))
         else:
             key = common_key(step, m, "boundary", f"{b + 1:04d}", "activation")
             y = bm.settle(self.grid, log_key(step, m, "boundary", f"{b + 1:04d}", "activation"), out.detach())

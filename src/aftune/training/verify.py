@@ -36,6 +36,7 @@ import torch
 from ..core.encoding import DTYPE_BY_NAME
 from ..core.signing import PublicKey
 from ..data import OrderCache, build_batch
+from ..data.sft import accumulation_weights
 from ..errors import CommitmentMismatch, InputError
 from ..models import tokenizer_from_files
 from ..models.shapes import shape_oracle
@@ -189,6 +190,17 @@ class Verifier(Verifying):
     def agreed_batch(self, step: int, micro: int) -> tuple[list[int], dict[str, torch.Tensor]]:
         indices = self.order.indices(step * self.settings.grad_accum + micro, self.settings.batch_size)
         return indices, build_batch(self.dataset, indices, self.spec, self.tokenizer)
+
+    def loss_weight(self, step: int, micro: int) -> float | None:
+        """The agreed weight of micro-batch `micro`'s loss in step `step` (SFT: from every agreed
+        micro-batch of the step, SPEC.md 5.2.1), or None for the plain 1/A."""
+        if self.spec.sft is None:
+            return None
+        cached = getattr(self, "_loss_weights", None)
+        if cached is None or cached[0] != step:
+            labels = [self.agreed_batch(step, m)[1]["labels"] for m in range(self.settings.grad_accum)]
+            cached = self._loss_weights = (step, accumulation_weights(labels))
+        return cached[1][micro]
 
     def recorded_threads(self) -> int | None:
         """The intra-op thread count the provider recorded with (bitwise CPU results depend on it)."""
