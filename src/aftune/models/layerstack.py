@@ -227,8 +227,8 @@ class LayerStackAdapter(_DecoderAdapter):
         super().__init__(model)
         self.windows = layer_windows(model)
         rotary = model.model.rotary_emb
-        self.rope_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
         types = getattr(config, "layer_types", None)
+        self.rope_by_type = types is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         self.rope_keys = [types[i] if self.rope_by_type else "all" for i in range(len(self.windows))]
 
     def build_stages(self):
