@@ -132,6 +132,8 @@ class _Layout:
             if f == "pixel_values":
                 side = spec.image_size
                 batch[f] = torch.zeros((settings.batch_size, 3, side, side))
+            elif f == "labels" and self.bm.adapter.task != "causal_lm":  # one class per example
+                batch[f] = torch.zeros((settings.batch_size,), dtype=torch.int64)
             else:
                 batch[f] = torch.zeros((settings.batch_size, settings.seq_len), dtype=torch.int64)
         outs = oracle.training_outputs(self.bm.blocks, batch)
