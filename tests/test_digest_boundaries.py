@@ -136,3 +136,16 @@ def test_a_lost_checkpoint_object_is_regenerated_from_the_checkpoint_before(dige
     r = prepare_digest(verifier(run_dir, key), 1, 2)
     assert r.start == 1 and r.step_blocks == [1, 2] and rec.store.has(ref.digest)
     assert rec.store.get(ref, "test") is not None  # stored under its digest, and it checks
+
+
+def test_lora_digest_run_regenerates_from_the_base_model_and_passes(record, model_dir):
+    """LoRA: the base state is the base model and the seeded adapters; the final state (which the
+    merge check reads) is regenerated too."""
+    from aftune.training.settings import LoraSettings
+
+    run_dir, key = record("llama", steps=4, steps_per_block=2, boundaries="digest", lora=LoraSettings(r=4))
+    with pytest.raises(RecordError, match="aftune prepare"):
+        verifier(run_dir, key).verify_all()
+    prepare_digest(verifier(run_dir, key), base_model=model_dir("llama"))
+    report = verifier(run_dir, key).verify_all()
+    assert report.verdict == "PASS", report.summary()
