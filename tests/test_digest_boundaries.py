@@ -149,3 +149,12 @@ def test_lora_digest_run_regenerates_from_the_base_model_and_passes(record, mode
     prepare_digest(verifier(run_dir, key), base_model=model_dir("llama"))
     report = verifier(run_dir, key).verify_all()
     assert report.verdict == "PASS", report.summary()
+
+
+def test_portable_digest_run_regenerates_its_log_and_passes(record, model_dir):
+    """Portable numerics: the re-run recomputes the near-boundary log entries too, each by digest."""
+    run_dir, key = record("llama", steps=4, steps_per_block=2, boundaries="digest", numerics="portable")
+    r = prepare_digest(verifier(run_dir, key), base_model=model_dir("llama"))
+    assert r.step_blocks == [0, 1]
+    report = verifier(run_dir, key).verify_all()
+    assert report.verdict == "PASS", report.summary()
