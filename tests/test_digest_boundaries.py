@@ -158,3 +158,17 @@ def test_portable_digest_run_regenerates_its_log_and_passes(record, model_dir):
     assert r.step_blocks == [0, 1]
     report = verifier(run_dir, key).verify_all()
     assert report.verdict == "PASS", report.summary()
+
+
+def test_tied_group_is_regenerated_together(record):
+    """qwen2 ties its embedding and LM head: preparing block 0 stores the last block's state too,
+    and both replay from what one prepare regenerated."""
+    run_dir, key = record("qwen2", **SETTINGS)
+    v = verifier(run_dir, key)
+    last = len(v.blocked.blocks) - 1
+    assert last in v.blocked.tied_group(0)
+    prepare_digest(v, 0, 1)
+    assert prepare_digest(verifier(run_dir, key), last, 1).tensors == 0  # nothing left to regenerate
+    for layer_block in (0, last):
+        result, _ = verifier(run_dir, key).verify_block(layer_block, 1)
+        assert result.verdict == "PASS", result.headline()
