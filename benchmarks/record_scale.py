@@ -131,7 +131,7 @@ def main() -> None:
             t0 = time.perf_counter()
             summary = open_bundle(run, c, work / "bundle", base_model=model_dir)
             opened = time.perf_counter() - t0
-            row["open"] = (l, s, opened, trained, summary["regenerated"], summary["bytes"])
+            row["open"] = (l, s, opened, trained, summary["regenerated"], summary["bytes"], stamps[-1] - stamps[0])
         rows.append(row)
         print(f"  {mode}: done", flush=True)
 
@@ -147,9 +147,10 @@ def main() -> None:
         print(f"per-step bytes beyond checkpoints, {a['mode']} / {b['mode']}: {a['per_step'] / max(b['per_step'], 1):.1f}x")
     for r in rows:
         if r["open"]:
-            l, s, opened, trained, regenerated, nbytes = r["open"]
+            l, s, opened, trained, regenerated, nbytes, total = r["open"]
             print(f"open (layer block {l}, step block {s}): {opened:.2f} s (regenerated {regenerated} tensors, bundle "
-                  f"{nbytes / mb:.1f} MB); training that step block: {trained:.2f} s; ratio {opened / trained:.2f}")
+                  f"{nbytes / mb:.1f} MB); training that step block: {trained:.2f} s (all steps: {total:.2f} s); "
+                  f"ratio {opened / trained:.2f}")
     sys.stdout.flush()
 
 

@@ -136,3 +136,39 @@ def test_a_lost_checkpoint_object_is_regenerated_from_the_checkpoint_before(dige
     r = prepare_digest(verifier(run_dir, key), 1, 2)
     assert r.start == 1 and r.step_blocks == [1, 2] and rec.store.has(ref.digest)
     assert rec.store.get(ref, "test") is not None  # stored under its digest, and it checks
+
+
+def test_lora_digest_run_regenerates_from_the_base_model_and_passes(record, model_dir):
+    """LoRA: the base state is the base model and the seeded adapters; the final state (which the
+    merge check reads) is regenerated too."""
+    from aftune.training.settings import LoraSettings
+
+    run_dir, key = record("llama", steps=4, steps_per_block=2, boundaries="digest", lora=LoraSettings(r=4))
+    with pytest.raises(RecordError, match="aftune prepare"):
+        verifier(run_dir, key).verify_all()
+    prepare_digest(verifier(run_dir, key), base_model=model_dir("llama"))
+    report = verifier(run_dir, key).verify_all()
+    assert report.verdict == "PASS", report.summary()
+
+
+def test_portable_digest_run_regenerates_its_log_and_passes(record, model_dir):
+    """Portable numerics: the re-run recomputes the near-boundary log entries too, each by digest."""
+    run_dir, key = record("llama", steps=4, steps_per_block=2, boundaries="digest", numerics="portable")
+    r = prepare_digest(verifier(run_dir, key), base_model=model_dir("llama"))
+    assert r.step_blocks == [0, 1]
+    report = verifier(run_dir, key).verify_all()
+    assert report.verdict == "PASS", report.summary()
+
+
+def test_tied_group_is_regenerated_together(record):
+    """qwen2 ties its embedding and LM head: preparing block 0 stores the last block's state too,
+    and both replay from what one prepare regenerated."""
+    run_dir, key = record("qwen2", **SETTINGS)
+    v = verifier(run_dir, key)
+    last = len(v.blocked.blocks) - 1
+    assert last in v.blocked.tied_group(0)
+    prepare_digest(v, 0, 1)
+    assert prepare_digest(verifier(run_dir, key), last, 1).tensors == 0  # nothing left to regenerate
+    for layer_block in (0, last):
+        result, _ = verifier(run_dir, key).verify_block(layer_block, 1)
+        assert result.verdict == "PASS", result.headline()

@@ -21,6 +21,7 @@ from aftune.training.agreement import make_agreement
 from aftune.training.estimate import estimate, spacing_for
 from aftune.training.settings import TrainSettings
 from aftune.training.train import train
+from conftest import DATA_KIND
 
 
 def _bytes(path: Path) -> int:
@@ -91,3 +92,13 @@ def test_agree_pins_the_spacing_and_prints_the_estimate(tmp_path):
     bad = subprocess.run([*cli, "agree", "--max-recompute-steps", "6", "--checkpoint-interval", "2", "--out",
                           str(tmp_path / "b.json")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "drop --checkpoint-interval" in bad.stderr + bad.stdout
+
+
+@pytest.mark.parametrize("family", sorted(DATA_KIND))
+def test_every_family_gets_an_estimate(family, model_dir, datasets):
+    """`aftune agree` prints the estimate for any architecture aftune trains (meta device only)."""
+    for boundaries in ("stored", "digest"):
+        settings = TrainSettings(steps=4, batch_size=2, seq_len=16, steps_per_block=2, boundaries=boundaries)
+        e = estimate(make_agreement(model_dir(family), datasets[DATA_KIND[family]], settings))
+        assert e.record_bytes > 0 and e.model_bytes > 0 and e.state_bytes > e.model_bytes
+        assert e.layer_blocks >= 1 and "estimate: record" in e.line()

@@ -67,9 +67,13 @@ class Estimate:
 
     def line(self) -> str:
         s = self.settings
-        opening = (f"opening one block re-runs at most {self.open_steps} of {s.steps} training steps of the whole "
-                   "model, then replays the block" if s.digest_boundaries else
-                   f"opening one block replays it{f' after at most {self.open_steps} steps of its layer block' if self.open_steps else ''}")
+        if s.digest_boundaries:
+            opening = (f"opening one block re-runs at most {self.open_steps} of {s.steps} training steps of the "
+                       "whole model, then replays the block")
+        elif self.open_steps:
+            opening = f"opening one block replays it after at most {self.open_steps} steps of its layer block"
+        else:
+            opening = "opening one block replays it"
         return (f"estimate: record {_size(self.record_bytes)} ({self.checkpoints} checkpoint"
                 f"{'s' if self.checkpoints != 1 else ''} of {_size(self.state_bytes)}, {_size(self.per_step_bytes)} "
                 f"per step), exported model {_size(self.model_bytes)}; boundaries {s.boundaries}, checkpoint "
@@ -132,6 +136,8 @@ class _Layout:
             if f == "pixel_values":
                 side = spec.image_size
                 batch[f] = torch.zeros((settings.batch_size, 3, side, side))
+            elif f == "labels" and self.bm.adapter.task != "causal_lm":  # one class per example
+                batch[f] = torch.zeros((settings.batch_size,), dtype=torch.int64)
             else:
                 batch[f] = torch.zeros((settings.batch_size, settings.seq_len), dtype=torch.int64)
         outs = oracle.training_outputs(self.bm.blocks, batch)
