@@ -57,6 +57,8 @@ def test_v5_records_name_one_served_file_and_verify(model_dir, tmp_path):
     summary = open_inference_bundle(tmp_path / "rec", c, tmp_path / "bundle", model=model_dir("llama"))
     assert set(summary["provider_verdicts"].values()) == {"PASS"}
     assert (tmp_path / "bundle" / "served" / served[0].name).read_bytes() == served[0].read_bytes()
+    report = check_path(tmp_path / "bundle", key.public_key)
+    assert report.kind == "inference bundle" and report.exit_code == 0 and not report.problems, report.summary()
     # twin: a served file no record names is reported
     (tmp_path / "rec" / "served" / ("ab" * 32 + ".json")).write_bytes(b"{}")
     report = check_path(tmp_path / "rec", key.public_key)
