@@ -9,14 +9,16 @@ or malformed served file FAILs naming it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import blake3
 import pytest
 
 from aftune.core.encoding import canonical_json
 from aftune.core.signing import SigningKey
 from aftune.errors import CommitmentMismatch, RecordError
-from aftune.inference.record import InferenceRecord, RecordDir, record_id, served_file
+from aftune.inference.record import InferenceRecord, RecordDir, record_id, served_digest, served_file
 from aftune.protocol.check import check_path
 from aftune.protocol.challenge import challenge_for_inference
 from aftune.protocol.opening import open_inference_bundle
@@ -126,3 +128,15 @@ def test_a_swapped_served_file_fails_the_layout_or_the_receipt(model_dir, tmp_pa
     assert report.verdict == "FAIL" and any("layout" in e.reason for e in report.errors), report.summary()
     report = check_path(tmp_path / "rec", key.public_key)
     assert any(p.path == f"receipts/{forged}.json" and p.kind == "missing" for p in report.problems), report.summary()
+
+
+def test_spec_vector_of_the_served_digest():
+    """SPEC.md 8.12, with hashlib and blake3 directly."""
+    data = b'{"format":"aftune.inference-served.v1","layout":{},"model":{}}'
+    assert served_file({}, {}) == data and len(data) == 62
+    want = {"blake3": "959ef7a3aea3750728e39cdab06f9302d6a6d3496028d7bfef9e6fedc18a39d7",
+            "sha256": "cf004f352a0cbc37aefaa2ceb6937c96c7cfba98721dac9413e2f1ae6c8c2797"}
+    tagged = b"aftune.v1.inference-served\x00" + data
+    assert blake3.blake3(tagged).hexdigest() == want["blake3"] and hashlib.sha256(tagged).hexdigest() == want["sha256"]
+    for alg, hex_digest in want.items():
+        assert served_digest(alg, data).hex() == hex_digest
