@@ -37,10 +37,12 @@ def request_bytes(engine: InferenceEngine, policy: GenerationPolicy, nonce: byte
     rec = InferenceRecord.open(engine.records.root, result.record_id)
     record_path = rec.records.record_path(rec.record_id)
     objects = {rec.store.path(r.digest) for r in rec.rows.values() if rec.store.has(r.digest)}
-    members = {k: len(canonical_json({k: v})) - 2 for k, v in rec.doc.items()}  # '"k":value' within the object
+    doc = json.loads(record_path.read_bytes())  # the file itself (a v5 record names its served file)
+    members = {k: len(canonical_json({k: v})) - 2 for k, v in doc.items()}  # '"k":value' within the object
+    served = rec.records.served_path(rec.served_digest).stat().st_size if rec.served_digest else 0
     return {"tokens": len(result.tokens), "record": record_path.stat().st_size,
             "receipt": result.receipt_path.stat().st_size, "objects": sum(p.stat().st_size for p in objects),
-            "members": members}
+            "members": members, "served": served}
 
 
 def main(argv=None) -> None:
@@ -74,6 +76,7 @@ def main(argv=None) -> None:
     print(f"  record file {big['record']} B, receipt {big['receipt']} B, objects {big['objects']} B: "
           f"total {total[args.tokens]} B ({total[args.tokens] / big['tokens']:.0f} B/token)")
     print("  record members: " + ", ".join(f"{k} {v}" for k, v in sorted(big["members"].items(), key=lambda kv: -kv[1])))
+    print(f"  served file (model and layout, once per served model, not per request): {big['served']} B")
     print(f"  1-token request {total[1]} B; each further token {per_token:.1f} B")
     budget = 1024 + 16 * big["tokens"]
     print(f"  target <= 1 KB + 16 B/token = {budget} B: {'met' if total[args.tokens] <= budget else 'NOT met'} "

@@ -190,7 +190,7 @@ def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
                                                 "stop_rule": "eos_or_length", "chat_template": None},
                                      "policy_digest": digest.hex(),
                                      "seed": request_seed("blake3", NONCE, rec.declared_digest("input"), digest)}
-    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v4"
+    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v5"
     assert "source" not in rec.model  # no path a verifier could be sent to
     assert rec.model_digest == engine.served.digest
     nb = len(engine.blocks)

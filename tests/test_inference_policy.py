@@ -344,7 +344,8 @@ def test_records_naming_a_path_or_missing_the_nonce_are_rejected(model_dir, tmp_
 
     result, _ = infer(model_dir("llama"), tmp_path / "rec")
     doc = json.loads(result.record_path.read_bytes())
-    for change, message in ((lambda d: d["model"].update(source="/provider/path"), "model.source"),
+    # v5: `model` lives in the served file (model.source there: tests/test_inference_served.py)
+    for change, message in ((lambda d: d.update(model={"source": "/provider/path"}), "holds 'model'"),
                             (lambda d: d.pop("request_nonce"), "request_nonce"),
                             (lambda d: d["generation"].update(seed=-1), "generation.seed"),
                             (lambda d: d["generation"]["policy"].update(temperature="hot"), "temperature")):
@@ -352,6 +353,7 @@ def test_records_naming_a_path_or_missing_the_nonce_are_rejected(model_dir, tmp_
         change(edited)
         d = tmp_path / f"r{message}"
         (d / "records").mkdir(parents=True)
+        shutil.copytree(tmp_path / "rec" / "served", d / "served")
         data = canonical_json(edited)
         (d / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)
         with pytest.raises(RecordError, match=message):

@@ -201,7 +201,7 @@ def test_portable_sampling_and_stored_records_pass_and_refuse_tolerance_mode(tmp
     report = check(tmp_path / "s", result, policy, request_nonce=nonce)
     assert report.verdict == "PASS", failures(report)
     rec = InferenceRecord.open(tmp_path / "s")
-    assert rec.doc["format"] == "aftune.inference.v4" and rec.portable is not None
+    assert rec.doc["format"] == "aftune.inference.v5" and rec.portable is not None
     assert all(r[2] == "BF16" for r in rec.doc["tensors"] if r[0].startswith("boundary/"))
     with pytest.raises(InputError, match="portable numerics"):
         InferenceVerifier(tmp_path / "s", model=BUILTIN, mode="tolerance")
@@ -218,7 +218,8 @@ def test_portable_sampling_and_stored_records_pass_and_refuse_tolerance_mode(tmp
 def test_v3_records_still_read(tmp_path):
     result = make(tmp_path / "n", pinned())
     doc = json.loads(result.record_path.read_text())
-    doc["format"] = "aftune.inference.v3"
+    served = json.loads((tmp_path / "n" / "served" / f"{doc.pop('served')}.json").read_text())
+    doc.update(format="aftune.inference.v3", model=served["model"], layout=served["layout"])  # v3 holds them
     del doc["numerics"]
     data = canonical_json(doc)
     (tmp_path / "n" / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)

@@ -384,3 +384,21 @@ def test_a_chat_and_a_completion_of_one_text_are_one_computation_under_the_polic
     ids = engine.served.prompt_inputs(PROMPT, template)["input_ids"][0].tolist()
     assert v.record.rows["input/input_ids"].shape == (1, len(ids))  # the template's rendering, not the raw text
     assert len(ids) != len(engine.served.prompt_inputs(PROMPT)["input_ids"][0])
+
+
+def test_the_record_download_carries_the_served_file_and_an_edited_one_fails(server, tmp_path):
+    """v5 records (SPEC.md 8.4): GET /v1/records/{id} carries the served file (model and layout)
+    the record names; the receipt verifies against the fetched record, and an edited served file
+    FAILs naming it."""
+    s, nonce = server, secrets.token_hex(32)
+    answer = s["client"].completions.create(model=s["digest"], prompt=PROMPT, max_tokens=2,
+                                            extra_body={"aftune_nonce": nonce})
+    att = answer.model_extra["aftune"]
+    audit = _fetch(s, att["record_id"], tmp_path / "audit")
+    (served,) = (audit / "served").iterdir()
+    assert served.read_bytes() == (s["root"] / "records" / "served" / served.name).read_bytes()
+    receipt = Receipt.from_json(att["receipt"])
+    verify_receipt(receipt, s["pub"], audit, request_nonce=bytes.fromhex(nonce))
+    served.write_bytes(served.read_bytes().replace(b'"float32"', b'"float64"'))
+    with pytest.raises(CommitmentMismatch, match=f"served/{served.stem[:16]}.*was edited"):
+        verify_receipt(receipt, s["pub"], audit, request_nonce=bytes.fromhex(nonce))

@@ -17,7 +17,7 @@ import pytest
 from aftune.core.encoding import canonical_json
 from aftune.errors import InputError
 from aftune.inference.policy import GenerationPolicy
-from aftune.inference.record import InferenceRecord, boundary_key, record_id
+from aftune.inference.record import InferenceRecord, RecordDir, boundary_key, record_id, served_file
 from conftest import invoke
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "aftune" / "builtin" / "model"
@@ -37,8 +37,9 @@ def infer(record_dir: Path, policy: Path, *flags):
 
 
 def the_record(record_dir: Path) -> dict:
+    """The record file's members, with a v5 record's served `model` (SPEC.md 8.4) as `model`."""
     (path,) = (record_dir / "records").glob("*.json")
-    return json.loads(path.read_bytes())
+    return {**json.loads(path.read_bytes()), "model": InferenceRecord.open(record_dir).model}
 
 
 def verify(record_dir: Path, policy: Path):
@@ -109,6 +110,8 @@ def test_a_bfloat16_policy_serves_in_bfloat16_and_a_float32_client_fails(policie
     assert r.exit_code == 1 and "served in bfloat16" in r.stdout and "dtype float32" in r.stdout, r.output
     # the provider relabels the record float32 (policy and model dtype), rehashed: still FAIL
     doc["model"]["dtype"] = doc["generation"]["policy"]["dtype"] = "float32"
+    layout = InferenceRecord.open(rec).doc["layout"]
+    doc["served"] = RecordDir(rec, "blake3").keep_served(served_file(doc.pop("model"), layout)).hex()
     doc["generation"]["policy_digest"] = GenerationPolicy.from_json(doc["generation"]["policy"]).digest("blake3").hex()
     data = canonical_json(doc)
     for old in (rec / "records").glob("*.json"):
@@ -131,15 +134,15 @@ def test_the_library_serves_in_the_policys_dtype_and_defaults_to_the_served_mode
     import aftune
 
     pinned = GenerationPolicy.for_model(BUILTIN, max_new_tokens=3, dtype="bfloat16")
-    answer = aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "a", policy=pinned)
-    assert json.loads(answer.record_path.read_bytes())["model"]["dtype"] == "bfloat16"
+    aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "a", policy=pinned)
+    assert InferenceRecord.open(tmp_path / "a").model["dtype"] == "bfloat16"
     # no policy: GenerationPolicy.for_model of the served model, so its dtype is the served one
-    answer = aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "b", dtype="bfloat16")
-    doc = json.loads(answer.record_path.read_bytes())
+    aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "b", dtype="bfloat16")
+    doc = the_record(tmp_path / "b")
     assert doc["model"]["dtype"] == doc["generation"]["policy"]["dtype"] == "bfloat16"
     portable = pinned.to_json() | {"dtype": "float32", "numerics": "portable"}
-    answer = aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "c", policy=portable)
-    doc = json.loads(answer.record_path.read_bytes())
+    aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "c", policy=portable)
+    doc = the_record(tmp_path / "c")
     assert doc["model"]["dtype"] == "float32" and doc["numerics"] is not None
     with pytest.raises(InputError, match="--dtype float32 contradicts the generation policy.*bfloat16"):
         aftune.infer(BUILTIN, PROMPT, record_dir=tmp_path / "d", policy=pinned, dtype="float32")

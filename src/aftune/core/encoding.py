@@ -37,6 +37,7 @@ TAG_RNG = b"aftune.v1.rng\x00"
 TAG_LORA_INIT = b"aftune.v1.lora-init\x00"  # portable numerics: LoRA A initialisation (SPEC.md 5.4)
 TAG_HEAD_INIT = b"aftune.v1.head-init\x00"  # tensors absent from a base checkpoint (SPEC.md 4.7)
 TAG_INFERENCE_RECORD = b"aftune.v1.inference-record\x00"  # record id = H(tag || record file bytes)
+TAG_INFERENCE_SERVED = b"aftune.v1.inference-served\x00"  # served file digest (SPEC.md 8.4, v5 records)
 TAG_SAMPLE = b"aftune.v1.sample\x00"  # per-step uniform of seeded sampling
 TAG_RECEIPT = b"aftune.v1.receipt\x00"
 TAG_CHALLENGE = b"aftune.v1.challenge\x00"

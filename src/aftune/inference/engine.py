@@ -44,7 +44,7 @@ from ..models.cache import KVCache
 from .policy import GenerationPolicy, check_request_nonce
 from .portable import PortableLog, near_tie, round_and_log, tau_for
 from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, digests_root, input_key, record_id,
-                     steps_root, utc_now)
+                     served_file, steps_root, utc_now)
 from .receipt import issue_receipt
 from .sampling import choose_token, greedy_token, request_seed
 from .served import ModelSource, ServedModel
@@ -159,6 +159,15 @@ class InferenceEngine:
         if deviation is not None:
             with torch.no_grad():
                 deviation.weights(served.model)
+        # no path: a verifier loads the client's own copy of the model, never one the record names
+        model = {"config": served.hf_config, "digest": served.digest.hex(), "dtype": served.dtype,
+                 "attn_implementation": served.attn_implementation,
+                 "tokenizer": served.tokenizer_digest.hex() if served.tokenizer_digest else None,
+                 "run": served.run.to_json() if served.run else None}
+        layout = {"stages": served.stage_names, "layer_blocks": [list(r) for r in self.blocks.ranges],
+                  "layers_per_block": self.settings.layers_per_block,
+                  "activation_interval": self.settings.activation_interval}
+        self.served_digest = self.records.keep_served(served_file(model, layout))
 
     # --- requests --------------------------------------------------------------------------
     def generate(self, prompt: str, policy: GenerationPolicy, *, request_nonce: bytes | None = None,
@@ -338,14 +347,8 @@ class InferenceEngine:
             "nonce": os.urandom(16).hex(),  # the provider's: every record is distinct
             "request_nonce": request_nonce.hex() if request_nonce is not None else None,  # the client's
             "task": served.task,
-            # no path: a verifier loads the client's own copy of the model, never one the record names
-            "model": {"config": served.hf_config, "digest": served.digest.hex(), "dtype": served.dtype,
-                      "attn_implementation": served.attn_implementation,
-                      "tokenizer": served.tokenizer_digest.hex() if served.tokenizer_digest else None,
-                      "run": served.run.to_json() if served.run else None},
-            "layout": {"stages": served.stage_names, "layer_blocks": [list(r) for r in self.blocks.ranges],
-                       "layers_per_block": self.settings.layers_per_block,
-                       "activation_interval": self.settings.activation_interval},
+            # `model` and `layout`, the same in every record of this server, by digest (SPEC.md 8.4)
+            "served": self.served_digest.hex(),
             "generation": generation,
             "input": {**doc_input, "digest": input_digest.hex()},
             "output": {**doc_output, "digest": output_digest.hex()},

@@ -2,6 +2,8 @@
 and reading one record as hostile input.
 
     R/records/<id>.json     one canonical-JSON record file, named by its id (the digest of its bytes)
+    R/served/<digest>.json  v5: the members `model` and `layout`, the same for every record of one
+                            served model, written once and named by their digest (the record holds it)
     R/objects/              the content-addressed tensor store
     R/tokenizers/<root>/    the tokenizer files, named by their files root
     R/receipts/<id>.json    the provider's signed receipt
@@ -22,8 +24,8 @@ from typing import Any
 import torch
 
 from ..core import jsonio
-from ..core.encoding import (DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, hash_message, parse_hex_digest,
-                             tensor_digest)
+from ..core.encoding import (DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, TAG_INFERENCE_SERVED,
+                             canonical_json, hash_message, parse_hex_digest, tensor_digest)
 from ..core.merkle import files_root, merkle_root
 from ..core.rows import TensorRef, rows_from_json
 from ..core.store import ObjectStore
@@ -34,10 +36,14 @@ from .portable import PortableLog
 from .served import RunBinding
 from .settings import RecordingSettings
 
-RECORD_FORMAT = "aftune.inference.v4"  # written: v3 and the member `numerics` (SPEC.md 8.4, 8.13)
+RECORD_FORMAT = "aftune.inference.v5"  # written: v4 with `model` and `layout` in a served file, by digest (8.4)
+RECORD_FORMAT_V4 = "aftune.inference.v4"  # read: v3 and the member `numerics` (SPEC.md 8.4, 8.13)
 RECORD_FORMAT_V3 = "aftune.inference.v3"  # read: a v3 record has no `numerics` (native numerics)
-RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_V3)
+RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_V4, RECORD_FORMAT_V3)
+SERVED_FORMAT = "aftune.inference-served.v1"  # R/served/<digest>.json: {format, model, layout}
+SERVED_MEMBERS = ("model", "layout")
 MAX_RECORD_BYTES = 256 << 20
+MAX_SERVED_BYTES = 16 << 20
 
 
 # --- keys of the tensor rows, and the per-step roots ----------------------------------------------
@@ -74,6 +80,15 @@ def record_id(algorithm: str, data: bytes) -> bytes:
     return hash_message(algorithm, TAG_INFERENCE_RECORD, data)
 
 
+def served_file(model: dict[str, Any], layout: dict[str, Any]) -> bytes:
+    """The bytes of a served file (SPEC.md 8.4): canonical JSON of {format, model, layout}."""
+    return canonical_json({"format": SERVED_FORMAT, "model": model, "layout": layout})
+
+
+def served_digest(algorithm: str, data: bytes) -> bytes:
+    return hash_message(algorithm, TAG_INFERENCE_SERVED, data)
+
+
 def utc_now() -> str:
     """RFC 3339 UTC time with microseconds, e.g. 2025-01-31T12:00:00.123456Z."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -97,6 +112,40 @@ class RecordDir:
 
     def tokenizer_dir(self, digest: bytes) -> Path:
         return self.root / "tokenizers" / digest.hex()
+
+    def served_path(self, digest: bytes) -> Path:
+        return self.root / "served" / f"{digest.hex()}.json"
+
+    def keep_served(self, data: bytes) -> bytes:
+        """Write a served file once (its name is its digest) and return its digest."""
+        digest = served_digest(self.algorithm, data)
+        path = self.served_path(digest)
+        if not path.is_file():
+            self.write_new(path, data)
+        return digest
+
+    def read_served(self, digest: bytes, where: str) -> dict[str, Any]:
+        """The members `model` and `layout` of served file `digest`, read as hostile input: its
+        bytes must hash to its digest."""
+        path = self.served_path(digest)
+        if not path.is_file():
+            raise RecordError(f"{where}: its served file served/{digest.hex()}.json (model and layout) is missing")
+        data = jsonio.read_bytes(path, MAX_SERVED_BYTES, "served file")
+        if served_digest(self.algorithm, data) != digest:
+            raise CommitmentMismatch(f"served/{digest.hex()[:16]}….json: the file's bytes hash to "
+                                     f"{served_digest(self.algorithm, data).hex()[:16]}…, not to the digest the "
+                                     f"record commits: the served file (model and layout) was edited")
+        doc = jsonio.parse(data, f"served file {path}")
+        if not isinstance(doc, dict) or doc.get("format") != SERVED_FORMAT or set(doc) != {"format", *SERVED_MEMBERS}:
+            raise RecordError(f"served/{digest.hex()[:16]}….json is not an {SERVED_FORMAT} file with exactly "
+                              "format, model and layout")
+        return {k: doc[k] for k in SERVED_MEMBERS}
+
+    def served_digests(self) -> list[str]:
+        d = self.root / "served"
+        if not d.is_dir():
+            return []
+        return sorted(p.stem for p in d.glob("*.json") if len(p.stem) == 64 and not p.stem.strip("0123456789abcdef"))
 
     def keep_tokenizer(self, source: Path, digest: bytes) -> Path:
         """Copy the tokenizer files once, named by their files root."""
@@ -136,6 +185,23 @@ class RecordDir:
 
 
 # --- reading a record ------------------------------------------------------------------------
+
+def splice_served(records: RecordDir, doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """A v5 record's `model` and `layout`, read from the served file it names by digest, spliced
+    into (a copy of) its document; v3 and v4 records hold them and MUST NOT name a served file."""
+    if doc.get("format") != RECORD_FORMAT:
+        if "served" in doc:
+            raise RecordError(f"{where}: 'served' is not part of an {doc.get('format')} record")
+        return doc
+    for k in SERVED_MEMBERS:
+        if k in doc:
+            raise RecordError(f"{where}: an {RECORD_FORMAT} record holds '{k}' in its served file, not in itself")
+    try:
+        digest = parse_hex_digest(doc.get("served"), f"{where}: served")
+    except InputError as exc:
+        raise RecordError(str(exc)) from None
+    return {**doc, **records.read_served(digest, where)}
+
 
 def _need(obj: Any, name: str, kind, where: str = "record"):
     v = obj.get(name) if isinstance(obj, dict) else None
@@ -178,7 +244,7 @@ class InferenceRecord:
         data = jsonio.read_bytes(path, MAX_RECORD_BYTES, "inference record")
         doc = jsonio.parse(data, f"inference record {path}")
         if not isinstance(doc, dict) or doc.get("format") not in RECORD_FORMATS:
-            raise RecordError(f"{path} is not an {RECORD_FORMAT} (or {RECORD_FORMAT_V3}) record")
+            raise RecordError(f"{path} is not an {RECORD_FORMAT} (or {RECORD_FORMAT_V4}, {RECORD_FORMAT_V3}) record")
         algorithm = doc.get("hash")
         if algorithm not in HASH_ALGORITHMS:
             raise RecordError(f"{path}: unknown hash {str(algorithm)[:20]!r}")
@@ -186,7 +252,9 @@ class InferenceRecord:
         if rid.hex() != name:
             raise CommitmentMismatch(f"record {name[:16]}…: the file's bytes hash to {rid.hex()[:16]}…, not to its "
                                      "name: the record was edited after it was written")
-        rec = cls(RecordDir(root, algorithm), rid, doc, rows_from_json(doc.get("tensors"), "record: tensors"))
+        records = RecordDir(root, algorithm)
+        doc = splice_served(records, doc, f"record {name[:16]}…")
+        rec = cls(records, rid, doc, rows_from_json(doc.get("tensors"), "record: tensors"))
         rec._check_structure()
         return rec
 
@@ -274,6 +342,12 @@ class InferenceRecord:
     @property
     def algorithm(self) -> str:
         return self.records.algorithm
+
+    @property
+    def served_digest(self) -> bytes | None:
+        """v5: the digest of the served file holding `model` and `layout`; None for v3 and v4."""
+        s = self.doc.get("served")
+        return None if s is None else bytes.fromhex(s)
 
     @property
     def store(self) -> ObjectStore:

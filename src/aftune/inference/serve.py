@@ -169,7 +169,13 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         receipt_path = records.receipt_path(rid)
         objects = sorted({r.digest.hex() for r in rows_from_json(doc["tensors"], "record: tensors").values()
                           if records.store.has(r.digest)})
-        tok = doc["model"].get("tokenizer")
+        served_doc = None
+        if doc.get("served") is not None:  # v5: model and layout in the served file the record names
+            served_doc = {"digest": doc["served"],
+                          "file": records.served_path(bytes.fromhex(doc["served"])).read_bytes().decode("utf-8")}
+            tok = json.loads(served_doc["file"])["model"].get("tokenizer")
+        else:
+            tok = doc["model"].get("tokenizer")
         tokenizer = None
         if tok is not None:
             d = records.tokenizer_dir(bytes.fromhex(tok))
@@ -177,7 +183,8 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
                          "url": f"/v1/tokenizers/{tok}/"}
         return {"record_id": record_id, "record": data.decode("utf-8"),
                 "receipt": json.loads(receipt_path.read_bytes()) if receipt_path.is_file() else None,
-                "objects": [{"digest": d, "url": f"/v1/objects/{d}"} for d in objects], "tokenizer": tokenizer}
+                "objects": [{"digest": d, "url": f"/v1/objects/{d}"} for d in objects], "tokenizer": tokenizer,
+                "served": served_doc}
 
     @app.get("/v1/objects/{digest}")
     def object_file(digest: str, request: Request):
@@ -235,6 +242,12 @@ def download_record(client, record_id: str, target: str | Path) -> Path:
     doc = r.json()
     (root / "records").mkdir(parents=True, exist_ok=True)
     (root / "records" / f"{record_id}.json").write_bytes(doc["record"].encode("utf-8"))
+    served = doc.get("served")
+    if served:  # v5: checked against the digest the record commits when the record is opened
+        if not _is_digest(served.get("digest")) or not isinstance(served.get("file"), str):
+            raise InputError("the server named a bad served file")
+        (root / "served").mkdir(parents=True, exist_ok=True)
+        (root / "served" / f"{served['digest']}.json").write_bytes(served["file"].encode("utf-8"))
     if doc.get("receipt") is not None:
         from ..core.encoding import canonical_json
 

@@ -72,7 +72,7 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
     records = RecordDir(root, "blake3")
     ids = records.record_ids()
     rows = CommittedRows()
-    algorithms = set()
+    algorithms, served = set(), set()
     for path in sorted((root / "records").iterdir()) if (root / "records").is_dir() else []:
         if path.stem not in ids or path.suffix != ".json":
             report.add(path, UNREFERENCED, "not a record (records are records/<64 hex digits>.json)")
@@ -86,6 +86,8 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
             report.add(path, DAMAGED, str(exc))
             continue
         algorithms.add(rec.algorithm)
+        if rec.served_digest is not None:
+            served.add(rec.served_digest.hex())
         where = f"records/{rid}.json"
         interval = rec.settings.activation_interval
         stored = {boundary_key(b) for b in range(interval, len(rec.doc["layout"]["layer_blocks"]), interval or 1)
@@ -96,6 +98,9 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
     for path in sorted((root / "receipts").iterdir()) if (root / "receipts").is_dir() else []:
         if path.stem not in ids or path.suffix != ".json":
             report.add(path, UNREFERENCED, "a receipt of no record in this directory")
+    for path in sorted((root / "served").iterdir()) if (root / "served").is_dir() else []:
+        if path.suffix != ".json" or path.stem not in served:
+            report.add(path, UNREFERENCED, "a served file (model and layout) that no record in this directory names")
     if len(algorithms) > 1:
         report.notes.append(f"records use several hash algorithms ({', '.join(sorted(algorithms))}): objects were "
                             f"hashed with {min(algorithms)} only")

@@ -247,6 +247,8 @@ def open_inference_bundle(records_dir: str | Path, challenge, out: str | Path, m
                          (rec.records.receipt_path(rid), bundle.receipt_path(rid))):
             if src.is_file():
                 bundle.write_new(dst, src.read_bytes())
+        if rec.served_digest is not None:  # v5: the record's model and layout
+            bundle.keep_served(rec.records.served_path(rec.served_digest).read_bytes())
         tok = rec.tokenizer_dir()
         if tok is not None:
             bundle.keep_tokenizer(tok, bytes.fromhex(rec.model["tokenizer"]))  # the listed tokenizer files only
