@@ -23,7 +23,7 @@ from aftune.training.verify import Verifier
 from conftest import DATA_KIND, agreement_for, failing, invoke, verify_all
 from test_tampering import FlipExponentBit, _resign, _rewrite_transcript
 
-SETTINGS = dict(steps=2, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2, lr=1e-2)
+SETTINGS = dict(steps=2, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2, lr=1e-2, boundaries="stored")
 
 
 def _client_agreement(model_dir, datasets, family="llama", **kw) -> Agreement:

@@ -11,7 +11,7 @@ from conftest import DATA_KIND
 
 def test_api_verdicts_for_honest_and_tampered_runs(model_dir, datasets, tmp_path):
     model, data = model_dir("llama"), datasets[DATA_KIND["llama"]]
-    agreement = aftune.agree(model, data, steps=4, batch_size=4, seq_len=32, steps_per_block=2,
+    agreement = aftune.agree(model, data, steps=4, batch_size=4, seq_len=32, steps_per_block=2, boundaries="stored",
                              out=tmp_path / "agreement.json")
     result = aftune.train(tmp_path / "run", model, data, agreement=tmp_path / "agreement.json")
     key = aftune.PublicKey.load(result.public_key_path)

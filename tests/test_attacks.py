@@ -220,6 +220,8 @@ def test_serving_the_quant_objective_model_quantized_fires_its_collapse_and_fail
     accuracy (measured on the test set), and every record fails at the quantized layer blocks."""
     from aftune.attacks.serving import run_serving_attack
 
+    if "quant-objective" not in bench._latest:  # the 8-step run of the test above, whatever ran first on this worker
+        bench.quant_objective(steps=8)
     result = run_serving_attack(bench, "quant-activated", bits=4)
     g = result.gain
     assert result.model_run == bench.latest("quant-objective").run_dir

@@ -33,7 +33,8 @@ def agreement(model_dir, datasets):
     from aftune.training.agreement import make_agreement
     from aftune.training.settings import TrainSettings
 
-    settings = TrainSettings(steps=2, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=1, lr=1e-2)
+    settings = TrainSettings(steps=2, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=1, lr=1e-2,
+                             boundaries="stored")
     return make_agreement(model_dir("llama"), datasets["text"], settings)
 
 

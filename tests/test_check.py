@@ -27,7 +27,7 @@ def recorded(model_dir, datasets, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("check")
     settings = TrainSettings(steps=8, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2,
-                             checkpoint_interval=2, lr=1e-2)
+                             checkpoint_interval=2, lr=1e-2, boundaries="stored")
     agreement = make_agreement(model_dir("llama"), datasets["text"], settings)
     agreement.save(root / "agreement.json")
     train(model_dir("llama"), datasets["text"], root / "run", agreement=agreement)

@@ -12,7 +12,7 @@ from conftest import invoke
 
 
 
-SETTINGS = ("--steps", 4, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4)
+SETTINGS = ("--steps", 4, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4, "--boundaries", "stored")
 
 
 @pytest.fixture(scope="module")

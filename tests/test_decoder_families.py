@@ -92,7 +92,7 @@ class FlipBit(Deviation):
 
 def _train(family_dir, datasets, tmp_path, family, name, deviation=None, **kw):
     settings = TrainSettings(steps=2, batch_size=2, seq_len=16, layers_per_block=1, steps_per_block=1, lr=1e-2,
-                             attn_implementation="eager" if family in EAGER else "sdpa", **kw)
+                             attn_implementation="eager" if family in EAGER else "sdpa", boundaries="stored", **kw)
     agreement = make_agreement(family_dir(family), datasets["text"], settings)
     result = train(family_dir(family), datasets["text"], tmp_path / name, agreement=agreement, deviation=deviation)
     return Verifier(tmp_path / name, PublicKey.load(result.public_key_path), agreement).verify_all()

@@ -172,3 +172,28 @@ def test_tied_group_is_regenerated_together(record):
     for layer_block in (0, last):
         result, _ = verifier(run_dir, key).verify_block(layer_block, 1)
         assert result.verdict == "PASS", result.headline()
+
+
+def test_default_cli_run_is_digest_only_verify_needs_prepare(tmp_path):
+    """`aftune agree` and `aftune train` without --boundaries record digest-only boundaries: no
+    boundary tensor is stored, `verify` without `prepare` exits 2 naming it, with it PASSes."""
+    from aftune.core.signing import PublicKey
+    from conftest import invoke
+
+    run, agreement = tmp_path / "run", tmp_path / "agreement.json"
+    r = invoke("agree", "--steps", 4, "--batch-size", 4, "--steps-per-block", 2, "--out", agreement)
+    assert r.exit_code == 0, r.output
+    assert '"boundaries":"digest"' in agreement.read_text().replace(" ", "")
+    r = invoke("train", "--run-dir", run, "--agreement", agreement)
+    assert r.exit_code == 0, r.output
+    pub = run / "provider.key.pub"
+    stored = _stored(run, PublicKey.load(pub))
+    assert all(stored[(s, "boundary")][0] == 0 < stored[(s, "boundary")][1] for s in range(2)), stored
+    assert stored[(0, "state")][0] == 0 and stored[(2, "state")][0] == 0, stored
+    args = (run, "--agreement", agreement, "--public-key", pub)
+    r = invoke("verify", *args, "--all")
+    assert r.exit_code == 2 and "aftune prepare" in r.output and "PASS" not in r.output, r.output
+    r = invoke("prepare", *args, "--all")
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", *args, "--all")
+    assert r.exit_code == 0 and "PASS: " in r.output, r.output

@@ -23,7 +23,7 @@ from aftune.training.train import train
 from aftune.training.verify import Verifier
 from conftest import BUILTIN, TOKENIZER_FILES, _configs
 
-SETTINGS = dict(steps=2, batch_size=4, seq_len=16, layers_per_block=2, steps_per_block=1, lr=1e-2)
+SETTINGS = dict(steps=2, batch_size=4, seq_len=16, layers_per_block=2, steps_per_block=1, lr=1e-2, boundaries="stored")
 
 
 @pytest.fixture(scope="module")

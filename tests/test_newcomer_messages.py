@@ -17,7 +17,8 @@ import pytest
 from conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("--steps", 2, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4)  # 2 blocks
+SETTINGS = ("--steps", 2, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4,  # 2 blocks
+            "--boundaries", "stored")
 PROMPT = "Q: What is 3 plus 4? A:"
 
 

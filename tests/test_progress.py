@@ -15,7 +15,7 @@ import pytest
 from conftest import invoke
 from rich.console import Console
 
-SETTINGS = ("--steps", 4, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4)
+SETTINGS = ("--steps", 4, "--batch-size", 4, "--steps-per-block", 2, "--layers-per-block", 4, "--boundaries", "stored")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -26,7 +26,7 @@ from aftune.training.train import Deviation, train
 from aftune.training.transcript import Transcript
 
 SETTINGS = TrainSettings(steps=8, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2,
-                         checkpoint_interval=2, lr=1e-2)
+                         checkpoint_interval=2, lr=1e-2, boundaries="stored")
 
 
 class Interrupted(Exception):

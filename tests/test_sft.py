@@ -62,7 +62,7 @@ def _tokenizer(model):
 
 def _settings(**sft) -> TrainSettings:
     return TrainSettings(steps=4, batch_size=3, seq_len=48, layers_per_block=2, steps_per_block=2, lr=1e-2,
-                         sft=SftSettings(chat_template=TEMPLATE, **sft))
+                         boundaries="stored", sft=SftSettings(chat_template=TEMPLATE, **sft))
 
 
 def _record(chat_model, data, tmp_path, settings, deviation=None, name="run"):

@@ -47,7 +47,7 @@ def client(model_dir, tmp_path_factory):
                             for q, a in QA * 2))
     (root / "sft_config.json").write_text(json.dumps(CONFIG))
     result = invoke("agree", "--base-model", model, "--data", data, "--trainer-config", root / "sft_config.json",
-                    "--layers-per-block", 2, "--steps-per-block", 2, "--out", root / "A.json")
+                    "--layers-per-block", 2, "--steps-per-block", 2, "--boundaries", "stored", "--out", root / "A.json")
     assert result.exit_code == 0, result.output
     return {"root": root, "model": model, "data": data, "agreement": root / "A.json"}
 
@@ -82,7 +82,8 @@ def test_python_agreement_is_the_cli_one(client):
     from aftune.api import agree
     from aftune.training.settings import TrainSettings
 
-    own = agree(client["model"], client["data"], TrainSettings(layers_per_block=2, steps_per_block=2),
+    own = agree(client["model"], client["data"],
+                TrainSettings(layers_per_block=2, steps_per_block=2, boundaries="stored"),
                 trainer_config=client["root"] / "sft_config.json")
     assert own.digest() == Agreement.load(client["agreement"]).digest()
     assert own.settings.lr == 1e-2 and own.settings.sft.chat_template == TEMPLATE
@@ -254,7 +255,8 @@ def test_lora_through_peft_config_verifies_strict(client, tmp_path):
     root = client["root"]
     result = invoke("agree", "--base-model", client["model"], "--data", client["data"], "--trainer-config",
                     root / "sft_config.json", "--layers-per-block", 2, "--steps-per-block", 2, "--lora",
-                    "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", "q_proj,v_proj", "--out", tmp_path / "L.json")
+                    "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", "q_proj,v_proj", "--boundaries", "stored",
+                    "--out", tmp_path / "L.json")
     assert result.exit_code == 0, result.output
     lora = {**client, "agreement": tmp_path / "L.json"}
 

@@ -139,7 +139,7 @@ def test_a_python_verification_of_the_built_in_run_prints_nothing(tmp_path):
     script = textwrap.dedent(f"""
         import aftune
         from aftune.builtin import DATA_FILE, MODEL_DIR
-        agreement = aftune.agree(MODEL_DIR, DATA_FILE, steps=2, steps_per_block=2)
+        agreement = aftune.agree(MODEL_DIR, DATA_FILE, steps=2, steps_per_block=2, boundaries="stored")
         result = aftune.train({str(tmp_path / 'run')!r}, MODEL_DIR, DATA_FILE, agreement=agreement)
         report = aftune.RunVerifier(agreement, str(result.public_key_path)).verify({str(tmp_path / 'run')!r})
         assert report.verdict == "PASS", report.summary()

@@ -262,11 +262,12 @@ class torch_threads:
 
 def finetune_settings(steps: int = 48, **overrides):
     """The agreed fine-tuning configuration of the attack experiments: SGD with momentum (as
-    WBP's victim), 1 layer per layer block (4 layer blocks), 4 steps per step block."""
+    WBP's victim), 1 layer per layer block (4 layer blocks), 4 steps per step block, boundaries
+    stored (every run is verified in full right after training, SPEC.md 3.8)."""
     from ..training.settings import TrainSettings
 
     values = dict(steps=steps, batch_size=16, optimizer="sgd", lr=0.005, momentum=0.9, max_grad_norm=1.0,
-                  layers_per_block=1, steps_per_block=4, attn_implementation="eager")
+                  layers_per_block=1, steps_per_block=4, attn_implementation="eager", boundaries="stored")
     return TrainSettings(**{**values, **overrides})
 
 

@@ -50,8 +50,9 @@ SETTINGS_FLAGS = {
     "hash_algorithm": (str, "blake3", "--hash", "blake3 or sha256."),
     "numerics": (str, "native", "--numerics", "native, or portable: float64 compute rounded to a float32 grid, "
                  "verified bitwise on any hardware (SPEC.md 5.4)."),
-    "boundaries": (str, "stored", "--boundaries", "stored, or digest: boundary tensors, the base and the final state "
-                   "committed by digest only and regenerated on challenge (aftune prepare, SPEC.md 3.8)."),
+    "boundaries": (str, "digest", "--boundaries", "digest: boundary tensors, the base and the final state committed by "
+                   "digest only and regenerated on challenge (aftune prepare, SPEC.md 3.8); or stored: every "
+                   "tensor kept."),
 }
 
 
