@@ -197,3 +197,18 @@ def test_default_cli_run_is_digest_only_verify_needs_prepare(tmp_path):
     assert r.exit_code == 0, r.output
     r = invoke("verify", *args, "--all")
     assert r.exit_code == 0 and "PASS: " in r.output, r.output
+
+
+def test_new_settings_default_to_digest_and_an_absent_member_still_reads_as_stored():
+    """New settings write `"boundaries": "digest"`; settings JSON without the member (every run,
+    agreement and test vector made before) keeps reading as stored, and stored keeps its bytes."""
+    from aftune.training.settings import TrainSettings
+
+    new = TrainSettings()
+    assert new.boundaries == "digest" and new.to_json()["boundaries"] == "digest"
+    assert TrainSettings.from_json(new.to_json()) == new
+    old = TrainSettings(boundaries="stored").to_json()
+    assert "boundaries" not in old
+    assert TrainSettings.from_json(old).boundaries == "stored"
+    with pytest.raises(InputError, match="boundaries must be one of"):
+        TrainSettings.from_json({**old, "boundaries": "none"})
