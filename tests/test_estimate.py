@@ -102,3 +102,17 @@ def test_every_family_gets_an_estimate(family, model_dir, datasets):
         e = estimate(make_agreement(model_dir(family), datasets[DATA_KIND[family]], settings))
         assert e.record_bytes > 0 and e.model_bytes > 0 and e.state_bytes > e.model_bytes
         assert e.layer_blocks >= 1 and "estimate: record" in e.line()
+
+
+def test_the_python_agree_applies_the_same_spacing_and_trainer_config_rules_as_the_cli(tmp_path):
+    """`aftune.agree` is not a way around the rules of `aftune agree`: the spacing options set the
+    interval (and refuse one given too), and a Trainer configuration's settings cannot be given again."""
+    import aftune
+    from aftune.builtin import DATA_FILE, MODEL_DIR
+
+    a = aftune.agree(MODEL_DIR, DATA_FILE, steps=16, steps_per_block=2, max_recompute_steps=6)
+    assert a.settings.checkpoint_interval == 3
+    with pytest.raises(InputError, match="drop --checkpoint-interval"):
+        aftune.agree(MODEL_DIR, DATA_FILE, steps=16, steps_per_block=2, checkpoint_interval=2, max_recompute_steps=6)
+    with pytest.raises(InputError, match="gives lr"):
+        aftune.agree(MODEL_DIR, DATA_FILE, trainer_config={"max_steps": 4, "learning_rate": 1e-3}, lr=1e-2)

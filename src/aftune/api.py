@@ -24,14 +24,16 @@ from .workflows.quiet import quiet
 
 
 def agree(base_model: str | Path, data: str | Path, settings=None, *, inference=None,
-          out: str | Path | None = None, trainer_config=None, **setting_values):
+          out: str | Path | None = None, trainer_config=None, max_recompute_steps: int | None = None,
+          storage_budget: int | None = None, **setting_values):
     """The client's agreement (`aftune agree`): the base model, data and training settings a
     fine-tune must use, from the client's own copies, and optionally the generation policy of
     serving the result (`inference`: a `GenerationPolicy` or its JSON). `settings` is a
     `TrainSettings`, or give its fields as keywords. `trainer_config`: the TrainingArguments /
     SFTConfig (a dict or a JSON file) the provider's Trainer script will run with `AftuneCallback`
-    (SPEC.md 4.6); its fields replace the settings', the rest (blocks, checkpoints) stay. Written
-    to `out` when given. Returns the `Agreement`."""
+    (SPEC.md 4.6); the settings it decides may not be given too, the rest (blocks, checkpoints)
+    are the settings'. `max_recompute_steps` / `storage_budget` set the checkpoint interval from
+    what the client accepts (SPEC.md 6.10). Written to `out` when given. Returns the `Agreement`."""
     from .inference.policy import GenerationPolicy
     from .training.agreement import make_agreement
     from .training.settings import TrainSettings
@@ -43,9 +45,14 @@ def agree(base_model: str | Path, data: str | Path, settings=None, *, inference=
         raise InputError("give either settings= or setting keywords, not both")
     chosen = settings or TrainSettings(**setting_values)
     if trainer_config is not None:
-        from .integrations.trainer_config import trainer_config_settings
+        from .integrations.trainer_config import refuse_given_settings, trainer_config_settings
 
+        refuse_given_settings(setting_values)
         chosen = trainer_config_settings(base_model, trainer_config, chosen)
+    from .training.estimate import spacing_for_model
+
+    chosen = spacing_for_model(base_model, chosen, max_recompute_steps, storage_budget,
+                               interval_given="checkpoint_interval" in setting_values)
     with quiet():
         agreement = make_agreement(base_model, data, chosen, inference)
     if out is not None:

@@ -56,17 +56,13 @@ def agree(
     from ..training.agreement import make_agreement
     from ..training.settings import TrainSettings
 
+    from .. import builtin
+
     chosen = settings_from_flags(settings) or TrainSettings()
     if trainer_config is not None:
-        from ..integrations.trainer_config import TRAINER_FIELD, trainer_config_settings
+        from ..integrations.trainer_config import refuse_given_settings, trainer_config_settings
 
-        clash = sorted(n for n, v in settings.items() if v is not None and n != "lora" and (
-            n in TRAINER_FIELD or n in ("optimizer", "warmup_steps", "dtype")))
-        if clash:
-            raise InputError(f"--trainer-config gives {', '.join(clash)}: set them in the Trainer configuration, "
-                             "not as flags")
-        from .. import builtin
-
+        refuse_given_settings(n for n, v in settings.items() if v is not None)
         chosen = trainer_config_settings(base_model or builtin.MODEL_DIR, trainer_config, chosen)
     policy = None
     if inference_policy is not None:
@@ -74,17 +70,10 @@ def agree(
 
         doc = jsonio.read_json(inference_policy, 1 << 20, "inference policy", InputError)
         policy = GenerationPolicy.from_json(doc, f"generation policy {inference_policy}").to_json()
-    from .. import builtin
+    from ..training.estimate import spacing_for_model
 
-    if max_recompute_steps is not None or storage_budget is not None:
-        from ..training.agreement import batch_spec
-        from ..training.estimate import spacing_for
-
-        if settings is not None and settings.get("checkpoint_interval") is not None:
-            raise InputError("--max-recompute-steps and --storage-budget set the checkpoint interval: drop "
-                             "--checkpoint-interval")
-        config = _base_config(base_model or builtin.MODEL_DIR)
-        chosen = spacing_for(config, chosen, batch_spec(config, chosen), max_recompute_steps, storage_budget)
+    chosen = spacing_for_model(base_model or builtin.MODEL_DIR, chosen, max_recompute_steps, storage_budget,
+                               interval_given=settings is not None and settings.get("checkpoint_interval") is not None)
     agreement = make_agreement(base_model or builtin.MODEL_DIR, data or builtin.DATA_FILE, chosen, policy)
     if client_signing_key is not None:
         agreement = agreement.signed(SigningKey.load(client_signing_key))
@@ -96,17 +85,6 @@ def agree(
     from ..training.estimate import estimate as run_estimate
 
     out.print(run_estimate(agreement).line(), highlight=False, soft_wrap=True)
-
-
-def _base_config(model_dir: Path) -> dict:
-    """The canonical architecture config of a base model directory (as the agreement records it)."""
-    from ..core import jsonio
-    from ..training.agreement import canonical_config
-
-    doc = jsonio.read_json(Path(model_dir) / "config.json", 1 << 20, "model config", InputError)
-    if not isinstance(doc, dict):
-        raise InputError(f"{model_dir}/config.json is not a JSON object")
-    return canonical_config(doc)
 
 
 @app.command()

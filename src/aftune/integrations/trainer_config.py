@@ -145,4 +145,15 @@ TRAINER_FIELD = {"steps": "max_steps", "batch_size": "per_device_train_batch_siz
                  "lora": "peft_config"}
 
 
-__all__ = ["TRAINER_FIELD", "settings_from_trainer_config", "trainer_config_settings"]
+
+
+def refuse_given_settings(names) -> None:
+    """The settings a Trainer configuration decides may not also be given as flags or keywords
+    (`aftune agree --trainer-config`, `aftune.agree(trainer_config=)`): InputError naming them."""
+    clash = sorted(n for n in names if n != "lora" and (n in TRAINER_FIELD or n in ("optimizer", "warmup_steps", "dtype")))
+    if clash:
+        raise InputError(f"--trainer-config gives {', '.join(clash)}: set them in the Trainer configuration, "
+                         "not as flags")
+
+
+__all__ = ["TRAINER_FIELD", "refuse_given_settings", "settings_from_trainer_config", "trainer_config_settings"]

@@ -20,6 +20,7 @@ then states.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass, replace
 
 from ..core.encoding import DTYPE_BY_NAME
@@ -213,3 +214,23 @@ def spacing_for(hf_config: dict, settings: TrainSettings, spec, max_recompute_st
                              f"checkpoints at least {lo * B} steps apart, more than --max-recompute-steps "
                              f"{max_recompute_steps}")
     return replace(settings, checkpoint_interval=hi if max_recompute_steps is not None else lo)
+
+
+def spacing_for_model(model_dir, settings: TrainSettings, max_recompute_steps: int | None = None,
+                      storage_budget: int | None = None, *, interval_given: bool = False) -> TrainSettings:
+    """`spacing_for` on a base model directory's canonical config (what `aftune agree` and
+    `aftune.agree` both call). `interval_given`: the caller also set the checkpoint interval,
+    which these options set: refused."""
+    if max_recompute_steps is None and storage_budget is None:
+        return settings
+    if interval_given:
+        raise InputError("--max-recompute-steps and --storage-budget set the checkpoint interval: drop "
+                         "--checkpoint-interval")
+    from ..core import jsonio
+    from .agreement import batch_spec, canonical_config
+
+    doc = jsonio.read_json(Path(model_dir) / "config.json", 1 << 20, "model config", InputError)
+    if not isinstance(doc, dict):
+        raise InputError(f"{model_dir}/config.json is not a JSON object")
+    config = canonical_config(doc)
+    return spacing_for(config, settings, batch_spec(config, settings), max_recompute_steps, storage_budget)
