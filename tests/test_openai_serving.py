@@ -117,6 +117,15 @@ def test_completion_receipt_and_record_verify_and_tampering_fails(server, tmp_pa
     (tmp_path / "relabelled.json").write_text(json.dumps(bad))
     r = cli("verify-receipt", tmp_path / "relabelled.json", "--public-key", pub, "--record-dir", audit, *mine)
     assert r.exit_code == 1 and "signed for model" in r.output, r.output
+    # the Python entry point reads a saved answer as the CLI does
+    import aftune
+
+    policy = asked.to_json()
+    ok = aftune.verify_receipt(saved, pub, record_dir=audit, request_nonce=nonce, policy=policy)
+    assert ok.verdict == "PASS" and ok.results[0].compared == 6 and not ok.notes, ok.summary()
+    for name, words in (("edited.json", "altered"), ("relabelled.json", "signed for model")):
+        report = aftune.verify_receipt(tmp_path / name, pub, record_dir=audit, request_nonce=nonce, policy=policy)
+        assert report.verdict == "FAIL" and words in report.summary(), (name, report.summary())
 
 
 def test_another_model_is_refused_in_openai_format(server):

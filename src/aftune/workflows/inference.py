@@ -168,10 +168,13 @@ class RecordVerifier:
 
 def verify_receipt(receipt, provider_key, *, record_dir: str | Path | None = None, request_nonce=None, policy=None,
                    unsafe: Iterable[Unsafe] | Unsafe | None = None) -> Report:
-    """Check a receipt (a Receipt or its path): signed by the pinned provider key, answering your
-    `request_nonce` under your `policy` (each compared when given; the report's notes say which
-    were not), and, with `record_dir`, that the record it names agrees. Without `record_dir`,
-    only `UnsafeSignatureOnly()` proceeds. A receipt that fails a check is a FAIL report."""
+    """Check a receipt (a Receipt, its path, or the path of a saved OpenAI-format answer carrying
+    one, SPEC.md 8.10.1): signed by the pinned provider key, answering your `request_nonce` under
+    your `policy` (each compared when given; the report's notes say which were not), and, with
+    `record_dir`, that the record it names agrees; a saved answer must name the receipt's record
+    and model and, with `record_dir`, hold exactly the record's text. Without `record_dir`, only
+    `UnsafeSignatureOnly()` proceeds. A receipt that fails a check is a FAIL report."""
+    from ..inference.openai_wire import check_claims, load_receipt_or_response
     from ..inference.receipt import Receipt
     from ..inference.receipt import verify_receipt as check
 
@@ -181,7 +184,7 @@ def verify_receipt(receipt, provider_key, *, record_dir: str | Path | None = Non
                          "to check the signature alone)")
     if record_dir is not None and UnsafeSignatureOnly in skipped:
         raise InputError("give record_dir= or UnsafeSignatureOnly(), not both")
-    r = receipt if isinstance(receipt, Receipt) else Receipt.load(receipt)
+    r, claims = (receipt, None) if isinstance(receipt, Receipt) else load_receipt_or_response(receipt)
     key = expect.public_key(provider_key)
     nonce = expect.request_nonce(request_nonce)
     gen = expect.generation_policy(policy)
@@ -196,7 +199,9 @@ def verify_receipt(receipt, provider_key, *, record_dir: str | Path | None = Non
     with quiet():
         try:
             check(r, key, record_dir, request_nonce=nonce, policy_digest=gen.digest(r.algorithm) if gen else None)
-            result.compared = 2 + (nonce is not None) + (gen is not None) + (record_dir is not None)
+            if claims is not None:
+                check_claims(claims, r, record_dir)
+            result.compared = 2 + (nonce is not None) + (gen is not None) + (record_dir is not None) + (claims is not None)
         except CommitmentMismatch as exc:
             result.fail("receipt", str(exc))
     report.results.append(result)
