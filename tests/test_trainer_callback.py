@@ -103,6 +103,12 @@ def test_honest_script_verifies_strict(client, tmp_path):
     state = trainer.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in recorded.items())  # the Trainer's model is the result
     assert trainer.state.global_step == 4
+    # the Trainer reports aftune's steps' losses, not the 0 of a loop that ran none
+    losses = callback.result.losses
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
+    assert [row["loss"] for row in trainer.state.log_history if "loss" in row] == list(losses)
+    reported = [row["train_loss"] for row in trainer.state.log_history if "train_loss" in row]
+    assert reported == [pytest.approx(sum(losses) / 4)]
 
 
 @pytest.mark.parametrize("change,field", [({"learning_rate": 2e-2}, "learning_rate"),

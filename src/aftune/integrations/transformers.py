@@ -65,6 +65,7 @@ class AftuneCallback(TrainerCallback):
         _load_result(model, self.result.run_dir, self.agreement.settings)
         trainer._run_epoch = lambda *a, **k: None  # aftune ran the agreed steps: the Trainer's loop runs none
         state.global_step = state.max_steps = self.agreement.settings.steps
+        _report_losses(trainer, state, self.result.losses)
         control.should_training_stop = True
         return control
 
@@ -95,6 +96,15 @@ class AftuneCallback(TrainerCallback):
                             "the Trainer would not run the agreed computation")
         _check_weights(self.agreement, model)
         _check_rows(self.agreement, trainer.train_dataset, self.data, self.base_model or _model_dir(model))
+
+
+def _report_losses(trainer, state, losses: tuple[float, ...]) -> None:
+    """The Trainer's own loss report from aftune's steps: each step's loss in `log_history`, and
+    the running total its `_finalize_training` divides by the steps into `train_loss` (without it
+    the Trainer would report the 0 of a loop that ran no step)."""
+    for step, loss in enumerate(losses, start=1):
+        state.log_history.append({"loss": loss, "step": step})
+    trainer._total_loss_scalar = float(sum(losses))
 
 
 def _calling_trainer():

@@ -67,7 +67,7 @@ class TrainResult:
     final_model_digest: bytes
     public_key_path: Path | None
     final_loss: float
-
+    losses: tuple[float, ...] = ()  # each step's mean loss, in order, for the steps this call ran
 
 def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path,
           settings: TrainSettings | None = None, key_path: str | Path | None = None, progress: Progress | None = None,
@@ -161,6 +161,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         first_block = 0
     order = OrderCache(algorithm, settings.seed, len(dataset.examples))
     loss_value = float("nan")
+    losses: list[float] = []
     try:
         for s in range(first_block, settings.num_step_blocks + 1):
             steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
@@ -169,6 +170,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
             for t in steps:
                 loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer,
                                          deviation or Deviation(), wait_before_update=hashing)
+                losses.append(loss_value)
                 hashing = []
                 if progress:
                     progress(t + 1, settings.steps, loss_value)
@@ -180,7 +182,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
 
     final_digest = _save_model(root_module, model, base_files, run, settings, algorithm)
     run_root = writer.finish(final_digest)
-    return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value)
+    return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value, tuple(losses))
 
 
 def _run_config(settings: TrainSettings, agreement: Agreement, hf_config: dict, tokenizer: dict[str, bytes] | None,
