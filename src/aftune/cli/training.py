@@ -139,7 +139,7 @@ def train(
             raise InputError("with --agreement the settings come from it: drop the settings flags")
         agreement = Agreement.load(agreement_path)
     chosen = agreement.settings if agreement is not None else (chosen or TrainSettings())
-    from ..training import distributed
+    from ..training import distributed, launch
 
     launched = distributed.launched_world_size()  # under torchrun: this process is one rank
     if nproc_per_node is not None and launched > 1:
@@ -150,7 +150,7 @@ def train(
     if agreement is None and procs > 1 and chosen.distributed is None and settings.get("world_size") is None:
         chosen = distributed.settings_for(chosen, procs)  # the flags' settings on `procs` ranks
     if procs > 1 and nproc_per_node is not None:
-        result = distributed.spawn_training(procs, model_dir=base_model, data_path=data, run_dir=run_dir,
+        result = launch.spawn_training(procs, model_dir=base_model, data_path=data, run_dir=run_dir,
                                             settings=None if agreement else chosen, key_path=provider_signing_key,
                                             agreement=agreement, resume=resume)
         _print_trained(result)

@@ -1,6 +1,6 @@
 """Several training processes (DDP, FSDP) recorded as one run (SPEC.md 5.5).
 
-    aftune train --nproc-per-node 2 --run-dir RUN ...                 # spawns 2 ranks (gloo on CPU)
+    aftune train --nproc-per-node 2 --run-dir RUN ...                 # spawns 2 ranks (launch.py)
     torchrun --nproc-per-node 2 -m aftune train --run-dir RUN ...     # the same run under torchrun
 
 Each process is one rank of `settings.distributed.world_size`. Rank r runs aftune's engine over
@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.rows import rows_from_json, rows_to_json
-from ..errors import AftuneError, InputError
+from ..errors import InputError
 from .engine import BlockedModel, shard_bounds
 
 ENV_RANK, ENV_WORLD = "RANK", "WORLD_SIZE"
@@ -162,55 +160,3 @@ def settings_for(settings, world_size: int):
     from .settings import DistributedSettings
 
     return replace(settings, distributed=DistributedSettings(world_size=world_size)).validate()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, nproc: int, port: int, threads: int, call: dict, results) -> None:
-    """One spawned rank: the environment torchrun would give it, then `train`."""
-    os.environ.update({ENV_RANK: str(rank), ENV_WORLD: str(nproc), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(threads)
-    from .train import train
-
-    exchange = from_environment()
-    try:
-        result = train(**call, exchange=exchange)
-    except AftuneError as exc:
-        if rank == 0:
-            results.put({"error": f"{type(exc).__name__}", "message": str(exc)})
-        return
-    finally:
-        close(exchange)
-    if rank == 0:
-        results.put({"result": {k: (v.hex() if isinstance(v, bytes) else str(v) if isinstance(v, Path) else v)
-                                for k, v in result.__dict__.items()}})
-
-
-def spawn_training(nproc: int, threads: int | None = None, **call):
-    """Run `train(**call)` on `nproc` spawned ranks of this machine (gloo on CPU) and return
-    rank 0's `TrainResult`. `threads`: each rank's intra-op thread count (the same on every rank:
-    bitwise replay pins the recorded one); default: this process's count divided among ranks."""
-    import torch.multiprocessing as mp
-
-    from .. import errors
-    from .train import TrainResult
-
-    threads = threads or max(1, torch.get_num_threads() // nproc)
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.start_processes(_rank_main, args=(nproc, free_port(), threads, call, results), nprocs=nproc,
-                       start_method="spawn", join=True)
-    said = results.get() if not results.empty() else {"error": "InputError", "message": "rank 0 returned nothing"}
-    if "error" in said:
-        kind = getattr(errors, said["error"], None)
-        raise (kind if isinstance(kind, type) and issubclass(kind, AftuneError) else AftuneError)(said["message"])
-    r = said["result"]
-    return TrainResult(Path(r["run_dir"]), bytes.fromhex(r["config_digest"]), bytes.fromhex(r["run_root"]),
-                       bytes.fromhex(r["final_model_digest"]),
-                       Path(r["public_key_path"]) if r["public_key_path"] not in (None, "None") else None,
-                       r["final_loss"])
