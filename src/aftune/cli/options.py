@@ -24,6 +24,8 @@ import inspect
 
 import typer
 
+from ..errors import InputError
+
 # name -> (type, default, flag, help): the defaults are TrainSettings' own
 SETTINGS_FLAGS = {
     "steps": (int, 32, "--steps", "Optimizer steps."),
@@ -53,19 +55,28 @@ SETTINGS_FLAGS = {
     "boundaries": (str, "digest", "--boundaries", "digest: boundary tensors, the base and the final state committed by "
                    "digest only and regenerated on challenge (aftune prepare, SPEC.md 3.8); or stored: every "
                    "tensor kept."),
+    "world_size": (int, 1, "--world-size", "Processes (ranks) training together; >= 2: data-parallel training recorded "
+                   "per rank (SPEC.md 5.5); grad-accum must be a multiple of it."),
+    "distributed_strategy": (str, "ddp", "--distributed-strategy", "With --world-size >= 2: ddp (every rank holds the "
+                             "whole state) or fsdp (optimizer state and updates sharded by rank)."),
 }
 
 
 def settings_from_flags(values: dict):
     """A TrainSettings from the flags' values (None: not given), or None when no flag was given."""
-    from ..training.settings import LoraSettings, TrainSettings
+    from ..training.settings import DistributedSettings, LoraSettings, TrainSettings
 
     if all(values[name] is None for name in SETTINGS_FLAGS):
         return None
     v = {name: (values[name] if values[name] is not None else SETTINGS_FLAGS[name][1]) for name in SETTINGS_FLAGS}
     lora = LoraSettings(r=v.pop("lora_r"), alpha=v.pop("lora_alpha"),
                         target_modules=tuple(t for t in v.pop("lora_targets").split(",") if t))
-    return TrainSettings(**{k: x for k, x in v.items() if k != "lora"}, lora=lora if v["lora"] else None)
+    world, strategy = v.pop("world_size"), v.pop("distributed_strategy")
+    if world == 1 and values["distributed_strategy"] is not None:
+        raise InputError("--distributed-strategy needs --world-size 2 or more")
+    distributed = DistributedSettings(world_size=world, strategy=strategy) if world != 1 else None
+    return TrainSettings(**{k: x for k, x in v.items() if k != "lora"}, lora=lora if v["lora"] else None,
+                         distributed=distributed)
 
 
 def with_settings_options(command):

@@ -115,6 +115,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in RUN from its last checkpoint "
                                 "before the first unsigned step block (same machine, same --base-model; settings from "
                                 "RUN/agreement.json)."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on this many processes of this "
+                                                 "machine (gloo on CPU, NCCL on GPUs), one rank each; the settings' "
+                                                 "world size (SPEC.md 5.5). Under torchrun, leave it out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     settings=None,
 ):
@@ -136,6 +139,32 @@ def train(
             raise InputError("with --agreement the settings come from it: drop the settings flags")
         agreement = Agreement.load(agreement_path)
     chosen = agreement.settings if agreement is not None else (chosen or TrainSettings())
+    from ..training import distributed, launch
+
+    launched = distributed.launched_world_size()  # under torchrun: this process is one rank
+    if nproc_per_node is not None and launched > 1:
+        raise InputError("--nproc-per-node starts the processes itself: under torchrun leave it out")
+    procs = nproc_per_node or launched
+    if procs < 1:
+        raise InputError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if agreement is None and procs > 1 and chosen.distributed is None and settings.get("world_size") is None:
+        chosen = distributed.settings_for(chosen, procs)  # the flags' settings on `procs` ranks
+    if procs > 1 and nproc_per_node is not None:
+        result = launch.spawn_training(procs, model_dir=base_model, data_path=data, run_dir=run_dir,
+                                            settings=None if agreement else chosen, key_path=provider_signing_key,
+                                            agreement=agreement, resume=resume)
+        _print_trained(result)
+        return
+    if launched > 1:
+        exchange = distributed.from_environment()
+        try:
+            result = run_training(base_model, data, run_dir, None if agreement else chosen,
+                                  key_path=provider_signing_key, agreement=agreement, resume=resume, exchange=exchange)
+        finally:
+            distributed.close(exchange)
+        if result is not None:
+            _print_trained(result)
+        return
     with _progress(quiet) as bar:
         task = bar.add_task("training", total=chosen.steps, unit="steps", note="")
 
@@ -144,6 +173,10 @@ def train(
 
         result = run_training(base_model, data, run_dir, None if agreement else chosen, key_path=provider_signing_key,
                               progress=progress, agreement=agreement, resume=resume)
+    _print_trained(result)
+
+
+def _print_trained(result) -> None:
     out.print(f"run recorded in {result.run_dir} (final loss {result.final_loss:.4f})")
     out.print(f"run root:  {result.run_root.hex()}")
     out.print(f"model:     {result.run_dir / 'model'} (digest {result.final_model_digest.hex()[:16]}…)")

@@ -34,7 +34,7 @@ from ..core.rows import MAX_DIM, MAX_NDIM, TensorRef
 from ..core.signing import PublicKey
 from ..core.store import OBJECT_SUFFIX, ObjectStore
 from ..errors import AftuneError, CommitmentMismatch, InputError, RecordError
-from .manifest import StepBlockManifest, is_boundary
+from .manifest import StepBlockManifest, is_boundary, is_step_gradient
 from .run import RunRecord, committed_settings, signed_run_config
 from .transcript import MAX_TRANSCRIPT_BYTES, Transcript
 
@@ -369,7 +369,7 @@ def _check_manifests(report: CheckReport, rec: RunRecord, rows: CommittedRows) -
         stored_state = settings.stores_state(s)
         for key, ref in m.common.items():
             required = not ("/batch/" in key and ref.dtype in _INTEGER_DTYPES) and not (
-                settings.digest_boundaries and is_boundary(key))
+                settings.digest_boundaries and is_boundary(key)) and not is_step_gradient(key)
             rows.add(ref, where, key, required=required)
         for b, block_rows in enumerate(m.blocks):
             for key, ref in block_rows.items():

@@ -29,11 +29,28 @@ from ..core.encoding import TAG_RNG, hash_message, u64
 from ..errors import InputError
 from .manifest import common_key
 from ..models.base import Adapter, Batch, Context
-from .optim import STATE_NAMES, apply_update, clip_coefficient, init_state, tensor_norms
+from .optim import STATE_NAMES, apply_update, clip_coefficient, decays, init_state, tensor_norms
 from . import portable
 from .portable import TAU, TAU_STATE, WriterGrid, log_key, state_scale
 from ..core.grid import row_scale
 from ..data.sft import accumulation_weights
+
+
+def shard_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
+    """FSDP (SPEC.md 5.5): rank r's flat shard of a tensor of `numel` elements is elements
+    [min(r*c, n), min((r+1)*c, n)) of its row-major flattening, c = ceil(n / world_size)."""
+    c = -(-numel // world_size)
+    return [(min(r * c, numel), min((r + 1) * c, numel)) for r in range(world_size)]
+
+
+def rank_gradient_key(step: int, rank: int, name: str) -> str:
+    """The commitment of rank `rank`'s local gradient of parameter `name` in step `step`."""
+    return f"step/{step:08d}/rank/{rank:04d}/gradient/{name}"
+
+
+def reduced_gradient_key(step: int, name: str) -> str:
+    """The commitment of the reduced (applied, before clipping) gradient of `name` in `step`."""
+    return f"step/{step:08d}/gradient/{name}"
 
 
 def rng_seed(algorithm: str, seed: int, step: int, micro: int, block: int) -> int:
@@ -79,6 +96,9 @@ class BlockedModel:
             for name, p in layout.trainable:
                 self.optim_state[name] = init_state(self.optimizer, p.detach())
         self.owner = {name: b for b, lay in enumerate(self.layout) for name, _ in lay.params}
+        # several processes (SPEC.md 5.5): world size 1 is the one-process run of every earlier version
+        self.world_size = settings.world_size
+        self.fsdp = settings.distributed is not None and settings.distributed.strategy == "fsdp"
         # portable numerics (training/portable.py): float64 compute, every crossing value rounded
         # to the float32 grid through a grid (WriterGrid for the provider, ReplayGrid to verify)
         self.portable = settings.numerics == "portable"
@@ -162,8 +182,21 @@ class BlockedModel:
         for name, buf in lay.buffers:
             out[f"state/{name}"] = (name, buf)
         for name, _ in lay.trainable:
-            for s in STATE_NAMES[self.optimizer.name]:
-                out[f"optim/{name}/{s}"] = (f"{name}/{s}", self.optim_state[name][s])
+            out.update(self.optim_tensors(name))
+        return out
+
+    def optim_tensors(self, name: str) -> dict[str, tuple[str, torch.Tensor]]:
+        """The optimizer state of trainable `name` by key: one tensor per slot, or under FSDP one
+        flat shard per slot and rank (`optim/{name}/{slot}/shard/{r:04d}`, SPEC.md 5.5)."""
+        out = {}
+        for slot in STATE_NAMES[self.optimizer.name]:
+            t = self.optim_state[name][slot]
+            if not self.fsdp:
+                out[f"optim/{name}/{slot}"] = (f"{name}/{slot}", t)
+                continue
+            flat = t.view(-1)
+            for r, (lo, hi) in enumerate(shard_bounds(flat.numel(), self.world_size)):
+                out[f"optim/{name}/{slot}/shard/{r:04d}"] = (f"{name}/{slot}/shard/{r:04d}", flat[lo:hi])
         return out
 
     def foreign_state_keys(self, block: int) -> list[tuple[str, int]]:
@@ -172,7 +205,7 @@ class BlockedModel:
         for name, p, owner in self.layout[block].foreign:
             keys.append((f"state/{name}", owner))
             if p.requires_grad:
-                keys += [(f"optim/{name}/{s}", owner) for s in STATE_NAMES[self.optimizer.name]]
+                keys += [(k, owner) for k in self.optim_tensors(name)]
         return keys
 
     @torch.no_grad()
@@ -181,6 +214,12 @@ class BlockedModel:
         kind, _, rest = key.partition("/")
         if kind == "state":
             target = self._state_target(rest)
+        elif kind == "optim" and self.fsdp:
+            name, _, slot = rest.partition("/shard/")[0].rpartition("/")
+            found = self.optim_tensors(name).get(key) if name in self.optim_state else None
+            if found is None:
+                raise InputError(f"unknown optimizer state {key!r}")
+            target = found[1]
         elif kind == "optim":
             name, _, slot = rest.rpartition("/")
             if name not in self.optim_state or slot not in self.optim_state[name]:
@@ -261,61 +300,119 @@ class BlockedModel:
 
     # --- one optimizer step of the whole model (the provider's side) ------------------------
     def train_step(self, step: int, batches: list[Batch], fields: tuple[str, ...], commit=None,
-                   before_update=None, after_update=None) -> float:
+                   before_update=None, after_update=None, exchange=None, on_local_gradients=None) -> float:
         """Run optimizer step `step` over its micro-batches, block by block. `commit(key, name,
         tensor)` receives every cross-block tensor under its manifest key (SPEC.md 3.3): the batch,
         boundary activations and gradients, losses and gradient norms (tied-weight gradient parts
-        are not committed: 5.2.4). Returns the mean loss."""
+        are not committed: 5.2.4). Returns the mean loss of the micro-batches run here.
+
+        Several processes (SPEC.md 5.5; `settings.distributed`): `batches` are all the step's
+        micro-batches (SFT weights need them all); `exchange` (training/distributed.py) is this
+        process's rank and its collectives, and it runs only its rank's micro-batches. Without
+        one, every rank is computed here in turn (a verifier's regeneration): the same record.
+        `on_local_gradients(step, rank, grads)` sees each rank's local gradients before they are
+        committed and exchanged (a dishonest rank in the tests)."""
         commit = commit or (lambda key, name, tensor: None)
         grid = WriterGrid(commit) if self.portable else None
         nb = len(self.blocks)
-        losses = []
         weights = [None] * len(batches)
         if self.settings.sft is not None:  # the Trainer's weighting of micro-batches (SPEC.md 4.4.1)
             weights = accumulation_weights([batch["labels"] for batch in batches])
-        for m, batch in enumerate(batches):
-            for field_name in fields:
-                commit(common_key(step, m, "batch", field_name), field_name, batch[field_name])
-            ctx = self.context(batch)
-            inputs, outputs, aliases, crossing = [], [], [], []
-            for b in range(nb):
-                x_in = None if b == 0 else crossing[-1].detach().requires_grad_(True)
-                out, alias = self.forward(b, x_in, ctx, step, m)
-                inputs.append(x_in)
-                outputs.append(out)
-                aliases.append(alias)
-                if b < nb - 1:
-                    crossing.append(self.settle(grid, log_key(step, m, "boundary", f"{b + 1:04d}", "activation"),
-                                                out.detach()))
-            loss = self.settle(grid, log_key(step, m, "loss"), outputs[-1].detach())
-            grad_out = self.loss_gradient(outputs[-1], weights[m])
-            alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-            for b in reversed(range(nb)):
-                r = self.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
-                if b > 0:
-                    grad_in = self.settle(grid, log_key(step, m, "boundary", f"{b:04d}", "gradient"), r.input_grad)
-                    commit(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation",
-                           self.committed(crossing[b - 1]))
-                    commit(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", self.committed(grad_in))
-                    grad_out = grad_in
-                for name, part in r.alias_parts.items():
-                    alias_parts.setdefault(name, []).append((b, part))
-            self.add_tied_parts(alias_parts)  # the fixed order: owner's part (autograd), then by block
-            commit(common_key(step, m, "loss"), "loss", loss.float())
-            losses.append(float(loss))
+        losses = []
+        lead = exchange is None or exchange.rank == 0  # commits what every rank computes alike
+        if self.world_size == 1:
+            for m, batch in enumerate(batches):
+                losses.append(self.micro_step(step, m, batch, fields, weights[m], commit, grid))
+        else:
+            ranks = range(self.world_size) if exchange is None else [exchange.rank]
+            local = {}
+            for r in ranks:
+                for m in self.settings.micro_batches_of(r):
+                    losses.append(self.micro_step(step, m, batches[m], fields, weights[m], commit, grid))
+                grads = self.take_gradients(range(nb))
+                if on_local_gradients:
+                    on_local_gradients(step, r, grads)
+                for name, g in grads.items():
+                    commit(rank_gradient_key(step, r, name), f"gradient/{name}", g)
+                local[r] = grads
+            gathered = [local[r] for r in range(self.world_size)] if exchange is None else \
+                exchange.gradients(local[exchange.rank])
+            self.reduce_gradients(gathered, step, commit if lead else None)
         for b in range(nb):
             self.settle_gradients(b, step, grid)
         norms = [self.grad_norms(b, step, grid) for b in range(nb)]
-        for b in range(nb):
-            commit(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", self.committed(norms[b]))
+        if lead:
+            for b in range(nb):
+                commit(common_key(step, None, "grad_norms", f"{b:04d}"), "grad_norms", self.committed(norms[b]))
         coef = self.clip(norms)
         if before_update:
             before_update(step, self)
         for b in range(nb):
-            self.update(b, step, coef, grid)
+            self.update(b, step, coef, grid, shards=None if exchange is None else [exchange.rank])
+        if exchange is not None and self.fsdp:
+            exchange.parameters(self)  # every rank's updated shards, to every rank
         if after_update:
             after_update(step, self)
         return sum(losses) / len(losses)
+
+    def micro_step(self, step: int, m: int, batch: Batch, fields: tuple[str, ...], weight: float | None, commit,
+                   grid) -> float:
+        """Forward and backward of micro-batch `m` of `step` through every block (SPEC.md 5.2.1);
+        its parameter gradients accumulate into the owners' `.grad`."""
+        nb = len(self.blocks)
+        for field_name in fields:
+            commit(common_key(step, m, "batch", field_name), field_name, batch[field_name])
+        ctx = self.context(batch)
+        inputs, outputs, aliases, crossing = [], [], [], []
+        for b in range(nb):
+            x_in = None if b == 0 else crossing[-1].detach().requires_grad_(True)
+            out, alias = self.forward(b, x_in, ctx, step, m)
+            inputs.append(x_in)
+            outputs.append(out)
+            aliases.append(alias)
+            if b < nb - 1:
+                crossing.append(self.settle(grid, log_key(step, m, "boundary", f"{b + 1:04d}", "activation"),
+                                            out.detach()))
+        loss = self.settle(grid, log_key(step, m, "loss"), outputs[-1].detach())
+        grad_out = self.loss_gradient(outputs[-1], weight)
+        alias_parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for b in reversed(range(nb)):
+            r = self.backward(b, outputs[b], grad_out, inputs[b], aliases[b])
+            if b > 0:
+                grad_in = self.settle(grid, log_key(step, m, "boundary", f"{b:04d}", "gradient"), r.input_grad)
+                commit(common_key(step, m, "boundary", f"{b:04d}", "activation"), "activation",
+                       self.committed(crossing[b - 1]))
+                commit(common_key(step, m, "boundary", f"{b:04d}", "gradient"), "gradient", self.committed(grad_in))
+                grad_out = grad_in
+            for name, part in r.alias_parts.items():
+                alias_parts.setdefault(name, []).append((b, part))
+        self.add_tied_parts(alias_parts)  # the fixed order: owner's part (autograd), then by block
+        commit(common_key(step, m, "loss"), "loss", loss.float())
+        return float(loss)
+
+    # --- several processes (SPEC.md 5.5) ------------------------------------------------------
+    def take_gradients(self, blocks) -> dict[str, torch.Tensor]:
+        """The accumulated gradient of every trainable tensor the `blocks` own (zeros where none),
+        in ownership order; the parameters' gradients are cleared."""
+        out = {}
+        for b in blocks:
+            for name, p in self.layout[b].trainable:
+                out[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = None
+        return out
+
+    @torch.no_grad()
+    def reduce_gradients(self, gathered: list[dict[str, torch.Tensor]], step: int, commit=None) -> None:
+        """The pinned reduction: each trainable tensor's gradient is the sum of the ranks' local
+        gradients in rank order, ((g_0 + g_1) + g_2) + ... (elementwise, in the gradient's dtype),
+        set as the parameter's gradient; `commit` receives it under its reduced-gradient key."""
+        for name in gathered[0]:
+            total = gathered[0][name] + gathered[1][name]
+            for r in range(2, len(gathered)):
+                total.add_(gathered[r][name])
+            if commit is not None:
+                commit(reduced_gradient_key(step, name), f"gradient/{name}", total.clone())  # update scales it in place
+            self.parameter(name).grad = total
 
     # --- portable numerics ----------------------------------------------------------------------
     @staticmethod
@@ -354,13 +451,18 @@ class BlockedModel:
         return clip_coefficient(self.optimizer.max_grad_norm, all_norms)
 
     @torch.no_grad()
-    def update(self, block: int, step: int, coef: float | None, grid=None) -> None:
+    def update(self, block: int, step: int, coef: float | None, grid=None, shards=None) -> None:
         """Clip and apply the optimizer to the block's trainable tensors, then clear gradients
-        (portable: the new weights and optimizer state settled on the grid)."""
+        (portable: the new weights and optimizer state settled on the grid). FSDP: the update runs
+        shard by shard (SPEC.md 5.5), over the ranks in `shards` (None: all)."""
         for name, p in self.layout[block].trainable:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if coef is not None:
                 g.mul_(coef)  # in place: the gradient is dropped below (a copy costs a large tensor's page faults)
+            if self.fsdp:
+                self.update_shards(name, p, g, step, shards)
+                p.grad = None
+                continue
             state = self.optim_state[name]
             before = {"": p.data.clone(), **{k: t.clone() for k, t in state.items()}} if grid is not None else None
             apply_update(self.optimizer, p.data, g, state, step)
@@ -371,3 +473,16 @@ class BlockedModel:
                     t.copy_(self.settle(grid, log_key(step, None, "optim", name, slot), t, TAU_STATE,
                                         state_scale(before[slot], t)))
             p.grad = None
+
+    @torch.no_grad()
+    def update_shards(self, name: str, p: torch.Tensor, g: torch.Tensor, step: int, shards=None) -> None:
+        """FSDP: the optimizer on each flat shard of `p` on its own (weight decay as for the whole
+        tensor), as rank r runs it on its shard; elementwise, so the shards make the whole update."""
+        flat_p, flat_g = p.data.view(-1), g.reshape(-1)
+        bounds = shard_bounds(flat_p.numel(), self.world_size)
+        for r in range(self.world_size) if shards is None else shards:
+            lo, hi = bounds[r]
+            if lo == hi:
+                continue
+            state = {slot: t.view(-1)[lo:hi] for slot, t in self.optim_state[name].items()}
+            apply_update(self.optimizer, flat_p[lo:hi], flat_g[lo:hi], state, step, decay=decays(p))

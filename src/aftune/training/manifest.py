@@ -37,6 +37,14 @@ def is_boundary(key: str) -> bool:
     return "/boundary/" in key
 
 
+def is_step_gradient(key: str) -> bool:
+    """Whether a common entry is a rank's local or the reduced gradient of a step (several
+    processes, SPEC.md 5.5): committed by digest only, a verifier recomputes them."""
+    head, _, rest = key.partition("/rank/")
+    return (bool(rest) and rest.partition("/")[2].startswith("gradient/")) or \
+        (key.startswith("step/") and key.split("/", 3)[2:3] == ["gradient"])
+
+
 def subtree_label(block: int | None) -> str:
     return "common" if block is None else f"block/{block:04d}"
 

@@ -72,10 +72,11 @@ def init_state(spec: OptimizerSpec, param: torch.Tensor) -> dict[str, torch.Tens
 
 @torch.no_grad()
 def apply_update(spec: OptimizerSpec, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-                 step: int) -> None:
-    """One optimizer step (`step` is 0-based) on one tensor, in place."""
+                 step: int, decay: bool | None = None) -> None:
+    """One optimizer step (`step` is 0-based) on one tensor, in place. `decay`: whether weight
+    decay applies (default: `decays(param)`; a flat FSDP shard passes its whole tensor's)."""
     lr = spec.lr_at(step)
-    wd = spec.weight_decay if decays(param) else 0.0
+    wd = spec.weight_decay if (decays(param) if decay is None else decay) else 0.0
     if spec.name == "adamw":
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         t = step + 1

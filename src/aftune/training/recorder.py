@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .manifest import StepBlockManifest, is_boundary
+from .manifest import StepBlockManifest, is_boundary, is_step_gradient
 from ..core.store import ObjectStore, TensorRef
 from .transcript import TranscriptWriter
 
@@ -35,6 +35,8 @@ def stored_common(key: str, tensor: torch.Tensor, digest_boundaries: bool = Fals
     batch fields, which no verifier loads, and, with digest-only boundaries, the boundary
     tensors (SPEC.md 3.8: regenerated on challenge)."""
     if digest_boundaries and is_boundary(key):
+        return False
+    if is_step_gradient(key):  # several processes: the ranks' and the reduced gradients (SPEC.md 5.5)
         return False
     return tensor.is_floating_point() or "/batch/" not in key
 
@@ -120,6 +122,18 @@ class Recorder:
             t = t.cpu()
         self._open[step_block][2][key] = self._add("common", name, t, stored_common(key, t, self.digest_boundaries))
 
+    def merge(self, step_block: int, common: dict[str, TensorRef], blocks: list[dict[str, TensorRef]]) -> None:
+        """Several ranks (SPEC.md 5.5): add another rank's rows of `step_block` (its objects are
+        in the store already). A key committed twice is an internal error, not a record."""
+        _, _, mine, my_blocks = self._open[step_block]
+        for target, rows in [(mine, common)] + list(zip(my_blocks, blocks)):
+            for key, ref in rows.items():
+                if key in target:
+                    raise RuntimeError(f"two ranks committed {key}")
+                done: Future = Future()
+                done.set_result(ref)
+                target[key] = done
+
     def end(self, step_block: int) -> None:
         """Close `step_block`: it is committed and signed in the background. Waits for the step
         block before the previous one, so at most two are in flight."""
@@ -149,3 +163,18 @@ class Recorder:
         finally:
             self._workers.shutdown(wait=True)
             self._committer.shutdown(wait=True)
+
+
+class RankRecorder(Recorder):
+    """A rank other than 0 (SPEC.md 5.5): hashes and stores its tensors in the run's object store
+    like the recorder of rank 0, but writes no manifest and signs nothing: `end` returns the
+    step block's rows, which rank 0 merges into its manifest."""
+
+    def __init__(self, run_dir: Path, algorithm: str, num_blocks: int, digest_boundaries: bool = False):
+        super().__init__(run_dir, algorithm, num_blocks, None, digest_boundaries=digest_boundaries)
+
+    def end(self, step_block: int) -> tuple[dict[str, TensorRef], list[dict[str, TensorRef]]]:
+        self._flush()
+        _, _, common, blocks = self._open.pop(step_block)
+        return ({k: Future.result(f) for k, f in common.items()},
+                [{k: Future.result(f) for k, f in b.items()} for b in blocks])

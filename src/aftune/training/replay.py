@@ -23,6 +23,7 @@ from ..errors import CommitmentMismatch, RecordError
 from ..models.shapes import TensorSpec
 from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
 from ..verdict.comparison import STATE_KINDS, relative_errors, state_errors, tensor_kind
+from .engine import rank_gradient_key, reduced_gradient_key
 from .manifest import StepBlockManifest, common_key
 from .portable import ReplayGrid, log_key
 
@@ -33,6 +34,10 @@ REASONS = {
     "input_gradient": "the recomputed input gradient differs from the committed one",
     "grad_norms": "the recomputed gradient norms differ from the committed ones",
     "end_state": "replaying the committed steps does not reach the committed end-of-block state",
+    "rank_gradient": "the rank's recomputed local gradient (the sum over its micro-batches) differs from the one it "
+                     "committed",
+    "reduced_gradient": "the applied gradient is not the agreed reduction (the rank-order sum) of the ranks' "
+                        "gradients",
     "numerics": "logged values that are not the rounding of any value within the cross-hardware bound of the "
                 "replay's own (portable numerics: the log may only settle elements near a rounding midpoint)",
 }
@@ -170,8 +175,11 @@ class BlockReplay:
         if bm.portable:
             self.grid = ReplayGrid(m_start.common, lambda ref, key: v.record.store.get(ref, key), self.refuse)
         for step in expected_steps:
-            for m in range(v.settings.grad_accum):
-                self.replay_micro(m_start, step, m)
+            if bm.world_size == 1:
+                for m in range(v.settings.grad_accum):
+                    self.replay_micro(m_start, step, m)
+            else:
+                self.replay_ranks(m_start, step)
             self.update(m_start, step)
         return self.end_state(m_end)
 
@@ -231,7 +239,10 @@ class BlockReplay:
             self.compare(common.get(key), batch[field], check="batch", tensor=key, step=step, micro=m)
             if len(self.res.findings) > before:
                 f = self.res.findings[-1]
-                self.res.findings[-1] = Finding(**{**f.__dict__, "reason": f.reason + f"; the agreed examples are {indices}"})
+                where = f"; the agreed examples are {indices}"
+                if bm.world_size > 1:
+                    where += f"; micro-batch {m} runs on rank {m % bm.world_size} of {bm.world_size}"
+                self.res.findings[-1] = Finding(**{**f.__dict__, "reason": f.reason + where})
                 raise StopReplay  # later tensors were computed from another batch
         outputs = v.shapes.training_outputs(bm.blocks, batch)
         if v.replay_dtype != torch.float32 and "pixel_values" in batch:
@@ -243,6 +254,38 @@ class BlockReplay:
             for name, part in r.alias_parts.items():
                 alias_parts.setdefault(name, []).append((b, part))
         bm.add_tied_parts(alias_parts)  # v1 records' committed parts (shared/...) are not read
+
+    def replay_ranks(self, manifest: StepBlockManifest, step: int) -> None:
+        """Several processes (SPEC.md 5.5): each rank's micro-batches in turn, its local gradient
+        compared with its commitment, then the pinned reduction (rank-order sum), compared with
+        the committed reduced gradient and applied."""
+        bm, common, world = self.bm, manifest.common, self.bm.world_size
+        gathered = []
+        for r in range(world):
+            for m in self.v.settings.micro_batches_of(r):
+                self.replay_micro(manifest, step, m)
+            grads = bm.take_gradients(self.members)
+            for name, g in grads.items():
+                self.compare_step_gradient(common, rank_gradient_key(step, r, name), g, "rank_gradient", step, r)
+            gathered.append(grads)
+        bm.reduce_gradients(gathered, step)
+        for b in self.members:
+            for name, p in bm.layout[b].trainable:
+                self.compare_step_gradient(common, reduced_gradient_key(step, name), p.grad, "reduced_gradient",
+                                           step, None)
+
+    def compare_step_gradient(self, common, key: str, g: torch.Tensor, check: str, step: int, rank: int | None) -> None:
+        """A rank's or the reduced gradient, against its digest (strict mode only: they are
+        committed by digest only; tolerance mode checks them through the norms and the end state)."""
+        if not self.v.comparison.strict:
+            return
+        before = len(self.res.findings)
+        self.compare(common.get(key), g, check=check, tensor=key, step=step)
+        if rank is not None and len(self.res.findings) > before:
+            f = self.res.findings[-1]
+            micros = list(self.v.settings.micro_batches_of(rank))
+            self.res.findings[-1] = Finding(**{**f.__dict__, "reason": f"rank {rank} of {self.bm.world_size} "
+                                               f"(micro-batches {micros}): {f.reason}"})
 
     def replay_block(self, common, b: int, step: int, m: int, ctx, outputs):
         """Forward from the committed input boundary, compare the output (or loss), backward from

@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION = ("sdpa", "eager")
 NUMERICS = ("native", "portable")  # training/portable.py
 BOUNDARIES = ("stored", "digest")  # SPEC.md 3.8
+STRATEGIES = ("ddp", "fsdp")  # SPEC.md 5.5
+DATA_SHARDINGS = ("micro_mod_world",)  # micro-batch m of a step goes to rank m mod world_size
+REDUCTIONS = ("rank_order_sum",)  # sum of the ranks' local gradients in rank order 0..W-1
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,38 @@ class LoraSettings:
     alpha: int = 16  # scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter input
     target_modules: tuple[str, ...] = ()  # empty: PEFT's default for the architecture
+
+
+@dataclass(frozen=True)
+class DistributedSettings:
+    """Several processes (SPEC.md 5.5): who computes what, and how their gradients combine."""
+
+    world_size: int = 2  # processes (ranks) training together, >= 2
+    strategy: str = "ddp"  # ddp: every rank holds the whole state; fsdp: optimizer state and updates sharded
+    data_sharding: str = "micro_mod_world"  # micro-batch m of each step runs on rank m mod world_size
+    reduction: str = "rank_order_sum"  # reduced gradient = ((g_0 + g_1) + ...) + g_{W-1}, pinned order
+
+    def problems(self, grad_accum: int) -> list[str]:
+        out = []
+        w = self.world_size
+        if isinstance(w, bool) or not isinstance(w, int) or w < 2:
+            out.append(f"distributed.world_size must be an integer >= 2, got {w!r}")
+        elif isinstance(grad_accum, int) and grad_accum % w:
+            out.append(f"grad_accum ({grad_accum}) must be a multiple of distributed.world_size ({w}): every rank "
+                       "runs the same number of micro-batches per step")
+        for name, allowed in (("strategy", STRATEGIES), ("data_sharding", DATA_SHARDINGS),
+                              ("reduction", REDUCTIONS)):
+            if getattr(self, name) not in allowed:
+                out.append(f"distributed.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "DistributedSettings":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(obj, dict) or set(obj) != names:
+            raise InputError(f"run config: 'settings.distributed' must be an object with exactly the members "
+                             f"{sorted(names)}")
+        return cls(**obj)
 
 
 @dataclass(frozen=True)
@@ -68,6 +103,16 @@ class TrainSettings:
     # supervised fine-tuning as TRL defines it (chat template, loss mask; data/sft.py, SPEC.md 4.4.1);
     # None: every token of text/messages data is trained on (SPEC.md 4.4)
     sft: SftSettings | None = None
+    # several processes (SPEC.md 5.5): None trains on one process, as every run before it
+    distributed: DistributedSettings | None = None
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.distributed is None else self.distributed.world_size
+
+    def micro_batches_of(self, rank: int) -> range:
+        """The micro-batches (indices within a step) that rank `rank` runs (SPEC.md 5.5)."""
+        return range(rank, self.grad_accum, self.world_size)
 
     def problems(self) -> list[str]:
         out = []
@@ -113,6 +158,11 @@ class TrainSettings:
                 out.append("lora.target_modules must be a list of module names")
         if self.sft is not None:
             out += self.sft.problems()
+        if self.distributed is not None:
+            out += self.distributed.problems(self.grad_accum)
+            if self.numerics == "portable":
+                out.append("numerics portable is not available with several processes (distributed): train with "
+                           "native numerics")
         return out
 
     def validate(self) -> "TrainSettings":
@@ -163,6 +213,8 @@ class TrainSettings:
             del d["sft"]  # likewise before sft existed
         else:
             d["sft"] = self.sft.to_json()
+        if self.distributed is None:
+            del d["distributed"]  # likewise before several processes
         if self.lora is not None:
             d["lora"]["target_modules"] = list(self.lora.target_modules)
         return d
@@ -189,6 +241,8 @@ class TrainSettings:
             values["lora"] = LoraSettings(**{**lora, "target_modules": tuple(tm)})
         if values.get("sft") is not None:
             values["sft"] = SftSettings.from_json(values["sft"])
+        if values.get("distributed") is not None:
+            values["distributed"] = DistributedSettings.from_json(values["distributed"])
         try:
             settings = cls(**values)
         except TypeError as exc:

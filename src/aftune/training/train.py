@@ -13,6 +13,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -23,7 +24,7 @@ from ..core.encoding import DTYPE_BY_NAME, canonical_json
 from ..core.merkle import files_root
 from ..core.signing import SigningKey
 from ..data import BatchSpec, OrderCache, build_batch, copy_into, load_dataset
-from ..errors import InputError
+from ..errors import AftuneError, InputError
 from ..models import (
     HeadInit,
     load_pretrained,
@@ -36,7 +37,8 @@ from ..version import __version__
 from .agreement import Agreement, agreement_from, differences
 from .engine import BlockedModel
 from .instantiate import instantiate
-from .recorder import Recorder
+from .distributed import commits_state
+from .recorder import RankRecorder, Recorder
 from .resume import load_checkpoint, resume_point
 from .run import MAX_CONFIG_BYTES, config_digest
 from .settings import RUN_FORMAT, TrainSettings
@@ -58,6 +60,10 @@ class Deviation:
     def after_update(self, step: int, blocked: BlockedModel) -> None:
         pass
 
+    def local_gradients(self, step: int, rank: int, grads: dict[str, torch.Tensor]) -> None:
+        """Several processes: rank `rank`'s local gradients of `step`, before they are committed
+        and exchanged (SPEC.md 5.5); change them in place to cheat."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -71,12 +77,78 @@ class TrainResult:
 
 def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: str | Path,
           settings: TrainSettings | None = None, key_path: str | Path | None = None, progress: Progress | None = None,
-          deviation: Deviation | None = None, agreement: Agreement | None = None, resume: bool = False) -> TrainResult:
+          deviation: Deviation | None = None, agreement: Agreement | None = None, resume: bool = False,
+          exchange=None) -> TrainResult | None:
     """Fine-tune `model_dir` on `data_path` into the new directory `run_dir`, recording. The
     settings come from the client's `agreement` (whose base model and data must be the ones given)
     or, without one, from `settings`; the run config commits the agreement's digest either way.
     `resume`: continue the interrupted run in `run_dir` (training/resume.py) under the agreement
-    it was made with, from the same base model; the data default to the run's own copy."""
+    it was made with, from the same base model; the data default to the run's own copy.
+    `exchange`: this process is one rank of several (training/distributed.py, SPEC.md 5.5); rank 0
+    returns the result, the other ranks None."""
+    call = dict(model_dir=model_dir, data_path=data_path, run_dir=run_dir, settings=settings, key_path=key_path,
+                deviation=deviation, agreement=agreement, resume=resume, exchange=exchange)
+    if exchange is None:
+        st = _setup(**call)
+    else:  # several ranks (SPEC.md 5.5): every rank stops when one cannot start
+        st, error = None, None
+        try:
+            st = _setup(**call)
+        except AftuneError as exc:
+            error = exc
+        exchange.check_all(error)
+        threads = exchange.all_objects(torch.get_num_threads())
+        if len(set(threads)) > 1:
+            raise InputError(f"the ranks run with different intra-op thread counts {threads}: bitwise replay needs one "
+                             "(set OMP_NUM_THREADS, or torch.set_num_threads, alike on every rank)")
+        if not exchange.lead:  # after rank 0 made the run directory
+            st.recorder = RankRecorder(Path(run_dir), st.settings.hash_algorithm, len(st.blocked.blocks),
+                                       digest_boundaries=st.settings.digest_boundaries)
+    settings, blocked, recorder, dataset = st.settings, st.blocked, st.recorder, st.dataset
+    deviation = deviation or Deviation()
+    lead = exchange is None or exchange.lead
+    order = OrderCache(settings.hash_algorithm, settings.seed, len(dataset.examples))
+    loss_value = float("nan")
+    losses: list[float] = []
+    try:
+        for s in range(st.first_block, settings.num_step_blocks + 1):
+            steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
+            recorder.begin(s, steps.start, len(steps))
+            hashing = _commit_state(blocked, recorder, s, settings.stores_state(s), exchange)
+            for t in steps:
+                loss_value = _train_step(blocked, recorder, s, t, dataset, order, st.spec, st.tokenizer,
+                                         deviation, wait_before_update=hashing, exchange=exchange)
+                losses.append(loss_value)
+                hashing = []
+                if progress:
+                    progress(t + 1, settings.steps, loss_value)
+            if exchange is None:
+                recorder.end(s)
+            elif lead:
+                for common, blocks in exchange.rows(s, None):
+                    recorder.merge(s, common, blocks)
+                recorder.end(s)
+            else:
+                exchange.rows(s, recorder.end(s))
+        recorder.close()
+    except BaseException:
+        recorder.close()
+        raise
+    if not lead:
+        return None
+    run, algorithm, writer = st.run, settings.hash_algorithm, st.writer
+    root_module, model = st.root_module, st.model
+    base_files, digest, public_key_path = st.base_files, st.digest, st.public_key_path
+
+    final_digest = _save_model(root_module, model, base_files, run, settings, algorithm)
+    run_root = writer.finish(final_digest)
+    return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value, tuple(losses))
+
+
+def _setup(model_dir, data_path, run_dir, settings, key_path, deviation, agreement, resume, exchange) -> SimpleNamespace:
+    """Everything before the first step: inputs checked against the agreement, the model built,
+    and (rank 0, or the one process) the run directory, its config and the recorder."""
+    lead = exchange is None or exchange.lead
     run = Path(run_dir)
     if resume:
         existing = _existing_run(run)
@@ -91,7 +163,15 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     settings.validate()
     model_dir = Path(model_dir) if model_dir else builtin.MODEL_DIR
     data_path = Path(data_path) if data_path else builtin.DATA_FILE
-    if not resume and run.exists() and any(run.iterdir()):
+    procs = 1 if exchange is None else exchange.world_size
+    if settings.world_size != procs:
+        raise InputError(f"the settings say world size {settings.world_size} (distributed), this run has {procs} "
+                         f"process{'es' if procs > 1 else ''}: start it with --nproc-per-node {settings.world_size}"
+                         if settings.world_size > 1 else "these settings are for one process (no distributed "
+                         "settings): start it without --nproc-per-node or torchrun")
+    if resume and procs > 1:
+        raise InputError("--resume is not available with several processes yet")
+    if lead and not resume and run.exists() and any(run.iterdir()):
         raise InputError(f"run directory {run} already exists and is not empty: records are never overwritten")
     algorithm = settings.hash_algorithm
 
@@ -106,7 +186,9 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         if wrong:
             raise InputError("the model and data given are not the agreed ones:\n  - " + "\n  - ".join(wrong[:12]))
     agreement = agreement or own
-    if key_path:
+    if not lead:
+        key = None
+    elif key_path:
         key = SigningKey.load(key_path)
     else:
         key = SigningKey.load(run / "provider.key") if resume else SigningKey.generate()
@@ -120,6 +202,10 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
     files = tokenizer_files(model_dir) if dataset.kind != "image_folder" else None
     tokenizer = tokenizer_from_files(files) if files is not None else None  # exactly what the verifier loads
     public_key_path = None
+    spec = agreement.batch_spec()
+    if not lead:  # rank 0 writes the run directory; this rank's recorder starts once it exists
+        return SimpleNamespace(settings=settings, blocked=blocked, recorder=None, dataset=dataset, first_block=0,
+                               spec=spec, tokenizer=tokenizer)
     if resume:
         data_rel = existing["data"]["path"]
         public_key_path = run / "provider.key.pub" if not key_path and (run / "provider.key.pub").is_file() else None
@@ -135,7 +221,6 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
             for name, data in files.items():
                 (run / "tokenizer" / name).write_bytes(data)
         data_rel = str(copy_into(dataset, run / "data").relative_to(run))
-    spec = agreement.batch_spec()
     config_bytes = canonical_json(_run_config(settings, agreement, hf_config, files, dataset, data_rel, spec, blocked,
                                               model))
     digest = config_digest(algorithm, config_bytes)
@@ -159,30 +244,11 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
         writer = TranscriptWriter(run / "transcript.jsonl", key, algorithm, digest)
         recorder = Recorder(run, algorithm, len(blocked.blocks), writer, digest_boundaries=settings.digest_boundaries)
         first_block = 0
-    order = OrderCache(algorithm, settings.seed, len(dataset.examples))
-    loss_value = float("nan")
-    losses: list[float] = []
-    try:
-        for s in range(first_block, settings.num_step_blocks + 1):
-            steps = settings.steps_of(s) if s < settings.num_step_blocks else range(settings.steps, settings.steps)
-            recorder.begin(s, steps.start, len(steps))
-            hashing = _commit_state(blocked, recorder, s, settings.stores_state(s))
-            for t in steps:
-                loss_value = _train_step(blocked, recorder, s, t, dataset, order, spec, tokenizer,
-                                         deviation or Deviation(), wait_before_update=hashing)
-                losses.append(loss_value)
-                hashing = []
-                if progress:
-                    progress(t + 1, settings.steps, loss_value)
-            recorder.end(s)
-        recorder.close()
-    except BaseException:
-        recorder.close()
-        raise
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k in _SETUP})
 
-    final_digest = _save_model(root_module, model, base_files, run, settings, algorithm)
-    run_root = writer.finish(final_digest)
-    return TrainResult(run, digest, run_root, final_digest, public_key_path, loss_value, tuple(losses))
+
+_SETUP = ("settings", "blocked", "recorder", "dataset", "first_block", "spec", "tokenizer", "run", "writer",
+          "root_module", "model", "base_files", "digest", "public_key_path")
 
 
 def _run_config(settings: TrainSettings, agreement: Agreement, hf_config: dict, tokenizer: dict[str, bytes] | None,
@@ -218,18 +284,21 @@ def _existing_run(run: Path) -> dict:
     return config
 
 
-def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: bool) -> list:
+def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: bool, exchange=None) -> list:
     """Hand every layer block's state at the start of step block `s` to the recorder.
 
     Weights and optimizer state are hashed, and at checkpoints stored, in place while the step
     block's first forward and backward run (they only read them); the returned futures must
     complete before the first optimizer update. (A copy of a 135M model's state costs the
     training thread seconds of page faults at every checkpoint: benchmarks/README.md.) Buffers
-    are copied: a forward pass may update them (BatchNorm statistics)."""
+    are copied: a forward pass may update them (BatchNorm statistics). Several ranks: each
+    commits its part (`distributed.commits_state`)."""
     live = []
     for b in range(len(blocked.blocks)):
         buffers = {name for name, _ in blocked.layout[b].buffers}
         for k, (name, t) in blocked.state_tensors(b).items():
+            if not commits_state(exchange, k):
+                continue
             if blocked.portable and t.is_floating_point():
                 recorder.state(s, b, k, name, blocked.committed(t.detach()), stored)  # a float32 copy
             elif name in buffers:
@@ -240,7 +309,7 @@ def _commit_state(blocked: BlockedModel, recorder: Recorder, s: int, stored: boo
 
 
 def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, dataset, order: OrderCache,
-                spec: BatchSpec, tokenizer, deviation: Deviation, wait_before_update=()) -> float:
+                spec: BatchSpec, tokenizer, deviation: Deviation, wait_before_update=(), exchange=None) -> float:
     settings = blocked.settings
     device = next(blocked.model.parameters()).device
     batches = []
@@ -254,7 +323,8 @@ def _train_step(blocked: BlockedModel, recorder: Recorder, s: int, step: int, da
         deviation.before_update(step, model)
 
     return blocked.train_step(step, batches, spec.fields, commit=lambda key, name, t: recorder.common(s, key, name, t),
-                              before_update=before_update, after_update=deviation.after_update)
+                              before_update=before_update, after_update=deviation.after_update, exchange=exchange,
+                              on_local_gradients=deviation.local_gradients)
 
 
 def _save_model(root_module, model, base_files: dict[str, bytes], run: Path, settings: TrainSettings,

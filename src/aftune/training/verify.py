@@ -248,6 +248,11 @@ class Verifier(Verifying):
                 raise
             res.fail("start_state", f"the start state cannot be regenerated because the replay of step block "
                      f"{step_block - 1} failed (see its finding): {exc}")
+        if self.blocked.world_size > 1:  # several processes: a micro-batch's finding names its rank (SPEC.md 6.11)
+            w = self.blocked.world_size
+            res.findings[:] = [f if f.micro is None or " rank " in f.reason else
+                               replace(f, reason=f"{f.reason} (micro-batch {f.micro} of rank {f.micro % w} of {w})")
+                               for f in res.findings]
         res.seconds = time.perf_counter() - t0
         return res, end_state
 

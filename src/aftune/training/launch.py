@@ -1,0 +1,76 @@
+"""Starting the ranks of a run on this machine: `aftune train --nproc-per-node N` (SPEC.md 5.5).
+
+    aftune train --agreement agreement.json --run-dir RUN --nproc-per-node 2
+
+Spawns N processes with the environment torchrun would give them (RANK, WORLD_SIZE,
+MASTER_ADDR=127.0.0.1, a free MASTER_PORT), each running `train.train` as one rank
+(training/distributed.py), and returns rank 0's result. Several machines: start each with
+torchrun instead (`torchrun --nnodes ... -m aftune train ...`), with the run directory on shared
+storage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from ..errors import AftuneError, InputError
+from .distributed import ENV_RANK, ENV_WORLD, close, from_environment
+from .train import TrainResult, train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, nproc: int, port: int, threads: int, call: dict, results) -> None:
+    """One spawned rank: the environment torchrun would give it, then `train`."""
+    os.environ.update({ENV_RANK: str(rank), ENV_WORLD: str(nproc), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(threads)
+    exchange = from_environment()
+    try:
+        result = train(**call, exchange=exchange)
+    except AftuneError as exc:
+        if rank == 0:
+            results.put({"error": f"{type(exc).__name__}", "message": str(exc)})
+        return
+    finally:
+        close(exchange)
+    if rank == 0:
+        results.put({"result": {k: (v.hex() if isinstance(v, bytes) else str(v) if isinstance(v, Path) else v)
+                                for k, v in result.__dict__.items()}})
+
+
+def spawn_training(nproc: int, threads: int | None = None, **call):
+    """Run `train(**call)` on `nproc` spawned ranks of this machine (gloo on CPU) and return
+    rank 0's `TrainResult`. `threads`: each rank's intra-op thread count (the same on every rank:
+    bitwise replay pins the recorded one); default: this process's count divided among ranks."""
+    import torch.multiprocessing as mp
+
+    from .. import errors
+
+    agreed = call.get("agreement").settings if call.get("agreement") is not None else call.get("settings")
+    if agreed is not None and agreed.world_size != nproc:  # refused before any process starts
+        raise InputError(f"the settings say world size {agreed.world_size}, not {nproc} processes: start it with "
+                         f"--nproc-per-node {agreed.world_size}" if agreed.world_size > 1 else
+                         f"these settings are for one process (no distributed settings), not {nproc}")
+    threads = threads or max(1, torch.get_num_threads() // nproc)
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_rank_main, args=(nproc, free_port(), threads, call, results), nprocs=nproc,
+                       start_method="spawn", join=True)
+    said = results.get() if not results.empty() else {"error": "InputError", "message": "rank 0 returned nothing"}
+    if "error" in said:
+        kind = getattr(errors, said["error"], None)
+        raise (kind if isinstance(kind, type) and issubclass(kind, AftuneError) else AftuneError)(said["message"])
+    r = said["result"]
+    return TrainResult(Path(r["run_dir"]), bytes.fromhex(r["config_digest"]), bytes.fromhex(r["run_root"]),
+                       bytes.fromhex(r["final_model_digest"]),
+                       Path(r["public_key_path"]) if r["public_key_path"] not in (None, "None") else None,
+                       r["final_loss"])

@@ -1,0 +1,211 @@
+"""Several processes (SPEC.md 5.5, 6.11): 2-rank DDP and FSDP runs of the built-in model on gloo
+(CPU), verified on one process; a dishonest rank is named.
+
+    PYTHONPATH=$PWD/src python -m pytest -q -p no:cacheprovider tests/test_distributed.py
+
+Each spawned run starts two Python processes (imports, model, data: several seconds each); the
+runs are shared by the tests of one module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from aftune import builtin
+from aftune.core.signing import PublicKey
+from aftune.errors import InputError
+from aftune.training.agreement import make_agreement
+from aftune.training.launch import spawn_training
+from aftune.training.engine import shard_bounds
+from aftune.training.manifest import is_step_gradient
+from aftune.training.settings import DistributedSettings, TrainSettings
+from aftune.training.train import Deviation, train
+from aftune.training.verify import Verifier
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _settings(world: int = 2, strategy: str = "ddp", **kw) -> TrainSettings:
+    # 4 micro-batches on 2 ranks: the rank-order reduction (g0 + g2) + (g1 + g3) is not the
+    # one-process accumulation ((g0 + g1) + g2) + g3, so a verifier that ignored ranks would fail
+    base = dict(steps=2, batch_size=2, grad_accum=4, seq_len=24, steps_per_block=1, boundaries="stored")
+    return TrainSettings(**{**base, **kw}, distributed=DistributedSettings(world, strategy) if world > 1 else None)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+class AlteredRankGradient(Deviation):
+    """Rank 1 scales its local gradient of one tensor in step 0 (and commits what it sends);
+    in step 1 it trains on other examples than the agreed ones for its micro-batch 3."""
+
+    def local_gradients(self, step, rank, grads):
+        if rank == 1 and step == 0:
+            grads["model.layers.2.mlp.down_proj.weight"].mul_(1.01)
+
+    def batch(self, step, micro, batch):
+        if _rank() == 1 and step == 1 and micro == 3:
+            batch = {k: v.roll(1, 0) for k, v in batch.items()}  # the rows swapped: other examples per row
+        return batch
+
+
+class AlteredShard(Deviation):
+    """FSDP: rank 1 moves its shard of one tensor's optimizer state after step 1."""
+
+    def after_update(self, step, blocked):
+        if _rank() == 1 and step == 1:
+            name = "model.layers.2.mlp.down_proj.weight"
+            lo, hi = shard_bounds(blocked.parameter(name).numel(), blocked.world_size)[1]
+            blocked.optim_state[name]["exp_avg"].view(-1)[lo:hi] += 1e-3
+
+
+def _run(tmp_path_factory, name: str, settings: TrainSettings, deviation=None):
+    agreement = make_agreement(builtin.MODEL_DIR, builtin.DATA_FILE, settings)
+    run = tmp_path_factory.mktemp(name) / "run"
+    result = spawn_training(2, threads=1, model_dir=None, data_path=None, run_dir=run, agreement=agreement,
+                            deviation=deviation)
+    return run, PublicKey.load(result.public_key_path), agreement
+
+
+def _verify(run, key, agreement):
+    with _threads(1):
+        return Verifier(run, key, agreement).verify_all()
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def _findings(report):
+    return [(r.layer_block, r.step_block, f) for r in report.results for f in r.findings]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return _run(tmp_path_factory, "ddp", _settings())
+
+
+# --- honest ------------------------------------------------------------------------------------
+def test_ddp_run_verifies_strict_and_commits_every_rank(ddp_run):
+    run, key, agreement = ddp_run
+    report = _verify(run, key, agreement)
+    assert report.verdict == "PASS", report.summary()
+    import json
+
+    common = [row[0] for row in json.loads((run / "manifests" / "000000.json").read_text())["common"]]
+    for r in (0, 1):
+        assert any(k.startswith(f"step/00000000/rank/{r:04d}/gradient/") for k in common)
+    assert any(k.startswith("step/00000000/gradient/") for k in common)
+    assert all(is_step_gradient(k) for k in common if "gradient/" in k and "/micro/" not in k)
+
+
+def test_ddp_record_is_not_the_one_process_accumulation(ddp_run):
+    """A verifier that replayed the micro-batches in one sequence (ignoring the ranks) fails:
+    the rank-order reduction is what the run computed, and what the verifier recomputes."""
+    run, key, agreement = ddp_run
+    import aftune.training.replay as replay
+
+    original = replay.BlockReplay.replay_ranks
+
+    def one_sequence(self, manifest, step):
+        for m in range(self.v.settings.grad_accum):
+            self.replay_micro(manifest, step, m)
+
+    replay.BlockReplay.replay_ranks = one_sequence
+    try:
+        report = _verify(run, key, agreement)
+    finally:
+        replay.BlockReplay.replay_ranks = original
+    assert report.verdict == "FAIL"
+
+
+# --- dishonest ranks -----------------------------------------------------------------------------
+def test_altered_rank_gradient_and_other_examples_fail_naming_rank_1(tmp_path_factory):
+    run, key, agreement = _run(tmp_path_factory, "dishonest", _settings(), AlteredRankGradient())
+    report = _verify(run, key, agreement)
+    assert report.verdict == "FAIL"
+    found = _findings(report)
+    grads = [(l, s, f) for l, s, f in found if f.check == "rank_gradient"]
+    assert grads and all(s == 0 for _, s, _ in grads)
+    assert all("rank 1 of 2" in f.reason and "/rank/0001/" in f.tensor for _, _, f in grads), grads
+    assert any("mlp.down_proj" in f.tensor and f.step == 0 for _, _, f in grads)
+    batches = [(l, s, f) for l, s, f in found if f.check == "batch"]
+    assert batches and all(s == 1 and f.micro == 3 and "rank 1 of 2" in f.reason for _, s, f in batches), batches
+    # rank 0 is honest: nothing names it
+    assert not any("rank 0 " in f.reason for _, _, f in found)
+
+
+def test_world_size_differs_from_the_agreement(tmp_path):
+    agreement = make_agreement(builtin.MODEL_DIR, builtin.DATA_FILE, _settings(world=2))
+    with pytest.raises(InputError, match="world size 2"):
+        train(None, None, tmp_path / "refused", agreement=agreement)  # one process
+    # a run made on one process FAILs against an agreement for two
+    one = make_agreement(builtin.MODEL_DIR, builtin.DATA_FILE, _settings(world=1))
+    result = train(None, None, tmp_path / "one", agreement=one)
+    report = Verifier(tmp_path / "one", PublicKey.load(result.public_key_path), agreement).verify_all()
+    assert report.verdict == "FAIL"
+    assert any("distributed" in (f.tensor + f.reason) for f in report.errors), report.summary()
+
+
+def test_settings_refuse_what_several_processes_cannot_do():
+    with pytest.raises(InputError, match="multiple of distributed.world_size"):
+        _settings(grad_accum=3).validate()
+    with pytest.raises(InputError, match="world_size must be an integer >= 2"):
+        _settings(world=1).__class__(distributed=DistributedSettings(1)).validate()
+    with pytest.raises(InputError, match="portable"):
+        _settings(numerics="portable").validate()
+    assert "distributed" not in TrainSettings().to_json()  # earlier agreements and runs keep their bytes
+    s = _settings(strategy="fsdp")
+    assert TrainSettings.from_json(s.to_json()) == s
+
+
+def test_shard_bounds_cover_each_tensor_once():
+    for n in (0, 1, 5, 8, 9):
+        for w in (2, 3, 4):
+            b = shard_bounds(n, w)
+            assert len(b) == w and b[0][0] == 0 and b[-1][1] == n
+            assert all(b[i][1] == b[i + 1][0] for i in range(w - 1))
+
+
+# --- FSDP ----------------------------------------------------------------------------------------
+def test_fsdp_altered_shard_fails_naming_rank_1_and_honest_blocks_pass(tmp_path_factory):
+    run, key, agreement = _run(tmp_path_factory, "fsdp", _settings(strategy="fsdp"), AlteredShard())
+    report = _verify(run, key, agreement)
+    failed = {(r.layer_block, r.step_block) for r in report.results if r.verdict == "FAIL"}
+    assert failed == {(1, 1)}, report.summary()  # layers 2..3 are layer block 1; step 1 is step block 1
+    ends = [f for r in report.results for f in r.findings]
+    assert ends and all(f.check == "end_state" and f.tensor.endswith("/shard/0001") for f in ends), ends
+    assert any("exp_avg/shard/0001" in f.tensor and "down_proj" in f.tensor for f in ends)
+
+
+def test_cli_fsdp_run_on_two_processes_verifies(tmp_path, monkeypatch):
+    """`aftune agree --world-size 2 --distributed-strategy fsdp`, `aftune train --nproc-per-node 2`,
+    `aftune verify --all`, as a user runs them (in-process CLI; the ranks are spawned)."""
+    from conftest import invoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    r = invoke("agree", "--out", "a.json", "--steps", "2", "--grad-accum", "2", "--batch-size", "2", "--seq-len", "24",
+               "--steps-per-block", "1", "--boundaries", "stored", "--world-size", "2", "--distributed-strategy", "fsdp")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--agreement", "a.json", "--run-dir", "run", "--nproc-per-node", "2")
+    assert r.exit_code == 0, r.output
+    with _threads(1):
+        r = invoke("verify", "run", "--public-key", "run/provider.key.pub", "--agreement", "a.json", "--all")
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    r = invoke("train", "--agreement", "a.json", "--run-dir", "other", "--nproc-per-node", "3")
+    assert r.exit_code == 2 and "world size 2" in r.output, r.output
+    assert not Path("other").exists()  # refused before any process started
