@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import InputError
+from ..inference.batching import BatchingSettings
 from ..inference.limits import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_REQUEST_BYTES
 from .app import AftuneTyper, app, err, escape, out
 from .options import deprecated_flags
@@ -47,6 +48,8 @@ def serve(
                                                                 "receipt key is then made inside this process."),
     max_request_bytes: int = typer.Option(DEFAULT_MAX_REQUEST_BYTES, "--max-request-bytes", help="Refuse a larger request body with 413, before reading it."),
     max_concurrent: int = typer.Option(DEFAULT_MAX_CONCURRENT, "--max-concurrent", help="Refuse a request beyond this many in flight with 429."),
+    max_batch_size: int = typer.Option(BatchingSettings.max_batch_size, "--max-batch-size", help="Compute up to this many concurrent generations as one batch (1: one at a time)."),
+    batch_window_ms: float = typer.Option(BatchingSettings.window_ms, "--batch-window-ms", help="How long the first request of a batch waits for others (milliseconds)."),
 ):
     """Serve the model over HTTP(S) to clients with API keys: POST /v1/generate, GET /v1/model,
     GET /v1/records/{id} (a client's own), GET /v1/attestation (with --attest), and the OpenAI
@@ -62,6 +65,7 @@ def serve(
     from ..inference.settings import RecordingSettings
 
     limits = ServingLimits(max_request_bytes, max_concurrent).validate()
+    batching = BatchingSettings(max_batch_size, batch_window_ms).validate()
     rdir = record_dir or (run_dir / "inference")
     keys = ApiKeys.load(api_keys)
     gen = GenerationPolicy.load(policy) if policy is not None else None
@@ -73,7 +77,7 @@ def serve(
     else:
         signing_key, pub = provider_key(provider_signing_key, run_dir, rdir)
     engine = InferenceEngine(load_served(run_dir, gen, dtype=dtype), rdir, signing_key,
-                             RecordingSettings(layers_per_block, activation_interval).validate())
+                             RecordingSettings(layers_per_block, activation_interval).validate(), batching=batching)
     application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine),
                              limits=limits)
     if (tls_cert is None) != (tls_key is None):

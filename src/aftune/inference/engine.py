@@ -49,6 +49,7 @@ from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, dig
                      served_file, steps_root, utc_now)
 from .receipt import issue_receipt
 from .sampling import choose_token, greedy_token, request_seed
+from .stops import StopStrings, stop_offset
 from .served import ModelSource, ServedModel
 from .settings import RecordingSettings
 
@@ -101,6 +102,11 @@ class ServingDeviation:
     def stop(self, step: int, token: int) -> bool:
         """Stop generating after this token although the policy says go on (a truncated answer)."""
         return False
+
+    def stop_string(self, step: int, hit: bool) -> bool:
+        """Whether to stop at a step where the decoded text does (`hit`) or does not contain a stop
+        string: False where it does goes on past it (a late stop)."""
+        return hit
 
     def grid(self, step: int, boundary: int, grid: torch.Tensor, entries: list[list[int]]
              ) -> tuple[torch.Tensor, list[list[int]]]:
@@ -201,6 +207,7 @@ class InferenceResult:
     receipt_path: Path
     seconds: float
     prompt_tokens: int = 0  # a causal LM's prompt length in tokens (the OpenAI wire format's usage)
+    stop_offset: int | None = None  # where the first stop string starts in `text` (the answer is text[:offset])
 
 
 class InferenceEngine:
@@ -281,10 +288,14 @@ class InferenceEngine:
                 trace = self._generate(inputs, policy, seed, on_token, on_token_id)
         text = self.served.tokenizer.decode(trace.tokens, skip_special_tokens=True)
         doc_input = {"kind": "prompt", "prompt": prompt}
-        doc_output = {"tokens": trace.tokens, "text": text}
+        doc_output: dict[str, Any] = {"tokens": trace.tokens, "text": text}
+        offset = stop_offset(text, policy.stop) if policy.stop else None
+        if policy.stop:  # where the answer is cut: the first stop string in the text (SPEC.md 8.4)
+            doc_output["stop_offset"] = offset
         outputs = {"output/tokens": ("tokens", torch.tensor(trace.tokens, dtype=torch.int64))}
         generation = {"policy": policy.to_json(), "policy_digest": policy_digest.hex(), "seed": seed}
-        return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, request_nonce, t0, text=text)
+        return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, request_nonce, t0, text=text,
+                            stop_offset=offset)
 
     def classify(self, *, text: str | None = None, image: str | Path | None = None,
                  request_nonce: bytes | None = None) -> InferenceResult:
@@ -324,6 +335,7 @@ class InferenceEngine:
         logs: dict[int, list[list[int]]] = {b: [] for b in range(1, nb)}
         offsets = dict.fromkeys(range(1, nb), 0)
         ties: list[int] = []
+        watch = self._stop_watch(policy)
         step_inputs = {"input_ids": inputs["input_ids"]}
         first = 0
         for step in range(policy.max_new_tokens):
@@ -356,7 +368,8 @@ class InferenceEngine:
                 on_token(step + 1, policy.max_new_tokens)
             if on_token_id:
                 on_token_id(token)
-            if policy.stops_at(token) or (self.deviation is not None and self.deviation.stop(step, token)):
+            if (policy.stops_at(token) or self._stop_string(self.deviation, watch, step, token)
+                    or (self.deviation is not None and self.deviation.stop(step, token))):
                 break
             first += q
             step_inputs = {"input_ids": torch.tensor([[token]], dtype=torch.int64)}
@@ -365,6 +378,20 @@ class InferenceEngine:
                 ties = self.deviation.ties(ties)
             trace.portable = PortableLog({b: sorted(v) for b, v in logs.items()}, tuple(ties))
         return trace
+
+    def _stop_watch(self, policy: GenerationPolicy) -> StopStrings | None:
+        if not policy.stop:
+            return None
+        tokenizer = self.served.tokenizer
+        return StopStrings(policy.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+    @staticmethod
+    def _stop_string(deviation, watch: StopStrings | None, step: int, token: int) -> bool:
+        """Whether the text decoded so far contains a stop string (SPEC.md 8.6.2)."""
+        if watch is None:
+            return False
+        hit = watch.add(token)
+        return deviation.stop_string(step, hit) if deviation is not None else hit
 
     def _run_batch(self, batch: list[_Request]) -> None:
         """Compute the requests of one batch: one alone as ever (no batch shape), several together.
@@ -406,6 +433,7 @@ class InferenceEngine:
         ties: list[list[int]] = [[] for _ in jobs]
         active = [True] * size
         firsts = [0] * size
+        watches = [self._stop_watch(j.policy) for j in jobs]
         for step in range(max(j.policy.max_new_tokens for j in jobs)):
             ctx = batch_context(served, step, ids, lengths, length)
             h = None
@@ -453,7 +481,8 @@ class InferenceEngine:
                     job.on_token(step + 1, job.policy.max_new_tokens)
                 if job.on_token_id:
                     job.on_token_id(token)
-                if (job.policy.stops_at(token) or (devs[i] is not None and devs[i].stop(step, token))
+                if (job.policy.stops_at(token) or self._stop_string(devs[i], watches[i], step, token)
+                        or (devs[i] is not None and devs[i].stop(step, token))
                         or len(trace.tokens) == job.policy.max_new_tokens):
                     active[i] = False
                 chosen.append(token)
@@ -489,7 +518,8 @@ class InferenceEngine:
 
     # --- the record ------------------------------------------------------------------------
     def _finish(self, inputs, trace: _Trace, doc_input, doc_output, outputs, generation, request_nonce, t0,
-                text: str | None = None, label_name: str | None = None) -> InferenceResult:
+                text: str | None = None, label_name: str | None = None, stop_offset: int | None = None
+                ) -> InferenceResult:
         served, algorithm, store = self.served, self.served.algorithm, self.records.store
         rows: dict[str, TensorRef] = {}
         to_store: list[tuple[TensorRef, torch.Tensor]] = []
@@ -545,4 +575,5 @@ class InferenceEngine:
         receipt_path = self.records.receipt_path(rid)
         self.records.write_new(receipt_path, canonical_json(receipt.to_json()) + b"\n")
         return InferenceResult(rid.hex(), path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,
-                               time.perf_counter() - t0, int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0)
+                               time.perf_counter() - t0, int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0,
+                               stop_offset)
