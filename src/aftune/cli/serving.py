@@ -148,9 +148,10 @@ def policy_command(
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A Jinja chat template file to render prompts with."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="The serving dtype: float32, bfloat16, float16 or float64.", show_default="the run's, the config's, or float32"),
     numerics: str = typer.Option("native", "--numerics", help="native (the provider's kernels: strict replay needs its hardware) or portable (float32 on a bfloat16 grid: bitwise on any hardware)."),
+    stop: List[str] = typer.Option([], "--stop", help="A stop string (repeatable, at most 4): generation stops once the text contains one; the answer is cut before it."),
 ):
     """Write a generation policy: what every answer must be generated under, the serving dtype
-    and numerics included (aftune.generation-policy.v2)."""
+    and numerics included (aftune.generation-policy.v2; v3 with stop strings)."""
     from ..core import jsonio
     from ..inference.policy import MAX_CHAT_TEMPLATE_CHARS, GenerationPolicy
 
@@ -160,6 +161,8 @@ def policy_command(
         values["dtype"] = dtype
     if eos_token_id:
         values["eos_token_ids"] = tuple(eos_token_id)
+    if stop:
+        values["stop"] = tuple(stop)
     if chat_template is not None:
         data = jsonio.read_bytes(chat_template, MAX_CHAT_TEMPLATE_CHARS * 4, "chat template", InputError)
         try:

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ..errors import RecordError
+from ..errors import InputError, RecordError
 
 MAX_BATCH_SIZE = 64  # rows a batch may have (SPEC.md 8.4 `batch`)
-MAX_WINDOW_MS = 1000.0
+MAX_WINDOW_MS = 10000.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,6 @@ class BatchingSettings:
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= MAX_WINDOW_MS:
             problems.append(f"--batch-window-ms must be a number in [0, {MAX_WINDOW_MS:g}], got {w!r}")
         if problems:
-            from ..errors import InputError
-
             raise InputError("; ".join(problems))
         return self
 
