@@ -315,3 +315,20 @@ def test_the_built_in_batch_is_bitwise_a_filler_batch():
                                    seen[r][l] if l > 0 else None)
             assert bench.same(got, seen[r][l + 1]), (r, l)
     torch.manual_seed(0)
+
+
+def test_batched_records_in_portable_numerics_and_tolerance_mode(model_dir, tmp_path):
+    """A portable record computed in a batch replays bitwise among filler rows; a native one
+    passes tolerance mode too (teacher forcing ignores the batch: rounding differences only)."""
+    model = model_dir("llama")
+    for numerics in ("portable", "native"):
+        policy = GenerationPolicy(max_new_tokens=4, eos_token_ids=(2,), dtype="float32", numerics=numerics)
+        root = tmp_path / numerics
+        engine = InferenceEngine(ServedModel.load(model), root, SigningKey.generate(), RecordingSettings(1),
+                                 batching=BatchingSettings(max_batch_size=2, window_ms=5000))
+        for i, r in enumerate(_concurrently(engine, PROMPTS[:2], policy, [None] * 2)):
+            assert json.loads(r.record_path.read_bytes())["batch"]["size"] == 2
+            modes = ("strict",) if numerics == "portable" else ("strict", "tolerance")
+            for mode in modes:
+                report = _verify(root, r.record_id, model, PROMPTS[i], policy, mode=mode)
+                assert report.verdict == "PASS", (numerics, mode, report.summary())
