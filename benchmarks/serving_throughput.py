@@ -1,28 +1,31 @@
 """Serving throughput: requests and tokens a second at 1, 4 and 16 concurrent clients, for the
-recorded server against the same HTTP stack with recording off and with plain transformers
-generation, measured side by side in one process.
+recorded server batching concurrent requests and serialising them, against the same HTTP stack
+with recording off and with plain transformers generation, measured side by side in one process.
 
     python benchmarks/serving_throughput.py                       # built-in tiny Llama, about a minute
     python benchmarks/serving_throughput.py --requests 64 --tokens 32 --rounds 3 --threads 0
 
-Three servers, each uvicorn on loopback (in a thread of this process) answering `POST
+Four servers, each uvicorn on loopback (in a thread of this process) answering `POST
 /v1/completions` in the OpenAI wire format (`openai_wire.parse_request` for the request) under one
 greedy policy of exactly --tokens new tokens (stop rule `length`):
 
-* recorded   - `aftune serve`'s own app (`serve.create_app`): API key, block-decomposed generation,
+* batched    - `aftune serve`'s own app (`serve.create_app`): API key, block-decomposed generation,
                every boundary hashed, the record written, the receipt signed, the record given to
-               the client; the answer carries the receipt;
+               the client; the answer carries the receipt. Concurrent requests are computed as one
+               batch (`--max-batch-size`, default 16, `--batch-window-ms` 2; SPEC.md 8.5.1);
+* serialised - the same app with `--max-batch-size 1`: one generation at a time (a lock);
 * unrecorded - the same engine's block-decomposed generation (`InferenceEngine._generate`) and
-               decoding, nothing hashed, stored or signed;
-* plain      - Hugging Face `model.generate(ids, max_new_tokens=N, do_sample=False)` and decoding.
+               decoding one at a time, nothing hashed, stored or signed;
+* plain      - Hugging Face `model.generate(ids, max_new_tokens=N, do_sample=False)` and decoding,
+               one at a time.
 
-Every server handles one generation at a time (one model, a lock; requests are not batched
-through the model), so concurrency overlaps only the HTTP, parsing and, when recorded, the
-hashing, writing and signing that run outside the engine's lock. Clients are asyncio tasks
+The last three handle one generation at a time (one model, a lock), so concurrency overlaps only
+the HTTP, parsing and, when recorded, the hashing, writing and signing that run outside the
+engine's lock; `batched` also runs the model once per step for every request in the batch. Clients are asyncio tasks
 (`httpx.AsyncClient`) in the main thread; the modes take turns in rotating order, each round, so
 load from other processes falls on all alike. Reported per mode and concurrency: requests/s,
-tokens/s and the median latency, and the ratio recorded / unrecorded and recorded / plain of
-requests/s. A benchmark, not a test: it asserts nothing.
+tokens/s and the median latency, and the ratios batched / serialised, batched / unrecorded and
+batched / plain of requests/s. A benchmark, not a test: it asserts nothing.
 """
 
 # No `from __future__ import annotations`: FastAPI reads `Request` from the endpoint's annotation.
@@ -137,6 +140,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--layers-per-block", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=16, help="rows of one batch (the batched server)")
+    ap.add_argument("--batch-window-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; on a shared 2-core "
                                                             "machine 2 threads spin against other jobs)")
     args = ap.parse_args(argv)
@@ -145,6 +150,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from aftune.core.signing import SigningKey
     from aftune.inference.access import ApiKeys, add_client
+    from aftune.inference.batching import BatchingSettings
     from aftune.inference.engine import InferenceEngine
     from aftune.inference.policy import GenerationPolicy
     from aftune.inference.serve import create_app
@@ -154,8 +160,11 @@ def main(argv=None) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         served = ServedModel.load(args.model)
-        engine = InferenceEngine(served, Path(tmp) / "records", SigningKey.generate(),
-                                 RecordingSettings(args.layers_per_block, 0))
+        settings = RecordingSettings(args.layers_per_block, 0)
+        engine = InferenceEngine(served, Path(tmp) / "records", SigningKey.generate(), settings,
+                                 batching=BatchingSettings(args.max_batch_size, args.batch_window_ms))
+        serial = InferenceEngine(served, Path(tmp) / "records", engine.key, settings,
+                                 batching=BatchingSettings(max_batch_size=1))
         policy = GenerationPolicy.for_model(served, max_new_tokens=args.tokens, stop_rule="length", eos_token_ids=())
         key = add_client(Path(tmp) / "keys.txt", "bench")
         model_id = served.digest.hex()
@@ -174,13 +183,15 @@ def main(argv=None) -> None:
             tokens = out[0, ids.shape[1]:].tolist()
             return tokens, tok.decode(tokens, skip_special_tokens=True), ids.shape[1]
 
-        apps = {"recorded": create_app(engine, policy=policy, api_keys=ApiKeys.load(Path(tmp) / "keys.txt")),
+        keys = ApiKeys.load(Path(tmp) / "keys.txt")
+        apps = {"batched": create_app(engine, policy=policy, api_keys=keys),
+                "serialised": create_app(serial, policy=policy, api_keys=keys),
                 "unrecorded": bare_app(policy, model_id, unrecorded), "plain": bare_app(policy, model_id, plain)}
         results = {(m, c): [] for m in apps for c in levels}
         order = list(apps)
         for r in range(args.rounds + 1):  # round 0 warms up (first calls, caches) and is dropped
             for c in levels:
-                rot = order[(r + c) % 3:] + order[:(r + c) % 3]
+                rot = order[(r + c) % len(order):] + order[:(r + c) % len(order)]
                 for m in rot:
                     with Server(apps[m]) as url:
                         got = asyncio.run(load(url, key, model_id, c, args.requests if r else min(4, args.requests),
@@ -190,7 +201,8 @@ def main(argv=None) -> None:
                     print(f"  round {r} {m:10s} x{c:<3d} {got['wall']:.2f} s", file=sys.stderr, flush=True)
     layers = len(served.stage_names) - 2
     print(f"model {args.model.name} ({layers} layers, B_L={args.layers_per_block}, I_A=0), {args.tokens} tokens per "
-          f"answer, {args.requests} requests per cell x {args.rounds} rounds, torch threads {torch.get_num_threads()}")
+          f"answer, {args.requests} requests per cell x {args.rounds} rounds, torch threads {torch.get_num_threads()}, "
+          f"batches of at most {args.max_batch_size} ({args.batch_window_ms:g} ms window)")
     print("| clients | mode | requests/s | tokens/s | median latency (s) |")
     print("|---|---|---|---|---|")
     rate = {}
@@ -203,8 +215,10 @@ def main(argv=None) -> None:
             lat = statistics.median(x["latency"] for x in runs)
             print(f"| {c} | {m} | {rate[m, c]:.1f} | {toks:.0f} | {lat:.3f} |")
     for c in levels:
-        print(f"clients {c}: recorded / unrecorded requests/s {rate['recorded', c] / rate['unrecorded', c]:.2f}, "
-              f"recorded / plain {rate['recorded', c] / rate['plain', c]:.2f}")
+        print(f"clients {c}: requests/s batched / serialised {rate['batched', c] / rate['serialised', c]:.2f}, "
+              f"batched / unrecorded {rate['batched', c] / rate['unrecorded', c]:.2f}, "
+              f"batched / plain {rate['batched', c] / rate['plain', c]:.2f}, "
+              f"serialised / unrecorded {rate['serialised', c] / rate['unrecorded', c]:.2f}")
 
 
 if __name__ == "__main__":

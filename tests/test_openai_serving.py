@@ -187,7 +187,7 @@ NONCE = "5a" * 32
     ({"temperature": 1.5}, "temperature", "the policy fixes 0.7"),
     ({"top_p": 0.5}, "top_p", "the policy fixes 0.9"),
     ({"max_tokens": 13}, "max_tokens", "the policy allows 1 to 12"),
-    ({"stop": ["\n"]}, "stop", "no stop strings"),
+    ({"stop": ["\n"]}, "stop", "the policy fixes []"),
     ({"seed": 3}, "seed", "derived from your nonce"),
     ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ({"logprobs": 2}, "logprobs", "not supported"),

@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import InputError
+from ..inference.batching import BatchingSettings
 from ..inference.limits import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_REQUEST_BYTES
 from .app import AftuneTyper, app, err, escape, out
 from .options import deprecated_flags
@@ -47,6 +48,8 @@ def serve(
                                                                 "receipt key is then made inside this process."),
     max_request_bytes: int = typer.Option(DEFAULT_MAX_REQUEST_BYTES, "--max-request-bytes", help="Refuse a larger request body with 413, before reading it."),
     max_concurrent: int = typer.Option(DEFAULT_MAX_CONCURRENT, "--max-concurrent", help="Refuse a request beyond this many in flight with 429."),
+    max_batch_size: int = typer.Option(BatchingSettings.max_batch_size, "--max-batch-size", help="Compute up to this many concurrent generations as one batch (1: one at a time)."),
+    batch_window_ms: float = typer.Option(BatchingSettings.window_ms, "--batch-window-ms", help="How long the first request of a batch waits for others (milliseconds)."),
 ):
     """Serve the model over HTTP(S) to clients with API keys: POST /v1/generate, GET /v1/model,
     GET /v1/records/{id} (a client's own), GET /v1/attestation (with --attest), and the OpenAI
@@ -62,6 +65,7 @@ def serve(
     from ..inference.settings import RecordingSettings
 
     limits = ServingLimits(max_request_bytes, max_concurrent).validate()
+    batching = BatchingSettings(max_batch_size, batch_window_ms).validate()
     rdir = record_dir or (run_dir / "inference")
     keys = ApiKeys.load(api_keys)
     gen = GenerationPolicy.load(policy) if policy is not None else None
@@ -73,7 +77,7 @@ def serve(
     else:
         signing_key, pub = provider_key(provider_signing_key, run_dir, rdir)
     engine = InferenceEngine(load_served(run_dir, gen, dtype=dtype), rdir, signing_key,
-                             RecordingSettings(layers_per_block, activation_interval).validate())
+                             RecordingSettings(layers_per_block, activation_interval).validate(), batching=batching)
     application = create_app(engine, policy=gen, api_keys=keys, attestation=_attestation(attest, engine),
                              limits=limits)
     if (tls_cert is None) != (tls_key is None):
@@ -144,9 +148,10 @@ def policy_command(
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A Jinja chat template file to render prompts with."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="The serving dtype: float32, bfloat16, float16 or float64.", show_default="the run's, the config's, or float32"),
     numerics: str = typer.Option("native", "--numerics", help="native (the provider's kernels: strict replay needs its hardware) or portable (float32 on a bfloat16 grid: bitwise on any hardware)."),
+    stop: List[str] = typer.Option([], "--stop", help="A stop string (repeatable, at most 4): generation stops once the text contains one; the answer is cut before it."),
 ):
     """Write a generation policy: what every answer must be generated under, the serving dtype
-    and numerics included (aftune.generation-policy.v2)."""
+    and numerics included (aftune.generation-policy.v2; v3 with stop strings)."""
     from ..core import jsonio
     from ..inference.policy import MAX_CHAT_TEMPLATE_CHARS, GenerationPolicy
 
@@ -156,6 +161,8 @@ def policy_command(
         values["dtype"] = dtype
     if eos_token_id:
         values["eos_token_ids"] = tuple(eos_token_id)
+    if stop:
+        values["stop"] = tuple(stop)
     if chat_template is not None:
         data = jsonio.read_bytes(chat_template, MAX_CHAT_TEMPLATE_CHARS * 4, "chat template", InputError)
         try:

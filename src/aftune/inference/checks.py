@@ -24,6 +24,7 @@ from ..training.run import RunRecord
 from ..training.transcript import run_root
 from .receipt import Receipt, verify_receipt
 from .sampling import request_seed
+from .stops import first_stop_step, stop_offset
 
 # Tokenizers built from the client's files, by a digest of those files: loading one takes most of a
 # second, and a verifier of many records (an audit, a benchmark) reads the same files every time.
@@ -259,6 +260,31 @@ class RecordChecks:
                 if got["digest"] != info.get("digest") or not torch.equal(pixels, px):
                     self._error("input", f"the committed pixels are not those of your image {Path(expected_image).name}")
 
+    def _check_stop_strings(self, policy, tokens: list[int], out: dict) -> bool:
+        """Stop strings (SPEC.md 8.8 step 8): generation stops at the first step whose decoded text
+        contains one, not earlier (the caller's truncation check) and not later; `output.stop_offset`
+        is where the first one starts. Returns whether the last step is that stop."""
+        if not policy.stop:
+            if "stop_offset" in out:
+                self._error("output", "output.stop_offset is present, and the committed policy has no stop strings")
+            return False
+        tokenizer = self._tokenizer()
+
+        def decode(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        k = first_stop_step(tokens, policy.stop, decode)
+        if k is not None and k < len(tokens) - 1:
+            at = stop_offset(decode(tokens[:k + 1]), policy.stop)
+            self._error("output", f"generation went on after step {k}, whose text already contains a stop string "
+                        f"(at character {at}; stop {list(policy.stop)}): {len(tokens) - 1 - k} token(s) past the stop")
+        offset = stop_offset(decode(tokens), policy.stop)
+        committed = out.get("stop_offset", "absent")
+        if not (committed is None or _is_int(committed)) or committed != offset:
+            self._error("output", f"output.stop_offset is {str(committed)[:20]}, and the first stop string of the "
+                        f"committed text starts at {offset}")
+        return k == len(tokens) - 1
+
     def _check_output(self) -> None:
         rec = self.record
         out = rec.doc["output"]
@@ -293,10 +319,12 @@ class RecordChecks:
         early = [i for i, tok in enumerate(tokens[:-1]) if policy.stops_at(tok)]
         if early:
             self._error("output", f"generation went on after an end-of-sequence token at step {early[0]}")
-        if len(tokens) < policy.max_new_tokens and not policy.stops_at(tokens[-1]):
+        stopped = self._check_stop_strings(policy, tokens, out)
+        if len(tokens) < policy.max_new_tokens and not policy.stops_at(tokens[-1]) and not stopped:
             self._error("output", f"generation stopped after {len(tokens)} of max_new_tokens {policy.max_new_tokens} "
                         f"tokens without an end-of-sequence token (eos_token_ids {list(policy.eos_token_ids)}, "
-                        f"stop_rule {policy.stop_rule}): a truncated answer")
+                        f"stop_rule {policy.stop_rule})" + (f" or a stop string {list(policy.stop)}" if policy.stop
+                                                            else "") + ": a truncated answer")
         text = out.get("text")
         if text != self._tokenizer().decode(tokens, skip_special_tokens=True):
             self._error("output", "the committed text is not the decoding of the committed tokens")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,12 +41,15 @@ from ..core.encoding import canonical_json
 from ..core.rows import TensorRef, rows_to_json
 from ..errors import InputError
 from ..models.cache import KVCache
+from .batched import Batcher, Request, Trace as _Trace
+from .batching import BatchingSettings, supports_batching
 from .policy import GenerationPolicy, check_request_nonce
 from .portable import PortableLog, near_tie, round_and_log, tau_for
 from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, digests_root, input_key, record_id,
                      served_file, steps_root, utc_now)
 from .receipt import issue_receipt
 from .sampling import choose_token, greedy_token, request_seed
+from .stops import StopStrings, stop_offset
 from .served import ModelSource, ServedModel
 from .settings import RecordingSettings
 
@@ -100,6 +103,11 @@ class ServingDeviation:
         """Stop generating after this token although the policy says go on (a truncated answer)."""
         return False
 
+    def stop_string(self, step: int, hit: bool) -> bool:
+        """Whether to stop at a step where the decoded text does (`hit`) or does not contain a stop
+        string: False where it does goes on past it (a late stop)."""
+        return hit
+
     def grid(self, step: int, boundary: int, grid: torch.Tensor, entries: list[list[int]]
              ) -> tuple[torch.Tensor, list[list[int]]]:
         """Portable numerics: the grid values committed (and fed on) instead of the rounding, and
@@ -110,19 +118,12 @@ class ServingDeviation:
         """Portable numerics: the near-tie steps listed instead of the honest ones."""
         return steps
 
+    def for_row(self, row: int) -> "ServingDeviation | None":
+        """Batched serving: the deviation applied to the request in row `row` (None: that row honest)."""
+        return self
+
 
 # --- recording one request -------------------------------------------------------------------
-
-@dataclass
-class _Trace:
-    """What one request computed: the step layout, tokens and boundary outputs of each step."""
-
-    steps: list[tuple[int, int]] = field(default_factory=list)  # (first position, number of positions)
-    tokens: list[int] = field(default_factory=list)
-    boundaries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # boundary -> per-step outputs
-    label: int | None = None
-    portable: PortableLog | None = None  # portable numerics: the near-boundary and near-tie logs
-
 
 @dataclass(frozen=True)
 class InferenceResult:
@@ -136,16 +137,19 @@ class InferenceResult:
     receipt_path: Path
     seconds: float
     prompt_tokens: int = 0  # a causal LM's prompt length in tokens (the OpenAI wire format's usage)
+    stop_offset: int | None = None  # where the first stop string starts in `text` (the answer is text[:offset])
 
 
 class InferenceEngine:
     """The provider's side: one loaded model, one record directory, one signing key.
 
-    `generate` and `classify` are thread-safe: the forward computation is serialised by a lock,
+    `generate` and `classify` are thread-safe. Concurrent generations are computed as one batch
+    (`batching`: up to max_batch_size requests arriving within window_ms; each record states its
+    batch shape and row, SPEC.md 8.5.1) when the model supports it, else serialised by a lock;
     hashing, storing and signing of each request's own record run outside it."""
 
     def __init__(self, served: ServedModel, record_dir: str | Path, key, settings: RecordingSettings = RecordingSettings(),
-                 deviation: ServingDeviation | None = None):
+                 deviation: ServingDeviation | None = None, batching: BatchingSettings = BatchingSettings()):
         self.served, self.key = served, key
         self.settings = RecordingSettings(settings.layers_per_block, settings.activation_interval,
                                        served.algorithm).validate()
@@ -153,6 +157,9 @@ class InferenceEngine:
         self.records = RecordDir(record_dir, served.algorithm)
         self.deviation = deviation
         self._lock = threading.Lock()
+        batching = batching.validate()
+        self._batcher = (Batcher(self, batching) if batching.max_batch_size > 1 and supports_batching(served)
+                         else None)
         if served.tokenizer_dir is not None:
             kept = self.records.keep_tokenizer(served.tokenizer_dir, served.tokenizer_digest)
             served.use_tokenizer(kept, served.tokenizer_digest)
@@ -204,14 +211,21 @@ class InferenceEngine:
         seed = request_seed(algorithm, request_nonce, input_digest, policy_digest) if policy.sampling else None
         if self.deviation is not None:
             seed = self.deviation.seed(seed)
-        with self._lock:
-            trace = self._generate(inputs, policy, seed, on_token, on_token_id)
+        if self._batcher is not None:
+            trace = self._batcher.run(Request(inputs, policy, seed, on_token, on_token_id))
+        else:
+            with self._lock:
+                trace = self._generate(inputs, policy, seed, on_token, on_token_id)
         text = self.served.tokenizer.decode(trace.tokens, skip_special_tokens=True)
         doc_input = {"kind": "prompt", "prompt": prompt}
-        doc_output = {"tokens": trace.tokens, "text": text}
+        doc_output: dict[str, Any] = {"tokens": trace.tokens, "text": text}
+        offset = stop_offset(text, policy.stop) if policy.stop else None
+        if policy.stop:  # where the answer is cut: the first stop string in the text (SPEC.md 8.4)
+            doc_output["stop_offset"] = offset
         outputs = {"output/tokens": ("tokens", torch.tensor(trace.tokens, dtype=torch.int64))}
         generation = {"policy": policy.to_json(), "policy_digest": policy_digest.hex(), "seed": seed}
-        return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, request_nonce, t0, text=text)
+        return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, request_nonce, t0, text=text,
+                            stop_offset=offset)
 
     def classify(self, *, text: str | None = None, image: str | Path | None = None,
                  request_nonce: bytes | None = None) -> InferenceResult:
@@ -251,6 +265,7 @@ class InferenceEngine:
         logs: dict[int, list[list[int]]] = {b: [] for b in range(1, nb)}
         offsets = dict.fromkeys(range(1, nb), 0)
         ties: list[int] = []
+        watch = self._stop_watch(policy)
         step_inputs = {"input_ids": inputs["input_ids"]}
         first = 0
         for step in range(policy.max_new_tokens):
@@ -283,7 +298,8 @@ class InferenceEngine:
                 on_token(step + 1, policy.max_new_tokens)
             if on_token_id:
                 on_token_id(token)
-            if policy.stops_at(token) or (self.deviation is not None and self.deviation.stop(step, token)):
+            if (policy.stops_at(token) or self._stop_string(self.deviation, watch, step, token)
+                    or (self.deviation is not None and self.deviation.stop(step, token))):
                 break
             first += q
             step_inputs = {"input_ids": torch.tensor([[token]], dtype=torch.int64)}
@@ -292,6 +308,20 @@ class InferenceEngine:
                 ties = self.deviation.ties(ties)
             trace.portable = PortableLog({b: sorted(v) for b, v in logs.items()}, tuple(ties))
         return trace
+
+    def _stop_watch(self, policy: GenerationPolicy) -> StopStrings | None:
+        if not policy.stop:
+            return None
+        tokenizer = self.served.tokenizer
+        return StopStrings(policy.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+    @staticmethod
+    def _stop_string(deviation, watch: StopStrings | None, step: int, token: int) -> bool:
+        """Whether the text decoded so far contains a stop string (SPEC.md 8.6.2)."""
+        if watch is None:
+            return False
+        hit = watch.add(token)
+        return deviation.stop_string(step, hit) if deviation is not None else hit
 
     @torch.inference_mode()
     def _forward(self, inputs) -> _Trace:
@@ -315,7 +345,8 @@ class InferenceEngine:
 
     # --- the record ------------------------------------------------------------------------
     def _finish(self, inputs, trace: _Trace, doc_input, doc_output, outputs, generation, request_nonce, t0,
-                text: str | None = None, label_name: str | None = None) -> InferenceResult:
+                text: str | None = None, label_name: str | None = None, stop_offset: int | None = None
+                ) -> InferenceResult:
         served, algorithm, store = self.served, self.served.algorithm, self.records.store
         rows: dict[str, TensorRef] = {}
         to_store: list[tuple[TensorRef, torch.Tensor]] = []
@@ -355,6 +386,8 @@ class InferenceEngine:
             "boundary_roots": roots,
             # portable numerics: the grid and the near-boundary and near-tie logs (SPEC.md 8.13)
             "numerics": trace.portable.to_json() if trace.portable is not None else None,
+            # batched serving only (absent when computed alone): the batch shape and row (SPEC.md 8.5.1)
+            **({"batch": trace.batch.to_json()} if trace.batch is not None else {}),
             "tensors": rows_to_json(rows),
             # CPU results depend on the intra-op thread count: strict replay uses the same one
             "environment": {"torch_threads": torch.get_num_threads()},
@@ -369,4 +402,5 @@ class InferenceEngine:
         receipt_path = self.records.receipt_path(rid)
         self.records.write_new(receipt_path, canonical_json(receipt.to_json()) + b"\n")
         return InferenceResult(rid.hex(), path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,
-                               time.perf_counter() - t0, int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0)
+                               time.perf_counter() - t0, int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0,
+                               stop_offset)

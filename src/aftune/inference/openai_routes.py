@@ -20,6 +20,7 @@ import threading
 import time
 
 from ..errors import AftuneError
+from .stops import answer_text
 from .openai_wire import (RECORD_HEADER, RESPONSE_FIELD, TextDeltas, WireError, attachment, error_body,
                           finish_reason, parse_request, sse, stream_chunk, usage, whole_response)
 
@@ -108,7 +109,7 @@ def _events(req, first, events, tokenizer, model_id: str, created: int):
     """The server-sent events of one streamed answer (a sync generator: Starlette runs it in a
     thread). Text deltas as tokens come; the last chunk has the finish reason and the receipt."""
     sid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + secrets.token_hex(16)
-    deltas = TextDeltas(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    deltas = TextDeltas(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), req.policy.stop)
     if req.kind == "chat":
         yield sse(stream_chunk(req, sid, model_id, created, "", first=True))
     event = first
@@ -121,13 +122,14 @@ def _events(req, first, events, tokenizer, model_id: str, created: int):
         yield sse(error_body(f"the answer failed: {type(event[1]).__name__}: {str(event[1])[:200]}", "server_error"))
         return
     result = event[1]
-    rest = deltas.rest(result.text)
+    rest = deltas.rest(answer_text(result.text, result.stop_offset))
     if rest is None:  # never sends a text the record does not hold: the client sees a failure
         yield sse(error_body(f"the streamed text is not the beginning of record {result.record_id}'s text: "
                              "ask again without stream", "server_error"))
         return
     yield sse(stream_chunk(req, sid, model_id, created, rest,
-                           finish_reason(result.tokens, req.policy), {RESPONSE_FIELD: attachment(result)}))
+                           finish_reason(result.tokens, req.policy, result.stop_offset is not None),
+                           {RESPONSE_FIELD: attachment(result)}))
     if req.include_usage:
         yield sse(stream_chunk(req, sid, model_id, created, None,
                                extra={"usage": usage(result.prompt_tokens, len(result.tokens))}))

@@ -11,7 +11,7 @@ and answers (whole or streamed) translated back, each carrying its receipt. Pure
 
 The model id is the served model's digest (64 hex digits): a client names the model it agreed to.
 The policy maps onto `max_tokens` (at most the policy's), `temperature` and `top_p` (the policy's,
-if given), `stop` (only null or empty: a policy has no stop strings) and `seed` (only under a greedy
+if given), `stop` (the policy's stop strings, if given: the answer is cut before the first) and `seed` (only under a greedy
 policy, where it changes nothing; a sampled answer's seed is derived from `aftune_nonce`). Any
 other field, or a value outside the policy, is refused in OpenAI's error format naming it. A chat
 is one user message, rendered with the policy's chat template (or none), exactly as a completion's
@@ -28,7 +28,8 @@ from typing import Any
 
 from ..core import jsonio
 from ..errors import CommitmentMismatch, InputError
-from .policy import GenerationPolicy, parse_request_nonce
+from .policy import MAX_STOP_STRINGS, GenerationPolicy, parse_request_nonce
+from .stops import answer_text, stop_offset
 
 NONCE_FIELD = "aftune_nonce"
 RESPONSE_FIELD = "aftune"
@@ -106,15 +107,19 @@ def parse_request(body: Any, kind: str, policy: GenerationPolicy, model_id: str)
             if not _is_number(v):
                 raise WireError(f"{name}: must be a number, got {str(v)[:40]!r}", name)
             asked[name] = v
+    stop = body.get("stop")
+    if stop is not None:  # absent: the policy's stop strings; "" or []: none
+        stops = ([stop] if stop else []) if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+            raise WireError(f"stop: must be a string or a list of non-empty strings, got {str(stop)[:60]!r}", "stop")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise WireError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
+        asked["stop"] = stops
     wanted, problems = policy.for_request(asked)
     if problems:
         field = problems[0].split(":", 1)[0]
         param = {"max_new_tokens": "max_tokens"}.get(field, field)
         raise WireError(problems[0].replace("max_new_tokens", "max_tokens", 1), param, "outside_policy")
-    stop = body.get("stop")
-    if stop not in (None, [], ""):
-        raise WireError("stop: the generation policy has no stop strings (it stops at its end-of-sequence tokens "
-                        f"or after max_tokens): send none, got {str(stop)[:60]!r}", "stop", "outside_policy")
     if body.get("seed") is not None:
         if wanted.sampling:
             raise WireError(f"seed: the policy samples and the seed is derived from your nonce ({NONCE_FIELD}), so "
@@ -169,8 +174,9 @@ def _completion_prompt(prompt: Any) -> str:
 
 # --- answers --------------------------------------------------------------------------------------
 
-def finish_reason(tokens: tuple[int, ...] | list[int], policy: GenerationPolicy) -> str:
-    return "stop" if tokens and policy.stops_at(tokens[-1]) else "length"
+def finish_reason(tokens: tuple[int, ...] | list[int], policy: GenerationPolicy, stopped: bool = False) -> str:
+    """`stop` after an end-of-sequence token or at a stop string (`stopped`), else `length`."""
+    return "stop" if stopped or (tokens and policy.stops_at(tokens[-1])) else "length"
 
 
 def response_id(kind: str, record_id: str) -> str:
@@ -189,13 +195,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def whole_response(req: WireRequest, result, model_id: str, created: int) -> dict[str, Any]:
     """The answer to a request without `stream`."""
-    reason = finish_reason(result.tokens, req.policy)
+    reason = finish_reason(result.tokens, req.policy, result.stop_offset is not None)
+    text = answer_text(result.text, result.stop_offset)  # cut before the stop string, as OpenAI does
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                   "logprobs": None}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
         obj = "text_completion"
     return {"id": response_id(req.kind, result.record_id), "object": obj, "created": created, "model": model_id,
             "choices": [choice], "usage": usage(result.prompt_tokens, len(result.tokens)),
@@ -224,14 +231,18 @@ class TextDeltas:
     """Text deltas of a growing token sequence. Only text that later tokens are not known to change
     is released: never a trailing partial UTF-8 character (U+FFFD) nor trailing whitespace (a
     decoder's clean-up may drop a space before the punctuation that follows), and only text that
-    extends what was sent. The deltas and `rest` add up to the final decoding."""
+    extends what was sent. With stop strings, nothing from a stop string on is released, nor a
+    tail that may begin one. The deltas and `rest` add up to the answer."""
 
-    def __init__(self, decode):
-        self.decode, self.tokens, self.sent = decode, [], ""
+    def __init__(self, decode, stops: tuple[str, ...] = ()):
+        self.decode, self.tokens, self.sent, self.stops = decode, [], "", tuple(stops)
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
         text = self.decode(self.tokens).rstrip()
+        if self.stops:
+            at = stop_offset(text, self.stops)
+            text = text[:at] if at is not None else text[:len(text) - _stop_prefix(text, self.stops)]
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text
@@ -241,6 +252,12 @@ class TextDeltas:
         """What remains of `final_text` (the record's text) after what was sent; None if what was
         sent is not its beginning (a decoder that rewrites earlier text: the stream must fail)."""
         return final_text[len(self.sent):] if final_text.startswith(self.sent) else None
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest tail of `text` that a stop string begins with (held back)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
 
 
 # --- reading a saved answer back (the client's side) ---------------------------------------------
@@ -334,7 +351,12 @@ def check_claims(claims: ResponseClaims, receipt, record_dir=None) -> None:
     from .record import InferenceRecord
 
     record = InferenceRecord.open(record_dir, claims.record_id)
-    committed = (record.doc.get("output") or {}).get("text")
+    output = record.doc.get("output") or {}
+    committed = output.get("text")
+    offset = output.get("stop_offset")  # the answer is cut before the first stop string (SPEC.md 8.10.1)
+    if isinstance(committed, str) and isinstance(offset, int) and not isinstance(offset, bool) \
+            and 0 <= offset <= len(committed):
+        committed = answer_text(committed, offset)
     if committed != claims.text:
         raise CommitmentMismatch(f"the response text {claims.text[:40]!r} differs from the text of record "
                                  f"{claims.record_id[:16]}… {str(committed)[:40]!r}: the answer was altered")

@@ -29,7 +29,8 @@ from typing import Any
 from ..core.encoding import TAG_GENERATION_POLICY, canonical_json, hash_message
 from ..errors import InputError
 
-POLICY_FORMAT = "aftune.generation-policy.v2"  # written for every policy that pins the serving dtype
+POLICY_FORMAT = "aftune.generation-policy.v2"  # written for every policy that pins the serving dtype, without stop
+POLICY_FORMAT_V3 = "aftune.generation-policy.v3"  # v2 and stop strings: written for a policy that has some
 POLICY_FORMAT_V1 = "aftune.generation-policy.v1"  # read; a policy without dtype is written in this form
 SERVING_DTYPES = ("float32", "bfloat16", "float16", "float64")
 NUMERICS = ("native", "portable")  # portable: SPEC.md 8.13 (float32 compute, bfloat16 grid)
@@ -43,7 +44,10 @@ MAX_CHAT_TEMPLATE_CHARS = 1 << 16
 MAX_POLICY_BYTES = 1 << 20
 REQUEST_NONCE_BYTES = (16, 64)
 POLICY_FIELDS_V1 = ("temperature", "top_p", "max_new_tokens", "eos_token_ids", "stop_rule", "chat_template")
-POLICY_FIELDS = POLICY_FIELDS_V1 + ("dtype", "numerics")
+POLICY_FIELDS_V2 = POLICY_FIELDS_V1 + ("dtype", "numerics")
+POLICY_FIELDS = POLICY_FIELDS_V2 + ("stop",)
+MAX_STOP_STRINGS = 4  # as OpenAI's `stop`
+MAX_STOP_CHARS = 256
 
 
 def _is_int(v: Any) -> bool:
@@ -96,7 +100,29 @@ def policy_problems(values: dict[str, Any]) -> list[str]:
     elif numerics == "portable" and dtype not in PORTABLE_DTYPES:
         out.append(f"numerics: portable numerics needs dtype {' or '.join(PORTABLE_DTYPES)} (float32 compute, "
                    f"bfloat16 grid), got {dtype!r}")
+    stop = values.get("stop", ())
+    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS or not all(
+            isinstance(x, str) and 1 <= len(x) <= MAX_STOP_CHARS for x in stop):
+        out.append(f"stop: must be a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                   f"{MAX_STOP_CHARS} characters, got {str(stop)[:80]}")
+    elif len(set(stop)) != len(stop):
+        out.append("stop: a stop string is listed twice")
+    elif stop:
+        if any(_lone_surrogate(x) for x in stop):
+            out.append("stop: a stop string is not valid Unicode text (lone surrogate)")
+        if rule == "length":
+            out.append("stop: stop_rule 'length' never stops early, so it has no stop strings")
+        if dtype is None:
+            out.append(f"stop: a policy with stop strings ({POLICY_FORMAT_V3}) pins the serving dtype")
     return out
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -112,11 +138,15 @@ class GenerationPolicy:
     # the serving (parameter and compute) dtype; None: not pinned (an aftune.generation-policy.v1 policy)
     dtype: str | None = None
     numerics: str = "native"  # native | portable (boundaries on a bfloat16 grid: bitwise on any hardware)
+    # stop strings: generation stops once the decoded text contains one (SPEC.md 8.6.2); the answer is cut before it
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         if isinstance(values["eos_token_ids"], list):
             values["eos_token_ids"] = tuple(values["eos_token_ids"])
+        if isinstance(values["stop"], list):
+            values["stop"] = tuple(values["stop"])
         problems = policy_problems(values)
         if problems:
             raise InputError("invalid generation policy:\n  - " + "\n  - ".join(problems))
@@ -124,29 +154,36 @@ class GenerationPolicy:
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "eos_token_ids", tuple(sorted(values["eos_token_ids"])))
+        object.__setattr__(self, "stop", tuple(sorted(values["stop"])))
 
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
 
     def stops_at(self, token: int) -> bool:
-        """Whether generation stops after `token` (before max_new_tokens is reached)."""
+        """Whether generation stops after `token` (before max_new_tokens is reached); stop strings
+        are matched on the decoded text (`stops.StopStrings`)."""
         return self.stop_rule == "eos_or_length" and token in self.eos_token_ids
 
     # --- bytes -----------------------------------------------------------------------------
     @property
     def format(self) -> str:
-        """v2 when the serving dtype is pinned; a policy without one is a v1 policy."""
+        """v3 with stop strings, else v2 when the serving dtype is pinned; a policy without one is v1."""
+        if self.stop:
+            return POLICY_FORMAT_V3
         return POLICY_FORMAT_V1 if self.dtype is None else POLICY_FORMAT
 
     def to_json(self) -> dict[str, Any]:
-        """The normal form: v2 with `dtype` and `numerics`; the v1 form (without them) for a policy
-        that pins no dtype (numerics is then native), so that a v1 policy keeps its digest."""
+        """The normal form: v2 with `dtype` and `numerics`, v3 with `stop` too when it has stop
+        strings; the v1 form (without them) for a policy that pins no dtype (numerics is then
+        native), so that a v1 or v2 policy keeps its digest."""
         doc = {"format": self.format, "temperature": self.temperature, "top_p": self.top_p,
                "max_new_tokens": self.max_new_tokens, "eos_token_ids": list(self.eos_token_ids),
                "stop_rule": self.stop_rule, "chat_template": self.chat_template}
         if self.dtype is not None:
             doc.update(dtype=self.dtype, numerics=self.numerics)
+        if self.stop:
+            doc["stop"] = list(self.stop)
         return doc
 
     def digest(self, algorithm: str) -> bytes:
@@ -161,19 +198,24 @@ class GenerationPolicy:
         if not isinstance(obj, dict):
             raise InputError(f"{what}: must be a JSON object ({POLICY_FORMAT}), got {type(obj).__name__}")
         problems = []
-        v1 = obj.get("format") == POLICY_FORMAT_V1
-        fmt = POLICY_FORMAT_V1 if v1 else POLICY_FORMAT
-        expected = ("format", *(POLICY_FIELDS_V1 if v1 else POLICY_FIELDS))
+        v1, v3 = obj.get("format") == POLICY_FORMAT_V1, obj.get("format") == POLICY_FORMAT_V3
+        fmt = POLICY_FORMAT_V1 if v1 else POLICY_FORMAT_V3 if v3 else POLICY_FORMAT
+        expected = ("format", *(POLICY_FIELDS_V1 if v1 else POLICY_FIELDS if v3 else POLICY_FIELDS_V2))
         missing = [k for k in expected if k not in obj]
         unknown = sorted(str(k)[:40] for k in obj if k not in expected)
         if missing:
             problems.append(f"missing fields {missing}")
         if unknown:
             problems.append(f"unknown fields {unknown}" + (" (an aftune.generation-policy.v1 policy has no dtype and "
-                                                           "numerics: make it a v2 policy)" if v1 else ""))
-        if "format" in obj and obj["format"] not in (POLICY_FORMAT, POLICY_FORMAT_V1):
-            problems.append(f"format: must be {POLICY_FORMAT!r} (or {POLICY_FORMAT_V1!r}), got "
+                                                           "numerics: make it a v2 policy)" if v1 else
+                                                           f" (stop strings make it an {POLICY_FORMAT_V3} policy)"
+                                                           if "stop" in unknown and not v3 else ""))
+        if "format" in obj and obj["format"] not in (POLICY_FORMAT, POLICY_FORMAT_V1, POLICY_FORMAT_V3):
+            problems.append(f"format: must be {POLICY_FORMAT!r} (or {POLICY_FORMAT_V1!r}, {POLICY_FORMAT_V3!r}), got "
                             f"{str(obj['format'])[:40]!r}")
+        if v3 and isinstance(obj.get("stop"), list) and not obj["stop"]:
+            problems.append(f"stop: an {POLICY_FORMAT_V3} policy has stop strings (a policy without any is "
+                            f"{POLICY_FORMAT})")
         if not v1 and "dtype" in obj and obj["dtype"] is None:
             problems.append(f"dtype: must be one of {', '.join(SERVING_DTYPES)} (a policy that pins no serving dtype "
                             f"is an {POLICY_FORMAT_V1} policy)")
@@ -181,6 +223,8 @@ class GenerationPolicy:
         if problems:
             raise InputError(f"{what} is not a valid {fmt}:\n  - " + "\n  - ".join(problems))
         extra = {} if v1 else {"dtype": obj["dtype"], "numerics": obj["numerics"]}
+        if v3:
+            extra["stop"] = tuple(obj["stop"])
         return cls(max_new_tokens=obj["max_new_tokens"], eos_token_ids=tuple(obj["eos_token_ids"]),
                    temperature=obj["temperature"], top_p=obj["top_p"], stop_rule=obj["stop_rule"],
                    chat_template=obj["chat_template"], **extra)
@@ -234,6 +278,8 @@ class GenerationPolicy:
                 mine = getattr(self, name)
                 given = value
                 if name == "eos_token_ids" and isinstance(value, list) and all(_is_int(i) for i in value):
+                    given = tuple(sorted(value))
+                if name == "stop" and isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
                     given = tuple(sorted(value))
                 if isinstance(mine, float) and _is_number(given):
                     given = float(given)

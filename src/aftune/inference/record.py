@@ -31,6 +31,7 @@ from ..core.rows import TensorRef, rows_from_json
 from ..core.store import ObjectStore
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..models import tokenizer_files
+from .batching import BatchShape
 from .policy import MAX_NEW_TOKENS, GenerationPolicy, parse_request_nonce
 from .portable import PortableLog
 from .served import RunBinding
@@ -312,6 +313,20 @@ class InferenceRecord:
                 raise RecordError("record: a causal LM record needs input/input_ids [1, P] and 1 to "
                                   f"{MAX_NEW_TOKENS} output tokens")
         self._portable = self._read_numerics(len(blocks))
+        self._batch = self._read_batch()
+
+    def _read_batch(self):
+        """The `batch` member (SPEC.md 8.4, 8.5.1): absent when the request was computed alone."""
+        if "batch" not in self.doc:
+            return None
+        if self.task != "causal_lm" or self.doc["batch"] is None:
+            raise RecordError("record: 'batch' is present only in a causal LM record computed in a batch")
+        return BatchShape.from_json(self.doc["batch"], self.rows["input/input_ids"].shape[1])
+
+    @property
+    def batch(self) -> BatchShape | None:
+        """The batch shape and row the request was computed in (a BatchShape), or None (alone)."""
+        return self._batch
 
     def _read_numerics(self, nb: int) -> PortableLog | None:
         """The `numerics` member: absent in v3 (native), null (native) or the portable logs in v4."""

@@ -86,6 +86,7 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         chat_template: Optional[str] = Field(None, max_length=MAX_CHAT_TEMPLATE_CHARS, strict=True)
         dtype: Optional[str] = Field(None, max_length=16, strict=True)
         numerics: Optional[str] = Field(None, max_length=16, strict=True)
+        stop: Optional[List[str]] = Field(None, max_length=4, strict=True)
 
     app = FastAPI(title="aftune", summary="Auditable inference: every answer with a signed receipt and a record.")
     app.state.engine = engine

@@ -42,6 +42,7 @@ from ..training.replay import check_fits
 from ..verdict.findings import RECORD, BlockResult, Finding, Report
 from ..verdict.comparison import Comparison, Tolerance, Verifying
 from ..verdict.threads import pinned_threads, recorded_threads
+from .batching import batch_context, filler_batch, row_slots, run_block_batched, supports_batching
 from .checks import RecordChecks
 from .policy import GenerationPolicy, check_request_nonce
 from .portable import tau_for, token_acceptable, token_cap
@@ -298,12 +299,25 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
                          "(SPEC.md 8.13)", tensor="output/tokens", step=rec.portable.token_steps[cap])
                 return None
         outputs = []
-        for k, (first, _) in enumerate(rec.steps):
-            ctx = served.step_context(first, self._step_inputs(k))
+        shape = rec.batch
+        if shape is not None and (shape.length > served.max_positions or not supports_batching(served)):
+            why = (f"batch.length {shape.length} exceeds the model's {served.max_positions} positions"
+                   if supports_batching(served) else f"a {served.family} model is never served in batches")
+            res.fail("record", f"the record claims batch {shape.to_json()}: {why}", tensor="batch")
+            return None
+        for k, (first, q) in enumerate(rec.steps):
             h_in = inputs[k] if l > 0 else None
             if portable and h_in is not None:  # the committed grid values, computed on in float32
                 h_in = h_in.to(self.replay_dtype)
-            out = served.run_block(blocks, l, h_in, ctx, cache)
+            if shape is None:
+                ctx = served.step_context(first, self._step_inputs(k))
+                out = served.run_block(blocks, l, h_in, ctx, cache)
+            else:  # the row in a batch of the committed shape, every other row filler (SPEC.md 8.5.1)
+                ids, h_batch, lengths = filler_batch(shape, k, self._step_inputs(k)["input_ids"], h_in,
+                                                     rec.steps[0][1])
+                ctx = batch_context(served, k, ids, lengths, shape.length)
+                out = run_block_batched(served, blocks, l, h_batch, ctx, cache)
+                out = out[shape.row] if last else row_slots(out, shape.row, q).clone()
             if last:
                 self._check_choice(res, k, out)
             else:

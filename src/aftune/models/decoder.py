@@ -53,6 +53,10 @@ class _NextTokenLogits(nn.Module):
         """The logits [q, V] of every position of the one sequence (a verifier's teacher forcing)."""
         return self.head.logits(hidden)[0]
 
+    def every_row(self, hidden):
+        """Batched serving: the logits [B, V] of every row's last position (SPEC.md 8.5.1)."""
+        return self.head.logits(hidden[:, -1:, :])[:, -1]
+
 
 class _DecoderAdapter(Adapter):
     task = "causal_lm"

@@ -283,3 +283,28 @@ class LayerStackAdapter(_DecoderAdapter):
                 masks[w] = step_mask(first, q, effective, dtype, ids.device)
         return {"batch": {"input_ids": ids}, "position_ids": positions, "attention_masks": masks, "cache": None,
                 "position_embeddings": self.rotary_embeddings(positions, dtype)}
+
+    # --- batched serving (SPEC.md 8.5.1) ---------------------------------------------------------
+    def batch_context(self, step: int, ids: torch.Tensor, prompt_lengths: list[int], length: int) -> Context:
+        """Side inputs of step `step` of a batch of rows left-padded to `length` prompt slots: row
+        i's prompt (`prompt_lengths[i]` tokens) fills slots `length - P_i .. length - 1` at
+        positions 0..P_i-1; step k >= 1 runs slot `length + k - 1` at position `P_i + k - 1`. A
+        query attends the row's own prompt and generated slots up to itself, and a padding slot
+        only itself. Derived from the shape and the row's own prompt length alone."""
+        if any(w is not None for w in self.windows):
+            raise InputError("batched serving of a model with sliding-window attention is not supported")
+        dtype = model_dtype(self.model)
+        device = ids.device
+        b, q = ids.shape
+        lengths = torch.tensor(prompt_lengths, dtype=torch.int64, device=device)[:, None]  # [B, 1]
+        starts = length - lengths  # first real slot of each row
+        first = 0 if step == 0 else length + step - 1
+        slots = torch.arange(first, first + q, dtype=torch.int64, device=device)[None, :]  # query slots [1, q]
+        positions = (slots - starts).clamp(min=0) if step == 0 else lengths + (step - 1)
+        keys = torch.arange(first + q, dtype=torch.int64, device=device)
+        allowed = (keys[None, None, :] >= starts[:, :, None]) & (keys[None, None, :] <= slots[:, :, None])
+        allowed = allowed | (keys[None, None, :] == slots[:, :, None])  # [B, q, keys]
+        mask = torch.zeros(b, 1, q, first + q, dtype=dtype, device=device)
+        mask = mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        return {"batch": {"input_ids": ids}, "position_ids": positions, "attention_masks": {None: mask},
+                "cache": None, "position_embeddings": self.rotary_embeddings(positions, dtype)}
