@@ -191,3 +191,33 @@ def invoke(*args):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
+
+
+def manifest_doc(run_dir, s: int) -> dict:
+    """The JSON document of step block `s`'s manifest, v3 (`.json.zst`) or older (`.json`)."""
+    import zstandard
+
+    from aftune.training.manifest import manifest_path
+
+    path = manifest_path(Path(run_dir) / "manifests", s)
+    data = path.read_bytes()
+    return json.loads(zstandard.ZstdDecompressor().decompress(data) if path.name.endswith(".zst") else data)
+
+
+def write_manifest_doc(run_dir, s: int, doc) -> Path:
+    """Replace step block `s`'s manifest by `doc` (a dict, or JSON text), in the file it is in."""
+    import zstandard
+
+    from aftune.training.manifest import manifest_path
+
+    path = manifest_path(Path(run_dir) / "manifests", s)
+    text = (doc if isinstance(doc, str) else json.dumps(doc)).encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(text) if path.name.endswith(".zst") else text)
+    return path
+
+
+def loose_objects(run_dir) -> None:
+    """Unpack a run's packs into loose objects, for tests that edit or remove single objects."""
+    from aftune.core.store import ObjectStore
+
+    ObjectStore(Path(run_dir) / "objects", "blake3").unpack()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoke
+from conftest import invoke, loose_objects, manifest_doc, write_manifest_doc
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def check(path: Path, key: Path, *extra):
 
 
 def manifest(run: Path, s: int) -> dict:
-    return json.loads((run / "manifests" / f"{s:06d}.json").read_text())
+    return manifest_doc(run, s)
 
 
 def object_path(root: Path, digest_hex: str) -> Path:
@@ -80,15 +80,18 @@ def test_honest_run_is_intact(recorded):
 
 
 def test_damaged_unreferenced_object_fails_check_and_verify_all(run_copy, recorded):
+    from aftune.core.store import ObjectStore
+
     digest = unread_state_object(run_copy)
-    path = object_path(run_copy, digest)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
-    rel = path.relative_to(run_copy).as_posix()
+    entry = ObjectStore(run_copy / "objects", "blake3").locate(bytes.fromhex(digest))  # in its step block's pack
+    data = bytearray(entry.pack.read_bytes())
+    data[entry.offset + entry.length // 2] ^= 0x10
+    entry.pack.write_bytes(bytes(data))
+    rel = entry.pack.relative_to(run_copy).as_posix()
     code, doc = check(run_copy, pub(run_copy))
     assert code == 1 and doc["status"] == "damaged"
-    assert [p for p in doc["problems"] if p["path"] == rel and p["kind"] == "damaged"], doc["problems"]
+    assert [p for p in doc["problems"] if p["path"] == rel and p["kind"] == "damaged" and digest[:16] in p["reason"]], \
+        doc["problems"]
     r = invoke("verify", run_copy, "--agreement", recorded[1], "--public-key", pub(run_copy), "--all")
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and digest[:16] in r.output and "PASS:" not in r.output
@@ -96,6 +99,7 @@ def test_damaged_unreferenced_object_fails_check_and_verify_all(run_copy, record
 
 def test_missing_object_is_named(run_copy):
     row = next(r for r in manifest(run_copy, 1)["common"] if r[0].endswith("boundary/0001/activation"))
+    loose_objects(run_copy)
     object_path(run_copy, row[4]).unlink()
     code, doc = check(run_copy, pub(run_copy))
     assert code == 1
@@ -117,14 +121,13 @@ def test_unfinished_run_is_described_not_damaged(run_copy):
     assert code == 0, doc
     assert "4 step blocks signed, run not finished" in doc["described"][0]
     kinds = {p["path"]: p["kind"] for p in doc["problems"]}
-    assert kinds["transcript.jsonl"] == "unfinished" and kinds["manifests/000004.json"] == "unreferenced"
+    assert kinds["transcript.jsonl"] == "unfinished" and kinds["manifests/000004.json.zst"] == "unreferenced"
 
 
 def test_edited_manifest_and_config_are_damaged(run_copy):
-    m = run_copy / "manifests" / "000003.json"
-    m.write_text(m.read_text().replace('"F32"', '"F16"', 1))
+    write_manifest_doc(run_copy, 3, json.dumps(manifest(run_copy, 3)).replace('"F32"', '"F16"', 1))
     code, doc = check(run_copy, pub(run_copy))
-    assert code == 1 and any(p["path"] == "manifests/000003.json" for p in doc["problems"])
+    assert code == 1 and any(p["path"] == "manifests/000003.json.zst" for p in doc["problems"])
     cfg = run_copy / "config.json"
     cfg.write_bytes(cfg.read_bytes().replace(b'"lr":0.01', b'"lr":0.02'))
     code, doc = check(run_copy, pub(run_copy))

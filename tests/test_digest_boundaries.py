@@ -132,6 +132,7 @@ def test_a_lost_checkpoint_object_is_regenerated_from_the_checkpoint_before(dige
     run_dir, key = digest_run
     rec = RunRecord.open(run_dir, key)
     ref = next(iter(rec.manifest(2).blocks[1].values()))
+    rec.store.unpack()  # loose objects, so that one can be lost
     rec.store.path(ref.digest).unlink()
     r = prepare_digest(verifier(run_dir, key), 1, 2)
     assert r.start == 1 and r.step_blocks == [1, 2] and rec.store.has(ref.digest)

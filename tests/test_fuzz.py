@@ -6,7 +6,9 @@ each driven through the command that reads it (in-process CLI).
 
 Mutations: bit flips, truncations, duplicated keys, reordered keys and re-spaced JSON, dropped
 keys, wrong types, huge numbers, long strings, deep nesting, and for objects valid zstd frames of
-garbage, bytes after the frame and headers claiming huge tensors. Every case must end with exit 1
+garbage, bytes after the frame and headers claiming huge tensors; compressed manifests get the
+JSON mutations inside their frame or the zstd ones on it, packs and pack indexes bit flips,
+truncations, appended bytes and entries moved. Every case must end with exit 1
 or 2 and a message, or exit 0 only where the mutation is provably neutral (`NEUTRAL` says which,
 per file kind); never exit 3, never a traceback. `-s` prints the counts of cases and exit codes.
 """
@@ -68,7 +70,7 @@ class Kind:
     mutations are neutral for it."""
 
     files: Callable[[Path], list[Path]]
-    syntax: str  # json | jsonl | zstd
+    syntax: str  # json | jsonl | zstd | zjson (a v3 manifest) | pack | index
     command: Callable[[Path], list]
     neutral: Callable[[bytes, bytes], bool]
 
@@ -123,6 +125,38 @@ def same_lines(a: bytes, b: bytes) -> bool:
         return False
 
 
+def same_zmanifest(a: bytes, b: bytes) -> bool:
+    """A v3 manifest: the same manifest inside its zstd frame (the frame's bytes are not hashed)."""
+    try:
+        return same_manifest(zstandard.ZstdDecompressor().decompress(a), zstandard.ZstdDecompressor().decompress(b))
+    except zstandard.ZstdError:
+        return False
+
+
+def _frames(data: bytes, cuts: list[int]) -> list[bytes] | None:
+    out = []
+    for start, end in zip(cuts, cuts[1:]):
+        try:
+            out.append(zstandard.ZstdDecompressor().decompressobj().decompress(data[start:end]))
+        except zstandard.ZstdError:
+            return None
+    return out
+
+
+def same_pack(a: bytes, b: bytes) -> bool:
+    """A pack whose objects (each read as its first zstd frame, at the offsets the index gives)
+    decompress to the same bytes: a change inside a frame's unused bits is neutral."""
+    if len(a) != len(b) or a[:8] != b[:8]:
+        return False
+    cuts, rest = [8], a[8:]
+    while rest:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        d.decompress(rest)
+        cuts.append(cuts[-1] + len(rest) - len(d.unused_data))
+        rest = d.unused_data
+    return _frames(a, cuts) == _frames(b, cuts)
+
+
 def same_frame(a: bytes, b: bytes) -> bool:
     """Objects: only the first zstd frame is read (SPEC.md 3.2, Q13): bytes after it are neutral."""
     try:
@@ -164,15 +198,17 @@ def never(a: bytes, b: bytes) -> bool:
     return a == b
 
 
-def _objects(r: Path) -> list[Path]:
-    return sorted((r / "run" / "objects").rglob("*.zst"))
+def _packs(r: Path, suffix: str) -> list[Path]:
+    return sorted((r / "run" / "objects" / "pack").glob(f"*{suffix}"))
 
 
 KINDS = {
     "run config": Kind(lambda r: [r / "run" / "config.json"], "json", _check("run"), never),
-    "manifest": Kind(lambda r: sorted((r / "run" / "manifests").glob("*.json")), "json", _check("run"), same_manifest),
+    "manifest": Kind(lambda r: sorted((r / "run" / "manifests").glob("*.json.zst")), "zjson", _check("run"),
+                     same_zmanifest),
     "transcript": Kind(lambda r: [r / "run" / "transcript.jsonl"], "jsonl", _check("run"), same_lines),
-    "object": Kind(_objects, "zstd", _check("run"), same_frame),
+    "pack": Kind(lambda r: _packs(r, ".pack"), "pack", _check("run"), same_pack),
+    "pack index": Kind(lambda r: _packs(r, ".idx"), "index", _check("run"), never),
     "base model digests": Kind(lambda r: [r / "run" / "base_model.json"], "json", _check("run"), same_json),
     "agreement": Kind(lambda r: [r / "agreement.json"], "json", lambda r: [
         "verify", r / "run", "--public-key", r / "run" / "provider.key.pub", "--agreement", r / "agreement.json",
@@ -194,7 +230,7 @@ KINDS = {
                           _check("bundle", "--transcript", "transcript.jsonl"), same_frame),
 }
 # replaying kinds cost a second each: the short budget gives them fewer cases
-WEIGHTS = {"agreement": 1, "challenge": 1, "bundle": 2, "bundle object": 1}
+WEIGHTS = {"agreement": 1, "challenge": 1, "bundle": 2, "bundle object": 1, "pack index": 2}
 
 
 # --- the mutator --------------------------------------------------------------------------------
@@ -315,7 +351,37 @@ def mutate_zstd(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     return op, zstandard.ZstdCompressor(write_content_size=rng.random() < 0.8).compress(payload)
 
 
-MUTATORS = {"json": mutate_json, "jsonl": mutate_jsonl, "zstd": mutate_zstd}
+def mutate_zjson(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """A v3 manifest: JSON mutations inside the frame, or zstd ones on it."""
+    if rng.random() < 0.3:
+        op, out = rng.choice(["flip", "truncate", "append", "no_size"]), data
+        text = zstandard.ZstdDecompressor().decompress(data)
+        if op == "no_size":
+            return op, zstandard.ZstdCompressor(write_content_size=False).compress(text)
+        return op, _flip(data, rng) if op == "flip" else data[:rng.randrange(len(data))] if op == "truncate" \
+            else data + b"\x00" * rng.choice([1, 4096])
+    op, text = mutate_json(zstandard.ZstdDecompressor().decompress(data), rng)
+    return "inner:" + op, zstandard.ZstdCompressor().compress(text)
+
+
+def mutate_pack(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """A pack or an index: bit flips, a cut, bytes appended or removed, two 48-byte spans swapped."""
+    op = rng.choice(["flip", "flip", "truncate", "append", "swap", "cut_middle"])
+    if op == "flip":
+        return op, _flip(data, rng)
+    if op == "truncate":
+        return op, data[:rng.randrange(len(data))]
+    if op == "append":
+        return op, data + bytes(rng.randrange(256) for _ in range(rng.choice([1, 48, 4096])))
+    i = rng.randrange(16, max(17, len(data) - 96))
+    if op == "cut_middle":
+        return op, data[:i] + data[i + rng.choice([1, 8, 48]):]
+    j = rng.randrange(i + 48, max(i + 49, len(data) - 48))
+    return op, data[:i] + data[j:j + 48] + data[i + 48:j] + data[i:i + 48] + data[j + 48:]
+
+
+MUTATORS = {"json": mutate_json, "jsonl": mutate_jsonl, "zstd": mutate_zstd, "zjson": mutate_zjson,
+            "pack": mutate_pack, "index": mutate_pack}
 
 
 # --- the loop -----------------------------------------------------------------------------------

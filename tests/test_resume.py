@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import DATA_KIND
+from conftest import DATA_KIND, loose_objects, manifest_doc
 
 from aftune.core.signing import PublicKey
 from aftune.errors import AftuneError, CommitmentMismatch, InputError
@@ -114,8 +114,9 @@ def test_a_torn_transcript_line_is_dropped_and_the_run_resumes(runs):
 def test_a_damaged_checkpoint_or_other_inputs_refuse_to_resume(runs, model_dir, datasets):
     model, data, agreement, _, interrupted = runs
     run = interrupted(7, "damaged")
-    manifest = json.loads((run / "manifests" / "000002.json").read_text())
+    manifest = manifest_doc(run, 2)
     digest = next(row[4] for row in manifest["blocks"][0] if row[0].startswith("optim/"))
+    loose_objects(run)
     path = run / "objects" / digest[:2] / f"{digest}.safetensors.zst"
     path.write_bytes(path.read_bytes()[:-8])  # the checkpoint the resume would load
     with pytest.raises(AftuneError):

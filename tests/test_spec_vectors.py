@@ -548,7 +548,7 @@ def test_step_block_manifest_root(algorithm):
     assert m.merkle_root(algorithm) == ref_merkle_root(algorithm, subtrees)
     # the JSON form round-trips and rows are [key, name, dtype, shape, digest hex]
     doc = json.loads(json.dumps(m.to_json()))
-    assert doc["format"] == "aftune.manifest.v2"  # v2: no tied-weight gradient parts (SPEC.md 5.2.4)
+    assert doc["format"] == "aftune.manifest.v3"  # v2's rows (no tied-weight parts, 5.2.4), stored as zstd (3.3.1)
     assert doc["blocks"][0] == [["state/w", "w", "F32", [2, 2], d_w.hex()]]
     assert StepBlockManifest.from_json(doc, 2).merkle_root(algorithm) == m.merkle_root(algorithm)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import failing, verifier
+from conftest import failing, manifest_doc, verifier
 from test_tampering import FlipExponentBit
 
 from aftune.core.store import ObjectStore
@@ -52,9 +52,11 @@ def wrong_tied_part(monkeypatch):
 def test_honest_tied_run_commits_no_parts_and_passes(record):
     run_dir, key = record("qwen2", **SETUP)
     store = ObjectStore(run_dir / "objects", "blake3")
-    for path in sorted((run_dir / "manifests").glob("*.json")):
-        doc = json.loads(path.read_text())
-        assert doc["format"] == "aftune.manifest.v2"
+    paths = sorted((run_dir / "manifests").glob("*.json.zst"))
+    assert len(paths) == 3
+    for s in range(len(paths)):
+        doc = manifest_doc(run_dir, s)
+        assert doc["format"] == "aftune.manifest.v3"
         assert not [row[0] for row in doc["common"] if "/shared/" in row[0]]
         vocab_by_hidden = 512 * 32 * 4
         assert all(4 * _numel(row[3]) < vocab_by_hidden for row in doc["common"]), "a per-step tensor is vocab x hidden"

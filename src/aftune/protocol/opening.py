@@ -171,11 +171,10 @@ def open_bundle(run_dir: str | Path, challenge, out: str | Path, progress=None,
         for rows in sb["partial"].values():
             opened.update(bytes.fromhex(r[0][4]) for r in rows if _has(base, r[0][4]))
     nbytes = 0
-    for d in sorted(opened):
-        src = base.store.path(d)
+    for d in sorted(opened):  # loose in the bundle, from the run's loose objects or packs
         dst = ObjectStore(out / "objects", base.algorithm).path(d)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        dst.write_bytes(base.store.raw(d))
         nbytes += dst.stat().st_size
 
     # examples of every challenged step, with proofs against the dataset root

@@ -32,16 +32,17 @@ from ..core import jsonio
 from ..core.encoding import DTYPE_BY_NAME, DTYPES_BY_NAME, HASH_ALGORITHMS
 from ..core.rows import MAX_DIM, MAX_NDIM, TensorRef
 from ..core.signing import PublicKey
+from ..core.packs import INDEX_SUFFIX, PACK_DIR, PACK_NAME, PACK_SUFFIX, PackEntry, read_index
 from ..core.store import OBJECT_SUFFIX, ObjectStore
 from ..errors import AftuneError, CommitmentMismatch, InputError, RecordError
-from .manifest import StepBlockManifest, is_boundary, is_step_gradient
+from .manifest import StepBlockManifest, is_boundary, is_step_gradient, manifest_path
 from .run import RunRecord, committed_settings, signed_run_config
 from .transcript import MAX_TRANSCRIPT_BYTES, Transcript
 
 DAMAGED, MISSING, UNREFERENCED, UNFINISHED = "damaged", "missing", "unreferenced", "unfinished"
 INTACT, UNREADABLE = "intact", "unreadable"
 OBJECT_NAME = re.compile(r"^([0-9a-f]{64})" + re.escape(OBJECT_SUFFIX) + "$")
-MANIFEST_NAME = re.compile(r"^([0-9]{6,})\.json$")
+MANIFEST_NAME = re.compile(r"^([0-9]{6,})\.json(\.zst)?$")
 _INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # batch fields a writer MAY commit by digest only
 _MAX_HEADER = 1 << 16  # safetensors header of one tensor (as core.store)
 MAX_UNCOMMITTED_BYTES = 1 << 30  # an object no row bounds is decompressed only up to this size
@@ -106,28 +107,31 @@ class CheckReport:
 
 # --- objects ------------------------------------------------------------------------------------
 
-def object_ref(path: Path, digest: bytes) -> TensorRef:
+def object_ref(found: Path | PackEntry, digest: bytes) -> TensorRef:
     """The row an object claims for itself: the name, dtype and shape from its safetensors header
-    (at most 64 KiB decompressed), the digest from its file name. `ObjectStore.get` then checks
-    it like any committed tensor, and the rows naming that digest are compared with it."""
+    (at most 64 KiB decompressed), the digest from its file name or pack index. `ObjectStore`
+    then checks it like any committed tensor, and the rows naming that digest are compared with it."""
+    label = found.describe() if isinstance(found, PackEntry) else found.name
     try:
-        with open(path, "rb") as f:
+        with open(found.pack if isinstance(found, PackEntry) else found, "rb") as f:
+            if isinstance(found, PackEntry):
+                f.seek(found.offset)
             reader = zstandard.ZstdDecompressor().stream_reader(f)
             head = reader.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
             if not 0 < n <= _MAX_HEADER:
-                raise RecordError(f"{path.name}: no safetensors header of at most {_MAX_HEADER} bytes")
+                raise RecordError(f"{label}: no safetensors header of at most {_MAX_HEADER} bytes")
             header = jsonio.loads(reader.read(n))
     except (zstandard.ZstdError, ValueError) as exc:
-        raise RecordError(f"{path.name} is not a zstd-compressed safetensors file ({str(exc)[:120]})") from None
+        raise RecordError(f"{label} is not a zstd-compressed safetensors file ({str(exc)[:120]})") from None
     tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
     if len(tensors) != 1:
-        raise RecordError(f"{path.name} does not hold exactly one tensor")
+        raise RecordError(f"{label} does not hold exactly one tensor")
     (name, meta), = tensors.items()
     dtype, shape = (meta.get("dtype"), meta.get("shape")) if isinstance(meta, dict) else (None, None)
     if (dtype not in DTYPES_BY_NAME or not isinstance(shape, list) or len(shape) > MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)):
-        raise RecordError(f"{path.name}: bad dtype or shape in its safetensors header")
+        raise RecordError(f"{label}: bad dtype or shape in its safetensors header")
     return TensorRef(name, dtype, tuple(shape), digest)
 
 
@@ -145,10 +149,10 @@ class CommittedRows:
             self.required.setdefault(ref.digest, f"{file} {where}")
 
 
-def _problem(store: ObjectStore, ref: TensorRef, where: str) -> str | None:
-    """Why the object of `ref` is not that tensor (None when it is)."""
+def _problem(store: ObjectStore, found: Path | PackEntry, ref: TensorRef, where: str) -> str | None:
+    """Why the object at `found` is not the tensor of `ref` (None when it is)."""
     try:
-        store.get(ref, where)
+        store.read_at(found, ref, where)
         return None
     except CommitmentMismatch as exc:
         return f"its bytes do not hash to its name: {exc}"
@@ -173,6 +177,16 @@ def check_objects(report: CheckReport, store: ObjectStore, rows: CommittedRows, 
             found = _Findings()
             if not regular:
                 found.add(path, DAMAGED, "not a regular file (a link or a device): objects are plain files")
+            elif path.parent == root / PACK_DIR:
+                for digest, entry, findings in _pack_file(path, files):
+                    if findings is not None:
+                        pending.append((findings, 0))
+                        continue
+                    present.add(digest)
+                    pending.append((pool.submit(_object_findings, store, entry, f"{root.name}/{PACK_DIR}/{path.name}",
+                                                digest, rows.by_digest.get(digest), unreferenced_reason), 0))
+                    report.objects += 1
+                    report.bytes_hashed += entry.length
             elif m is None or path.parent.name != m.group(1)[:2] or path.parent.parent != root:
                 why = "a temporary file of an interrupted write" if path.name.startswith(".tmp-") else \
                     f"not an object (objects are objects/XX/<64 hex digits>{OBJECT_SUFFIX})"
@@ -203,23 +217,60 @@ class _Findings(list):
         self.append((path, kind, why))
 
 
-def _object_findings(store: ObjectStore, path: Path, rel: str, digest: bytes,
-                     claims: dict[tuple, tuple[str, str]] | None, unreferenced_reason: str) -> _Findings:
+class _Prefixed:
+    """Findings about one object of a pack: the pack's path, the reason naming the object.
+    (Findings about the rows that reference it are added as they are.)"""
+
+    def __init__(self, inner, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def add(self, path: Path | str, kind: str, why: str) -> None:
+        is_pack = isinstance(path, Path) and path.suffix == PACK_SUFFIX
+        self.inner.add(path, kind, self.prefix + why if is_pack else why)
+
+
+def _pack_file(path: Path, files: list[tuple[Path, int, bool]]):
+    """(digest, entry, None) for each object of a pack's index, or (None, None, findings) for a
+    pack file that is not read: a pack without its index, a damaged index, a stray file."""
     found = _Findings()
-    _check_object(found, store, path, rel, digest, claims, unreferenced_reason)
-    return found
-
-
-def _check_object(report: CheckReport | _Findings, store: ObjectStore, path: Path, rel: str, digest: bytes,
-                  claims: dict[tuple, tuple[str, str]] | None, unreferenced_reason: str) -> None:
+    stem, suffix = path.name[:-len(path.suffix)] if path.suffix else path.name, path.suffix
+    if suffix == PACK_SUFFIX and PACK_NAME.match(stem) and path.with_suffix(INDEX_SUFFIX).is_file():
+        return []  # checked with its index
+    if suffix != INDEX_SUFFIX or not PACK_NAME.match(stem):
+        why = "a temporary file of an interrupted write" if path.name.startswith(".tmp-") else \
+            "a pack without its index (an interrupted write): its objects are not read" if suffix == PACK_SUFFIX \
+            and PACK_NAME.match(stem) else f"not a pack (packs are {PACK_DIR}/<name>{PACK_SUFFIX} and <name>{INDEX_SUFFIX})"
+        found.add(path, UNREFERENCED, why)
+        return [(None, None, found)]
     try:
-        own = object_ref(path, digest)  # what the object says it holds (header only)
+        entries = read_index(path)
+    except RecordError as exc:
+        found.add(path, DAMAGED, f"{exc}; none of its objects can be read")
+        return [(None, None, found)]
+    return [(d, e, None) for d, e in sorted(entries.items(), key=lambda de: de[1].offset)]
+
+
+def _object_findings(store: ObjectStore, found: Path | PackEntry, rel: str, digest: bytes,
+                     claims: dict[tuple, tuple[str, str]] | None, unreferenced_reason: str) -> _Findings:
+    findings = _Findings()
+    _check_object(findings, store, found, rel, digest, claims, unreferenced_reason)
+    return findings
+
+
+def _check_object(report: CheckReport | _Findings, store: ObjectStore, found: Path | PackEntry, rel: str,
+                  digest: bytes, claims: dict[tuple, tuple[str, str]] | None, unreferenced_reason: str) -> None:
+    path = found.pack if isinstance(found, PackEntry) else found
+    if isinstance(found, PackEntry):  # a problem names the object inside its pack
+        rel = f"{rel}: object {digest.hex()[:16]}… at bytes {found.offset}+{found.length}"
+        report = _Prefixed(report, f"object {digest.hex()[:16]}… (bytes {found.offset}+{found.length}): ")
+    try:
+        own = object_ref(found, digest)  # what the object says it holds (header only)
     except RecordError as exc:
         report.add(path, DAMAGED, str(exc))
         return
     key = (own.name, own.dtype, own.shape)
     if claims is not None and key in claims:  # bounded by a row's size, as a verifier reads it
-        why = _problem(store, own, "{} ({} {})".format(rel, *claims[key]))
+        why = _problem(store, found, own, "{} ({} {})".format(rel, *claims[key]))
         if why is not None:
             report.add(path, DAMAGED, why)
             return
@@ -227,7 +278,7 @@ def _check_object(report: CheckReport | _Findings, store: ObjectStore, path: Pat
         report.add(path, DAMAGED if claims else UNREFERENCED, f"it claims {own.nbytes} bytes of tensor, more than "
                    "any row commits: not decompressed")
         return
-    elif (why := _problem(store, own, rel)) is not None:
+    elif (why := _problem(store, found, own, rel)) is not None:
         report.add(path, DAMAGED, why)
         return
     if claims is None:
@@ -354,7 +405,7 @@ def _check_manifests(report: CheckReport, rec: RunRecord, rows: CommittedRows) -
     total = settings.num_step_blocks
     out = {}
     for s in range(len(entries)):
-        path = rec.root / "manifests" / f"{s:06d}.json"
+        path = manifest_path(rec.root / "manifests", s)
         try:
             m = rec.manifest(s)
         except RecordError as exc:
@@ -365,7 +416,7 @@ def _check_manifests(report: CheckReport, rec: RunRecord, rows: CommittedRows) -
             report.add(path, DAMAGED, f"it covers steps {m.first_step}+{m.num_steps}; the signed settings give "
                        f"step block {s} steps {first}+{min(settings.steps_per_block, settings.steps - first)}")
         out[s] = m
-        where = f"manifests/{s:06d}.json"
+        where = f"manifests/{path.name}"
         stored_state = settings.stores_state(s)
         for key, ref in m.common.items():
             required = not ("/batch/" in key and ref.dtype in _INTEGER_DTYPES) and not (
@@ -377,7 +428,7 @@ def _check_manifests(report: CheckReport, rec: RunRecord, rows: CommittedRows) -
     d = rec.root / "manifests"
     for path in sorted(d.iterdir()) if d.is_dir() else []:
         m = MANIFEST_NAME.match(path.name)
-        if m is None or int(m.group(1)) >= len(entries) or path.name != f"{int(m.group(1)):06d}.json":
+        if m is None or int(m.group(1)) >= len(entries) or path != manifest_path(d, int(m.group(1))):
             report.add(path, UNREFERENCED, "no signed transcript line commits it (written, never signed: the run "
                        "stopped before signing it, or the file does not belong here)")
     n = len(entries)

@@ -27,7 +27,7 @@ from ..core.signing import SigningKey
 from ..core.store import ObjectMissing, ObjectStore
 from ..errors import CommitmentMismatch, InputError, RecordError
 from .engine import BlockedModel
-from .manifest import StepBlockManifest
+from .manifest import StepBlockManifest, read_manifest
 from .settings import TrainSettings
 from .transcript import Transcript
 
@@ -78,7 +78,7 @@ def resume_point(run: Path, key: SigningKey, settings: TrainSettings, config_dig
     start = max((s for s in range(len(entries)) if settings.stores_state(s)), default=0)
     manifest = None
     if start > 0:
-        manifest = StepBlockManifest.read(run / "manifests" / f"{start:06d}.json", num_blocks)
+        manifest = read_manifest(run / "manifests", start, num_blocks)
         if manifest.merkle_root(transcript.algorithm) != entries[start].merkle_root:
             raise CommitmentMismatch(f"manifest of step block {start} does not match its signed root")
     prev = entries[start - 1].root if start > 0 else config_digest

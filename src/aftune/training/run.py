@@ -25,7 +25,7 @@ from ..core import jsonio
 from .settings import RUN_FORMAT, TrainSettings
 from ..core.encoding import TAG_RUN_CONFIG, hash_message, parse_hex_digest
 from ..errors import CommitmentMismatch, InputError, RecordError
-from .manifest import StepBlockManifest
+from .manifest import StepBlockManifest, read_manifest
 from ..core.merkle import files_root, merkle_root
 from ..models import tokenizer_files
 from ..core.signing import PublicKey
@@ -116,12 +116,12 @@ class RunRecord:
         if step_block >= len(entries):
             raise RecordError(f"step block {step_block} has no signed root in the transcript "
                               f"({len(entries)} signed): the run is incomplete")
-        m = StepBlockManifest.read(self.root / "manifests" / f"{step_block:06d}.json", self.num_blocks)
+        m = read_manifest(self.root / "manifests", step_block, self.num_blocks)
         e = entries[step_block]
         if m.step_block != step_block or (m.first_step, m.num_steps) != (e.first_step, e.num_steps):
-            raise CommitmentMismatch(f"manifest {step_block:06d}.json describes other steps than its signed entry")
+            raise CommitmentMismatch(f"the manifest of step block {step_block} describes other steps than its signed entry")
         if m.merkle_root(self.algorithm) != e.merkle_root:
-            raise CommitmentMismatch(f"manifest {step_block:06d}.json does not match the root signed for step block "
+            raise CommitmentMismatch(f"the manifest of step block {step_block} does not match the root signed for step block "
                               f"{step_block}: the manifest was altered after signing")
         return m
 

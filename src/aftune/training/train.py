@@ -102,7 +102,7 @@ def train(model_dir: str | Path | None, data_path: str | Path | None, run_dir: s
             raise InputError(f"the ranks run with different intra-op thread counts {threads}: bitwise replay needs one "
                              "(set OMP_NUM_THREADS, or torch.set_num_threads, alike on every rank)")
         if not exchange.lead:  # after rank 0 made the run directory
-            st.recorder = RankRecorder(Path(run_dir), st.settings.hash_algorithm, len(st.blocked.blocks),
+            st.recorder = RankRecorder(Path(run_dir), st.settings.hash_algorithm, len(st.blocked.blocks), exchange.rank,
                                        digest_boundaries=st.settings.digest_boundaries)
     settings, blocked, recorder, dataset = st.settings, st.blocked, st.recorder, st.dataset
     deviation = deviation or Deviation()
