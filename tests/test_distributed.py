@@ -103,9 +103,9 @@ def test_ddp_run_verifies_strict_and_commits_every_rank(ddp_run):
     run, key, agreement = ddp_run
     report = _verify(run, key, agreement)
     assert report.verdict == "PASS", report.summary()
-    import json
+    from aftune.training.run import RunRecord
 
-    common = [row[0] for row in json.loads((run / "manifests" / "000000.json").read_text())["common"]]
+    common = list(RunRecord.open(run, key).manifest(0).common)
     for r in (0, 1):
         assert any(k.startswith(f"step/00000000/rank/{r:04d}/gradient/") for k in common)
     assert any(k.startswith("step/00000000/gradient/") for k in common)
