@@ -5,6 +5,8 @@
   concluded about the block, and nothing PASSes.
 - `CommitmentMismatch` (a `RecordError`): a record file is readable but contradicts what was
   signed: evidence of tampering, a FAIL (exit code 1) naming the block or step block.
+- `ClusterError`: the Ray cluster an audit was spread over could not finish it (a node died, a
+  worker could not start): nothing is concluded (exit code 2); run the audit again.
 
 The CLI exits 3 on any other exception: that is a bug in aftune, never a verdict.
 """
@@ -40,3 +42,8 @@ class CommitmentMismatch(RecordError):
     verdict is FAIL (exit code 1), naming the block or step block concerned."""
 
     exit_code = 1
+
+
+class ClusterError(AftuneError):
+    """The Ray cluster could not finish the work given to it (a node or worker died mid-audit):
+    nothing is concluded about the blocks it held, so no verdict is given (exit code 2)."""

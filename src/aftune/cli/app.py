@@ -288,11 +288,14 @@ def finish_report(report, document: dict, as_json: bool, error_label: str = "", 
             out.print(f"[yellow]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
         for r in report.results:
             colour = "green" if r.verdict == "PASS" else "red"
-            out.print(f"[{colour}]{escape(r.headline())}[/]", highlight=False, soft_wrap=True)
+            where = f" [dim]({escape(r.replayed_on.describe())})[/]" if r.replayed_on else ""
+            out.print(f"[{colour}]{escape(r.headline())}[/]{where}", highlight=False, soft_wrap=True)
             for f in _distinct_checks(r.findings)[1:]:
                 out.print(f"    also: {escape(f.describe(r.label))}", highlight=False, soft_wrap=True)
         for f in report.errors:
             out.print(f"[red]FAIL {escape(f.describe(error_label))}[/]", highlight=False, soft_wrap=True)
+        if report.nodes():  # an audit over a Ray cluster: which nodes replayed the blocks
+            out.print(escape(report.nodes()), highlight=False, soft_wrap=True)
         out.print(f"[bold]{escape(report.summary())}[/]", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.verdict == "PASS" else 1)
 

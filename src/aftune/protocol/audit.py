@@ -5,23 +5,25 @@
 The verifier reads nothing but the bundle, the client's own transcript (or, for an inference
 record, its own copy of the model) and challenge, and the provider's public key. Training blocks
 are spread over a local process pool (each worker opens the bundle itself), or over an existing
-Ray cluster with `ray_address`.
+Ray cluster with `ray_address` (one task per block; docs/ray.md): each node opens the bundle and
+transcript at the same absolute path, so they must be on storage every node mounts.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 from ..core import jsonio
 from ..core.signing import PublicKey
-from ..errors import CommitmentMismatch, InputError, MissingExtra, RecordError
+from ..errors import ClusterError, CommitmentMismatch, InputError, MissingExtra, RecordError
 from ..training.transcript import Transcript
 from ..training.agreement import Agreement
 from ..training.verify import NEEDS_AGREEMENT, Verifier
-from ..verdict.findings import RECORD, BlockResult, Finding, Report
+from ..verdict.findings import RECORD, BlockResult, Finding, ReplayNode, Report
 from ..verdict.comparison import Tolerance
 from .bundle import INFERENCE_BUNDLE_FORMAT, MAX_BUNDLE_JSON, BundleStore, TrainingBundle
 
@@ -93,8 +95,11 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     rest = (blocks, challenge_digest, agreement, mode, tolerance, replay_dtype)
     results: list[BlockResult] = []
     reported = False
-    if ray_address:
-        results = _ray_map(ray_address, args, [blocks[i::workers] for i in range(workers)], rest)
+    if ray_address:  # one task per block, spread over the nodes; progress as each block ends
+        per_replay = (probe.recorded_threads() or 1) if probe.comparison.strict else 1
+        args = (str(Path(bundle_dir).resolve()), str(Path(transcript_path).resolve()), public_key.text)
+        results = _ray_map(ray_address, args, blocks, rest, per_replay, on_block)
+        reported = True
     elif workers == 1:
         results = _verify_chunk(*args, blocks, *rest, None, on_block)
         reported = True
@@ -125,17 +130,91 @@ def audit_bundle(bundle_dir: str | Path, transcript_path: str | Path, public_key
     return report
 
 
-def _ray_map(address: str, args, chunks, rest) -> list[BlockResult]:
+def _replay_on_node(bundle_dir: str, transcript_path: str, key_text: str, block: tuple[int, int], *rest):
+    """A Ray task: replay one block on whichever node runs it; say which node and which versions."""
+    import socket
+
+    import ray
+    import torch
+
+    from ..version import __version__
+
+    node = ReplayNode(ray.get_runtime_context().get_node_id(), socket.gethostname())
+    results = _verify_chunk(bundle_dir, transcript_path, key_text, [block], *rest, 1)
+    for r in results:
+        r.replayed_on = node
+    return node, (__version__, torch.__version__), results
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT address must accept a connection: `ray.init` retries a dead one for minutes."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return  # "auto", ray://...: Ray's own address forms, which Ray resolves
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start its head node with "
+                         f"`ray start --head --port {port}` there, or give the address it printed (docs/ray.md)") from None
+
+
+def _ray_map(address: str, args, blocks: list[tuple[int, int]], rest, cpus_per_replay: int,
+             on_block: Callable[[BlockResult], None] | None) -> list[BlockResult]:
+    """Replay each block as one Ray task on the cluster at `address` (SPREAD over its nodes, each
+    task holding the cores a replay uses). Every node must run this driver's aftune and torch. A
+    node or worker lost mid-audit is a `ClusterError` naming the block it held: Ray's retries are
+    off, so that each block in the report was replayed once, on the node the report names."""
     try:
         import ray
+        from ray.exceptions import RayError, RayTaskError
     except ImportError:
         raise MissingExtra("ray", "ray") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(_verify_chunk)
-    futures = [remote.remote(*args, c, *rest, 1) for c in chunks]
+    import torch
+
+    from ..version import __version__
+
+    _check_reachable(address)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InputError(f"no Ray cluster answers at {address}: {exc}; start one with `ray start --head` "
+                         "(docs/ray.md)") from None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    widest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
+    if widest < cpus_per_replay:  # Ray would wait for such a node for ever
+        raise InputError(f"each replay needs {cpus_per_replay} CPUs (the thread count recorded, strict mode), "
+                         f"and no node of the Ray cluster at {address} has more than {widest:g}")
+    replay = ray.remote(num_cpus=cpus_per_replay, scheduling_strategy="SPREAD", max_retries=0)(_replay_on_node)
+    pending = {replay.remote(*args, b, *rest): b for b in blocks}
     out = []
-    for chunk_results in ray.get(futures):
-        out += chunk_results
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                l, s = pending.pop(ref)
+                try:
+                    node, versions, results = ray.get(ref)
+                except RayTaskError as exc:  # the replay itself raised: as if it had run here
+                    raise exc.cause if isinstance(exc.cause, BaseException) else exc
+                except RayError as exc:
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise ClusterError(f"the Ray cluster lost layer block {l}, step block {s} mid-audit "
+                                       f"({type(exc).__name__}: {reason}); nothing was concluded: check "
+                                       f"the nodes (`ray status`) and run the audit again") from None
+                if versions != (__version__, torch.__version__):
+                    raise InputError(f"Ray {node.describe()} runs aftune {versions[0]} with torch {versions[1]}, "
+                                     f"this driver aftune {__version__} with torch {torch.__version__}: "
+                                     "install the same versions on every node (docs/ray.md)")
+                out += results
+                for r in results:
+                    if on_block:
+                        on_block(r)
+    finally:
+        for ref in pending:  # an error left work running: stop it (on a cluster that may be gone)
+            with suppress(RayError):
+                ray.cancel(ref, force=True)
     return out
 
 

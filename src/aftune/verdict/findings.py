@@ -57,6 +57,18 @@ class Finding:
         return text
 
 
+@dataclass(frozen=True)
+class ReplayNode:
+    """Where a block was replayed, for an audit spread over a Ray cluster: the Ray node id (hex)
+    and its host name. Informative only: it changes no verdict."""
+
+    ray_node_id: str
+    hostname: str
+
+    def describe(self) -> str:
+        return f"node {self.ray_node_id[:8]} on {self.hostname}"
+
+
 @dataclass
 class BlockResult:
     """The verdict on one block: (layer block, step block) of a run, or a layer block of a record."""
@@ -71,6 +83,7 @@ class BlockResult:
     seconds: float = 0.0
     errors_by_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [max rel L2, max elem]
     scope: str = RUN
+    replayed_on: ReplayNode | None = None  # the Ray node that replayed it (audits over a Ray cluster)
 
     @property
     def verdict(self) -> str:
@@ -154,7 +167,19 @@ class Report:
                 {"layer_block": r.layer_block, "step_block": r.step_block, "label": r.label, "verdict": r.verdict,
                  "compared": r.compared, "max_error": r.max_error, "max_elem_error": r.max_elem_error,
                  "errors_by_kind": r.errors_by_kind, "seconds": round(r.seconds, 4),
-                 "findings": [asdict(f) for f in r.findings]}
+                 "findings": [asdict(f) for f in r.findings],
+                 **({"replayed_on": asdict(r.replayed_on)} if r.replayed_on else {})}
                 for r in self.results
             ],
         }
+
+    def nodes(self) -> str:
+        """The Ray nodes that replayed the blocks and how many each did ("" when none did)."""
+        counts: dict[ReplayNode, int] = {}
+        for r in self.results:
+            if r.replayed_on:
+                counts[r.replayed_on] = counts.get(r.replayed_on, 0) + 1
+        if not counts:
+            return ""
+        return f"replayed on {len(counts)} Ray node{'s' if len(counts) > 1 else ''}: " + ", ".join(
+            f"{n.describe()} ({k} block{'s' if k > 1 else ''})" for n, k in counts.items())

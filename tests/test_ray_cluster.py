@@ -1,0 +1,226 @@
+"""`aftune audit --ray` on a two-node Ray cluster started as a user starts one across machines.
+
+    pytest tests/test_ray_cluster.py --long
+
+Two raylets on this machine are two Ray nodes (`ray start --head`, then `ray start --address`),
+each with one CPU, so that the audit's one-task-per-block replays must use both. The nodes get
+this checkout's `src` on PYTHONPATH (their workers import aftune from it, as the driver does); the
+bundle and transcript are read by path on each node (one machine: shared storage trivially).
+Marked long: starting the nodes takes ~20 s and each node's worker imports torch and aftune
+afresh (see docs/ray.md for the times measured). The cluster's processes are found by its own
+temp dir and stopped by their ids (not `ray stop`, which stops every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import aftune
+from aftune.protocol.audit import audit_bundle
+from aftune.protocol.challenge import challenge_from_transcript
+from aftune.protocol.opening import open_bundle
+from conftest import agreement_for, agreement_path
+from test_tampering import FlipExponentBit
+
+pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+PY = [sys.executable, "-m", "aftune"]
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_processes(temp_dir: str) -> list:
+    """Every process of the cluster: those naming its temp dir, and their children (workers)."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            found[p.pid] = p
+            for c in p.children(recursive=True):
+                found[c.pid] = c
+    return list(found.values())
+
+
+def _raylet(temp_dir: str, second: bool):
+    """The head's raylet, or the second node's (its socket is `raylet.1`)."""
+    for p in _cluster_processes(temp_dir):
+        cmd = " ".join(p.cmdline()) if p.is_running() else ""
+        if "raylet/raylet" in cmd and ("sockets/raylet.1 " in cmd) == second:
+            return p
+    raise AssertionError("no raylet of this cluster")
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """(address, env, temp_dir): a head node and a second node, one CPU each."""
+    temp_dir = tempfile.mkdtemp(prefix="aftray-", dir="/tmp")  # short: Ray's socket paths are bounded
+    src = str(Path(aftune.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([*RAY, "start", "--head", "--port", str(port), "--temp-dir", temp_dir,
+                        "--include-dashboard=false", "--dashboard-port", str(_free_port()), *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run([*RAY, "start", "--address", address, *common], env=env, check=True,
+                       capture_output=True, timeout=180)
+        print(f"two nodes started in {time.perf_counter() - t0:.1f} s")
+        yield address, env, temp_dir
+    finally:
+        _stop(_cluster_processes(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tampered_bundle(tmp_path_factory, model_dir, datasets):
+    """(bundle, transcript, challenge file, key file, agreement file, run dir) of a run whose
+    step 3 was tampered with (layer block 1, step block 1), every block challenged."""
+    import torch
+
+    from aftune.core.signing import PublicKey
+    from aftune.training.agreement import make_agreement
+    from aftune.training.settings import TrainSettings
+    from aftune.training.train import train
+    from conftest import DATA_KIND
+
+    tmp = tmp_path_factory.mktemp("raycluster")
+    run_dir = tmp / "run"
+    settings = TrainSettings(steps=4, batch_size=4, seq_len=32, layers_per_block=2, steps_per_block=2, lr=1e-2,
+                             boundaries="stored")
+    agreement = make_agreement(model_dir("llama"), datasets[DATA_KIND["llama"]], settings)
+    agreement.save(agreement_path(run_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each replay pins the recorded count: one core per node
+    try:
+        result = train(model_dir("llama"), datasets[DATA_KIND["llama"]], run_dir, agreement=agreement,
+                       deviation=FlipExponentBit(step=3))
+    finally:
+        torch.set_num_threads(threads)
+    key = PublicKey.load(result.public_key_path)
+    c = challenge_from_transcript(run_dir / "transcript.jsonl", key, "all")
+    challenge = c.save(tmp / "challenge.json")
+    open_bundle(run_dir, c, tmp / "bundle")
+    return (tmp / "bundle", run_dir / "transcript.jsonl", challenge, Path(result.public_key_path),
+            agreement_path(run_dir), run_dir)
+
+
+def _audit_argv(bundle, transcript, challenge, key, agreement, address, report) -> list[str]:
+    return [*PY, "audit", str(bundle), "--transcript", str(transcript), "--challenge", str(challenge),
+            "--public-key", str(key), "--agreement", str(agreement), "--ray", address,
+            "--report-json", str(report), "--quiet"]
+
+
+@pytest.mark.long
+def test_audit_on_two_nodes_matches_the_local_audit_and_uses_both(two_nodes, tampered_bundle, tmp_path):
+    import ray
+
+    address, env, _ = two_nodes
+    bundle, transcript, challenge, key, agreement, run_dir = tampered_bundle
+    from aftune.core.signing import PublicKey
+    from aftune.protocol.challenge import Challenge
+
+    c = Challenge.load(challenge)
+    local = audit_bundle(bundle, transcript, PublicKey.load(str(key)), c, agreement=agreement_for(run_dir),
+                         workers=1)
+    assert local.verdict == "FAIL" and [(r.layer_block, r.step_block) for r in local.results
+                                        if r.verdict == "FAIL"] == [(1, 1)]
+    report = tmp_path / "report.json"
+    t0 = time.perf_counter()
+    done = subprocess.run(_audit_argv(bundle, transcript, challenge, key, agreement, address, report),
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    print(f"audit of {len(c.blocks)} blocks on two nodes: {time.perf_counter() - t0:.1f} s")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    doc = json.loads(report.read_text())
+    # 1. the same verdict, block by block, as the local audit
+    assert [(b["layer_block"], b["step_block"], b["verdict"]) for b in doc["blocks"]] == \
+        [(r.layer_block, r.step_block, r.verdict) for r in local.results]
+    assert doc["verdict"] == "FAIL"
+    # 2. the blocks ran on both nodes of the cluster, and the report says which
+    ray.init(address=address, log_to_driver=False)
+    try:
+        cluster = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+    used = {b["replayed_on"]["ray_node_id"] for b in doc["blocks"]}
+    assert len(cluster) == 2 and used == cluster, (used, cluster)
+    assert all(b["replayed_on"]["hostname"] == socket.gethostname() for b in doc["blocks"])
+    assert "replayed on 2 Ray nodes" in done.stdout
+    for b in doc["blocks"]:  # the text names each block's node
+        assert f"node {b['replayed_on']['ray_node_id'][:8]}" in done.stdout
+    # a local audit's report has no such field (its format is unchanged)
+    assert all("replayed_on" not in b for b in local.to_json()["blocks"])
+
+
+@pytest.mark.long
+def test_a_node_lost_mid_audit_is_a_clean_error_not_a_hang(two_nodes, tampered_bundle, tmp_path):
+    """Kills the second node while it replays a block: exit 2 naming the block, no traceback.
+    Runs last: the cluster has one node afterwards."""
+    address, env, temp_dir = two_nodes
+    bundle, transcript, challenge, key, agreement, _ = tampered_bundle
+    audit = subprocess.Popen(_audit_argv(bundle, transcript, challenge, key, agreement, address,
+                                         tmp_path / "report.json"),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        second = _raylet(temp_dir, second=True)
+        deadline = time.monotonic() + 300
+        while not any("_replay_on_node" in " ".join(p.cmdline()) for p in second.children(recursive=True)
+                      if p.is_running()):
+            assert audit.poll() is None, "the audit ended before the second node replayed anything"
+            assert time.monotonic() < deadline, "the second node never started a replay"
+            time.sleep(0.2)
+        node = [second, *second.children(recursive=True)]
+        for p in node:
+            p.send_signal(signal.SIGKILL)
+        t0 = time.perf_counter()
+        out, err = audit.communicate(timeout=240)
+        print(f"the audit ended {time.perf_counter() - t0:.1f} s after the node was killed")
+    finally:
+        if audit.poll() is None:
+            audit.kill()
+    assert audit.returncode == 2, out + err
+    assert "Traceback" not in err
+    assert "lost layer block" in err and "mid-audit" in err and "run the audit again" in err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_an_address_where_no_cluster_answers_is_bad_input(tmp_path):
+    """No Ray cluster at the address: exit 2 at once (Ray itself would retry for minutes)."""
+    from aftune.protocol.audit import _check_reachable
+    from aftune.errors import InputError
+
+    with pytest.raises(InputError, match="no Ray cluster answers at 127.0.0.1:"):
+        _check_reachable(f"127.0.0.1:{_free_port()}")
