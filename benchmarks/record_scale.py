@@ -2,6 +2,7 @@
 
     python benchmarks/record_scale.py --config builtin
     python benchmarks/record_scale.py --config smollm2 --steps 4 --batch-size 2 --seq-len 64
+    python benchmarks/record_scale.py --config builtin --steps 8 --steps-per-block 2 --layouts
 
 For each boundary mode (stored, digest), one process agrees and trains the same model on the
 same data with the same settings, then reports side by side:
@@ -11,7 +12,12 @@ same data with the same settings, then reports side by side:
   model's weights;
 * bytes stored per recorded step beyond checkpoints: (record - checkpoint objects) / steps, and
   the same without the manifests' state rows ("-rows": the digests of each step block's state,
-  816 rows on SmolLM2, which a run of few step blocks amortises over few steps);
+  816 rows on SmolLM2, which a run of few step blocks amortises over few steps; measured as
+  those rows alone in a zstd frame, as a v3 manifest stores them);
+* files: how many files the record is (objects, manifests, transcript), and with `--layouts`
+  the same record in the layout of aftune 0.2 side by side (one loose object file per tensor,
+  manifests as plain JSON v2: the same bytes and rows, written from the packed run), with their
+  bytes and their disk usage (file system blocks: what a small file really costs);
 * the run directory against the exported model (the issue's target: at most the model + 25%
   for a 4-step SmolLM2 run with default spacing);
 * digest mode only: the time `aftune open` takes for a challenge of one block (the regeneration
@@ -50,19 +56,56 @@ def _checkpoint_bytes(run: Path, key) -> int:
             for ref in block.values():
                 if ref.digest not in seen and rec.store.has(ref.digest):
                     seen.add(ref.digest)
-                    total += rec.store.path(ref.digest).stat().st_size
+                    total += rec.store.stored_size(ref.digest)
     return total
 
 
 def _state_rows_bytes(run: Path, key) -> int:
-    """Bytes of the manifests' state rows (the commitment to each step block's state, stored or not)."""
+    """Bytes of the manifests' state rows (the commitment to each step block's state, stored or
+    not), as a v3 manifest stores them: alone in a zstd frame at the writer's level."""
     import json
 
+    import zstandard
+
+    from aftune.training.manifest import MANIFEST_LEVEL
     from aftune.training.run import RunRecord
 
     rec = RunRecord.open(run, key)
-    return sum(len(json.dumps(rec.manifest(s).to_json()["blocks"], separators=(",", ":")))
+    z = zstandard.ZstdCompressor(level=MANIFEST_LEVEL)
+    return sum(len(z.compress(json.dumps(rec.manifest(s).to_json()["blocks"], separators=(",", ":")).encode()))
                for s in range(rec.num_step_blocks + 1))
+
+
+def _files(run: Path) -> tuple[int, int, int]:
+    """(files, bytes, disk bytes) of the record: objects/, manifests/, transcript.jsonl."""
+    n = size = disk = 0
+    for part in ("objects", "manifests", "transcript.jsonl"):
+        p = run / part
+        paths = [p] if p.is_file() else [Path(r) / f for r, _, fs in os.walk(p) for f in fs]
+        for f in paths:
+            st = f.stat()
+            n, size, disk = n + 1, size + st.st_size, disk + st.st_blocks * 512
+    return n, size, disk
+
+
+def _old_layout(run: Path, key, out: Path) -> Path:
+    """The same record as aftune 0.2 wrote it: loose objects and v2 JSON manifests."""
+    import json
+    import shutil
+
+    from aftune.core.store import ObjectStore
+    from aftune.training.manifest import manifest_paths
+    from aftune.training.run import RunRecord
+
+    shutil.copytree(run / "objects", out / "objects")
+    shutil.copy(run / "transcript.jsonl", out / "transcript.jsonl")
+    ObjectStore(out / "objects", "blake3").unpack()
+    (out / "manifests").mkdir()
+    rec = RunRecord.open(run, key)
+    for s in range(rec.num_step_blocks + 1):
+        plain = manifest_paths(out / "manifests", s)[1]
+        plain.write_text(json.dumps(rec.manifest(s).to_json("aftune.manifest.v2"), separators=(",", ":")))
+    return out
 
 
 def main() -> None:
@@ -76,6 +119,7 @@ def main() -> None:
     ap.add_argument("--layers-per-block", type=int, default=2)
     ap.add_argument("--modes", default="stored,digest")
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--layouts", action="store_true", help="also measure the record in aftune 0.2's layout")
     args = ap.parse_args()
 
     import torch
@@ -117,7 +161,9 @@ def main() -> None:
         weights = _bytes(run / "model" / "model.safetensors")
         model_dir_bytes = _bytes(run / "model")
         state_rows = _state_rows_bytes(run, key)
-        row = {"mode": mode, "record": record, "estimate": e.record_bytes, "checkpoints": checkpoints,
+        files = _files(run)
+        old = _files(_old_layout(run, key, work / f"old-{mode}")) if args.layouts else None
+        row = {"files": files, "old": old,"mode": mode, "record": record, "estimate": e.record_bytes, "checkpoints": checkpoints,
                "per_step": (record - checkpoints) / args.steps, "rows_per_step": (record - checkpoints - state_rows) / args.steps, "run_dir": _bytes(run), "model": model_dir_bytes,
                "weights": weights, "open": None}
         if mode == "digest":
@@ -142,6 +188,14 @@ def main() -> None:
         print(f"{r['mode']:<10} {r['record'] / mb:>10.2f} {r['estimate'] / r['record']:>8.2f}x "
               f"{r['checkpoints'] / mb:>8.2f} {r['per_step'] / 1e3:>8.1f} {r['rows_per_step'] / 1e3:>6.1f} {r['run_dir'] / mb:>10.2f} "
               f"{r['model'] / mb:>9.2f} {r['run_dir'] / r['model']:>9.3f}")
+    print(f"\n{'boundaries':<10} {'files':>7} {'bytes MB':>9} {'disk MB':>8}   (record: objects, manifests, transcript)")
+    for r in rows:
+        for label, f in (("packed", r["files"]), ("0.2 layout", r["old"])):
+            if f is not None:
+                print(f"{r['mode']:<10} {f[0]:>7} {f[1] / mb:>9.3f} {f[2] / mb:>8.3f}   {label}")
+        if r["old"] is not None:
+            print(f"{r['mode']:<10} 0.2 layout / packed: files {r['old'][0] / r['files'][0]:.1f}x, bytes "
+                  f"{r['old'][1] / r['files'][1]:.2f}x, disk {r['old'][2] / r['files'][2]:.2f}x")
     if len(rows) == 2:
         a, b = rows
         print(f"per-step bytes beyond checkpoints, {a['mode']} / {b['mode']}: {a['per_step'] / max(b['per_step'], 1):.1f}x")

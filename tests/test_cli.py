@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import invoke
+from conftest import invoke, loose_objects, manifest_doc
 
 
 
@@ -115,7 +115,8 @@ def _truncate(path, keep=0.5):
 
 
 @pytest.mark.parametrize("target, message", [
-    ("manifest", "not valid JSON"),
+    ("manifest", "truncated or corrupt"),
+    ("pack", "truncated"),
     ("object", "truncated or corrupt"),
     ("transcript", "not JSON"),
     ("missing-manifest", "is missing"),
@@ -124,12 +125,14 @@ def _truncate(path, keep=0.5):
 ])
 def test_damaged_records_exit_2_or_fail_never_pass(run_copy, target, message):
     if target == "manifest":
-        _truncate(run_copy / "manifests" / "000001.json")
+        _truncate(run_copy / "manifests" / "000001.json.zst")
     elif target == "missing-manifest":
-        (run_copy / "manifests" / "000001.json").unlink()
+        (run_copy / "manifests" / "000001.json.zst").unlink()
+    elif target == "pack":
+        _truncate(sorted((run_copy / "objects" / "pack").glob("000001-*.pack"))[0])
     elif target in ("object", "missing-object"):
-        row = next(r for r in json.loads((run_copy / "manifests" / "000001.json").read_text())["common"]
-                   if r[0].endswith("boundary/0001/gradient"))
+        row = next(r for r in manifest_doc(run_copy, 1)["common"] if r[0].endswith("boundary/0001/gradient"))
+        loose_objects(run_copy)  # one object alone is cut or removed
         path = run_copy / "objects" / row[4][:2] / f"{row[4]}.safetensors.zst"
         _truncate(path) if target == "object" else path.unlink()
     elif target == "transcript":
@@ -162,8 +165,7 @@ def test_tampered_block_exits_1_and_is_named(run_copy):
     from safetensors.torch import save
     import zstandard
 
-    row = next(r for r in json.loads((run_copy / "manifests" / "000001.json").read_text())["common"]
-               if r[0].endswith("boundary/0001/gradient"))
+    row = next(r for r in manifest_doc(run_copy, 1)["common"] if r[0].endswith("boundary/0001/gradient"))
     ref = TensorRef(row[1], row[2], tuple(row[3]), bytes.fromhex(row[4]))
     t = ObjectStore(run_copy / "objects", "blake3").get(ref, "test") * 1.001
     (run_copy / "objects" / row[4][:2] / f"{row[4]}.safetensors.zst").write_bytes(

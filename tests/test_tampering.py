@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 from aftune.errors import CommitmentMismatch
 from aftune.core.signing import SigningKey
 from aftune.training.train import Deviation
-from conftest import failing, verifier, verify_all
+from conftest import failing, loose_objects, manifest_doc, verifier, verify_all, write_manifest_doc
 
 SETUP = dict(steps=6, steps_per_block=2)
 TARGET = "model.layers.2.mlp.up_proj.weight"  # in layer block 1
@@ -208,10 +208,12 @@ def honest(record, tmp_path):
 
 
 def _manifest(run_dir, s):
-    return json.loads((run_dir / "manifests" / f"{s:06d}.json").read_text())
+    return manifest_doc(run_dir, s)
 
 
 def _object_path(run_dir, digest_hex):
+    """The loose file of an object (the run's packs are unpacked first, so that one can be edited)."""
+    loose_objects(run_dir)
     return run_dir / "objects" / digest_hex[:2] / f"{digest_hex}.safetensors.zst"
 
 
@@ -251,7 +253,7 @@ def test_edited_manifest_fails_its_step_block(honest):
     run_dir, key = honest
     m = _manifest(run_dir, 2)
     m["common"][0][4] = "00" * 32
-    (run_dir / "manifests" / "000002.json").write_text(json.dumps(m))
+    write_manifest_doc(run_dir, 2, m)
     report = verify_all(run_dir, key)
     # step block 2 is read to replay step block 1 (end state) and step block 2 itself
     assert failing(report) == [(0, 1), (0, 2), (1, 1), (1, 2)], report.summary()
@@ -310,7 +312,7 @@ def test_root_changed_after_signing_fails_against_the_clients_copy(honest, tmp_p
     shutil.copy(run_dir / "transcript.jsonl", client_copy)
     m = _manifest(run_dir, 1)
     m["common"][0][4] = "22" * 32
-    (run_dir / "manifests" / "000001.json").write_text(json.dumps(m))
+    write_manifest_doc(run_dir, 1, m)
     from aftune.training.manifest import StepBlockManifest
 
     new_root = StepBlockManifest.from_json(m, 2).merkle_root("blake3")

@@ -7,9 +7,9 @@ The architecture is built on PyTorch's meta device (shapes only, no weights), sp
 blocks as the run will be, and every tensor the record stores is counted: the full state at each
 stored checkpoint (weights, buffers, optimizer state), per step the losses and gradient norms
 (and, with stored boundaries, the boundary activations and gradients at the full `seq_len`: an
-upper bound, as batches are padded to their longest example), the manifests' rows and the
-transcript. The cost of opening one challenged block is the most training steps the provider
-re-runs for it: a re-run starts at the nearest stored checkpoint (SPEC.md 3.8), so with digest-only
+upper bound, as batches are padded to their longest example), the manifests' rows (zstd-compressed
+in v3 manifests, about 40 bytes each) and the transcript. The cost of opening one challenged block
+is the most training steps the provider re-runs for it: a re-run starts at the nearest stored checkpoint (SPEC.md 3.8), so with digest-only
 boundaries it is `checkpoint_interval x steps_per_block` steps of the whole model.
 
 Checkpoint spacing from what the client accepts (`aftune agree --max-recompute-steps N` or
@@ -19,7 +19,6 @@ then states.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from dataclasses import dataclass, replace
 
@@ -29,9 +28,11 @@ from .manifest import common_key
 from .optim import STATE_NAMES
 from .settings import TrainSettings
 
-OBJECT_OVERHEAD = 110  # bytes an object adds to its tensor: safetensors header, zstd frame (measured, 3.2)
+OBJECT_OVERHEAD = 110 + 48  # bytes an object adds to its tensor: safetensors header, zstd frame, pack index entry (3.2)
+PACK_OVERHEAD = 24  # a pack's header and its index's (3.2)
+MANIFEST_ROW = 40  # bytes a row takes in a v3 manifest (zstd): its digest's 64 hex digits, about 34 (measured)
+MANIFEST_OVERHEAD = 120  # a manifest's fields and frame
 TRANSCRIPT_LINE = 420  # a signed step-block line (3.4.3)
-DIGEST_HEX = "0" * 64
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ def _size(n: int) -> str:
 
 
 def _row(key: str, name: str, shape) -> int:
-    return len(json.dumps([key, name, "F32", list(shape), DIGEST_HEX], separators=(",", ":"))) + 1
+    """A row's bytes in a v3 manifest: the rest of a row (key, name, dtype, shape) mostly repeats
+    its neighbours', which zstd stores in a few bytes."""
+    return MANIFEST_ROW
 
 
 class _Layout:
@@ -180,7 +183,8 @@ def estimate_for(hf_config: dict, settings: TrainSettings, spec, layout: _Layout
                     for d in shape:
                         n *= d
                     step_bytes += A * (n * itemsize + OBJECT_OVERHEAD)
-    manifest_bytes = (S + 1) * (state_rows + 200) + settings.steps * step_rows
+    manifest_bytes = (S + 1) * (state_rows + MANIFEST_OVERHEAD) + settings.steps * step_rows
+    step_bytes += PACK_OVERHEAD // max(1, settings.steps_per_block)  # a pack per step block
     return Estimate(settings, nb, layout.parameters, layout.model_bytes, state_bytes, checkpoints, stored_bytes, step_bytes,
                     manifest_bytes, (S + 2) * TRANSCRIPT_LINE)
 
