@@ -101,9 +101,16 @@ def test_concurrent_openai_requests_make_one_batch_and_every_record_verifies(bat
     nonces = [secrets.token_hex(32) for _ in PROMPTS]
     answers = [None] * len(PROMPTS)
 
-    def ask(i):
-        answers[i] = s["client"].completions.with_raw_response.create(
-            model=s["digest"], prompt=PROMPTS[i], extra_body={"aftune_nonce": nonces[i]})
+    def ask(i):  # two whole answers and two streamed chats, at once
+        if i < 2:
+            raw = s["client"].completions.with_raw_response.create(
+                model=s["digest"], prompt=PROMPTS[i], extra_body={"aftune_nonce": nonces[i]})
+            answers[i] = raw.http_response.content
+        else:
+            stream = s["client"].chat.completions.create(
+                model=s["digest"], messages=[{"role": "user", "content": PROMPTS[i]}], stream=True,
+                extra_body={"aftune_nonce": nonces[i]})
+            answers[i] = json.dumps([c.model_dump() for c in stream]).encode()
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
@@ -111,17 +118,17 @@ def test_concurrent_openai_requests_make_one_batch_and_every_record_verifies(bat
     for t in threads:
         t.join(120)
     rows = set()
-    for i, raw in enumerate(answers):
-        att = json.loads(raw.http_response.text)["aftune"]
-        rid = att["record_id"]
+    for i, data in enumerate(answers):
+        claims = response_claims(data)
+        rid = claims.record_id
         doc = json.loads((s["root"] / "records" / f"{rid}.json").read_bytes())
         batch = doc["batch"]
         assert batch["size"] == len(PROMPTS) and batch["length"] >= 2, batch  # one batch of all four
         rows.add(batch["row"])
-        receipt = Receipt.from_json(att["receipt"])
+        receipt = Receipt.from_json(claims.receipt)
         verify_receipt(receipt, s["key"].public_key, s["root"], request_nonce=bytes.fromhex(nonces[i]),
                        policy_digest=POLICY.digest("blake3"))
-        check_claims(response_claims(raw.http_response.content), receipt, s["root"])
+        check_claims(claims, receipt, s["root"])  # the answer's text (streamed: the deltas) is the record's
         report = _verify(s["root"], rid, s["model"], PROMPTS[i], POLICY, bytes.fromhex(nonces[i]),
                          public_key=s["key"].public_key)
         assert report.verdict == "PASS", report.summary()
@@ -195,7 +202,9 @@ def test_batched_and_serialised_engines_agree_and_one_request_is_computed_alone(
     batched = _concurrently(together, PROMPTS, GREEDY, [None] * 4)
     for i, r in enumerate(batched):
         assert alone.generate(PROMPTS[i], GREEDY).tokens == r.tokens
-    one = together.generate(PROMPTS[0], GREEDY)  # nobody else comes: computed alone after the window
+    quick = InferenceEngine(served, tmp_path / "c", SigningKey.generate(),
+                            batching=BatchingSettings(max_batch_size=4, window_ms=1))
+    one = quick.generate(PROMPTS[0], GREEDY)  # nobody else comes: computed alone after the window
     assert "batch" not in json.loads(one.record_path.read_bytes())
     with pytest.raises(InputError, match="max-batch-size"):
         BatchingSettings(max_batch_size=0).validate()
@@ -332,3 +341,19 @@ def test_batched_records_in_portable_numerics_and_tolerance_mode(model_dir, tmp_
             for mode in modes:
                 report = _verify(root, r.record_id, model, PROMPTS[i], policy, mode=mode)
                 assert report.verdict == "PASS", (numerics, mode, report.summary())
+
+
+def test_cli_batching_flags_and_policy_stop_strings(model_dir, tmp_path):
+    from test_inference import cli
+
+    r = cli("serve", tmp_path, "--api-keys", tmp_path / "keys.txt", "--max-batch-size", "0")
+    assert r.exit_code == 2 and "--max-batch-size" in r.output, r.output
+    r = cli("serve", tmp_path, "--api-keys", tmp_path / "keys.txt", "--batch-window-ms", "-1")
+    assert r.exit_code == 2 and "--batch-window-ms" in r.output, r.output
+    out = tmp_path / "policy.json"
+    r = cli("policy", model_dir("llama"), "--out", out, "--stop", "\n\n", "--stop", "Q:")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "aftune.generation-policy.v3" and doc["stop"] == ["\n\n", "Q:"]
+    r = cli("policy", model_dir("llama"), "--out", out, *[a for s in "abcde" for a in ("--stop", s)])
+    assert r.exit_code == 2 and "at most 4" in r.output, r.output
