@@ -20,7 +20,7 @@ from aftune.core.signing import PublicKey
 from aftune.errors import InputError
 from aftune.training.agreement import make_agreement
 from aftune.training.launch import spawn_training
-from aftune.training.engine import shard_bounds
+from aftune.training.sharding import shard_bounds
 from aftune.training.manifest import is_step_gradient
 from aftune.training.settings import DistributedSettings, TrainSettings
 from aftune.training.train import Deviation, train
@@ -60,8 +60,10 @@ class AlteredShard(Deviation):
     def after_update(self, step, blocked):
         if _rank() == 1 and step == 1:
             name = "model.layers.2.mlp.down_proj.weight"
-            lo, hi = shard_bounds(blocked.parameter(name).numel(), blocked.world_size)[1]
-            blocked.optim_state[name]["exp_avg"].view(-1)[lo:hi] += 1e-3
+            assert blocked.shard_rank == 1  # the rank holds its shard only
+            shard = blocked.optim_state[name]["exp_avg"]
+            assert shard.numel() == -(-blocked.parameter(name).numel() // 2)
+            shard += 1e-3
 
 
 def _run(tmp_path_factory, name: str, settings: TrainSettings, deviation=None):

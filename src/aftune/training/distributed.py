@@ -26,7 +26,8 @@ import torch
 
 from ..core.rows import rows_from_json, rows_to_json
 from ..errors import InputError
-from .engine import BlockedModel, shard_bounds
+from .engine import BlockedModel
+from .sharding import shard_bounds
 
 ENV_RANK, ENV_WORLD = "RANK", "WORLD_SIZE"
 
