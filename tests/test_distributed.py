@@ -20,7 +20,7 @@ from aftune.core.signing import PublicKey
 from aftune.errors import InputError
 from aftune.training.agreement import make_agreement
 from aftune.training.launch import spawn_training
-from aftune.training.engine import shard_bounds
+from aftune.training.sharding import shard_bounds
 from aftune.training.manifest import is_step_gradient
 from aftune.training.settings import DistributedSettings, TrainSettings
 from aftune.training.train import Deviation, train
@@ -60,8 +60,10 @@ class AlteredShard(Deviation):
     def after_update(self, step, blocked):
         if _rank() == 1 and step == 1:
             name = "model.layers.2.mlp.down_proj.weight"
-            lo, hi = shard_bounds(blocked.parameter(name).numel(), blocked.world_size)[1]
-            blocked.optim_state[name]["exp_avg"].view(-1)[lo:hi] += 1e-3
+            assert blocked.shard_rank == 1  # the rank holds its shard only
+            shard = blocked.optim_state[name]["exp_avg"]
+            assert shard.numel() == -(-blocked.parameter(name).numel() // 2)
+            shard += 1e-3
 
 
 def _run(tmp_path_factory, name: str, settings: TrainSettings, deviation=None):
@@ -234,3 +236,27 @@ def test_smollm2_two_ranks_verify_strict(strategy, tmp_path_factory, request):
     result = spawn_training(2, threads=1, model_dir=model, data_path=None, run_dir=run, agreement=agreement)
     report = _verify(run, PublicKey.load(result.public_key_path), agreement)
     assert report.verdict == "PASS", report.summary()
+
+
+@pytest.mark.long
+def test_torchrun_records_the_run_nproc_per_node_records(ddp_run, tmp_path):
+    """`torchrun --nproc-per-node 2 -m aftune train` and `aftune train --nproc-per-node 2` give the
+    same step-block roots and run root (the launcher is not part of the record). About a minute."""
+    import shutil
+    import subprocess
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    run, key, agreement = ddp_run
+    agreement.save(tmp_path / "a.json")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["torchrun", "--nproc-per-node", "2", "-m", "aftune", "train", "--agreement", "a.json",
+                        "--run-dir", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    def roots(path):
+        return [(line.get("type"), line.get("root")) for line in map(json.loads, path.read_text().splitlines())
+                if line.get("type") in ("step_block", "run")]
+
+    assert roots(tmp_path / "run" / "transcript.jsonl") == roots(run / "transcript.jsonl")

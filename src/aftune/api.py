@@ -61,10 +61,13 @@ def agree(base_model: str | Path, data: str | Path, settings=None, *, inference=
 
 
 def train(run_dir: str | Path, model_dir: str | Path | None = None, data: str | Path | None = None,
-          settings=None, *, agreement=None, key_path: str | Path | None = None, progress=None, **setting_values):
+          settings=None, *, agreement=None, key_path: str | Path | None = None, progress=None,
+          nproc_per_node: int | None = None, **setting_values):
     """Fine-tune with recording (`aftune train`). Without `model_dir` and `data`, the built-in
     tiny Llama and dataset. The settings come from the client's `agreement` (an `Agreement` or a
-    path), or from `settings` / setting keywords (`steps=8, lr=1e-3`). Returns a `TrainResult`."""
+    path), or from `settings` / setting keywords (`steps=8, lr=1e-3`). `nproc_per_node`: train on
+    that many spawned processes (`--nproc-per-node`; the settings' `distributed.world_size`,
+    SPEC.md 5.5; no `progress` then). Returns a `TrainResult`."""
     from .training.agreement import Agreement
     from .training.settings import TrainSettings
     from .training.train import train as run_training
@@ -77,6 +80,13 @@ def train(run_dir: str | Path, model_dir: str | Path | None = None, data: str | 
             raise InputError("with an agreement the settings come from it")
     else:
         settings = settings or TrainSettings(**setting_values)
+    if nproc_per_node is not None and nproc_per_node > 1:
+        from .training.launch import spawn_training
+
+        with quiet():
+            return spawn_training(nproc_per_node, model_dir=model_dir, data_path=data, run_dir=run_dir,
+                                  settings=None if agreement is not None else settings, key_path=key_path,
+                                  agreement=agreement)
     with quiet():
         return run_training(model_dir, data, run_dir, settings, key_path=key_path, progress=progress,
                             agreement=agreement)

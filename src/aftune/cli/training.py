@@ -116,7 +116,7 @@ def train(
                                 "before the first unsigned step block (same machine, same --base-model; settings from "
                                 "RUN/agreement.json)."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Train on this many processes of this "
-                                                 "machine (gloo on CPU, NCCL on GPUs), one rank each; the settings' "
+                                                 "machine (gloo), one rank each; the settings' "
                                                  "world size (SPEC.md 5.5). Under torchrun, leave it out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     settings=None,

@@ -11,8 +11,8 @@ summation order is not pinned. Under FSDP each rank updates its flat shard of ev
 the shards are gathered back. Rank 0 writes the run directory and signs; the other ranks store
 their objects in the same `RUN/objects` (the run directory must be on storage every rank can
 write: one machine, or a shared file system) and send their manifest rows to rank 0 at the end
-of every step block. Collectives use gloo for CPU tensors, NCCL for CUDA ones; rows always go
-over a gloo group.
+of every step block. Collectives use gloo (aftune trains on the CPU); the manifest rows always
+go over a gloo group, also in a process group another backend started.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 from ..core.rows import rows_from_json, rows_to_json
 from ..errors import InputError
-from .engine import BlockedModel, shard_bounds
+from .engine import BlockedModel
+from .sharding import shard_bounds
 
 ENV_RANK, ENV_WORLD = "RANK", "WORLD_SIZE"
 
@@ -130,10 +131,9 @@ def from_environment() -> Exchange | None:
 
     rank = int(os.environ[ENV_RANK])
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("AFTUNE_BACKEND", "") != "gloo" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        # aftune's trainer computes on the CPU in this revision, so the ranks exchange CPU tensors
+        # over gloo. With CUDA tensors the same all_gathers would run on NCCL (not measured here).
+        dist.init_process_group(backend="gloo", rank=rank, world_size=world)
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Exchange(rank, world, group)
 

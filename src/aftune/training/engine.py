@@ -34,23 +34,7 @@ from . import portable
 from .portable import TAU, TAU_STATE, WriterGrid, log_key, state_scale
 from ..core.grid import row_scale
 from ..data.sft import accumulation_weights
-
-
-def shard_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
-    """FSDP (SPEC.md 5.5): rank r's flat shard of a tensor of `numel` elements is elements
-    [min(r*c, n), min((r+1)*c, n)) of its row-major flattening, c = ceil(n / world_size)."""
-    c = -(-numel // world_size)
-    return [(min(r * c, numel), min((r + 1) * c, numel)) for r in range(world_size)]
-
-
-def rank_gradient_key(step: int, rank: int, name: str) -> str:
-    """The commitment of rank `rank`'s local gradient of parameter `name` in step `step`."""
-    return f"step/{step:08d}/rank/{rank:04d}/gradient/{name}"
-
-
-def reduced_gradient_key(step: int, name: str) -> str:
-    """The commitment of the reduced (applied, before clipping) gradient of `name` in `step`."""
-    return f"step/{step:08d}/gradient/{name}"
+from .sharding import rank_gradient_key, reduced_gradient_key, shard_bounds
 
 
 def rng_seed(algorithm: str, seed: int, step: int, micro: int, block: int) -> int:
@@ -99,6 +83,7 @@ class BlockedModel:
         # several processes (SPEC.md 5.5): world size 1 is the one-process run of every earlier version
         self.world_size = settings.world_size
         self.fsdp = settings.distributed is not None and settings.distributed.strategy == "fsdp"
+        self.shard_rank: int | None = None  # FSDP provider: the one rank whose optimizer state this holds
         # portable numerics (training/portable.py): float64 compute, every crossing value rounded
         # to the float32 grid through a grid (WriterGrid for the provider, ReplayGrid to verify)
         self.portable = settings.numerics == "portable"
@@ -191,6 +176,10 @@ class BlockedModel:
         out = {}
         for slot in STATE_NAMES[self.optimizer.name]:
             t = self.optim_state[name][slot]
+            if self.shard_rank is not None:  # only this rank's shard exists here
+                r = self.shard_rank
+                out[f"optim/{name}/{slot}/shard/{r:04d}"] = (f"{name}/{slot}/shard/{r:04d}", t)
+                continue
             if not self.fsdp:
                 out[f"optim/{name}/{slot}"] = (f"{name}/{slot}", t)
                 continue
@@ -474,6 +463,15 @@ class BlockedModel:
                                         state_scale(before[slot], t)))
             p.grad = None
 
+    def keep_only_shard(self, rank: int) -> None:
+        """FSDP on the provider's rank `rank`: hold only this rank's shard of the optimizer state
+        (a 1-D tensor per slot), the memory sharding saves (SPEC.md 5.5). Before the first step."""
+        self.shard_rank = rank
+        for name, state in self.optim_state.items():
+            lo, hi = shard_bounds(state[next(iter(state))].numel(), self.world_size)[rank]
+            for slot, t in state.items():
+                state[slot] = t.reshape(-1)[lo:hi].clone()
+
     @torch.no_grad()
     def update_shards(self, name: str, p: torch.Tensor, g: torch.Tensor, step: int, shards=None) -> None:
         """FSDP: the optimizer on each flat shard of `p` on its own (weight decay as for the whole
@@ -484,5 +482,10 @@ class BlockedModel:
             lo, hi = bounds[r]
             if lo == hi:
                 continue
-            state = {slot: t.view(-1)[lo:hi] for slot, t in self.optim_state[name].items()}
+            if self.shard_rank is None:
+                state = {slot: t.view(-1)[lo:hi] for slot, t in self.optim_state[name].items()}
+            elif r == self.shard_rank:
+                state = self.optim_state[name]
+            else:
+                raise RuntimeError(f"rank {self.shard_rank} holds no optimizer state of shard {r}")
             apply_update(self.optimizer, flat_p[lo:hi], flat_g[lo:hi], state, step, decay=decays(p))

@@ -60,6 +60,9 @@ def spawn_training(nproc: int, threads: int | None = None, **call):
         raise InputError(f"the settings say world size {agreed.world_size}, not {nproc} processes: start it with "
                          f"--nproc-per-node {agreed.world_size}" if agreed.world_size > 1 else
                          f"these settings are for one process (no distributed settings), not {nproc}")
+    run = Path(call["run_dir"])
+    if not call.get("resume") and run.exists() and any(run.iterdir()):  # train() says it too, after starting
+        raise InputError(f"run directory {run} already exists and is not empty: records are never overwritten")
     threads = threads or max(1, torch.get_num_threads() // nproc)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()

@@ -23,7 +23,7 @@ from ..errors import CommitmentMismatch, RecordError
 from ..models.shapes import TensorSpec
 from ..verdict.findings import MAX_FINDINGS_PER_CHECK, BlockResult, Finding
 from ..verdict.comparison import STATE_KINDS, relative_errors, state_errors, tensor_kind
-from .engine import rank_gradient_key, reduced_gradient_key
+from .sharding import rank_gradient_key, reduced_gradient_key
 from .manifest import StepBlockManifest, common_key
 from .portable import ReplayGrid, log_key
 

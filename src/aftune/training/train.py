@@ -195,6 +195,8 @@ def _setup(model_dir, data_path, run_dir, settings, key_path, deviation, agreeme
 
     root_module, model, adapter = instantiate(hf_config, settings, base_model)
     blocked = BlockedModel(model, adapter, settings)
+    if exchange is not None and blocked.fsdp:
+        blocked.keep_only_shard(exchange.rank)  # this rank's optimizer state only (SPEC.md 5.5)
 
     # the agreed base files, byte for byte: the tokenizer to train with (RUN/tokenizer) and the
     # config, generation config and tokenizer of the fine-tuned model (RUN/model)
