@@ -13,7 +13,8 @@ PYTHONPATH) and times the same CLI audit three ways, in rotating order:
 * ray-2nodes - `aftune audit BUNDLE ... --ray 127.0.0.1:PORT` (one Ray task per block).
 
 Each time is the whole command, interpreter start and imports included, as a user sees it. The
-ratios to local-1 are printed. A benchmark, not a test: it checks only that the verdicts agree.
+ratios to local-1 are printed, and the seconds the block replays themselves took (summed over the
+blocks, whichever process ran them): the rest is start-up (processes, imports, opening). A benchmark, not a test: it checks only that the verdicts agree.
 The cluster's processes are stopped by their ids when it ends.
 """
 
@@ -114,6 +115,7 @@ def main() -> None:
                  "--public-key", str(key), "--agreement", "agreement.json", "--quiet"]
         modes = {"local-1": ["--workers", "1"], "local": [], "ray-2nodes": ["--ray", f"127.0.0.1:{port}"]}
         times: dict[str, list[float]] = {m: [] for m in modes}
+        replay: dict[str, list[float]] = {m: [] for m in modes}  # the blocks' own replay seconds, summed
         verdicts = {}
         names = list(modes)
         for r in range(args.repeats):
@@ -122,8 +124,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 _run([*audit, *modes[m], "--report-json", str(report)], env, work, ok=(0, 1))
                 times[m].append(time.perf_counter() - t0)
-                verdicts[m] = [(b["layer_block"], b["step_block"], b["verdict"])
-                               for b in json.loads(report.read_text())["blocks"]]
+                doc = json.loads(report.read_text())
+                verdicts[m] = [(b["layer_block"], b["step_block"], b["verdict"]) for b in doc["blocks"]]
+                replay[m].append(sum(b["seconds"] for b in doc["blocks"]))
         nodes = {b["replayed_on"]["ray_node_id"][:8]
                  for b in json.loads((work / "ray-2nodes.json").read_text())["blocks"]}
     finally:
@@ -132,7 +135,8 @@ def main() -> None:
     print(f"\n{blocks} blocks, {os.cpu_count()} cores, {args.repeats} repeat(s); median wall seconds of the CLI:")
     for m, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {m:<11} {med:7.1f} s   x{med / base:.2f} of local-1   ({', '.join(f'{t:.1f}' for t in ts)})")
+        print(f"  {m:<11} {med:7.1f} s   x{med / base:.2f} of local-1   ({', '.join(f'{t:.1f}' for t in ts)}); "
+              f"replays alone {statistics.median(replay[m]):.1f} s of work")
     print(f"ray-2nodes replayed on {len(nodes)} nodes; verdicts agree: {len(set(map(tuple, verdicts.values()))) == 1}")
     shutil.rmtree(work, ignore_errors=True)
 

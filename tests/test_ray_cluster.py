@@ -6,7 +6,7 @@ Two raylets on this machine are two Ray nodes (`ray start --head`, then `ray sta
 each with one CPU, so that the audit's one-task-per-block replays must use both. The nodes get
 this checkout's `src` on PYTHONPATH (their workers import aftune from it, as the driver does); the
 bundle and transcript are read by path on each node (one machine: shared storage trivially).
-Marked long: starting the nodes takes ~20 s and each node's worker imports torch and aftune
+The cluster tests are marked long: starting the nodes takes ~20 s and each node's worker imports torch and aftune
 afresh (see docs/ray.md for the times measured). The cluster's processes are found by its own
 temp dir and stopped by their ids (not `ray stop`, which stops every Ray on the machine).
 """
@@ -227,3 +227,24 @@ def test_an_address_where_no_cluster_answers_is_bad_input(tmp_path):
 
     with pytest.raises(InputError, match="no Ray cluster answers at 127.0.0.1:"):
         _check_reachable(f"127.0.0.1:{_free_port()}")
+
+
+def test_the_report_names_the_node_of_each_block_without_changing_a_verdict():
+    """`replayed_on` is an extra member of a block (SPEC.md 9.7): the verdicts stay the same, and
+    a block replayed locally has no such member."""
+    from aftune.verdict.findings import BlockResult, Report, ReplayNode
+
+    a, b = ReplayNode("8f3b23cd" * 7, "box-1"), ReplayNode("12d3d563" * 7, "box-2")
+    report = Report("bundle", "strict")
+    for i, node in enumerate([a, b, a]):
+        r = BlockResult(i, 0, f"layer block {i}", compared=3, replayed_on=node)
+        if i == 1:
+            r.fail("output", "differs", tensor="h")
+        report.results.append(r)
+    doc = report.to_json()
+    assert [blk["verdict"] for blk in doc["blocks"]] == ["PASS", "FAIL", "PASS"] and doc["verdict"] == "FAIL"
+    assert doc["blocks"][1]["replayed_on"] == {"ray_node_id": "12d3d563" * 7, "hostname": "box-2"}
+    assert report.nodes() == ("replayed on 2 Ray nodes: node 8f3b23cd on box-1 (2 blocks), "
+                              "node 12d3d563 on box-2 (1 block)")
+    local = Report("bundle", "strict", results=[BlockResult(0, 0, "layer block 0", compared=3)])
+    assert "replayed_on" not in local.to_json()["blocks"][0] and local.nodes() == ""
