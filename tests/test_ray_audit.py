@@ -8,6 +8,9 @@ and the test took two to five minutes of CI's ten."""
 
 from __future__ import annotations
 
+import os
+import secrets
+
 import pytest
 
 from aftune.protocol.audit import audit_bundle
@@ -21,9 +24,20 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_address():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    # a token of this test's own: a local ray.init() with none writes ~/.ray/auth_token, after
+    # which every `ray start` on the machine turns token authentication on
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.mark.long

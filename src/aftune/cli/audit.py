@@ -89,7 +89,7 @@ def audit(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Replay in this dtype (tolerance mode)."),
     tolerance_file: Optional[Path] = typer.Option(None, "--tolerance", help="Per-kind thresholds from `aftune calibrate --out`."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Local processes.", show_default="as many replays as the cores run at full speed: cores / the recorded threads in strict mode, one per core in tolerance mode"),
-    ray: Optional[str] = typer.Option(None, "--ray", help="Verify on an existing Ray cluster at this address."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Verify on an existing Ray cluster at this address (its head's HOST:PORT): one task per block, spread over the nodes; see docs/ray.md."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the JSON report here."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write a self-contained HTML report."),
     report_png: Optional[Path] = typer.Option(None, "--report-png", help="Write a PNG of the block grid."),

@@ -181,23 +181,30 @@ def _ray_map(address: str, args, blocks: list[tuple[int, int]], rest, cpus_per_r
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InputError(f"no Ray cluster answers at {address}: {exc}; start one with `ray start --head` "
                          "(docs/ray.md)") from None
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    widest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
-    if widest < cpus_per_replay:  # Ray would wait for such a node for ever
+
+    def widest_node() -> float:  # a task that no alive node can hold would wait for ever
+        return max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+    if widest_node() < cpus_per_replay:
         raise InputError(f"each replay needs {cpus_per_replay} CPUs (the thread count recorded, strict mode), "
-                         f"and no node of the Ray cluster at {address} has more than {widest:g}")
+                         f"and no node of the Ray cluster at {address} has more than {widest_node():g}")
     replay = ray.remote(num_cpus=cpus_per_replay, scheduling_strategy="SPREAD", max_retries=0)(_replay_on_node)
     pending = {replay.remote(*args, b, *rest): b for b in blocks}
     out = []
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+            if not done and widest_node() < cpus_per_replay:
+                l, s = next(iter(pending.values()))
+                raise ClusterError(f"the Ray cluster at {address} has lost every node with {cpus_per_replay} CPUs "
+                                   f"while layer block {l}, step block {s} and {len(pending) - 1} more waited: "
+                                   "nothing was concluded; check the nodes (`ray status`) and run the audit again")
             for ref in done:
                 l, s = pending.pop(ref)
                 try:
                     node, versions, results = ray.get(ref)
                 except RayTaskError as exc:  # the replay itself raised: as if it had run here
-                    raise exc.cause if isinstance(exc.cause, BaseException) else exc
+                    raise (exc.cause if isinstance(exc.cause, BaseException) else exc) from None
                 except RayError as exc:
                     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise ClusterError(f"the Ray cluster lost layer block {l}, step block {s} mid-audit "
