@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,14 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import zstandard
-
 from ..core import jsonio
-from ..core.encoding import DTYPE_BY_NAME, DTYPES_BY_NAME, HASH_ALGORITHMS
-from ..core.rows import MAX_DIM, MAX_NDIM, TensorRef
+from ..core.encoding import DTYPE_BY_NAME, HASH_ALGORITHMS
+from ..core.rows import TensorRef
 from ..core.signing import PublicKey
-from ..core.packs import INDEX_SUFFIX, PACK_DIR, PACK_NAME, PACK_SUFFIX, PackEntry, read_index
-from ..core.store import OBJECT_SUFFIX, ObjectStore
+from ..core.packs import PACK_DIR, PACK_SUFFIX, PackEntry, pack_file_status
+from ..core.store import OBJECT_SUFFIX, ObjectStore, object_ref
 from ..errors import AftuneError, CommitmentMismatch, InputError, RecordError
 from .manifest import StepBlockManifest, is_boundary, manifest_path
 from .run import RunRecord, committed_settings, signed_run_config
@@ -44,7 +41,6 @@ INTACT, UNREADABLE = "intact", "unreadable"
 OBJECT_NAME = re.compile(r"^([0-9a-f]{64})" + re.escape(OBJECT_SUFFIX) + "$")
 MANIFEST_NAME = re.compile(r"^([0-9]{6,})\.json(\.zst)?$")
 _INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # batch fields a writer MAY commit by digest only
-_MAX_HEADER = 1 << 16  # safetensors header of one tensor (as core.store)
 MAX_UNCOMMITTED_BYTES = 1 << 30  # an object no row bounds is decompressed only up to this size
 
 Progress = Callable[[int, int], None]  # (bytes hashed so far, bytes to hash)
@@ -106,34 +102,6 @@ class CheckReport:
 
 
 # --- objects ------------------------------------------------------------------------------------
-
-def object_ref(found: Path | PackEntry, digest: bytes) -> TensorRef:
-    """The row an object claims for itself: the name, dtype and shape from its safetensors header
-    (at most 64 KiB decompressed), the digest from its file name or pack index. `ObjectStore`
-    then checks it like any committed tensor, and the rows naming that digest are compared with it."""
-    label = found.describe() if isinstance(found, PackEntry) else found.name
-    try:
-        with open(found.pack if isinstance(found, PackEntry) else found, "rb") as f:
-            if isinstance(found, PackEntry):
-                f.seek(found.offset)
-            reader = zstandard.ZstdDecompressor().stream_reader(f)
-            head = reader.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < n <= _MAX_HEADER:
-                raise RecordError(f"{label}: no safetensors header of at most {_MAX_HEADER} bytes")
-            header = jsonio.loads(reader.read(n))
-    except (zstandard.ZstdError, ValueError) as exc:
-        raise RecordError(f"{label} is not a zstd-compressed safetensors file ({str(exc)[:120]})") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
-    if len(tensors) != 1:
-        raise RecordError(f"{label} does not hold exactly one tensor")
-    (name, meta), = tensors.items()
-    dtype, shape = (meta.get("dtype"), meta.get("shape")) if isinstance(meta, dict) else (None, None)
-    if (dtype not in DTYPES_BY_NAME or not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)):
-        raise RecordError(f"{label}: bad dtype or shape in its safetensors header")
-    return TensorRef(name, dtype, tuple(shape), digest)
-
 
 class CommittedRows:
     """What the record's rows say about each digest: digest -> {(name, dtype, shape): (the file
@@ -232,22 +200,13 @@ class _Prefixed:
 def _pack_file(path: Path, files: list[tuple[Path, int, bool]]):
     """(digest, entry, None) for each object of a pack's index, or (None, None, findings) for a
     pack file that is not read: a pack without its index, a damaged index, a stray file."""
+    kind, what = pack_file_status(path)
+    if kind == "entries":
+        return [(d, e, None) for d, e in sorted(what.items(), key=lambda de: de[1].offset)]
     found = _Findings()
-    stem, suffix = path.name[:-len(path.suffix)] if path.suffix else path.name, path.suffix
-    if suffix == PACK_SUFFIX and PACK_NAME.match(stem) and path.with_suffix(INDEX_SUFFIX).is_file():
-        return []  # checked with its index
-    if suffix != INDEX_SUFFIX or not PACK_NAME.match(stem):
-        why = "a temporary file of an interrupted write" if path.name.startswith(".tmp-") else \
-            "a pack without its index (an interrupted write): its objects are not read" if suffix == PACK_SUFFIX \
-            and PACK_NAME.match(stem) else f"not a pack (packs are {PACK_DIR}/<name>{PACK_SUFFIX} and <name>{INDEX_SUFFIX})"
-        found.add(path, UNREFERENCED, why)
-        return [(None, None, found)]
-    try:
-        entries = read_index(path)
-    except RecordError as exc:
-        found.add(path, DAMAGED, f"{exc}; none of its objects can be read")
-        return [(None, None, found)]
-    return [(d, e, None) for d, e in sorted(entries.items(), key=lambda de: de[1].offset)]
+    if kind != "pack":  # a pack is checked with its index
+        found.add(path, DAMAGED if kind == "damaged" else UNREFERENCED, what)
+    return [(None, None, found)]
 
 
 def _object_findings(store: ObjectStore, found: Path | PackEntry, rel: str, digest: bytes,
