@@ -57,6 +57,7 @@ def test_a_pack_holds_every_object_once_and_reads_back_checked(tmp_path):
     reader = _fresh(store)
     for n, ref in refs.items():
         assert reader.has(ref.digest) and torch.equal(reader.get(ref, "test"), TENSORS[n])
+        assert store.has(ref.digest)  # the writing store knows its finished pack at once
     assert ObjectStore(tmp_path / "none", "blake3").begin_pack("000001").finish() is None  # empty: no file
 
 

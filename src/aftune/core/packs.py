@@ -129,6 +129,24 @@ def pack_indexes(pack_dir: Path) -> list[Path]:
     return sorted(out)
 
 
+def pack_file_status(path: Path) -> tuple[str, object]:
+    """What one file of `objects/pack/` is, for `aftune check`: ("entries", {digest: entry}) for
+    an index that checks, ("pack", None) for a pack that has its index (checked with it),
+    ("damaged", why) for an index that does not check, ("unreferenced", why) for anything else."""
+    stem, suffix = path.name[:-len(path.suffix)] if path.suffix else path.name, path.suffix
+    if suffix == PACK_SUFFIX and PACK_NAME.match(stem):
+        if path.with_suffix(INDEX_SUFFIX).is_file():
+            return "pack", None
+        return "unreferenced", "a pack without its index (an interrupted write): its objects are not read"
+    if suffix != INDEX_SUFFIX or not PACK_NAME.match(stem):
+        return "unreferenced", "a temporary file of an interrupted write" if path.name.startswith(".tmp-") else \
+            f"not a pack (packs are {PACK_DIR}/<name>{PACK_SUFFIX} and <name>{INDEX_SUFFIX})"
+    try:
+        return "entries", read_index(path)
+    except RecordError as exc:
+        return "damaged", f"{exc}; none of its objects can be read"
+
+
 def read_packs(pack_dir: Path) -> dict[bytes, PackEntry]:
     """digest -> entry over every pack of `pack_dir`; a digest in several packs is read from
     the first by name (each copy is digest-checked when read)."""
@@ -143,7 +161,7 @@ class PackWriter:
     """One pack being written: objects are appended as they come (from several threads), and
     `finish` writes the index. An empty pack writes no file."""
 
-    def __init__(self, pack_dir: Path, label: str):
+    def __init__(self, pack_dir: Path, label: str, on_finish=None):
         if not PACK_NAME.match(label):
             raise ValueError(f"bad pack label {label!r}")
         self.dir, self.label = pack_dir, label
@@ -153,6 +171,7 @@ class PackWriter:
         self._end = len(PACK_MAGIC)
         self._tmp = pack_dir / f".tmp-{label}.{os.getpid()}.{id(self)}{PACK_SUFFIX}"
         self.path: Path | None = None  # the finished pack
+        self._on_finish = on_finish  # called with the index path once the pack is complete
 
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._entries
@@ -199,7 +218,9 @@ class PackWriter:
             os.replace(self._tmp, self.dir / (name + PACK_SUFFIX))
             os.replace(idx_tmp, self.dir / (name + INDEX_SUFFIX))
             self.path = self.dir / (name + PACK_SUFFIX)
-            return self.path
+        if self._on_finish is not None:
+            self._on_finish(self.dir / (name + INDEX_SUFFIX))
+        return self.path
 
     def abort(self) -> None:
         """Drop an unfinished pack (its objects were never committed)."""

@@ -29,9 +29,10 @@ from safetensors.torch import load as st_load
 
 from ..errors import CommitmentMismatch, RecordError
 from .encoding import tensor_data
-from .jsonio import read_capped
-from .packs import INDEX_SUFFIX, PACK_DIR, PackEntry, PackWriter, read_packs
-from .rows import TensorRef
+from .encoding import DTYPES_BY_NAME
+from .jsonio import loads, read_capped
+from .packs import INDEX_SUFFIX, PACK_DIR, PackEntry, PackWriter, read_index, read_packs
+from .rows import MAX_DIM, MAX_NDIM, TensorRef
 
 OBJECT_SUFFIX = ".safetensors.zst"
 _HEADER_ALLOWANCE = 1 << 16  # safetensors JSON header and padding for a single tensor
@@ -72,6 +73,34 @@ def file_limit(ref: TensorRef) -> int:
     """The most bytes an object of `ref` may take (SPEC.md 3.2 step 1)."""
     limit = ref.nbytes + _HEADER_ALLOWANCE
     return limit + 1024 + limit // 64
+
+
+def object_ref(found: Path | PackEntry, digest: bytes) -> TensorRef:
+    """The row an object claims for itself: the name, dtype and shape from its safetensors header
+    (at most 64 KiB decompressed), the digest from its file name or pack index. `ObjectStore`
+    then checks it like any committed tensor, and the rows naming that digest are compared with it."""
+    label = found.describe() if isinstance(found, PackEntry) else found.name
+    try:
+        with open(found.pack if isinstance(found, PackEntry) else found, "rb") as f:
+            if isinstance(found, PackEntry):
+                f.seek(found.offset)
+            reader = zstandard.ZstdDecompressor().stream_reader(f)
+            head = reader.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= _HEADER_ALLOWANCE:
+                raise RecordError(f"{label}: no safetensors header of at most {_HEADER_ALLOWANCE} bytes")
+            header = loads(reader.read(n))
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise RecordError(f"{label} is not a zstd-compressed safetensors file ({str(exc)[:120]})") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
+    if len(tensors) != 1:
+        raise RecordError(f"{label} does not hold exactly one tensor")
+    (name, meta), = tensors.items()
+    dtype, shape = (meta.get("dtype"), meta.get("shape")) if isinstance(meta, dict) else (None, None)
+    if (dtype not in DTYPES_BY_NAME or not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)):
+        raise RecordError(f"{label}: bad dtype or shape in its safetensors header")
+    return TensorRef(name, dtype, tuple(shape), digest)
 
 
 class ObjectMissing(RecordError):
@@ -158,8 +187,15 @@ class ObjectStore:
         return n
 
     def begin_pack(self, label: str) -> PackWriter:
-        """An open pack for the objects `put` is given it; `finish()` writes its index (SPEC.md 3.2)."""
-        return PackWriter(self.root / PACK_DIR, label)
+        """An open pack for the objects `put` is given it; `finish()` writes its index (SPEC.md 3.2)
+        and makes its objects known to this store at once (a directory's timestamp may not tick
+        between two renames)."""
+        return PackWriter(self.root / PACK_DIR, label, on_finish=self._finished)
+
+    def _finished(self, index: Path) -> None:
+        entries = self.packed()
+        for digest, entry in read_index(index).items():
+            entries.setdefault(digest, entry)
 
     def put(self, ref: TensorRef, tensor: torch.Tensor, pack: PackWriter | None = None) -> Path:
         """Store `tensor` under `ref.digest` (computed by the caller); a no-op when already stored.
