@@ -23,6 +23,11 @@ nonce and the seed. The seed of a sampled request is derived from the nonce, the
 policy (`sampling.request_seed`), and sampling draws its uniform from a hash of the seed and the
 step, so every token can be re-derived and no seed is the provider's choice. Classifiers (BERT,
 ViT, DINOv2, ResNet) run one forward pass and commit the label.
+
+Concurrent generations are computed as one batch (`batched.py`, SPEC.md 8.5.1) when the model
+allows it: each record states its batch shape and row, and a verifier replays that row among
+filler rows. A policy's stop strings end generation at the first decoded text holding one
+(`stops.py`); the record commits where the answer is cut (`output.stop_offset`).
 """
 
 from __future__ import annotations
