@@ -101,7 +101,7 @@ def test_every_readme_block_is_run_or_marked_with_a_reason():
             assert b.marker is None, f"README line {b.line}: a marker on an output listing"
     # the blocks whose outputs the end-to-end test checks
     for label in ("demo", "inference", "openai", "two-party", "checkpoints", "portable", "python-api", "real-models",
-                  "trainer", "digest-boundaries"):
+                  "trainer", "digest-boundaries", "several-processes"):
         assert labelled(blocks, label).skip_reason is None
     demo = labelled(blocks, "demo").body.splitlines()
     assert demo[0].startswith("aftune agree") and demo[1].startswith("aftune train")
@@ -190,4 +190,5 @@ def test_readme_runs_top_to_bottom_in_one_fresh_clone(tmp_path):
     assert "PASS: 16/16 blocks pass (strict mode)" in out["digest-boundaries"]
     assert "PASS: 8/8 blocks pass (strict mode)" in out["python-api"]
     assert "PASS: 8/8 blocks pass (strict mode)" in out["trainer"]
+    assert "PASS: 8/8 blocks pass (strict mode)" in out["several-processes"]  # 2 ranks, verified on one process
     print("README block seconds:", seconds)
