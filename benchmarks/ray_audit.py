@@ -14,7 +14,8 @@ PYTHONPATH) and times the same CLI audit three ways, in rotating order:
 
 Each time is the whole command, interpreter start and imports included, as a user sees it. The
 ratios to local-1 are printed, and the seconds the block replays themselves took (summed over the
-blocks, whichever process ran them): the rest is start-up (processes, imports, opening). A benchmark, not a test: it checks only that the verdicts agree.
+blocks, whichever process ran them): the rest is start-up (processes, imports, opening).
+A benchmark, not a test: it checks only that the verdicts agree.
 The cluster's processes are stopped by their ids when it ends.
 """
 
