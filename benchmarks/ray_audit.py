@@ -14,7 +14,8 @@ PYTHONPATH) and times the same CLI audit three ways, in rotating order:
 
 Each time is the whole command, interpreter start and imports included, as a user sees it. The
 ratios to local-1 are printed, and the seconds the block replays themselves took (summed over the
-blocks, whichever process ran them): the rest is start-up (processes, imports, opening). A benchmark, not a test: it checks only that the verdicts agree.
+blocks, whichever process ran them): the rest is start-up (processes, imports, opening).
+A benchmark, not a test: it checks only that the verdicts agree.
 The cluster's processes are stopped by their ids when it ends.
 """
 
@@ -84,12 +85,20 @@ def main() -> None:
     args = parser.parse_args()
 
     import aftune
-    from aftune.builtin import DATA_FILE, MODEL_DIR
 
     src = str(Path(aftune.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     work = Path(tempfile.mkdtemp(prefix="aftune-ray-bench-"))
+    try:
+        _measure(args, env, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args, env: dict, work: Path) -> None:
+    from aftune.builtin import DATA_FILE, MODEL_DIR
+
     t0 = time.perf_counter()
     _run([*PY, "agree", "--base-model", str(MODEL_DIR), "--data", str(DATA_FILE), "--steps", str(args.steps),
           "--batch-size", "4", "--layers-per-block", "2", "--steps-per-block", "2", "--out", "agreement.json"],
@@ -138,7 +147,6 @@ def main() -> None:
         print(f"  {m:<11} {med:7.1f} s   x{med / base:.2f} of local-1   ({', '.join(f'{t:.1f}' for t in ts)}); "
               f"replays alone {statistics.median(replay[m]):.1f} s of work")
     print(f"ray-2nodes replayed on {len(nodes)} nodes; verdicts agree: {len(set(map(tuple, verdicts.values()))) == 1}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ def ray_address():
     # which every `ray start` on the machine turns token authentication on
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import Config
+
+    _enable_token_auth()  # Ray read RAY_AUTH_MODE when imported: make it read it again
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         yield ray.get_runtime_context().gcs_address
@@ -38,6 +42,7 @@ def ray_address():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        Config.initialize("")  # and again, now that they are restored
 
 
 @pytest.mark.long

@@ -248,3 +248,92 @@ def test_the_report_names_the_node_of_each_block_without_changing_a_verdict():
                               "node 12d3d563 on box-2 (1 block)")
     local = Report("bundle", "strict", results=[BlockResult(0, 0, "layer block 0", compared=3)])
     assert "replayed_on" not in local.to_json()["blocks"][0] and local.nodes() == ""
+
+
+class _FakeRay:
+    """Just enough of `ray` for `_ray_map`'s bookkeeping, with no cluster: each task's outcome is
+    given (a result or a Ray error), and the nodes' CPUs can change while tasks wait."""
+
+    def __init__(self, outcomes, cpus=(1.0,), later_cpus=None):
+        import types
+
+        from ray import exceptions
+
+        self.exceptions, self.outcomes, self.cpus, self.later_cpus = exceptions, list(outcomes), cpus, later_cpus
+        self.cancelled, self.waits = [], 0
+        self.module = types.SimpleNamespace(init=lambda **kw: None, nodes=self.nodes, remote=self.remote,
+                                            wait=self.wait, get=self.get, cancel=self.cancel, exceptions=exceptions)
+
+    def nodes(self):
+        cpus = self.later_cpus if self.later_cpus is not None and self.waits else self.cpus
+        return [{"Alive": True, "Resources": {"CPU": c}} for c in cpus]
+
+    def remote(self, **options):
+        assert options["max_retries"] == 0 and options["scheduling_strategy"] == "SPREAD"
+        counter = iter(range(1000))
+        return lambda fn: type("Task", (), {"remote": staticmethod(lambda *a: next(counter))})
+
+    def wait(self, refs, num_returns, timeout):
+        self.waits += 1
+        return ([] if self.later_cpus is not None else refs[:1]), refs
+
+    def get(self, ref):
+        outcome = self.outcomes[ref]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def cancel(self, ref, force):
+        self.cancelled.append(ref)
+
+
+def _map(fake, monkeypatch, blocks=((0, 0), (1, 0)), cpus=1):
+    from aftune.protocol import audit
+
+    monkeypatch.setitem(sys.modules, "ray", fake.module)
+    monkeypatch.setattr(audit, "_check_reachable", lambda address: None)
+    return audit._ray_map("10.0.0.1:6379", ("b", "t", "k"), list(blocks), (), cpus, None)
+
+
+def _done(block, versions=None):
+    import torch
+
+    from aftune.verdict.findings import BlockResult, ReplayNode
+    from aftune.version import __version__
+
+    node = ReplayNode("ab" * 28, "box-1")
+    return node, versions or (__version__, torch.__version__), [BlockResult(*block, "b", compared=1, replayed_on=node)]
+
+
+def test_a_lost_task_is_a_cluster_error_naming_the_block_and_the_rest_is_cancelled(monkeypatch):
+    from aftune.errors import ClusterError
+
+    fake = _FakeRay([_FakeRay([]).exceptions.NodeDiedError("node ab died"), _done((1, 0))])
+    with pytest.raises(ClusterError, match=r"lost layer block 0, step block 0 mid-audit \(NodeDiedError"):
+        _map(fake, monkeypatch)
+    assert fake.cancelled == [1]
+
+
+def test_a_node_with_another_aftune_or_torch_is_refused(monkeypatch):
+    from aftune.errors import InputError
+
+    fake = _FakeRay([_done((0, 0), versions=("0.0.1", "1.0")), _done((1, 0))])
+    with pytest.raises(InputError, match="node abababab on box-1 runs aftune 0.0.1 with torch 1.0"):
+        _map(fake, monkeypatch)
+
+
+def test_replays_no_node_can_hold_are_refused_before_and_while_waiting(monkeypatch):
+    from aftune.errors import ClusterError, InputError
+
+    with pytest.raises(InputError, match="each replay needs 4 CPUs .* no node .* has more than 2"):
+        _map(_FakeRay([], cpus=(2.0, 1.0)), monkeypatch, cpus=4)
+    fake = _FakeRay([], cpus=(4.0,), later_cpus=(2.0,))  # the 4-CPU node left while tasks waited
+    with pytest.raises(ClusterError, match="lost every node with 4 CPUs while layer block 0, step block 0 and 1 more"):
+        _map(fake, monkeypatch, cpus=4)
+    assert sorted(fake.cancelled) == [0, 1]
+
+
+def test_honest_results_come_back_with_their_node(monkeypatch):
+    results = _map(_FakeRay([_done((0, 0)), _done((1, 0))]), monkeypatch)
+    assert [(r.layer_block, r.step_block, r.replayed_on.hostname) for r in results] == \
+        [(0, 0, "box-1"), (1, 0, "box-1")]

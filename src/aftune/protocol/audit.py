@@ -156,8 +156,9 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise InputError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start its head node with "
-                         f"`ray start --head --port {port}` there, or give the address it printed (docs/ray.md)") from None
+        raise InputError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start its head node "
+                         f"with `ray start --head --port {port}` there, or give the address it printed "
+                         "(docs/ray.md)") from None
 
 
 def _ray_map(address: str, args, blocks: list[tuple[int, int]], rest, cpus_per_replay: int,
