@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import torch
@@ -38,10 +37,11 @@ def _rank_main(rank: int, nproc: int, port: int, threads: int, call: dict, resul
     try:
         result = train(**call, exchange=exchange)
     except AftuneError as exc:
-        # said, then a nonzero exit: the launcher stops the other ranks (which may wait in a collective)
+        # said, then raised: torch's spawn ends this rank nonzero and stops the others (which may
+        # wait in a collective); the launcher raises the message as said
         results.put({"rank": rank, "error": type(exc).__name__, "message": str(exc)})
         close(exchange)
-        sys.exit(1)
+        raise
     close(exchange)
     if rank == 0:
         results.put({"rank": 0, "result": {k: (v.hex() if isinstance(v, bytes) else str(v) if isinstance(v, Path)
@@ -70,7 +70,7 @@ def spawn_training(nproc: int, threads: int | None = None, **call):
     try:
         mp.start_processes(_rank_main, args=(nproc, free_port(), threads, call, results), nprocs=nproc,
                            start_method="spawn", join=True)
-    except mp.ProcessExitedException:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
         failed = sorted((x for x in _drain(results) if "error" in x), key=lambda x: x["rank"])
         if not failed:
             raise  # a rank died without saying why (killed, out of memory): not an input error
