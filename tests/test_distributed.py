@@ -183,6 +183,26 @@ def test_shard_bounds_cover_each_tensor_once():
 
 
 # --- FSDP ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_shard_updates_make_the_whole_tensor_update(optimizer):
+    """AdamW and SGD are elementwise: updating the flat shards one by one (weight decay as for
+    the whole matrix) gives the whole tensor's update, bitwise."""
+    from aftune.training.optim import apply_update, decays, init_state
+
+    spec = TrainSettings(optimizer=optimizer, weight_decay=0.1, lr=1e-2).optimizer_spec()
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(7, 13, generator=g)
+    grads = [torch.randn(7, 13, generator=g) for _ in range(3)]
+    whole, sharded = p.clone(), p.clone()
+    s_whole, s_shard = init_state(spec, p), init_state(spec, p)
+    for step, grad in enumerate(grads):
+        apply_update(spec, whole, grad, s_whole, step)
+        for lo, hi in shard_bounds(p.numel(), 3):
+            apply_update(spec, sharded.view(-1)[lo:hi], grad.reshape(-1)[lo:hi].clone(),
+                         {k: v.view(-1)[lo:hi] for k, v in s_shard.items()}, step, decay=decays(p))
+    assert torch.equal(whole, sharded)
+    assert all(torch.equal(s_whole[k], s_shard[k]) for k in s_whole)
+
 def test_fsdp_altered_shard_fails_naming_rank_1_and_honest_blocks_pass(tmp_path_factory):
     run, key, agreement = _run(tmp_path_factory, "fsdp", _settings(strategy="fsdp"), AlteredShard())
     report = _verify(run, key, agreement)
@@ -195,17 +215,23 @@ def test_fsdp_altered_shard_fails_naming_rank_1_and_honest_blocks_pass(tmp_path_
 
 def test_cli_fsdp_run_on_two_processes_verifies(tmp_path, monkeypatch):
     """`aftune agree --world-size 2 --distributed-strategy fsdp`, `aftune train --nproc-per-node 2`,
-    `aftune verify --all`, as a user runs them (in-process CLI; the ranks are spawned)."""
+    `aftune prepare --all`, `aftune verify --all`, as a user runs them (in-process CLI; the ranks
+    are spawned)."""
     from conftest import invoke
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     r = invoke("agree", "--out", "a.json", "--steps", "2", "--grad-accum", "2", "--batch-size", "2", "--seq-len", "24",
-               "--steps-per-block", "1", "--boundaries", "stored", "--world-size", "2", "--distributed-strategy", "fsdp")
+               "--steps-per-block", "1", "--world-size", "2", "--distributed-strategy", "fsdp",
+               "--weight-decay", "0.1")  # decay decided by the whole tensor's rank, not the flat shard's
     assert r.exit_code == 0, r.output
     r = invoke("train", "--agreement", "a.json", "--run-dir", "run", "--nproc-per-node", "2")
     assert r.exit_code == 0, r.output
     with _threads(1):
+        # digest-only boundaries and states: regenerated on one process, every rank in turn, each
+        # checked against the digest the ranks committed (SPEC.md 6.11)
+        r = invoke("prepare", "run", "--public-key", "run/provider.key.pub", "--agreement", "a.json", "--all")
+        assert r.exit_code == 0 and "every tensor matched its digest" in r.output, r.output
         r = invoke("verify", "run", "--public-key", "run/provider.key.pub", "--agreement", "a.json", "--all")
     assert r.exit_code == 0 and "PASS" in r.output, r.output
     r = invoke("train", "--agreement", "a.json", "--run-dir", "other", "--nproc-per-node", "3")

@@ -37,14 +37,15 @@ def _rank_main(rank: int, nproc: int, port: int, threads: int, call: dict, resul
     try:
         result = train(**call, exchange=exchange)
     except AftuneError as exc:
-        if rank == 0:
-            results.put({"error": f"{type(exc).__name__}", "message": str(exc)})
-        return
-    finally:
+        # said, then raised: torch's spawn ends this rank nonzero and stops the others (which may
+        # wait in a collective); the launcher raises the message as said
+        results.put({"rank": rank, "error": type(exc).__name__, "message": str(exc)})
         close(exchange)
+        raise
+    close(exchange)
     if rank == 0:
-        results.put({"result": {k: (v.hex() if isinstance(v, bytes) else str(v) if isinstance(v, Path) else v)
-                                for k, v in result.__dict__.items()}})
+        results.put({"rank": 0, "result": {k: (v.hex() if isinstance(v, bytes) else str(v) if isinstance(v, Path)
+                                               else v) for k, v in result.__dict__.items()}})
 
 
 def spawn_training(nproc: int, threads: int | None = None, **call):
@@ -66,14 +67,28 @@ def spawn_training(nproc: int, threads: int | None = None, **call):
     threads = threads or max(1, torch.get_num_threads() // nproc)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(_rank_main, args=(nproc, free_port(), threads, call, results), nprocs=nproc,
-                       start_method="spawn", join=True)
-    said = results.get() if not results.empty() else {"error": "InputError", "message": "rank 0 returned nothing"}
-    if "error" in said:
-        kind = getattr(errors, said["error"], None)
-        raise (kind if isinstance(kind, type) and issubclass(kind, AftuneError) else AftuneError)(said["message"])
-    r = said["result"]
+    try:
+        mp.start_processes(_rank_main, args=(nproc, free_port(), threads, call, results), nprocs=nproc,
+                           start_method="spawn", join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        failed = sorted((x for x in _drain(results) if "error" in x), key=lambda x: x["rank"])
+        if not failed:
+            raise  # a rank died without saying why (killed, out of memory): not an input error
+        kind = getattr(errors, failed[0]["error"], None)
+        kind = kind if isinstance(kind, type) and issubclass(kind, AftuneError) else AftuneError
+        raise kind(failed[0]["message"]) from None
+    said = [x for x in _drain(results) if "result" in x]
+    if not said:
+        raise AftuneError("rank 0 ended without a result")
+    r = said[0]["result"]
     return TrainResult(Path(r["run_dir"]), bytes.fromhex(r["config_digest"]), bytes.fromhex(r["run_root"]),
                        bytes.fromhex(r["final_model_digest"]),
                        Path(r["public_key_path"]) if r["public_key_path"] not in (None, "None") else None,
                        r["final_loss"])
+
+
+def _drain(results) -> list[dict]:
+    out = []
+    while not results.empty():
+        out.append(results.get())
+    return out
