@@ -154,6 +154,10 @@ def test_world_size_differs_from_the_agreement(tmp_path):
     agreement = make_agreement(builtin.MODEL_DIR, builtin.DATA_FILE, _settings(world=2))
     with pytest.raises(InputError, match="world size 2"):
         train(None, None, tmp_path / "refused", agreement=agreement)  # one process
+    import aftune
+
+    with pytest.raises(InputError, match="world size 2"):  # three: refused before any process starts
+        aftune.train(tmp_path / "three", agreement=agreement, nproc_per_node=3)
     # a run made on one process FAILs against an agreement for two
     one = make_agreement(builtin.MODEL_DIR, builtin.DATA_FILE, _settings(world=1))
     result = train(None, None, tmp_path / "one", agreement=one)
