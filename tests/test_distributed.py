@@ -42,7 +42,13 @@ def _rank() -> int:
 
 class AlteredRankGradient(Deviation):
     """Rank 1 scales its local gradient of one tensor in step 0 (and commits what it sends);
-    in step 1 it trains on other examples than the agreed ones for its micro-batch 3."""
+    in step 1 it trains on other examples than the agreed ones for its micro-batch 3; in step 2
+    every rank applies another gradient than the reduction of the ranks' gradients (the ranks
+    agree with each other, the record's reduced gradient is the honest one)."""
+
+    def before_update(self, step, blocked):
+        if step == 2:
+            blocked.parameter("model.layers.4.mlp.up_proj.weight").grad.mul_(1.01)
 
     def local_gradients(self, step, rank, grads):
         if rank == 1 and step == 0:
@@ -136,7 +142,7 @@ def test_ddp_record_is_not_the_one_process_accumulation(ddp_run):
 
 # --- dishonest ranks -----------------------------------------------------------------------------
 def test_altered_rank_gradient_and_other_examples_fail_naming_rank_1(tmp_path_factory):
-    run, key, agreement = _run(tmp_path_factory, "dishonest", _settings(), AlteredRankGradient())
+    run, key, agreement = _run(tmp_path_factory, "dishonest", _settings(steps=3), AlteredRankGradient())
     report = _verify(run, key, agreement)
     assert report.verdict == "FAIL"
     found = _findings(report)
@@ -148,6 +154,9 @@ def test_altered_rank_gradient_and_other_examples_fail_naming_rank_1(tmp_path_fa
     assert batches and all(s == 1 and f.micro == 3 and "rank 1 of 2" in f.reason for _, s, f in batches), batches
     # rank 0 is honest: nothing names it
     assert not any("rank 0 " in f.reason for _, _, f in found)
+    # the applied gradient is not the reduction: step block 2 FAILs at the tensor's update
+    applied = [(l, f) for l, s, f in found if s == 2]
+    assert applied and all("mlp.up_proj" in f.tensor for _, f in applied), applied
 
 
 def test_world_size_differs_from_the_agreement(tmp_path):
