@@ -86,7 +86,7 @@ class Bench:
     def small(cls, work_dir: str | Path, threads: int = 1, steps: int = 16, **settings) -> "Bench":
         """A smaller task and run for tests and `eval-detection --quick` (seconds per attack; the
         attacks' effects are weaker than on the full bench)."""
-        task = VisionTask(pretrain_steps=100, train_per_class=24, test_per_class=24)
+        task = VisionTask(pretrain_steps=200, train_per_class=24, test_per_class=24)
         wbp = bitflip.WBPConfig(budget=4, candidates=8, surrogates=1, trigger_steps=30)
         return cls(work_dir, task, steps=steps, threads=threads, wbp=wbp, quick=True, **{"lr": 0.03, **settings})
 
