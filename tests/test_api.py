@@ -43,7 +43,7 @@ def test_api_inference_record_passes_and_an_edited_one_is_rejected(model_dir, tm
     assert report.verdict == "PASS" and not report.notes, report.summary()
     with pytest.raises(aftune.InputError, match="generation policy you asked for"):  # no PASS on half a check
         aftune.verify_inference(tmp_path / "rec", answer.record_id, model=model_dir("llama"), prompt=prompt)
-    text = answer.record_path.read_text().replace('"temperature":0.0', '"temperature":0.5')
+    text = answer.record_path.read_text().replace('"text":"', '"text":"an edited answer: ')
     answer.record_path.write_text(text)
     edited = aftune.verify_inference(tmp_path / "rec", answer.record_id, **ask)  # a FAIL, not an exception
     assert edited.verdict == "FAIL" and "edited after it was written" in edited.summary()

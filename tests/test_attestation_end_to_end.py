@@ -269,8 +269,7 @@ def test_each_broken_link_of_attested_serving_is_named(run, session, tmp_path, c
         from aftune.inference.receipt import issue_receipt
 
         r = result.receipt
-        kw["receipt"] = issue_receipt(SigningKey.generate(), r.algorithm, r.model_digest, r.input_digest, r.output_digest,
-                                      r.record_root, r.time)
+        kw["receipt"] = issue_receipt(SigningKey.generate(), r.algorithm, r.model_digest, r.record_root, r.time)
     elif case == "pinned key":
         kw["pinned_receipt_key"] = SigningKey.generate().public_key
     elif case == "edited record":

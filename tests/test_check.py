@@ -161,6 +161,17 @@ def test_inference_records_honest_and_damaged(recorded, tmp_path):
     assert doc["kind"] == "inference records" and doc["described"] == ["1 inference records"]
     copy = tmp_path / "records"
     shutil.copytree(records, copy)
+    assert not (copy / "objects").exists()  # v6, I_A = 0: the ids are in the record, nothing is stored
+    policy = next((copy / "policies").glob("*.json"))
+    honest_policy = policy.read_bytes()
+    policy.write_bytes(honest_policy.replace(b'"max_new_tokens":3', b'"max_new_tokens":4'))
+    code, doc = check(copy, pub(run))
+    assert code == 1 and any("policy file was edited" in p["reason"] for p in doc["problems"]), doc
+    policy.write_bytes(honest_policy)
+    # the provider regenerates the boundaries (stored objects, a boundaries file): checked, then damaged
+    rid = next((copy / "records").glob("*.json")).stem
+    assert invoke("prepare-inference", copy, "--record", rid, "--model", run).exit_code == 0
+    assert check(copy, pub(run))[0] == 0
     obj = sorted((copy / "objects").rglob("*.zst"))[0]
     obj.write_bytes(obj.read_bytes()[:-7])
     code, doc = check(copy, pub(run))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aftune.errors import InputError
+from aftune.errors import CommitmentMismatch, InputError
 from aftune.attacks import quant_serving
 from aftune.inference.engine import InferenceEngine
 from aftune.inference.record import InferenceRecord, boundary_key
@@ -21,6 +21,7 @@ from aftune.inference.sampling import request_seed, sample_token, sample_uniform
 from aftune.inference.served import ServedModel
 from aftune.inference.settings import RecordingSettings
 from aftune.inference.receipt import Receipt, verify_receipt
+from aftune.core.encoding import canonical_json
 from aftune.core.signing import SigningKey
 from aftune.inference.regenerate import prepare_inference
 from aftune.inference.verify import InferenceVerifier
@@ -190,7 +191,12 @@ def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
                                                 "stop_rule": "eos_or_length", "chat_template": None},
                                      "policy_digest": digest.hex(),
                                      "seed": request_seed("blake3", NONCE, rec.declared_digest("input"), digest)}
-    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v5"
+    assert rec.doc["request_nonce"] == NONCE.hex() and rec.doc["format"] == "aftune.inference.v6"
+    # v6: the policy in its policy file (the record file names its digest), the ids inline, no object
+    raw = json.loads(result.record_path.read_bytes())
+    assert raw["generation"] == {"policy_digest": digest.hex(), "seed": rec.seed} and "tensors" not in raw
+    assert raw["input"]["ids"] == rec.tensor("input/input_ids")[0].tolist() and "digest" not in raw["input"]
+    assert (tmp_path / "rec" / "policies" / f"{digest.hex()}.json").read_bytes() == canonical_json(gen.to_json())
     assert "source" not in rec.model  # no path a verifier could be sent to
     assert rec.model_digest == engine.served.digest
     nb = len(engine.blocks)
@@ -201,8 +207,9 @@ def test_record_commits_input_tokens_sampling_and_model(model_dir, tmp_path):
         (rec.rows["input/input_ids"].shape[1] + k - 1, 1) for k in range(1, len(result.tokens))]
     receipt = Receipt.load(result.receipt_path)
     verify_receipt(receipt, engine.key.public_key, tmp_path / "rec", request_nonce=NONCE, policy_digest=digest)
-    assert receipt.record_root.hex() == result.record_id and receipt.output_digest == rec.rows_root("output/")
-    assert (receipt.request_nonce, receipt.policy_digest) == (NONCE, digest)
+    assert receipt.record_root.hex() == result.record_id and receipt.format == "aftune.receipt.v3"
+    with pytest.raises(CommitmentMismatch, match="request nonce"):  # bound through the record: another nonce fails
+        verify_receipt(receipt, engine.key.public_key, tmp_path / "rec", request_nonce=bytes(32))
 
 
 def test_digest_only_activations_are_regenerated(model_dir, tmp_path):
@@ -305,7 +312,8 @@ def test_cli_infer_verify_prepare_and_receipt(model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     rid = out["record_id"]
-    assert len(out["tokens"]) == 5 and out["receipt"]["record_root"] == rid and out["receipt"]["request_nonce"] == nonce
+    assert len(out["tokens"]) == 5 and out["receipt"]["record_root"] == rid and out["receipt"]["format"] == "aftune.receipt.v3"
+    assert json.loads((rec / "records" / f"{rid}.json").read_bytes())["request_nonce"] == nonce  # bound through the record
     pub = rec / "provider.key.pub"
     # what the client asked: its model, prompt, policy (from flags: greedy unless --temperature) and nonce
     asked = ("--model", model_dir("llama"), "--prompt", PROMPT, "--max-new-tokens", 5, "--temperature", 0.8,
@@ -402,8 +410,10 @@ def test_spec_vectors():
     import blake3
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from aftune.core.rows import TensorRef
+    from aftune.inference.compact import boundaries_root
     from aftune.inference.record import record_id
-    from aftune.inference.receipt import issue_receipt
+    from aftune.inference.receipt import RECEIPT_FORMAT_V2, issue_receipt, sign_receipt
 
     def h(alg, data):
         return blake3.blake3(data).digest() if alg == "blake3" else hashlib.sha256(data).digest()
@@ -418,7 +428,11 @@ def test_spec_vectors():
                            seed=7759301788742904524,
                            message="ec8084bcd06577c15d091dbeb427acddc6e4bab0b3c3473a043b1f07f0072a24",
                            signature="f9108f1e7f41d134a23ea216a646f504960738cc8d4a473613a574a11e9e9b85"
-                                     "ca9fe219e8e0461caeefbd0add78391857a62d80286fa0f50b8805f33841190e"),
+                                     "ca9fe219e8e0461caeefbd0add78391857a62d80286fa0f50b8805f33841190e",
+                           message3="5823388293bde22e2f9ef581ef9088ea7fc476bb08d37b2be94b60e79523fc40",
+                           signature3="5f39e6c408031d38c5411770bd3b79bf8904f768d31bf1e882c108d32533f370"
+                                      "5355e435f38ec33b6770aae0f9a741e56c15788df35b95dd35ad7c9f7d268d0d",
+                           boundaries="f74552e118a8ce3fbe59ac1f2e256804f94ea66cb76a719c5bda8b1fc500e151"),
             "sha256": dict(d="f76ad7c8f89cc7800d75053b51b3f9abdd19a3758714aa6d3b2ced6589383958", u=0.966474043431492,
                            rid="b69662c3158140082ce9740f235f3268a8136f0baf1725a97b8a36c1e1403f79",
                            policy="dafd41670240ed53b0bca4a08b17c6abda4851c84e8139d3181397dc3c9c1d95",
@@ -426,7 +440,11 @@ def test_spec_vectors():
                            seed=7942145194400352770,
                            message="48c101ef1ec2fcad07a366c27cc00d71705d0e92850511e86f5f6c4e7b82a583",
                            signature="d9911346492600337cd167942f7d13b97cece2492ee4270b132dfad65f3c978e"
-                                     "31e07524ec941fd0b2688367b921e465398342a6a282e3d6d1b29304659f360c")}
+                                     "31e07524ec941fd0b2688367b921e465398342a6a282e3d6d1b29304659f360c",
+                           message3="bb167780466ceb3dc64f23f66e91f0a18a10fcfd31b94abda0c635a4f2e3fee8",
+                           signature3="a60e98fe85b2f721e35b59a6ca53015ce5ee6db2f45e31dd94ffa1ad9771b9b0"
+                                      "43a4e5534115f021c7c0cb591c50b9d65fc1aae27fe89e85f50979a2d927f505",
+                           boundaries="03f375e6983d114fe744b04c1b6b73b19bb8e1cc86680ff565d50faaa511d059")}
     private = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
     key = SigningKey(private)
     time = "2025-01-31T12:00:00.000000Z"
@@ -451,17 +469,40 @@ def test_spec_vectors():
         assert m.hex() == v["message"]
         sig = private.sign(b"aftune.v1.signature\x00" + lp(b"inference-receipt") + m)
         assert sig.hex() == v["signature"]
-        r = issue_receipt(key, alg, bytes([0x11]) * 32, bytes([0x22]) * 32, bytes([0x33]) * 32, bytes([0x44]) * 32,
-                          time, request_nonce=request, policy_digest=policy_digest)
+        def v2(nonce_, policy_):  # a v2 receipt (still read): it repeats input, output, nonce and policy
+            return sign_receipt(key, Receipt(alg, bytes([0x11]) * 32, bytes([0x44]) * 32, time, key.public_key,
+                                             format=RECEIPT_FORMAT_V2, input_digest=bytes([0x22]) * 32,
+                                             output_digest=bytes([0x33]) * 32, request_nonce=nonce_,
+                                             policy_digest=policy_))
+
+        r = v2(request, policy_digest)
         assert r.message() == m and r.signature == sig
         verify_receipt(Receipt.from_json(r.to_json()), key.public_key, request_nonce=request,
                        policy_digest=policy_digest)
         # no nonce and no policy (a classifier's request without a nonce): two empty length prefixes
-        r0 = issue_receipt(key, alg, bytes([0x11]) * 32, bytes([0x22]) * 32, bytes([0x33]) * 32, bytes([0x44]) * 32,
-                           time)
+        r0 = v2(None, None)
         assert r0.message() == h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v2") + lp(alg.encode())
                                  + bytes([0x11]) * 32 + bytes([0x22]) * 32 + bytes([0x33]) * 32 + bytes([0x44]) * 32
                                  + lp(time.encode()) + key.public_key.raw + lp(b"") + lp(b""))
+        # SPEC.md 8.7: a v3 receipt signs the model digest and the record id (the record binds the rest)
+        m3 = h(alg, b"aftune.v1.receipt\x00" + lp(b"aftune.receipt.v3") + lp(alg.encode()) + bytes([0x11]) * 32
+               + bytes([0x44]) * 32 + lp(time.encode()) + key.public_key.raw)
+        sig3 = private.sign(b"aftune.v1.signature\x00" + lp(b"inference-receipt") + m3)
+        assert m3.hex() == v["message3"] and sig3.hex() == v["signature3"]
+        r3 = issue_receipt(key, alg, bytes([0x11]) * 32, bytes([0x44]) * 32, time)
+        assert r3.message() == m3 and r3.signature == sig3 and Receipt.from_json(r3.to_json()) == r3
+        verify_receipt(r3, key.public_key)
+        with pytest.raises(InputError, match="through the record"):  # its nonce is in the record, not given here
+            verify_receipt(r3, key.public_key, request_nonce=request)
+        # SPEC.md 8.4.1: a v6 record's boundaries root over two boundaries
+        leaf1 = h(alg, b"aftune.v1.inference-boundary\x00" + b"\x01" * 32 + b"\x02" * 32)
+        leaf2 = h(alg, b"aftune.v1.inference-boundary\x00" + b"\x03" * 32 + b"\x04" * 32)
+        root = h(alg, b"aftune.v1.node\x00" + h(alg, b"aftune.v1.leaf\x00" + lp(b"0001") + leaf1)
+                 + h(alg, b"aftune.v1.leaf\x00" + lp(b"0002") + leaf2))
+        rows = {"boundary/0001": TensorRef("activation", "F32", (1,), b"\x02" * 32),
+                "boundary/0002": TensorRef("activation", "F32", (1,), b"\x04" * 32)}
+        assert root.hex() == v["boundaries"] == boundaries_root(alg, {"0001": b"\x01" * 32, "0002": b"\x03" * 32},
+                                                                 rows).hex()
 
 
 def test_strict_replay_uses_the_recorded_thread_count(model_dir, tmp_path):

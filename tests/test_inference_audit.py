@@ -64,8 +64,16 @@ def test_inference_bundle_for_another_challenge_or_incomplete_fails(model_dir, t
     other = _challenge(result, engine, "all")
     open_inference_bundle(tmp_path / "rec", c, tmp_path / "b", model=model)
     assert "another challenge" in audit_inference_bundle(tmp_path / "b", other, key.public_key, model).summary()
-    shutil.rmtree(tmp_path / "b" / "objects")
-    assert audit_inference_bundle(tmp_path / "b", c, key.public_key, model).verdict == "FAIL"
+    # a v6 bundle without the record's boundaries file: the audit does not regenerate them, it FAILs
+    shutil.rmtree(tmp_path / "b" / "boundaries")
+    report = audit_inference_bundle(tmp_path / "b", c, key.public_key, model)
+    assert report.verdict == "FAIL" and "boundaries file" in report.summary(), report.summary()
+    # every block challenged, the stored boundaries removed: the blocks that read one FAIL
+    open_inference_bundle(tmp_path / "rec", other, tmp_path / "all", model=model)
+    assert audit_inference_bundle(tmp_path / "all", other, key.public_key, model).verdict == "PASS"
+    shutil.rmtree(tmp_path / "all" / "objects")
+    report = audit_inference_bundle(tmp_path / "all", other, key.public_key, model)
+    assert [r.verdict for r in report.results] == ["PASS"] + ["FAIL"] * (len(engine.blocks) - 1), report.summary()
 
 
 def test_inference_audit_through_the_cli(model_dir, tmp_path):

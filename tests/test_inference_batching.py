@@ -59,11 +59,11 @@ def _resign(root, rid: str, key, edit) -> str:
     data = canonical_json(doc)
     new = record_id(doc["hash"], data)
     (root / "records" / f"{new.hex()}.json").write_bytes(data)
+    kept = root / "boundaries" / f"{rid}.json"  # v6: the provider keeps its boundaries file for the new id
+    if kept.is_file():
+        (root / "boundaries" / f"{new.hex()}.json").write_bytes(kept.read_bytes().replace(rid.encode(), new.hex().encode()))
     old = json.loads((root / "receipts" / f"{rid}.json").read_bytes())
-    receipt = issue_receipt(key, doc["hash"], bytes.fromhex(old["model_digest"]), bytes.fromhex(old["input_digest"]),
-                            bytes.fromhex(old["output_digest"]), new, old["time"],
-                            request_nonce=bytes.fromhex(doc["request_nonce"]) if doc["request_nonce"] else None,
-                            policy_digest=bytes.fromhex(old["policy_digest"]))
+    receipt = issue_receipt(key, doc["hash"], bytes.fromhex(old["model_digest"]), new, old["time"])
     (root / "receipts" / f"{new.hex()}.json").write_bytes(canonical_json(receipt.to_json()) + b"\n")
     return new.hex()
 
@@ -243,7 +243,8 @@ def test_stop_strings_honest_early_and_late(stopping):
     honest = InferenceEngine(s["served"], s["root"], s["key"]).generate(PROMPTS[0], s["policy"])
     assert honest.stop_offset == s["text"].find(s["stop"]) and honest.text.startswith(s["text"][:honest.stop_offset])
     doc = json.loads(honest.record_path.read_bytes())
-    assert doc["output"]["stop_offset"] == honest.stop_offset and doc["generation"]["policy"]["stop"] == [s["stop"]]
+    policy = json.loads((s["root"] / "policies" / f"{doc['generation']['policy_digest']}.json").read_bytes())
+    assert doc["output"]["stop_offset"] == honest.stop_offset and policy["stop"] == [s["stop"]]
     assert _verify(s["root"], honest.record_id, s["model"], PROMPTS[0], s["policy"]).verdict == "PASS"
     # the client's policy has other stop strings: FAIL naming the field
     other = GenerationPolicy(**{**s["policy"].__dict__, "stop": ("zzz",)})

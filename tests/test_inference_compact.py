@@ -19,7 +19,7 @@ from aftune.core.merkle import files_root
 from aftune.core.signing import SigningKey
 from aftune.errors import CommitmentMismatch, RecordError
 from aftune.inference.policy import GenerationPolicy
-from aftune.inference.record import InferenceRecord, RecordDir, boundary_key, record_id
+from aftune.inference.record import InferenceRecord, boundary_key
 from aftune.inference.regenerate import prepare_inference
 from aftune.inference.verify import InferenceVerifier
 from aftune.models import TOKENIZER_FILES, tokenizer_files
@@ -27,7 +27,7 @@ from aftune.protocol.audit import audit_inference_bundle
 from aftune.protocol.challenge import challenge_for_inference
 from aftune.protocol.opening import open_inference_bundle
 from test_inference import PROMPT, infer, verify
-from test_inference_tampering import PerturbBoundary
+from test_inference_tampering import PerturbBoundary, forge_record
 
 
 def _record_bytes(rec_dir, result) -> int:
@@ -50,9 +50,10 @@ def test_record_directory_holds_the_tokenizer_files_and_no_model_copy(model_dir,
     assert files_root(rec.algorithm, tokenizer_files(tok_dir)).hex() == rec.model["tokenizer"]
     model_files = {"model.safetensors", "config.json", "generation_config.json", "notes.txt"}
     assert not [k for k in kept if k.rsplit("/", 1)[-1] in model_files], kept
-    # stored tensors: the input and the output, no activation (I_A = 0)
-    assert len([k for k in kept if k.startswith("objects/")]) == len([k for k in rec.rows if k.startswith(("input/", "output/"))])
-    assert not any(rec.has_tensor(boundary_key(b)) for b in range(1, len(rec.doc["layout"]["layer_blocks"])))
+    # v6 with I_A = 0: no stored tensor (the ids are in the record), no boundaries file; one policy file
+    assert not [k for k in kept if k.startswith(("objects/", "boundaries/"))], kept
+    assert [k for k in kept if k.startswith("policies/")] == [f"policies/{rec.policy_digest.hex()}.json"]
+    assert not rec.boundaries_known and not any(rec.stored(boundary_key(b)) for b in range(1, len(rec.doc["layout"]["layer_blocks"])))
     # twin: an edited tokenizer file no longer matches the digest the record commits
     victim = tok_dir / names[0]
     victim.write_bytes(victim.read_bytes() + b" ")
@@ -79,11 +80,26 @@ def test_a_compact_record_verifies_strict_all_and_needs_activations_for_one_bloc
     result, engine = infer(model_dir("llama"), tmp_path / "rec", activation_interval=0)
     _, report = verify(tmp_path / "rec", result)  # strict --all chains the replays
     assert report.verdict == "PASS", report.summary()
+    # one block: strict mode regenerates every boundary in memory, checked against the one root
     v = InferenceVerifier(tmp_path / "rec", result.record_id, model=model_dir("llama"))
+    assert v.record.boundaries_known and v.verify([2]).verdict == "PASS"
+    assert not (tmp_path / "rec" / "boundaries").exists()  # nothing was written
+    # tolerance mode compares with the provider's committed values: it needs the provider's file
     with pytest.raises(RecordError, match="prepare-inference"):
-        v.verify([2])
+        InferenceVerifier(tmp_path / "rec", result.record_id, model=model_dir("llama"), mode="tolerance")
     assert prepare_inference(tmp_path / "rec", model=model_dir("llama")) == list(range(1, len(engine.blocks)))
+    rec = InferenceRecord.open(tmp_path / "rec", result.record_id)
+    assert rec.boundaries_known and all(rec.stored(boundary_key(b)) for b in range(1, len(engine.blocks)))
+    v = InferenceVerifier(tmp_path / "rec", result.record_id, model=model_dir("llama"), mode="tolerance",
+                          replay_dtype="float64")
     assert v.verify([2]).verdict == "PASS"
+    # twin: a boundaries file edited after it was written no longer hashes to the committed root
+    path = tmp_path / "rec" / "boundaries" / f"{result.record_id}.json"
+    doc = json.loads(path.read_bytes())
+    doc["boundary_roots"]["0002"] = doc["boundary_roots"]["0001"]
+    path.write_bytes(canonical_json(doc))
+    with pytest.raises(CommitmentMismatch, match="boundaries file hashes to the root"):
+        InferenceRecord.open(tmp_path / "rec", result.record_id)
 
 
 def test_opening_regenerates_activations_and_a_mismatch_fails(model_dir, tmp_path):
@@ -103,7 +119,7 @@ def test_opening_regenerates_activations_and_a_mismatch_fails(model_dir, tmp_pat
     bad, engine = infer(model, tmp_path / "bad", key=key, activation_interval=0,
                         deviation=PerturbBoundary(step=1, at=2))
     c = challenge_for_inference(bytes.fromhex(bad.record_id), nb, "all")
-    with pytest.raises(CommitmentMismatch, match="regenerating boundary 2"):
+    with pytest.raises(CommitmentMismatch, match="boundaries recomputed by strict replay"):
         open_inference_bundle(tmp_path / "bad", c, tmp_path / "bad-bundle", model=model)
     assert not (tmp_path / "bad-bundle").exists()  # no bundle is left behind
 
@@ -112,14 +128,13 @@ def test_the_steps_root_binds_every_step(model_dir, tmp_path):
     """A provider that commits a boundary whose per-step root does not match its activations
     (here: a root taken from another boundary) FAILs the block that reads it."""
     result, _ = infer(model_dir("llama"), tmp_path / "rec")
-    records = RecordDir(tmp_path / "rec", "blake3")
-    doc = json.loads(records.record_path(bytes.fromhex(result.record_id)).read_bytes())
-    doc["boundary_roots"]["0002"] = doc["boundary_roots"]["0001"]
-    data = canonical_json(doc)
-    forged = record_id("blake3", data)
-    records.write_new(records.record_path(forged), data)  # a record the provider wrote so (no key pinned here)
+
+    def swap(bdoc):
+        bdoc["boundary_roots"]["0002"] = bdoc["boundary_roots"]["0001"]
+
+    forged = forge_record(tmp_path / "rec", result.record_id, edit_boundaries=swap)  # written so (no key pinned)
     for mode in ("strict", "tolerance"):
-        v = InferenceVerifier(tmp_path / "rec", forged.hex(), model=model_dir("llama"), mode=mode,
+        v = InferenceVerifier(tmp_path / "rec", forged, model=model_dir("llama"), mode=mode,
                               replay_dtype="float64" if mode == "tolerance" else None)
         report = v.verify([1, 2])
         assert [r.verdict for r in report.results] == ["FAIL", "FAIL"], report.summary()

@@ -348,23 +348,24 @@ def test_records_naming_a_path_or_missing_the_nonce_are_rejected(model_dir, tmp_
     for change, message in ((lambda d: d.update(model={"source": "/provider/path"}), "holds 'model'"),
                             (lambda d: d.pop("request_nonce"), "request_nonce"),
                             (lambda d: d["generation"].update(seed=-1), "generation.seed"),
-                            (lambda d: d["generation"]["policy"].update(temperature="hot"), "temperature")):
+                            (lambda d: d["generation"].update(policy={"temperature": "hot"}), "exactly the fields")):
         edited = json.loads(json.dumps(doc))
         change(edited)
         d = tmp_path / f"r{message}"
         (d / "records").mkdir(parents=True)
         shutil.copytree(tmp_path / "rec" / "served", d / "served")
+        shutil.copytree(tmp_path / "rec" / "policies", d / "policies")
         data = canonical_json(edited)
         (d / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)
         with pytest.raises(RecordError, match=message):
             InferenceRecord.open(d)
     with pytest.raises(InputError, match="request nonce"):  # sampling without the client's nonce is refused
         infer(model_dir("llama"), tmp_path / "no-nonce", gen=policy(3, temperature=0.5), nonce=None)
-    # the policy digest must follow from the policy
+    # v6: the policy is the file named by the policy digest (its bytes hash to it), so a digest
+    # that is not a policy's names no file
     edited = json.loads(json.dumps(doc))
     edited["generation"]["policy_digest"] = "00" * 32
     data = canonical_json(edited)
     (tmp_path / "rec" / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)
-    fake = type(result)(**{**result.__dict__, "record_id": record_id("blake3", data).hex()})
-    _, report = verify(tmp_path / "rec", fake)
-    assert "generation.policy_digest is not the digest" in findings(report, "policy")[0].reason
+    with pytest.raises(RecordError, match="policies/0{64}.json .* is missing"):
+        InferenceRecord.open(tmp_path / "rec", record_id("blake3", data).hex())

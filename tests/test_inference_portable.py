@@ -201,8 +201,8 @@ def test_portable_sampling_and_stored_records_pass_and_refuse_tolerance_mode(tmp
     report = check(tmp_path / "s", result, policy, request_nonce=nonce)
     assert report.verdict == "PASS", failures(report)
     rec = InferenceRecord.open(tmp_path / "s")
-    assert rec.doc["format"] == "aftune.inference.v5" and rec.portable is not None
-    assert all(r[2] == "BF16" for r in rec.doc["tensors"] if r[0].startswith("boundary/"))
+    assert rec.doc["format"] == "aftune.inference.v6" and rec.portable is not None
+    assert all(r.dtype == "BF16" for k, r in rec.rows.items() if k.startswith("boundary/"))
     with pytest.raises(InputError, match="portable numerics"):
         InferenceVerifier(tmp_path / "s", model=BUILTIN, mode="tolerance")
     # digest-only boundaries are regenerated bitwise (prepare-inference), here or on any other CPU
@@ -216,8 +216,10 @@ def test_portable_sampling_and_stored_records_pass_and_refuse_tolerance_mode(tmp
 
 
 def test_v3_records_still_read(tmp_path):
+    from test_inference_served import as_v5
+
     result = make(tmp_path / "n", pinned())
-    doc = json.loads(result.record_path.read_text())
+    doc = as_v5(tmp_path / "n", result.record_id)
     served = json.loads((tmp_path / "n" / "served" / f"{doc.pop('served')}.json").read_text())
     doc.update(format="aftune.inference.v3", model=served["model"], layout=served["layout"])  # v3 holds them
     del doc["numerics"]

@@ -16,6 +16,7 @@ import blake3
 import pytest
 
 from aftune.core.encoding import canonical_json
+from aftune.core.rows import rows_to_json
 from aftune.core.signing import SigningKey
 from aftune.errors import CommitmentMismatch, RecordError
 from aftune.inference.record import InferenceRecord, RecordDir, record_id, served_digest, served_file
@@ -29,6 +30,25 @@ def _doc(result) -> dict:
     return json.loads(result.record_path.read_bytes())
 
 
+def as_v5(rec_dir, rid: str) -> dict:
+    """Record `rid` (v6) as a v5 writer wrote it (SPEC.md 8.4): the policy, the input and output
+    digests, every row and the boundary roots in the record, the input and output objects stored.
+    (The record must have its boundaries: kept, or regenerated.)"""
+    rec = InferenceRecord.open(rec_dir, rid)
+    assert rec.boundaries_known
+    for key in rec.inline:
+        if not key.startswith("boundary/"):
+            rec.store.put(rec.rows[key], rec.tensor(key))
+    doc = json.loads(rec.records.record_path(rec.record_id).read_bytes())
+    doc.pop("boundaries")
+    doc["input"].pop("ids", None)
+    doc.update(format="aftune.inference.v5", created="2026-12-06T12:00:00.000000Z", generation=rec.doc["generation"],
+               tensors=rows_to_json(rec.rows), boundary_roots=rec.doc["boundary_roots"])
+    for section in ("input", "output"):
+        doc[section]["digest"] = rec.doc[section]["digest"]
+    return doc
+
+
 def _rewrite(rec_dir, doc) -> str:
     """Write `doc` as a record (as a dishonest provider may) and return its id."""
     records = RecordDir(rec_dir, "blake3")
@@ -38,12 +58,14 @@ def _rewrite(rec_dir, doc) -> str:
     return rid.hex()
 
 
-def test_v5_records_name_one_served_file_and_verify(model_dir, tmp_path):
+def test_v6_records_name_one_served_file_and_one_policy_file_and_verify(model_dir, tmp_path):
     key = SigningKey.generate()
     first, engine = infer(model_dir("llama"), tmp_path / "rec", key=key, activation_interval=0)
     second, _ = infer(model_dir("llama"), tmp_path / "rec", key=key, activation_interval=0)
     doc = _doc(first)
-    assert doc["format"] == "aftune.inference.v5" and "model" not in doc and "layout" not in doc
+    assert doc["format"] == "aftune.inference.v6" and "model" not in doc and "layout" not in doc
+    assert [p.stem for p in (tmp_path / "rec" / "policies").iterdir()] == [doc["generation"]["policy_digest"]]
+    assert _doc(second)["generation"]["policy_digest"] == doc["generation"]["policy_digest"]
     served = sorted((tmp_path / "rec" / "served").iterdir())
     assert [p.name for p in served] == [f"{doc['served']}.json"] and _doc(second)["served"] == doc["served"]
     rec = InferenceRecord.open(tmp_path / "rec", first.record_id)
@@ -59,18 +81,35 @@ def test_v5_records_name_one_served_file_and_verify(model_dir, tmp_path):
     summary = open_inference_bundle(tmp_path / "rec", c, tmp_path / "bundle", model=model_dir("llama"))
     assert set(summary["provider_verdicts"].values()) == {"PASS"}
     assert (tmp_path / "bundle" / "served" / served[0].name).read_bytes() == served[0].read_bytes()
+    policy = f"policies/{doc['generation']['policy_digest']}.json"
+    assert (tmp_path / "bundle" / policy).read_bytes() == (tmp_path / "rec" / policy).read_bytes()
+    # the provider regenerated the boundaries for the opening: the bundle carries its boundaries file
+    assert (tmp_path / "bundle" / "boundaries" / f"{first.record_id}.json").is_file()
     report = check_path(tmp_path / "bundle", key.public_key)
     assert report.kind == "inference bundle" and report.exit_code == 0 and not report.problems, report.summary()
-    # twin: a served file no record names is reported
+    # twin: a served file, a policy file and a boundaries file no record names are reported
     (tmp_path / "rec" / "served" / ("ab" * 32 + ".json")).write_bytes(b"{}")
+    (tmp_path / "rec" / "policies" / ("cd" * 32 + ".json")).write_bytes(b"{}")
+    (tmp_path / "rec" / "boundaries").mkdir()
+    (tmp_path / "rec" / "boundaries" / ("ef" * 32 + ".json")).write_bytes(b"{}")
     report = check_path(tmp_path / "rec", key.public_key)
-    assert [(p.path, p.kind) for p in report.problems] == [(f"served/{'ab' * 32}.json", "unreferenced")]
+    assert sorted((p.path, p.kind) for p in report.problems) == [
+        (f"boundaries/{'ef' * 32}.json", "unreferenced"), (f"policies/{'cd' * 32}.json", "unreferenced"),
+        (f"served/{'ab' * 32}.json", "unreferenced")], report.summary()
+    # twin: an edited policy file fails naming it
+    (tmp_path / "rec" / policy).write_bytes(canonical_json({**json.loads((tmp_path / "rec" / policy).read_bytes()),
+                                                            "max_new_tokens": 99}))
+    with pytest.raises(CommitmentMismatch, match="policy file was edited"):
+        InferenceRecord.open(tmp_path / "rec", first.record_id)
 
 
-def test_v4_records_still_read_and_verify(model_dir, tmp_path):
+def test_v5_and_v4_records_still_read_and_verify(model_dir, tmp_path):
     result, _ = infer(model_dir("llama"), tmp_path / "rec")
     rec = InferenceRecord.open(tmp_path / "rec", result.record_id)
-    doc = _doc(result)
+    doc = as_v5(tmp_path / "rec", result.record_id)
+    v5 = _rewrite(tmp_path / "rec", doc)
+    _, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": v5}))
+    assert report.verdict == "PASS" and InferenceRecord.open(tmp_path / "rec", v5).doc["format"] == "aftune.inference.v5"
     del doc["served"]
     doc.update(format="aftune.inference.v4", model=rec.model, layout=rec.doc["layout"])
     v4 = _rewrite(tmp_path / "rec", doc)

@@ -17,6 +17,38 @@ from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.core.signing import SigningKey
 from test_inference import PROMPT, QuantizedServing, cli, failing, infer, policy, verify
 
+
+def forge_record(rec_dir, rid: str, edit=None, edit_boundaries=None) -> str:
+    """The dishonest provider's pen on a v6 record: edit the record file (`edit(doc)`) and its
+    boundaries file (`edit_boundaries(doc)`), recompute the boundaries root the record commits,
+    and write both under the new record id (unsigned: no receipt). Returns the new id."""
+    from aftune.core.encoding import canonical_json
+    from aftune.core.rows import rows_from_json
+    from aftune.inference.compact import boundaries_file, boundaries_root, write_boundaries
+    from aftune.inference.record import RecordDir, record_id
+
+    records = RecordDir(rec_dir, "blake3")
+    doc = json.loads(records.record_path(bytes.fromhex(rid)).read_bytes())
+    if edit:
+        edit(doc)
+    kept = records.boundaries_path(bytes.fromhex(rid))
+    roots = rows = None
+    if kept.is_file():
+        bdoc = json.loads(kept.read_bytes())
+        if edit_boundaries:
+            edit_boundaries(bdoc)
+        roots = {k: bytes.fromhex(v) for k, v in bdoc["boundary_roots"].items()}
+        rows = rows_from_json(bdoc["tensors"], "boundaries: tensors")
+        doc["boundaries"] = boundaries_root("blake3", roots, rows).hex()
+    data = canonical_json(doc)
+    new = record_id("blake3", data)
+    records.write_new(records.record_path(new), data)
+    if roots is not None and new.hex() == rid:  # only the rows' dtype or shape changed: not under the root
+        kept.write_bytes(boundaries_file(new, roots, rows))
+    elif roots is not None:
+        write_boundaries(records, new, roots, rows)
+    return new.hex()
+
 TARGET = "model.layers.2.mlp.down_proj.weight"  # layer.2: layer block 2 with one layer per block
 
 
@@ -185,9 +217,8 @@ def test_rehashed_record_without_a_receipt_fails(model_dir, tmp_path):
     assert {e.check for e in report.errors} >= {"receipt", "output"}, report.summary()
 
 
-@pytest.mark.parametrize("field, value", [("output_digest", "00" * 32), ("time", "2030-01-01T00:00:00.000000Z"),
-                                          ("record_root", "11" * 32), ("model_digest", "22" * 32),
-                                          ("request_nonce", "ab" * 16), ("policy_digest", "55" * 32)])
+@pytest.mark.parametrize("field, value", [("hash", "sha256"), ("time", "2030-01-01T00:00:00.000000Z"),
+                                          ("record_root", "11" * 32), ("model_digest", "22" * 32)])
 def test_edited_receipt_fails(model_dir, tmp_path, field, value):
     key = SigningKey.generate()
     result, _ = infer(model_dir("llama"), tmp_path / "rec", key=key)
@@ -213,9 +244,14 @@ def test_receipt_from_another_key_or_for_another_record_fails(model_dir, tmp_pat
     with pytest.raises(CommitmentMismatch, match="not by the pinned provider key"):
         verify_receipt(Receipt.load(a.receipt_path), other.public_key)
     ra = Receipt.load(a.receipt_path)
-    forged = issue_receipt(key, "blake3", ra.model_digest, ra.input_digest, ra.output_digest, bytes.fromhex(b.record_id), ra.time)
-    with pytest.raises(CommitmentMismatch, match="input digest"):  # a's digests, b's record
+    forged = issue_receipt(key, "blake3", b"\x22" * 32, bytes.fromhex(b.record_id), ra.time)
+    with pytest.raises(CommitmentMismatch, match="model digest"):  # signed for another model than b's record's
         verify_receipt(forged, key.public_key, tmp_path / "rec")
+    # a v3 receipt binds the request through its record: a's receipt does not answer b's nonce or policy
+    with pytest.raises(CommitmentMismatch, match="request nonce"):
+        verify_receipt(ra, key.public_key, tmp_path / "rec", request_nonce=b"\x07" * 32)
+    with pytest.raises(CommitmentMismatch, match="policy digest"):
+        verify_receipt(ra, key.public_key, tmp_path / "rec", policy_digest=b"\x55" * 32)
     r = cli("verify-receipt", a.receipt_path, "--public-key", other.public_key.text, "--record-dir", tmp_path / "rec")
     assert r.exit_code == 1
 
@@ -234,18 +270,15 @@ def test_a_boundary_committed_in_another_shape_is_a_finding(model_dir, tmp_path,
     agreed computation gives: more positions than the steps, or another hidden size. The verifier
     compares the row with the shapes of one meta-device pass over the whole sequence and FAILs the
     block that reads it, naming the tensor: never an exception from the replay."""
-    from aftune.core.encoding import canonical_json
-    from aftune.inference.record import record_id
-
     result, _ = infer(model_dir("llama"), tmp_path / "rec", gen=policy(6))
-    doc = json.loads(result.record_path.read_bytes())
-    row = next(r for r in doc["tensors"] if r[0] == "boundary/0001")
-    row[3] = [row[3][0], row[3][1] + 1, row[3][2]] if change == "positions" else [row[3][0], row[3][1], row[3][2] * 2]
-    data = canonical_json(doc)
-    rid = record_id("blake3", data)
-    (tmp_path / "rec" / "records" / f"{rid.hex()}.json").write_bytes(data)
-    result.record_path.unlink()
-    _, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": rid.hex()}))
+
+    def reshape(bdoc):
+        row = next(r for r in bdoc["tensors"] if r[0] == "boundary/0001")
+        row[3] = [row[3][0], row[3][1] + 1, row[3][2]] if change == "positions" else [row[3][0], row[3][1], row[3][2] * 2]
+
+    rid = forge_record(tmp_path / "rec", result.record_id, edit_boundaries=reshape)
+    assert rid == result.record_id  # the digest commits dtype and shape: the rows' copies are checked against it
+    _, report = verify(tmp_path / "rec", type(result)(**{**result.__dict__, "record_id": rid}))
     assert report.verdict == "FAIL"
     found = [f for r in report.results for f in r.findings] + list(report.errors)
     assert any("boundary/0001" in f"{f.tensor} {f.reason}" for f in found), report.summary()

@@ -19,6 +19,7 @@ from aftune.inference.access import ApiKeys, add_client
 from aftune.inference.engine import InferenceEngine
 from aftune.inference.openai_wire import check_claims, response_claims
 from aftune.inference.policy import GenerationPolicy
+from aftune.inference.record import InferenceRecord
 from aftune.inference.receipt import Receipt, verify_receipt
 from aftune.inference.served import ServedModel
 from aftune.inference.settings import RecordingSettings
@@ -381,10 +382,14 @@ def test_a_chat_and_a_completion_of_one_text_are_one_computation_under_the_polic
         a, b = chat.model_extra["aftune"], completion.model_extra["aftune"]
         with httpx.Client(base_url=url, headers=bearer(api_key), timeout=60) as http:
             download_record(http, a["record_id"], tmp_path / "audit")
+            download_record(http, b["record_id"], tmp_path / "audit")
     ra, rb = Receipt.from_json(a["receipt"]), Receipt.from_json(b["receipt"])
-    assert ra.input_digest == rb.input_digest and a["tokens"] == b["tokens"] and ra.record_root != rb.record_root
+    assert a["tokens"] == b["tokens"] and ra.record_root != rb.record_root
+    inputs = [InferenceRecord.open(tmp_path / "audit", x["record_id"]).declared_digest("input") for x in (a, b)]
+    assert inputs[0] == inputs[1]  # one computation: the same templated input ids
     assert chat.choices[0].message.content == completion.choices[0].text
-    assert ra.request_nonce is None and ra.policy_digest == policy.digest("blake3")
+    rec = InferenceRecord.open(tmp_path / "audit", a["record_id"])  # a v3 receipt binds these through its record
+    assert rec.request_nonce is None and rec.policy_digest == policy.digest("blake3")
     verify_receipt(ra, key.public_key, tmp_path / "audit", policy_digest=policy.digest("blake3"))
     v = InferenceVerifier(tmp_path / "audit", a["record_id"], model=ServedModel.load(model_dir("llama")),
                           public_key=key.public_key, expected_prompt=PROMPT, policy=policy)

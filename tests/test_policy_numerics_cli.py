@@ -17,6 +17,7 @@ import pytest
 from aftune.core.encoding import canonical_json
 from aftune.errors import InputError
 from aftune.inference.policy import GenerationPolicy
+from aftune.core.rows import rows_to_json
 from aftune.inference.record import InferenceRecord, RecordDir, boundary_key, record_id, served_file
 from conftest import invoke
 
@@ -37,9 +38,12 @@ def infer(record_dir: Path, policy: Path, *flags):
 
 
 def the_record(record_dir: Path) -> dict:
-    """The record file's members, with a v5 record's served `model` (SPEC.md 8.4) as `model`."""
+    """The record file's members, with what a v6 record keeps out put back (SPEC.md 8.4, 8.4.1):
+    the served `model`, the policy, and the rows (boundary rows once regenerated or kept)."""
     (path,) = (record_dir / "records").glob("*.json")
-    return {**json.loads(path.read_bytes()), "model": InferenceRecord.open(record_dir).model}
+    rec = InferenceRecord.open(record_dir)
+    return {**json.loads(path.read_bytes()), "model": rec.model, "generation": rec.doc["generation"],
+            "tensors": rows_to_json(rec.rows)}
 
 
 def verify(record_dir: Path, policy: Path):
@@ -111,9 +115,12 @@ def test_a_bfloat16_policy_serves_in_bfloat16_and_a_float32_client_fails(policie
     # the provider relabels the record float32 (policy and model dtype), rehashed: still FAIL
     doc["model"]["dtype"] = doc["generation"]["policy"]["dtype"] = "float32"
     layout = InferenceRecord.open(rec).doc["layout"]
-    doc["served"] = RecordDir(rec, "blake3").keep_served(served_file(doc.pop("model"), layout)).hex()
-    doc["generation"]["policy_digest"] = GenerationPolicy.from_json(doc["generation"]["policy"]).digest("blake3").hex()
-    data = canonical_json(doc)
+    records = RecordDir(rec, "blake3")
+    raw = json.loads(next((rec / "records").glob("*.json")).read_bytes())
+    raw["served"] = records.keep_served(served_file(doc["model"], layout)).hex()
+    raw["generation"]["policy_digest"] = records.keep_policy(canonical_json(doc["generation"]["policy"])).hex()
+    assert raw["generation"]["policy_digest"] == GenerationPolicy.from_json(doc["generation"]["policy"]).digest("blake3").hex()
+    data = canonical_json(raw)
     for old in (rec / "records").glob("*.json"):
         old.unlink()
     (rec / "records" / f"{record_id('blake3', data).hex()}.json").write_bytes(data)

@@ -25,6 +25,7 @@ from aftune.inference.access import ApiKeys, add_client
 from aftune.inference.engine import InferenceEngine
 from aftune.inference.policy import GenerationPolicy
 from aftune.inference.receipt import Receipt, verify_receipt
+from aftune.inference.record import InferenceRecord
 from aftune.inference.served import ServedModel
 from aftune.inference.settings import RecordingSettings
 from aftune.inference.verify import InferenceVerifier
@@ -125,9 +126,10 @@ def test_fifty_concurrent_requests_from_two_clients_get_distinct_verifiable_rece
     receipts = [Receipt.from_json(b["receipt"]) for b in bodies]
     assert len({r.record_root for r in receipts}) == 50 and len({r.signature for r in receipts}) == 50
     for (client, request), receipt in zip(requests, receipts):  # each answers its nonce, under its policy
-        assert receipt.request_nonce == bytes.fromhex(request["nonce"])
-        assert receipt.policy_digest == POLICY.with_max_new_tokens(request["max_new_tokens"]).digest("blake3")
-        assert s["engine"].records.record_path(receipt.record_root).is_file()  # none lost
+        rec = InferenceRecord.open(s["engine"].records.root, receipt.record_root.hex())  # none lost
+        assert rec.request_nonce == bytes.fromhex(request["nonce"])
+        assert rec.policy_digest == POLICY.with_max_new_tokens(request["max_new_tokens"]).digest("blake3")
+        verify_receipt(receipt, s["pub"], s["engine"].records.root, request_nonce=bytes.fromhex(request["nonce"]))
         assert Receipt.load(s["engine"].records.receipt_path(receipt.record_root)) == receipt
     audit = tmp_path / "audit"
     with httpx.Client(base_url=s["url"], timeout=60, headers=bearer(s["keys"]["alice"])) as alice, \
@@ -145,9 +147,9 @@ def test_fifty_concurrent_requests_from_two_clients_get_distinct_verifiable_rece
             assert theirs.status_code == 404 and theirs.json() == {"error": f"no record {rid}"}
             missing = other.get(f"/v1/records/{'0' * 63}1")
             assert missing.status_code == 404 and missing.json() == {"error": f"no record {'0' * 63}1"}
-        alice_record = json.loads(alice.get(f"/v1/records/{bodies[0]['record_id']}").json()["record"])
-        bob_record = json.loads(bob.get(f"/v1/records/{bodies[1]['record_id']}").json()["record"])
-        only_bob = {row[4] for row in bob_record["tensors"]} - {row[4] for row in alice_record["tensors"]}
+        alice_objects = alice.get(f"/v1/records/{bodies[0]['record_id']}").json()["objects"]
+        bob_objects = bob.get(f"/v1/records/{bodies[1]['record_id']}").json()["objects"]
+        only_bob = {o["digest"] for o in bob_objects} - {o["digest"] for o in alice_objects}
         stolen = next(d for d in sorted(only_bob) if bob.get(f"/v1/objects/{d}").status_code == 200)
         r = alice.get(f"/v1/objects/{stolen}")
         assert r.status_code == 404 and r.json() == {"error": f"no object {stolen}"}
@@ -280,7 +282,7 @@ def test_https_with_a_self_signed_certificate(served_run, tmp_path):
         with httpx.Client(base_url=url, verify=trust, timeout=60, headers=bearer(served_run["keys"]["alice"])) as c:
             assert c.get("/v1/model").json()["public_key"] == served_run["pub"].text
             body = c.post("/v1/generate", json={"prompt": "Q: tls?", "max_new_tokens": 2, "nonce": NONCE}).json()
-            assert Receipt.from_json(body["receipt"]).request_nonce == bytes.fromhex(NONCE)
+            assert Receipt.from_json(body["receipt"]).record_root.hex() == body["record_id"]
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
             httpx.get(url + "/v1/model", timeout=30, headers=bearer(served_run["keys"]["alice"]))
         with pytest.raises(httpx.TransportError):  # plain HTTP to the HTTPS port

@@ -175,7 +175,7 @@ def verify_inference(
     """Replay layer blocks of an inference record and check every token against what you asked.
     Exit 0 PASS, 1 FAIL, 2 bad input."""
     from ..inference.record import InferenceRecord
-    from ..inference.verify import default_tolerance
+    from ..inference.thresholds import default_tolerance
     from ..workflows import InferenceRequest, RecordVerifier
 
     if all_blocks == (layer_block is not None):
@@ -293,7 +293,7 @@ def verify_receipt(
     agrees; with --attestation, the chain evidence -> model and receipt key -> receipt -> record.
     Exit 0 valid, 1 invalid, 2 bad input."""
     from ..inference.openai_wire import check_claims, load_receipt_or_response
-    from ..inference.receipt import verify_receipt as check
+    from ..inference.receipt import committed_request, verify_receipt as check
     from ..core.signing import PublicKey
 
     if record_dir is None and not unsafe_signature_only:
@@ -315,14 +315,15 @@ def verify_receipt(
         report = _attested(r, attestation, attestation_nonce, model_digest, public_key, record_dir,
                            (collateral, platform_key, measurement, accept_tcb, unsafe_root_ca, unsafe_allow_debug,
                             unsafe_accept_simulated))
-        check(r, r.key, None, **wanted)  # the attested chain checked the signature; now your request
+        check(r, r.key, record_dir, **wanted)  # the attested chain checked the signature; now your request
     else:
         check(r, PublicKey.load(public_key), record_dir, **wanted)
     if claims is not None:  # a saved answer: it is the receipt's, and its text the record's
         check_claims(claims, r, record_dir)
-    for what, given, committed, how in (("request nonce", nonce, r.request_nonce, "--request-nonce"),
-                                        ("generation policy", gen, r.policy_digest, "--policy or --agreement")):
-        if given is None and committed is not None:
+    committed = committed_request(r, record_dir)
+    for what, given, value, how in (("request nonce", nonce, committed[0], "--request-nonce"),
+                                    ("generation policy", gen, committed[1], "--policy or --agreement")):
+        if given is None and value is not None:
             out.print(f"[yellow]note: the receipt's {what} was not compared with yours ({how})[/]", highlight=False)
     if attestation is not None:
         from .attestation import _chain_finish

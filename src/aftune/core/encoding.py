@@ -38,6 +38,7 @@ TAG_LORA_INIT = b"aftune.v1.lora-init\x00"  # portable numerics: LoRA A initiali
 TAG_HEAD_INIT = b"aftune.v1.head-init\x00"  # tensors absent from a base checkpoint (SPEC.md 4.7)
 TAG_INFERENCE_RECORD = b"aftune.v1.inference-record\x00"  # record id = H(tag || record file bytes)
 TAG_INFERENCE_SERVED = b"aftune.v1.inference-served\x00"  # served file digest (SPEC.md 8.4, v5 records)
+TAG_INFERENCE_BOUNDARY = b"aftune.v1.inference-boundary\x00"  # leaf of a v6 record's boundaries root (SPEC.md 8.4.1)
 TAG_SAMPLE = b"aftune.v1.sample\x00"  # per-step uniform of seeded sampling
 TAG_RECEIPT = b"aftune.v1.receipt\x00"
 TAG_CHALLENGE = b"aftune.v1.challenge\x00"

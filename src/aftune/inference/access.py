@@ -180,8 +180,14 @@ class RecordOwners:
 
     def _digests(self, rid: bytes) -> set[bytes]:
         doc = jsonio.read_json(self.records.record_path(rid), MAX_RECORD_BYTES, "inference record")
-        return {r.digest for r in rows_from_json(doc.get("tensors") if isinstance(doc, dict) else None,
-                                                 "record: tensors").values()}
+        rows = doc.get("tensors", []) if isinstance(doc, dict) else None  # v6 causal LMs: none (ids inline)
+        found = {r.digest for r in rows_from_json(rows, "record: tensors").values()}
+        extra = self.records.boundaries_path(rid)  # v6: the boundaries file, once kept or regenerated
+        if extra.is_file():
+            more = jsonio.read_json(extra, MAX_RECORD_BYTES, "boundaries file")
+            found |= {r.digest for r in rows_from_json(more.get("tensors") if isinstance(more, dict) else None,
+                                                       "boundaries: tensors").values()}
+        return found
 
     def _collect(self, client: str) -> set[bytes]:
         found: set[bytes] = set()

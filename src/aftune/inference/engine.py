@@ -50,6 +50,7 @@ from .batched import Batcher, Request, Trace as _Trace
 from .batching import BatchingSettings, supports_batching
 from .policy import GenerationPolicy, check_request_nonce
 from .portable import PortableLog, near_tie, round_and_log, tau_for
+from .compact import boundaries_root, write_boundaries
 from .record import (RECORD_FORMAT, RecordDir, boundary_key, boundary_label, digests_root, input_key, record_id,
                      served_file, steps_root, utc_now)
 from .receipt import issue_receipt
@@ -228,7 +229,10 @@ class InferenceEngine:
         if policy.stop:  # where the answer is cut: the first stop string in the text (SPEC.md 8.4)
             doc_output["stop_offset"] = offset
         outputs = {"output/tokens": ("tokens", torch.tensor(trace.tokens, dtype=torch.int64))}
-        generation = {"policy": policy.to_json(), "policy_digest": policy_digest.hex(), "seed": seed}
+        # the policy itself is kept once per policy, in its policy file (SPEC.md 8.4.1)
+        if self.records.keep_policy(canonical_json(policy.to_json())) != policy_digest:
+            raise AssertionError("the policy file's digest is not the policy digest")
+        generation = {"policy_digest": policy_digest.hex(), "seed": seed}
         return self._finish(inputs, trace, doc_input, doc_output, outputs, generation, request_nonce, t0, text=text,
                             stop_offset=offset)
 
@@ -353,8 +357,11 @@ class InferenceEngine:
                 text: str | None = None, label_name: str | None = None, stop_offset: int | None = None
                 ) -> InferenceResult:
         served, algorithm, store = self.served, self.served.algorithm, self.records.store
+        causal = served.task == "causal_lm"
         rows: dict[str, TensorRef] = {}
         to_store: list[tuple[TensorRef, torch.Tensor]] = []
+        if causal and set(inputs) != {"input_ids"}:
+            raise AssertionError(f"a causal LM request has input_ids only, not {sorted(inputs)}")
         for name, t in inputs.items():
             ref = TensorRef.of(name, t, algorithm)
             rows[input_key(name)] = ref
@@ -363,37 +370,41 @@ class InferenceEngine:
             ref = TensorRef.of(name, t, algorithm)
             rows[key] = ref
             to_store.append((ref, t))
-        roots = {}
+        if causal:  # the ids and tokens are stated inline (SPEC.md 8.4.1): no object
+            to_store = []
+            doc_input = {**doc_input, "ids": inputs["input_ids"][0].tolist()}
+        roots: dict[str, bytes] = {}
+        boundary_rows: dict[str, TensorRef] = {}
         for b, per_step in trace.boundaries.items():
-            # per step a digest, folded into one root per boundary: nothing per token is kept
-            roots[boundary_label(b)] = steps_root(algorithm, per_step).hex()
+            # per step a digest, folded into one root per boundary, and the boundaries into one root
+            roots[boundary_label(b)] = steps_root(algorithm, per_step)
             full = per_step[0] if len(per_step) == 1 else torch.cat(per_step, dim=1)
             ref = TensorRef.of("activation", full, algorithm)
-            rows[boundary_key(b)] = ref
+            boundary_rows[boundary_key(b)] = ref
             if self.settings.stored(b):
                 to_store.append((ref, full))
         for ref, t in to_store:
             store.put(ref, t)
-        input_digest = digests_root(algorithm, rows, "input/")
-        output_digest = digests_root(algorithm, rows, "output/")
+        created = utc_now()
         doc = {
             "format": RECORD_FORMAT,
             "hash": algorithm,
-            "created": utc_now(),
             "nonce": os.urandom(16).hex(),  # the provider's: every record is distinct
             "request_nonce": request_nonce.hex() if request_nonce is not None else None,  # the client's
             "task": served.task,
             # `model` and `layout`, the same in every record of this server, by digest (SPEC.md 8.4)
             "served": self.served_digest.hex(),
             "generation": generation,
-            "input": {**doc_input, "digest": input_digest.hex()},
-            "output": {**doc_output, "digest": output_digest.hex()},
-            "boundary_roots": roots,
+            "input": doc_input,
+            "output": doc_output,
+            # one root over every boundary's steps root and activation digest (SPEC.md 8.4.1)
+            "boundaries": boundaries_root(algorithm, roots, boundary_rows).hex(),
             # portable numerics: the grid and the near-boundary and near-tie logs (SPEC.md 8.13)
             "numerics": trace.portable.to_json() if trace.portable is not None else None,
             # batched serving only (absent when computed alone): the batch shape and row (SPEC.md 8.5.1)
             **({"batch": trace.batch.to_json()} if trace.batch is not None else {}),
-            "tensors": rows_to_json(rows),
+            # classifiers: the input and output rows (a causal LM states its ids inline)
+            **({} if causal else {"tensors": rows_to_json(rows)}),
             # CPU results depend on the intra-op thread count: strict replay uses the same one
             "environment": {"torch_threads": torch.get_num_threads()},
         }
@@ -401,9 +412,10 @@ class InferenceEngine:
         rid = record_id(algorithm, data)
         path = self.records.record_path(rid)
         self.records.write_new(path, data)
-        policy_digest = bytes.fromhex(generation["policy_digest"]) if generation else None
-        receipt = issue_receipt(self.key, algorithm, served.digest, input_digest, output_digest, rid,
-                                time=doc["created"], request_nonce=request_nonce, policy_digest=policy_digest)
+        if self.settings.activation_interval >= 1:  # activations kept: their commitments too (SPEC.md 8.4.1)
+            write_boundaries(self.records, rid, roots, boundary_rows)
+        # the receipt binds the record id, and through it the input, output, nonce and policy (SPEC.md 8.7)
+        receipt = issue_receipt(self.key, algorithm, served.digest, rid, time=created)
         receipt_path = self.records.receipt_path(rid)
         self.records.write_new(receipt_path, canonical_json(receipt.to_json()) + b"\n")
         return InferenceResult(rid.hex(), path, tuple(trace.tokens), text, trace.label, label_name, receipt, receipt_path,

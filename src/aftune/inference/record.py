@@ -13,10 +13,7 @@ and reading one record as hostile input.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,39 +21,32 @@ from typing import Any
 import torch
 
 from ..core import jsonio
-from ..core.encoding import (DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, TAG_INFERENCE_SERVED,
-                             canonical_json, hash_message, parse_hex_digest, tensor_digest)
+from ..core.encoding import (DTYPE_BY_NAME, HASH_ALGORITHMS, TAG_INFERENCE_RECORD, hash_message, parse_hex_digest,
+                             tensor_digest)
 from ..core.merkle import files_root, merkle_root
 from ..core.rows import TensorRef, rows_from_json
 from ..core.store import ObjectStore
 from ..errors import CommitmentMismatch, InputError, RecordError
 from ..models import tokenizer_files
 from .batching import BatchShape
+from .compact import boundary_key, boundary_label, inline_rows, read_boundaries  # noqa: F401 (re-exported)
 from .policy import MAX_NEW_TOKENS, GenerationPolicy, parse_request_nonce
 from .portable import PortableLog
+from .records_dir import (MAX_SERVED_BYTES, SERVED_FORMAT, SERVED_MEMBERS, RecordDir, served_digest,  # noqa: F401
+                          served_file)
 from .served import RunBinding
 from .settings import RecordingSettings
 
-RECORD_FORMAT = "aftune.inference.v5"  # written: v4 with `model` and `layout` in a served file, by digest (8.4)
+RECORD_FORMAT = "aftune.inference.v6"  # written: v5 with the policy, the ids and the boundaries kept out (8.4.1)
+RECORD_FORMAT_V5 = "aftune.inference.v5"  # read: v4 with `model` and `layout` in a served file, by digest (8.4)
 RECORD_FORMAT_V4 = "aftune.inference.v4"  # read: v3 and the member `numerics` (SPEC.md 8.4, 8.13)
 RECORD_FORMAT_V3 = "aftune.inference.v3"  # read: a v3 record has no `numerics` (native numerics)
-RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_V4, RECORD_FORMAT_V3)
-SERVED_FORMAT = "aftune.inference-served.v1"  # R/served/<digest>.json: {format, model, layout}
-SERVED_MEMBERS = ("model", "layout")
+RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_V5, RECORD_FORMAT_V4, RECORD_FORMAT_V3)
+SPLICED = (RECORD_FORMAT, RECORD_FORMAT_V5)  # `model` and `layout` in a served file
 MAX_RECORD_BYTES = 256 << 20
-MAX_SERVED_BYTES = 16 << 20
 
 
 # --- keys of the tensor rows, and the per-step roots ----------------------------------------------
-
-def boundary_key(boundary: int) -> str:
-    return f"boundary/{boundary:04d}"
-
-
-def boundary_label(boundary: int) -> str:
-    """The key of boundary `boundary` in the record's `boundary_roots`."""
-    return f"{boundary:04d}"
-
 
 def steps_root(algorithm: str, parts: list[torch.Tensor]) -> bytes:
     """The Merkle root of one boundary's per-step activations (SPEC.md 8.4): leaf key `%06d` of the
@@ -81,108 +71,9 @@ def record_id(algorithm: str, data: bytes) -> bytes:
     return hash_message(algorithm, TAG_INFERENCE_RECORD, data)
 
 
-def served_file(model: dict[str, Any], layout: dict[str, Any]) -> bytes:
-    """The bytes of a served file (SPEC.md 8.4): canonical JSON of {format, model, layout}."""
-    return canonical_json({"format": SERVED_FORMAT, "model": model, "layout": layout})
-
-
-def served_digest(algorithm: str, data: bytes) -> bytes:
-    return hash_message(algorithm, TAG_INFERENCE_SERVED, data)
-
-
 def utc_now() -> str:
     """RFC 3339 UTC time with microseconds, e.g. 2025-01-31T12:00:00.123456Z."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-# --- the record directory --------------------------------------------------------------------
-
-class RecordDir:
-    """R/records/<id>.json, R/objects/, R/tokenizers/<root>/, R/receipts/<id>.json."""
-
-    def __init__(self, root: str | Path, algorithm: str):
-        self.root = Path(root)
-        self.algorithm = algorithm
-        self.store = ObjectStore(self.root / "objects", algorithm)
-
-    def record_path(self, rid: bytes) -> Path:
-        return self.root / "records" / f"{rid.hex()}.json"
-
-    def receipt_path(self, rid: bytes) -> Path:
-        return self.root / "receipts" / f"{rid.hex()}.json"
-
-    def tokenizer_dir(self, digest: bytes) -> Path:
-        return self.root / "tokenizers" / digest.hex()
-
-    def served_path(self, digest: bytes) -> Path:
-        return self.root / "served" / f"{digest.hex()}.json"
-
-    def keep_served(self, data: bytes) -> bytes:
-        """Write a served file once (its name is its digest) and return its digest."""
-        digest = served_digest(self.algorithm, data)
-        path = self.served_path(digest)
-        if not path.is_file():
-            self.write_new(path, data)
-        return digest
-
-    def read_served(self, digest: bytes, where: str) -> dict[str, Any]:
-        """The members `model` and `layout` of served file `digest`, read as hostile input: its
-        bytes must hash to its digest."""
-        path = self.served_path(digest)
-        if not path.is_file():
-            raise RecordError(f"{where}: its served file served/{digest.hex()}.json (model and layout) is missing")
-        data = jsonio.read_bytes(path, MAX_SERVED_BYTES, "served file")
-        if served_digest(self.algorithm, data) != digest:
-            raise CommitmentMismatch(f"served/{digest.hex()[:16]}….json: the file's bytes hash to "
-                                     f"{served_digest(self.algorithm, data).hex()[:16]}…, not to the digest the "
-                                     f"record commits: the served file (model and layout) was edited")
-        doc = jsonio.parse(data, f"served file {path}")
-        if not isinstance(doc, dict) or doc.get("format") != SERVED_FORMAT or set(doc) != {"format", *SERVED_MEMBERS}:
-            raise RecordError(f"served/{digest.hex()[:16]}….json is not an {SERVED_FORMAT} file with exactly "
-                              "format, model and layout")
-        return {k: doc[k] for k in SERVED_MEMBERS}
-
-    def served_digests(self) -> list[str]:
-        d = self.root / "served"
-        if not d.is_dir():
-            return []
-        return sorted(p.stem for p in d.glob("*.json") if len(p.stem) == 64 and not p.stem.strip("0123456789abcdef"))
-
-    def keep_tokenizer(self, source: Path, digest: bytes) -> Path:
-        """Copy the tokenizer files once, named by their files root."""
-        target = self.tokenizer_dir(digest)
-        if target.is_dir():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        for name, data in tokenizer_files(source).items():
-            (tmp / name).write_bytes(data)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another writer was first: same content by construction
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
-    def write_new(self, path: Path, data: bytes) -> None:
-        """Create `path` with `data`; an existing file is never overwritten."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                if path.read_bytes() != data:
-                    raise RecordError(f"{path} exists with other content: records are never overwritten") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-    def record_ids(self) -> list[str]:
-        d = self.root / "records"
-        if not d.is_dir():
-            return []
-        return sorted(p.stem for p in d.glob("*.json") if len(p.stem) == 64 and not p.stem.strip("0123456789abcdef"))
 
 
 # --- reading a record ------------------------------------------------------------------------
@@ -190,13 +81,13 @@ class RecordDir:
 def splice_served(records: RecordDir, doc: dict[str, Any], where: str) -> dict[str, Any]:
     """A v5 record's `model` and `layout`, read from the served file it names by digest, spliced
     into (a copy of) its document; v3 and v4 records hold them and MUST NOT name a served file."""
-    if doc.get("format") != RECORD_FORMAT:
+    if doc.get("format") not in SPLICED:
         if "served" in doc:
             raise RecordError(f"{where}: 'served' is not part of an {doc.get('format')} record")
         return doc
     for k in SERVED_MEMBERS:
         if k in doc:
-            raise RecordError(f"{where}: an {RECORD_FORMAT} record holds '{k}' in its served file, not in itself")
+            raise RecordError(f"{where}: an {doc['format']} record holds '{k}' in its served file, not in itself")
     try:
         digest = parse_hex_digest(doc.get("served"), f"{where}: served")
     except InputError as exc:
@@ -219,6 +110,11 @@ class InferenceRecord:
     record_id: bytes
     doc: dict[str, Any]
     rows: dict[str, TensorRef]
+    # v6 (SPEC.md 8.4.1): tensors held in memory (inline ids, regenerated boundaries), the
+    # committed root of the boundaries, and whether their roots and rows are at hand
+    inline: dict[str, torch.Tensor] = field(default_factory=dict)
+    committed_boundaries: bytes | None = None
+    boundaries_known: bool = True
 
     @classmethod
     def open(cls, record_dir: str | Path, record: str | None = None) -> "InferenceRecord":
@@ -245,7 +141,7 @@ class InferenceRecord:
         data = jsonio.read_bytes(path, MAX_RECORD_BYTES, "inference record")
         doc = jsonio.parse(data, f"inference record {path}")
         if not isinstance(doc, dict) or doc.get("format") not in RECORD_FORMATS:
-            raise RecordError(f"{path} is not an {RECORD_FORMAT} (or {RECORD_FORMAT_V4}, {RECORD_FORMAT_V3}) record")
+            raise RecordError(f"{path} is not an {RECORD_FORMAT} (or v5, v4, v3) record")
         algorithm = doc.get("hash")
         if algorithm not in HASH_ALGORITHMS:
             raise RecordError(f"{path}: unknown hash {str(algorithm)[:20]!r}")
@@ -254,10 +150,80 @@ class InferenceRecord:
             raise CommitmentMismatch(f"record {name[:16]}…: the file's bytes hash to {rid.hex()[:16]}…, not to its "
                                      "name: the record was edited after it was written")
         records = RecordDir(root, algorithm)
-        doc = splice_served(records, doc, f"record {name[:16]}…")
-        rec = cls(records, rid, doc, rows_from_json(doc.get("tensors"), "record: tensors"))
+        where = f"record {name[:16]}…"
+        doc = splice_served(records, doc, where)
+        if doc["format"] != RECORD_FORMAT:
+            rec = cls(records, rid, doc, rows_from_json(doc.get("tensors"), "record: tensors"))
+        else:
+            rec = cls._open_v6(records, rid, doc, where)
         rec._check_structure()
         return rec
+
+    @classmethod
+    def _open_v6(cls, records: RecordDir, rid: bytes, doc: dict[str, Any], where: str) -> "InferenceRecord":
+        """A v6 record with what it keeps out put back (SPEC.md 8.4.1): the policy from its policy
+        file, the input and output rows from `input.ids` and `output.tokens` (causal LMs), the
+        digests of input and output derived, and the boundary roots and rows from the boundaries
+        file when the provider has regenerated it (checked against the committed root)."""
+        for k in ("boundary_roots", "created"):
+            if k in doc:
+                raise RecordError(f"{where}: '{k}' is not part of an {RECORD_FORMAT} record")
+        for section in ("input", "output"):
+            if not isinstance(doc.get(section), dict) or "digest" in doc[section]:
+                raise RecordError(f"{where}: '{section}' must be an object without 'digest' (derived in {RECORD_FORMAT})")
+        doc = {**doc, "input": dict(doc["input"]), "output": dict(doc["output"])}
+        inline: dict[str, torch.Tensor] = {}
+        if doc.get("task") == "causal_lm":
+            if "tensors" in doc:
+                raise RecordError(f"{where}: a causal LM {RECORD_FORMAT} record states its ids inline: no 'tensors'")
+            rows = {}
+            for key, (ref, t) in inline_rows(doc, where).items():
+                rows[key], inline[key] = ref, t
+            doc["input"].pop("ids")
+            gen = doc.get("generation")
+            if not isinstance(gen, dict) or set(gen) != {"policy_digest", "seed"}:
+                raise RecordError(f"{where}: generation must have exactly the fields policy_digest and seed (the "
+                                  "policy is in its policy file)")
+            try:
+                digest = parse_hex_digest(gen["policy_digest"], "record: generation.policy_digest")
+            except InputError as exc:
+                raise RecordError(str(exc)) from None
+            doc["generation"] = {**gen, "policy": records.read_policy(digest, where)}
+        else:
+            rows = rows_from_json(doc.get("tensors"), "record: tensors")
+            if any(not k.startswith(("input/", "output/")) for k in rows):
+                raise RecordError(f"{where}: the rows of an {RECORD_FORMAT} record are its input/ and output/ rows only")
+        for section in ("input", "output"):
+            doc[section]["digest"] = digests_root(records.algorithm, rows, f"{section}/").hex()
+        try:
+            committed = parse_hex_digest(doc.get("boundaries"), "record: boundaries")
+        except InputError as exc:
+            raise RecordError(str(exc)) from None
+        layout = doc.get("layout")
+        blocks = layout.get("layer_blocks") if isinstance(layout, dict) else None
+        if not isinstance(blocks, list) or not blocks:
+            raise RecordError("record: layout.layer_blocks is missing or malformed")
+        rec = cls(records, rid, doc, rows)
+        rec.inline = inline
+        rec.committed_boundaries = committed
+        rec.boundaries_known = False
+        found = read_boundaries(records, rid, len(blocks), committed, where)
+        if found is not None:
+            rec.install_boundaries(*found)
+        return rec
+
+    def install_boundaries(self, roots: dict[str, bytes], rows: dict[str, TensorRef],
+                           tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """The per-boundary roots and rows of a v6 record (from its boundaries file, or regenerated
+        and checked against the committed root by the caller), and any regenerated tensors."""
+        self.doc["boundary_roots"] = {k: v.hex() for k, v in roots.items()}
+        self.rows.update(rows)
+        self.inline.update(tensors or {})
+        self.boundaries_known = True
+
+    @property
+    def boundary_rows(self) -> dict[str, TensorRef]:
+        return {k: r for k, r in self.rows.items() if k.startswith("boundary/")}
 
     # --- structure -------------------------------------------------------------------------
     def _check_structure(self) -> None:
@@ -281,11 +247,12 @@ class InferenceRecord:
             raise RecordError("record: 'steps' is not part of an aftune.inference.v3 or v4 record (the step layout "
                               "follows from the input and the tokens)")
         blocks = _need(layout, "layer_blocks", list, "record: layout")
-        roots = _need(d, "boundary_roots", dict)
-        if sorted(roots) != [boundary_label(b) for b in range(1, len(blocks))]:
-            raise RecordError(f"record: boundary_roots must have exactly the boundaries 0001..{len(blocks) - 1:04d}")
-        for b in range(1, len(blocks)):
-            self.boundary_root(b)
+        if self.committed_boundaries is None:  # v6: read (and checked) with the boundaries file, when there
+            roots = _need(d, "boundary_roots", dict)
+            if sorted(roots) != [boundary_label(b) for b in range(1, len(blocks))]:
+                raise RecordError(f"record: boundary_roots must have exactly the boundaries 0001..{len(blocks) - 1:04d}")
+            for b in range(1, len(blocks)):
+                self.boundary_root(b)
         _need(d, "input", dict)
         _need(d, "output", dict)
         if "source" in model:
@@ -344,6 +311,12 @@ class InferenceRecord:
         sizes = {}
         for b in range(1, nb):
             ref = self.rows.get(boundary_key(b))
+            if ref is None and not self.boundaries_known:  # v6, not regenerated: [1, positions, hidden_size]
+                hidden = self.model["config"].get("hidden_size")
+                if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden < 2**20:
+                    raise RecordError("record: model.config.hidden_size is missing or malformed")
+                sizes[b] = (self.rows["input/input_ids"].shape[1] + len(d["output"]["tokens"]) - 1) * hidden
+                continue
             if ref is None:
                 raise RecordError(f"record: no row {boundary_key(b)}")
             sizes[b] = int(torch.Size(ref.shape).numel())
@@ -441,6 +414,8 @@ class InferenceRecord:
 
     def boundary_root(self, boundary: int) -> bytes:
         """The committed Merkle root of boundary `boundary`'s per-step activations."""
+        if not self.boundaries_known:
+            raise RecordError(self.boundaries_missing())
         try:
             return parse_hex_digest(self.doc["boundary_roots"].get(boundary_label(boundary)),
                                     f"record: boundary_roots.{boundary_label(boundary)}")
@@ -456,13 +431,28 @@ class InferenceRecord:
     def rows_root(self, prefix: str) -> bytes:
         return digests_root(self.algorithm, self.rows, prefix)
 
+    def boundaries_missing(self) -> str:
+        """Why a v6 record's per-boundary commitments are not at hand, and what to run."""
+        return (f"record {self.record_id.hex()[:16]}… commits its boundaries by one root only and its boundaries "
+                f"file is not here: the provider regenerates it on its own hardware (`aftune prepare-inference "
+                f"{self.records.root} --record {self.record_id.hex()}`, or an opening: `aftune open`)")
+
     def tensor(self, key: str) -> torch.Tensor:
+        if key in self.inline:
+            return self.inline[key]
         ref = self.rows.get(key)
         if ref is None:
             raise RecordError(f"record {self.record_id.hex()[:16]}…: no tensor {key!r}")
         return self.store.get(ref, f"record {self.record_id.hex()[:16]}…, {key}")
 
     def has_tensor(self, key: str) -> bool:
+        if key in self.inline:
+            return True
+        ref = self.rows.get(key)
+        return ref is not None and self.store.has(ref.digest)
+
+    def stored(self, key: str) -> bool:
+        """Whether the object of row `key` is in the store (not only in memory)."""
         ref = self.rows.get(key)
         return ref is not None and self.store.has(ref.digest)
 

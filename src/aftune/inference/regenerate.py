@@ -3,8 +3,9 @@
 
     aftune prepare-inference R --record ID --layer-block 2 --model runs/demo
 
-A record keeps, per boundary, the digest of its activations and the root of their per-step
-digests; the tensors themselves are stored every `activation_interval` boundaries, or never. To
+A record commits, per boundary, the digest of its activations and the root of their per-step
+digests (a v6 record: all of them under one root, their values in a boundaries file written here
+when missing); the tensors themselves are stored every `activation_interval` boundaries, or never. To
 replay a layer block, the provider recomputes its input (and its output, which tolerance mode
 compares with) by strict replay from the nearest stored boundary or from the input, on its own
 hardware: every regenerated tensor must hash to the committed digest and per-step root before it
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CommitmentMismatch, InputError
+from .compact import write_boundaries
 from .record import boundary_key
 from .served import ServedModel
 from .verify import InferenceVerifier
@@ -26,16 +28,26 @@ from .verify import InferenceVerifier
 
 def regenerate(v: InferenceVerifier, boundaries) -> list[int]:
     """Store the boundaries in `boundaries` that are not stored yet, by one strict chain of
-    block replays from the nearest stored boundary below the first of them. Returns those stored."""
+    block replays from the nearest stored boundary below the first of them (a v6 record's were
+    regenerated in memory by the verifier, against its committed root), and write a v6 record's
+    boundaries file when it is missing. Returns the boundaries stored."""
     rec, nb = v.record, len(v.blocks)
     if v.fatal:
         raise CommitmentMismatch(f"cannot regenerate activations: {v.errors[-1].describe()}")
     wanted = sorted({b for b in boundaries if 1 <= b < nb})
-    missing = [b for b in wanted if not rec.has_tensor(boundary_key(b))]
-    if not missing:
-        return []
-    start = max([0] + [b for b in range(1, missing[0]) if rec.has_tensor(boundary_key(b))])
     done: list[int] = []
+    for b in wanted:
+        key = boundary_key(b)
+        if key in rec.inline and not rec.stored(key):
+            rec.store.put(rec.rows[key], rec.inline[key])
+            done.append(b)
+    if rec.committed_boundaries is not None and not rec.records.boundaries_path(rec.record_id).is_file():
+        roots = {k: bytes.fromhex(h) for k, h in rec.doc["boundary_roots"].items()}
+        write_boundaries(rec.records, rec.record_id, roots, rec.boundary_rows)
+    missing = [b for b in wanted if not rec.stored(boundary_key(b))]
+    if not missing:
+        return done
+    start = max([0] + [b for b in range(1, missing[0]) if rec.stored(boundary_key(b))])
     inputs = None
     for l in range(start, missing[-1]):
         result, outputs = v.verify_block(l, inputs)

@@ -168,8 +168,16 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         data = path.read_bytes()
         doc = json.loads(data)
         receipt_path = records.receipt_path(rid)
-        objects = sorted({r.digest.hex() for r in rows_from_json(doc["tensors"], "record: tensors").values()
-                          if records.store.has(r.digest)})
+        rows = list(rows_from_json(doc.get("tensors", []), "record: tensors").values())
+        boundaries = records.boundaries_path(rid)  # v6: when the provider has it (kept or regenerated)
+        if boundaries.is_file():
+            rows += rows_from_json(json.loads(boundaries.read_bytes())["tensors"], "boundaries: tensors").values()
+        objects = sorted({r.digest.hex() for r in rows if records.store.has(r.digest)})
+        gen = doc.get("generation")
+        policy_doc = None  # v6: the generation policy in the policy file the record names
+        if isinstance(gen, dict) and "policy" not in gen and _is_digest(gen.get("policy_digest")):
+            policy_doc = {"digest": gen["policy_digest"],
+                          "file": records.policy_path(bytes.fromhex(gen["policy_digest"])).read_bytes().decode("utf-8")}
         served_doc = None
         if doc.get("served") is not None:  # v5: model and layout in the served file the record names
             served_doc = {"digest": doc["served"],
@@ -185,7 +193,8 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         return {"record_id": record_id, "record": data.decode("utf-8"),
                 "receipt": json.loads(receipt_path.read_bytes()) if receipt_path.is_file() else None,
                 "objects": [{"digest": d, "url": f"/v1/objects/{d}"} for d in objects], "tokenizer": tokenizer,
-                "served": served_doc}
+                "served": served_doc, "policy": policy_doc,
+                "boundaries": boundaries.read_bytes().decode("utf-8") if boundaries.is_file() else None}
 
     @app.get("/v1/objects/{digest}")
     def object_file(digest: str, request: Request):
@@ -249,6 +258,15 @@ def download_record(client, record_id: str, target: str | Path) -> Path:
             raise InputError("the server named a bad served file")
         (root / "served").mkdir(parents=True, exist_ok=True)
         (root / "served" / f"{served['digest']}.json").write_bytes(served["file"].encode("utf-8"))
+    policy = doc.get("policy")
+    if policy:  # v6: checked against the policy digest the record commits when the record is opened
+        if not _is_digest(policy.get("digest")) or not isinstance(policy.get("file"), str):
+            raise InputError("the server named a bad policy file")
+        (root / "policies").mkdir(parents=True, exist_ok=True)
+        (root / "policies" / f"{policy['digest']}.json").write_bytes(policy["file"].encode("utf-8"))
+    if isinstance(doc.get("boundaries"), str):  # v6: checked against the committed root when opened
+        (root / "boundaries").mkdir(parents=True, exist_ok=True)
+        (root / "boundaries" / f"{record_id}.json").write_bytes(doc["boundaries"].encode("utf-8"))
     if doc.get("receipt") is not None:
         from ..core.encoding import canonical_json
 

@@ -16,14 +16,13 @@ For a record and a layer block l the verifier (numbers follow SPEC.md 8.8):
     with the chat template, tokenised with the client's tokenizer) and the prompt is the client's;
     the output tokens, steps, stop rule and digests agree (steps 1-4: `checks.py`);
  5. replays block l step by step from the committed block inputs with its own KV cache, and
-    compares every step's output with the committed boundary under the one comparison policy
-    (`verdict.comparison`: bitwise in strict mode, relative errors in tolerance mode);
- 6. for the last block, recomputes the logits of every step and checks that each committed token
-    follows from them: the argmax for greedy decoding, the seeded draw for sampling.
+    compares every step's output with the committed boundary (`verdict.comparison`: bitwise in
+    strict mode, relative errors in tolerance mode); a v6 record without its boundaries file has
+    them regenerated first (`boundaries_replay.py`);
+ 6. for the last block, recomputes the logits of every step and checks each committed token.
 
-What the caller did not give (a pinned key, the client's input, policy or nonce) is not
-compared: each such gap is a line of `Report.notes`. The CLI and `aftune.verify_inference`
-refuse to run with a gap unless an option whose name says `unsafe` allows it.
+What the caller did not give (a pinned key, the client's input, policy or nonce) is not compared:
+each such gap is a line of `Report.notes`, refused unless an option named `unsafe` allows it.
 """
 
 from __future__ import annotations
@@ -47,35 +46,14 @@ from .checks import RecordChecks
 from .policy import GenerationPolicy, check_request_nonce
 from .portable import tau_for, token_acceptable, token_cap
 from .portable_replay import PortableReplay
+from .boundaries_replay import BoundaryRegeneration
+from .thresholds import ACCEPTED_LAYERS_PER_BLOCK, default_tolerance
 from .record import InferenceRecord, boundary_key, steps_root
 from .sampling import choose_token, greedy_token, needed_logit_tolerance, sample_uniform, sampled_token_possible
 from .served import ServedModel, is_run_dir
 
 RECORD_LEVEL = -1  # layer_block of findings about the whole record
-ACCEPTED_LAYERS_PER_BLOCK = 2  # the deepest layer block the default thresholds widen for, unless the client says more
-
-
-def default_tolerance(record: InferenceRecord, replay_dtype: str | None = None,
-                      accepted_layers_per_block: int = ACCEPTED_LAYERS_PER_BLOCK) -> tuple[Tolerance, str | None]:
-    """The default thresholds for `record` replayed in `replay_dtype` (SPEC.md 8.8), and a note
-    when they were not widened as far as the record's layer blocks ask. The depth factor widens
-    thresholds, and the record's layers_per_block is the provider's choice: it counts only up to
-    what the client accepts (`accepted_layers_per_block`, the CLI's --max-layers-per-block)."""
-    if not isinstance(accepted_layers_per_block, int) or isinstance(accepted_layers_per_block, bool) \
-            or accepted_layers_per_block < 1:
-        raise InputError(f"--max-layers-per-block must be an integer >= 1, got {accepted_layers_per_block!r}")
-    known = replay_dtype if replay_dtype in ("bfloat16", "float16", "float32", "float64") else None
-    depth = min(record.settings.layers_per_block, accepted_layers_per_block)
-    note = None
-    if record.settings.layers_per_block > accepted_layers_per_block:
-        note = (f"the default thresholds were widened for layer blocks of at most {accepted_layers_per_block} layers, "
-                f"not the record's {record.settings.layers_per_block} (the provider chose that depth): an honest "
-                f"record may exceed them; give --max-layers-per-block {record.settings.layers_per_block} if you "
-                "accept blocks that deep")
-    return Tolerance.for_dtype(record.model["dtype"], known, depth), note
-
-
-class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
+class InferenceVerifier(RecordChecks, PortableReplay, BoundaryRegeneration, Verifying):
     """Verifies one inference record. Construction runs the record-level checks (collected in
     `errors`); `verify_block` replays one layer block, `verify_all` every block."""
 
@@ -85,12 +63,15 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
                  run_dir: str | Path | None = None, transcript: str | Path | None = None,
                  expected_prompt: str | None = None, expected_text: str | None = None,
                  expected_image: str | Path | None = None, policy: GenerationPolicy | None = None,
-                 request_nonce: bytes | None = None, max_layers_per_block: int = ACCEPTED_LAYERS_PER_BLOCK):
+                 request_nonce: bytes | None = None, max_layers_per_block: int = ACCEPTED_LAYERS_PER_BLOCK,
+                 regenerate_boundaries: bool = True):
         """`model` is the client's own copy (a model or run directory, or a loaded ServedModel);
         without it, the run directory's model/. `policy` and `request_nonce` are what the client
         asked for (a causal LM record is compared with them field by field). Without `tolerance`,
         tolerance mode uses `default_tolerance`, widened for the record's block depth only up to
-        `max_layers_per_block`."""
+        `max_layers_per_block`. A v6 record without its boundaries file has them regenerated in
+        memory (strict mode), unless `regenerate_boundaries` is False (an audit: the bundle must
+        carry the provider's file), which raises RecordError instead."""
         if replay_dtype is not None and replay_dtype not in DTYPE_BY_NAME:
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BY_NAME)}, got {replay_dtype!r}")
         self.record = InferenceRecord.open(record_dir, record)
@@ -142,6 +123,10 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
             self._check_policy()
             self._check_input(expected_prompt, expected_text, expected_image)
             self._check_output()
+        if not self.fatal and not rec.boundaries_known:
+            if not regenerate_boundaries:
+                raise RecordError(rec.boundaries_missing())
+            self._regenerate_boundaries()
 
     def _error(self, check: str, reason: str, fatal: bool = False, **kw) -> None:
         self.errors.append(Finding(RECORD_LEVEL, 0, check, reason, scope=RECORD, **kw))
@@ -328,6 +313,8 @@ class InferenceVerifier(RecordChecks, PortableReplay, Verifying):
             outputs = self._portable_outputs(res, l, outputs)
             if outputs is None:
                 return None
+        if self._regenerating:  # v6 without its boundaries file: these outputs are the regeneration
+            return outputs
         return outputs if self._compare_steps(res, l, outputs) else None
 
     def _compare_steps(self, res: BlockResult, l: int, outputs: list[torch.Tensor]) -> bool:

@@ -256,7 +256,7 @@ def audit_inference_bundle(bundle: str | Path, challenge, public_key: PublicKey,
         v = InferenceVerifier(bundle, challenge.run_root, model=model, mode=mode, replay_dtype=replay_dtype,
                               public_key=public_key, expected_prompt=expected_prompt, expected_text=expected_text,
                               expected_image=expected_image, policy=policy, request_nonce=request_nonce,
-                              max_layers_per_block=max_layers_per_block)
+                              max_layers_per_block=max_layers_per_block, regenerate_boundaries=False)
     except (InputError, RecordError) as exc:  # the record the challenge names is not (properly) in the bundle
         report.errors.append(opening(f"the bundle does not open record {challenge.run_root[:16]}…: {exc}"))
         return report

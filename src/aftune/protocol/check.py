@@ -72,7 +72,7 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
     records = RecordDir(root, "blake3")
     ids = records.record_ids()
     rows = CommittedRows()
-    algorithms, served = set(), set()
+    algorithms, served, policies = set(), set(), set()
     for path in sorted((root / "records").iterdir()) if (root / "records").is_dir() else []:
         if path.stem not in ids or path.suffix != ".json":
             report.add(path, UNREFERENCED, "not a record (records are records/<64 hex digits>.json)")
@@ -88,12 +88,18 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
         algorithms.add(rec.algorithm)
         if rec.served_digest is not None:
             served.add(rec.served_digest.hex())
+        if rec.committed_boundaries is not None and rec.task == "causal_lm":  # v6
+            policies.add(rec.policy_digest.hex())
         where = f"records/{rid}.json"
         interval = rec.settings.activation_interval
         stored = {boundary_key(b) for b in range(interval, len(rec.doc["layout"]["layer_blocks"]), interval or 1)
                   if interval >= 1 and kind == "inference records"}
         for key, ref in rec.rows.items():
-            rows.add(ref, where, key, required=key.startswith(("input/", "output/")) or key in stored)
+            if key not in rec.inline:  # v6: a causal LM's ids are stated in the record, not stored
+                rows.add(ref, where, key, required=key.startswith(("input/", "output/")) or key in stored)
+        if stored and rec.committed_boundaries is not None and not rec.boundaries_known:
+            report.add(rec.records.boundaries_path(rec.record_id), MISSING, "the boundaries file of a record that "
+                       "stores activations (written with the record: the commitments of what it stores)")
         _check_record_files(report, rec, public_key)
     for path in sorted((root / "receipts").iterdir()) if (root / "receipts").is_dir() else []:
         if path.stem not in ids or path.suffix != ".json":
@@ -101,6 +107,12 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
     for path in sorted((root / "served").iterdir()) if (root / "served").is_dir() else []:
         if path.suffix != ".json" or path.stem not in served:
             report.add(path, UNREFERENCED, "a served file (model and layout) that no record in this directory names")
+    for path in sorted((root / "policies").iterdir()) if (root / "policies").is_dir() else []:
+        if path.suffix != ".json" or path.stem not in policies:
+            report.add(path, UNREFERENCED, "a policy file that no record in this directory names")
+    for path in sorted((root / "boundaries").iterdir()) if (root / "boundaries").is_dir() else []:
+        if path.suffix != ".json" or path.stem not in ids:
+            report.add(path, UNREFERENCED, "a boundaries file of no record in this directory")
     if len(algorithms) > 1:
         report.notes.append(f"records use several hash algorithms ({', '.join(sorted(algorithms))}): objects were "
                             f"hashed with {min(algorithms)} only")

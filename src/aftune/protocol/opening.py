@@ -246,13 +246,18 @@ def open_inference_bundle(records_dir: str | Path, challenge, out: str | Path, m
                          (rec.records.receipt_path(rid), bundle.receipt_path(rid))):
             if src.is_file():
                 bundle.write_new(dst, src.read_bytes())
-        if rec.served_digest is not None:  # v5: the record's model and layout
+        if rec.served_digest is not None:  # v5 and v6: the record's model and layout
             bundle.keep_served(rec.records.served_path(rec.served_digest).read_bytes())
+        if rec.committed_boundaries is not None:  # v6: the policy file, and the boundaries file when kept
+            if rec.task == "causal_lm":
+                bundle.keep_policy(rec.records.policy_path(rec.policy_digest).read_bytes())
+            if rec.boundaries_known:
+                bundle.write_new(bundle.boundaries_path(rid), rec.records.boundaries_path(rid).read_bytes())
         tok = rec.tokenizer_dir()
         if tok is not None:
             bundle.keep_tokenizer(tok, bytes.fromhex(rec.model["tokenizer"]))  # the listed tokenizer files only
-        copied = [key for key in rec.rows if key.startswith(("input/", "output/"))]
-        copied += [boundary_key(b) for b in wanted if rec.has_tensor(boundary_key(b))]  # the provider's cache
+        copied = [key for key in rec.rows if key.startswith(("input/", "output/")) and key not in rec.inline]
+        copied += [boundary_key(b) for b in wanted if rec.stored(boundary_key(b))]  # the provider's cache
         for key in copied:
             bundle.store.put(rec.rows[key], rec.tensor(key))
         v = InferenceVerifier(tmp, rid.hex(), model=model)

@@ -175,7 +175,7 @@ def verify_receipt(receipt, provider_key, *, record_dir: str | Path | None = Non
     and model and, with `record_dir`, hold exactly the record's text. Without `record_dir`, only
     `UnsafeSignatureOnly()` proceeds. A receipt that fails a check is a FAIL report."""
     from ..inference.openai_wire import check_claims, load_receipt_or_response
-    from ..inference.receipt import Receipt
+    from ..inference.receipt import Receipt, committed_request
     from ..inference.receipt import verify_receipt as check
 
     skipped = expect.unsafe_set(unsafe, (UnsafeSignatureOnly,))
@@ -190,9 +190,10 @@ def verify_receipt(receipt, provider_key, *, record_dir: str | Path | None = Non
     gen = expect.generation_policy(policy)
     report = Report(str(receipt if not isinstance(receipt, Receipt) else r.record_root.hex()), "strict")
     result = BlockResult(-1, 0, f"receipt for record {r.record_root.hex()[:16]}…", scope=RECORD)
-    for what, given, committed, how in (("request nonce", nonce, r.request_nonce, "request_nonce"),
-                                        ("generation policy", gen, r.policy_digest, "policy")):
-        if given is None and committed is not None:
+    committed = committed_request(r, record_dir)
+    for what, given, value, how in (("request nonce", nonce, committed[0], "request_nonce"),
+                                    ("generation policy", gen, committed[1], "policy")):
+        if given is None and value is not None:
             report.notes.append(f"the receipt's {what} was not compared with yours ({how})")
     if UnsafeSignatureOnly in skipped:
         report.notes.append(UnsafeSignatureOnly.note)
