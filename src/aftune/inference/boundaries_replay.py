@@ -7,6 +7,8 @@ block replays and checks the result against the one committed `boundaries` root.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..core.rows import TensorRef
@@ -22,6 +24,8 @@ class BoundaryRegeneration:
     calls its `_replay` (which returns a block's outputs uncompared while `_regenerating`)."""
 
     _regenerating = False
+    # layer block -> its result, when the regeneration was its strict replay and the root matched
+    _regenerated: dict = {}
 
     def _regenerate_boundaries(self) -> None:
         """A v6 record whose boundaries file is not here (SPEC.md 8.4.1, 8.9): strict mode
@@ -33,11 +37,12 @@ class BoundaryRegeneration:
         if not self.comparison.strict:
             raise RecordError(rec.boundaries_missing() + "; tolerance mode compares with the provider's committed "
                               "boundaries, so it needs that file")
-        roots, rows, tensors = {}, {}, {}
+        roots, rows, tensors, results = {}, {}, {}, {}
         inputs = None
         self._regenerating = True
         try:
             for l in range(len(self.blocks) - 1):
+                t0 = time.perf_counter()
                 res = BlockResult(l, 0, self.served.describe(self.blocks, l), scope=RECORD)
                 try:
                     with pinned_threads(self.recorded_threads(), enabled=rec.portable is None):
@@ -53,6 +58,9 @@ class BoundaryRegeneration:
                 roots[boundary_label(b)] = steps_root(rec.algorithm, outputs)
                 rows[boundary_key(b)] = TensorRef.of("activation", full, rec.algorithm)
                 tensors[boundary_key(b)] = full
+                res.compared = len(outputs)  # compared below, through the committed root
+                res.seconds = time.perf_counter() - t0
+                results[l] = res
                 inputs = outputs
         finally:
             self._regenerating = False
@@ -65,3 +73,6 @@ class BoundaryRegeneration:
                         "opening, names the block)", fatal=True)
             return
         rec.install_boundaries(roots, rows, tensors)
+        # each regenerated block was its own strict replay from the committed input, and its output
+        # is committed (the root matched): `verify_block` reports it without replaying it again
+        self._regenerated = results
