@@ -17,17 +17,10 @@ import pytest
 from aftune.core.encoding import canonical_json
 from aftune.errors import CommitmentMismatch, InputError, RecordError
 from aftune.inference.receipt import Receipt
-from aftune.inference.record import InferenceRecord, RecordDir, record_id
+from aftune.inference.record import InferenceRecord
 from test_inference import infer, verify
+from test_inference_served import _rewrite
 from test_inference_tampering import PerturbBoundary
-
-
-def _write(rec_dir, doc) -> str:
-    records = RecordDir(rec_dir, "blake3")
-    data = canonical_json(doc)
-    rid = record_id("blake3", data)
-    records.write_new(records.record_path(rid), data)
-    return rid.hex()
 
 
 def test_a_v6_record_keeps_no_per_boundary_value_and_regenerates_them_against_its_root(model_dir, tmp_path):
@@ -70,7 +63,7 @@ def test_malformed_v6_records_are_record_errors(model_dir, tmp_path, edit, messa
     doc = json.loads(result.record_path.read_bytes())
     edit(doc)
     with pytest.raises(RecordError, match=message):
-        InferenceRecord.open(tmp_path / "rec", _write(tmp_path / "rec", doc))
+        InferenceRecord.open(tmp_path / "rec", _rewrite(tmp_path / "rec", doc))
 
 
 def test_a_boundaries_file_of_another_record_or_shape_is_refused(model_dir, tmp_path):
