@@ -112,3 +112,22 @@ def test_a_v3_receipt_is_small_and_strict_about_its_fields(model_dir, tmp_path):
             Receipt.from_json({**doc, extra: None})
     with pytest.raises(InputError, match="missing fields"):
         Receipt.from_json({**doc, "format": "aftune.receipt.v2"})
+
+
+def test_a_portable_record_keeps_its_boundaries_file_even_without_stored_activations(tmp_path):
+    """Portable logs (SPEC.md 8.13) are read against the boundaries' sizes: a portable v6 record
+    keeps its boundaries file whatever I_A, verifies, and without the file is a record error."""
+    from test_inference_portable import BUILTIN, PROMPT, make, pinned
+
+    policy = pinned(6, numerics="portable")
+    result = make(tmp_path / "p", policy, interval=0, layers_per_block=1)
+    rec = InferenceRecord.open(tmp_path / "p", result.record_id)
+    assert rec.boundaries_known and rec.portable is not None and not any(rec.stored(k) for k in rec.boundary_rows)
+    from aftune.inference.verify import InferenceVerifier
+
+    v = InferenceVerifier(tmp_path / "p", result.record_id, model=BUILTIN, policy=policy, expected_prompt=PROMPT)
+    report = v.verify_all()
+    assert report.verdict == "PASS", report.summary()
+    (tmp_path / "p" / "boundaries" / f"{result.record_id}.json").unlink()
+    with pytest.raises(RecordError, match="portable-numerics .* keeps its boundaries file"):
+        InferenceRecord.open(tmp_path / "p", result.record_id)

@@ -412,7 +412,9 @@ class InferenceEngine:
         rid = record_id(algorithm, data)
         path = self.records.record_path(rid)
         self.records.write_new(path, data)
-        if self.settings.activation_interval >= 1:  # activations kept: their commitments too (SPEC.md 8.4.1)
+        # activations kept, or portable logs read against the boundaries' sizes: the boundaries
+        # file is written with the record (SPEC.md 8.4.1)
+        if self.settings.activation_interval >= 1 or trace.portable is not None:
             write_boundaries(self.records, rid, roots, boundary_rows)
         # the receipt binds the record id, and through it the input, output, nonce and policy (SPEC.md 8.7)
         receipt = issue_receipt(self.key, algorithm, served.digest, rid, time=created)

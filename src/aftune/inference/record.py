@@ -311,12 +311,9 @@ class InferenceRecord:
         sizes = {}
         for b in range(1, nb):
             ref = self.rows.get(boundary_key(b))
-            if ref is None and not self.boundaries_known:  # v6, not regenerated: [1, positions, hidden_size]
-                hidden = self.model["config"].get("hidden_size")
-                if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden < 2**20:
-                    raise RecordError("record: model.config.hidden_size is missing or malformed")
-                sizes[b] = (self.rows["input/input_ids"].shape[1] + len(d["output"]["tokens"]) - 1) * hidden
-                continue
+            if ref is None and not self.boundaries_known:  # the logs are read against the boundaries' sizes
+                raise RecordError(f"record: a portable-numerics {RECORD_FORMAT} record keeps its boundaries file "
+                                  "(SPEC.md 8.4.1), and it is missing")
             if ref is None:
                 raise RecordError(f"record: no row {boundary_key(b)}")
             sizes[b] = int(torch.Size(ref.shape).numel())
