@@ -97,7 +97,7 @@ def test_the_policy_file_is_carried_and_checked(model_dir, tmp_path):
     with pytest.raises(RecordError, match="policy file .* is missing"):
         InferenceRecord.open(tmp_path / "rec", result.record_id)
     # a policy file with other bytes of the same policy (re-serialised): not the committed bytes
-    (path.parent / path.name).write_bytes(json.dumps(json.loads((tmp_path / "away.json").read_bytes()), indent=1).encode())
+    path.write_bytes(json.dumps(json.loads((tmp_path / "away.json").read_bytes()), indent=1).encode())
     with pytest.raises(CommitmentMismatch, match="policy file was edited"):
         InferenceRecord.open(tmp_path / "rec", result.record_id)
 

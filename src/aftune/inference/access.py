@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import jsonio
-from ..core.rows import rows_from_json
 from ..errors import InputError
-from .record import MAX_RECORD_BYTES, RecordDir
+from .record import RecordDir
 
 KEY_PREFIX = "aftune_"
 MAX_KEYS_FILE_BYTES = 1 << 20
@@ -179,15 +178,7 @@ class RecordOwners:
             return digest in self._objects[client]
 
     def _digests(self, rid: bytes) -> set[bytes]:
-        doc = jsonio.read_json(self.records.record_path(rid), MAX_RECORD_BYTES, "inference record")
-        rows = doc.get("tensors", []) if isinstance(doc, dict) else None  # v6 causal LMs: none (ids inline)
-        found = {r.digest for r in rows_from_json(rows, "record: tensors").values()}
-        extra = self.records.boundaries_path(rid)  # v6: the boundaries file, once kept or regenerated
-        if extra.is_file():
-            more = jsonio.read_json(extra, MAX_RECORD_BYTES, "boundaries file")
-            found |= {r.digest for r in rows_from_json(more.get("tensors") if isinstance(more, dict) else None,
-                                                       "boundaries: tensors").values()}
-        return found
+        return self.records.row_digests(rid)
 
     def _collect(self, client: str) -> set[bytes]:
         found: set[bytes] = set()

@@ -44,9 +44,8 @@ def boundary_leaf(algorithm: str, steps_root: bytes, digest: bytes) -> bytes:
 def boundaries_root(algorithm: str, roots: dict[str, bytes], rows: dict[str, TensorRef]) -> bytes:
     """The root a v6 record commits: merkle_root({"%04d" % b: boundary_leaf(...)}) over every
     boundary `1 <= b < nb` (the empty root for one layer block)."""
-    leaves = {}
-    for label, root in roots.items():
-        leaves[label] = boundary_leaf(algorithm, root, rows[f"boundary/{label}"].digest)
+    leaves = {label: boundary_leaf(algorithm, root, rows[boundary_key(int(label))].digest)
+              for label, root in roots.items()}
     return merkle_root(algorithm, leaves)
 
 

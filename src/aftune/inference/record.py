@@ -32,7 +32,7 @@ from .batching import BatchShape
 from .compact import boundary_key, boundary_label, inline_rows, read_boundaries  # noqa: F401 (re-exported)
 from .policy import MAX_NEW_TOKENS, GenerationPolicy, parse_request_nonce
 from .portable import PortableLog
-from .records_dir import (MAX_SERVED_BYTES, SERVED_FORMAT, SERVED_MEMBERS, RecordDir, served_digest,  # noqa: F401
+from .records_dir import (MAX_RECORD_BYTES, MAX_SERVED_BYTES, SERVED_FORMAT, SERVED_MEMBERS, RecordDir, served_digest,  # noqa: F401
                           served_file)
 from .served import RunBinding
 from .settings import RecordingSettings
@@ -43,7 +43,6 @@ RECORD_FORMAT_V4 = "aftune.inference.v4"  # read: v3 and the member `numerics` (
 RECORD_FORMAT_V3 = "aftune.inference.v3"  # read: a v3 record has no `numerics` (native numerics)
 RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_V5, RECORD_FORMAT_V4, RECORD_FORMAT_V3)
 SPLICED = (RECORD_FORMAT, RECORD_FORMAT_V5)  # `model` and `layout` in a served file
-MAX_RECORD_BYTES = 256 << 20
 
 
 # --- keys of the tensor rows, and the per-step roots ----------------------------------------------
@@ -222,6 +221,11 @@ class InferenceRecord:
         self.boundaries_known = True
 
     @property
+    def is_v6(self) -> bool:
+        """A v6 record: its policy, and its boundaries' values, are in files of their own (8.4.1)."""
+        return self.committed_boundaries is not None
+
+    @property
     def boundary_rows(self) -> dict[str, TensorRef]:
         return {k: r for k, r in self.rows.items() if k.startswith("boundary/")}
 
@@ -247,7 +251,7 @@ class InferenceRecord:
             raise RecordError("record: 'steps' is not part of an aftune.inference.v3 or v4 record (the step layout "
                               "follows from the input and the tokens)")
         blocks = _need(layout, "layer_blocks", list, "record: layout")
-        if self.committed_boundaries is None:  # v6: read (and checked) with the boundaries file, when there
+        if not self.is_v6:  # v6: read (and checked) with the boundaries file, when there
             roots = _need(d, "boundary_roots", dict)
             if sorted(roots) != [boundary_label(b) for b in range(1, len(blocks))]:
                 raise RecordError(f"record: boundary_roots must have exactly the boundaries 0001..{len(blocks) - 1:04d}")

@@ -15,12 +15,14 @@ from typing import Any
 
 from ..core import jsonio
 from ..core.encoding import TAG_GENERATION_POLICY, TAG_INFERENCE_SERVED, canonical_json, hash_message
+from ..core.rows import rows_from_json
 from ..core.store import ObjectStore
 from ..errors import CommitmentMismatch, RecordError
 from ..models import tokenizer_files
 
 SERVED_FORMAT = "aftune.inference-served.v1"  # R/served/<digest>.json: {format, model, layout}
 SERVED_MEMBERS = ("model", "layout")
+MAX_RECORD_BYTES = 256 << 20
 MAX_SERVED_BYTES = 16 << 20
 MAX_POLICY_BYTES = 1 << 20
 MAX_BOUNDARIES_BYTES = 16 << 20
@@ -111,6 +113,19 @@ class RecordDir:
 
     def boundaries_path(self, rid: bytes) -> Path:
         return self.root / "boundaries" / f"{rid.hex()}.json"
+
+    def row_digests(self, rid: bytes) -> set[bytes]:
+        """The digests of every row record `rid` commits: in its file (`tensors`; none for a v6
+        causal LM) and, when here, in its boundaries file (v6). The objects it may name."""
+        doc = jsonio.read_json(self.record_path(rid), MAX_RECORD_BYTES, "inference record")
+        rows = doc.get("tensors", []) if isinstance(doc, dict) else None
+        found = {r.digest for r in rows_from_json(rows, "record: tensors").values()}
+        kept = self.boundaries_path(rid)
+        if kept.is_file():
+            more = jsonio.read_json(kept, MAX_BOUNDARIES_BYTES, "boundaries file")
+            found |= {r.digest for r in rows_from_json(more.get("tensors") if isinstance(more, dict) else None,
+                                                       "boundaries: tensors").values()}
+        return found
 
     def digests_in(self, folder: str) -> list[str]:
         """The 64-hex-digit names of the JSON files in R/<folder>/."""

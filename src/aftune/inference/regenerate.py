@@ -41,7 +41,7 @@ def regenerate(v: InferenceVerifier, boundaries) -> list[int]:
         if key in rec.inline and not rec.stored(key):
             rec.store.put(rec.rows[key], rec.inline[key])
             done.append(b)
-    if rec.committed_boundaries is not None and not rec.records.boundaries_path(rec.record_id).is_file():
+    if rec.is_v6 and not rec.records.boundaries_path(rec.record_id).is_file():
         roots = {k: bytes.fromhex(h) for k, h in rec.doc["boundary_roots"].items()}
         write_boundaries(rec.records, rec.record_id, roots, rec.boundary_rows)
     missing = [b for b in wanted if not rec.stored(boundary_key(b))]

@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from ..core.rows import rows_from_json
 from ..core.store import OBJECT_SUFFIX
 from ..data.inputs import MAX_PROMPT_CHARS
 from ..errors import AftuneError, InputError, MissingExtra
@@ -168,11 +167,8 @@ def create_app(engine: InferenceEngine, *, policy: Optional[GenerationPolicy], a
         data = path.read_bytes()
         doc = json.loads(data)
         receipt_path = records.receipt_path(rid)
-        rows = list(rows_from_json(doc.get("tensors", []), "record: tensors").values())
         boundaries = records.boundaries_path(rid)  # v6: when the provider has it (kept or regenerated)
-        if boundaries.is_file():
-            rows += rows_from_json(json.loads(boundaries.read_bytes())["tensors"], "boundaries: tensors").values()
-        objects = sorted({r.digest.hex() for r in rows if records.store.has(r.digest)})
+        objects = sorted(d.hex() for d in records.row_digests(rid) if records.store.has(d))
         gen = doc.get("generation")
         policy_doc = None  # v6: the generation policy in the policy file the record names
         if isinstance(gen, dict) and "policy" not in gen and _is_digest(gen.get("policy_digest")):

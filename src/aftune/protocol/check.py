@@ -88,7 +88,7 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
         algorithms.add(rec.algorithm)
         if rec.served_digest is not None:
             served.add(rec.served_digest.hex())
-        if rec.committed_boundaries is not None and rec.task == "causal_lm":  # v6
+        if rec.is_v6 and rec.task == "causal_lm":  # v6
             policies.add(rec.policy_digest.hex())
         where = f"records/{rid}.json"
         interval = rec.settings.activation_interval
@@ -97,7 +97,7 @@ def check_records(record_dir: str | Path, public_key: PublicKey, *, progress: Pr
         for key, ref in rec.rows.items():
             if key not in rec.inline:  # v6: a causal LM's ids are stated in the record, not stored
                 rows.add(ref, where, key, required=key.startswith(("input/", "output/")) or key in stored)
-        if stored and rec.committed_boundaries is not None and not rec.boundaries_known:
+        if stored and rec.is_v6 and not rec.boundaries_known:
             report.add(rec.records.boundaries_path(rec.record_id), MISSING, "the boundaries file of a record that "
                        "stores activations (written with the record: the commitments of what it stores)")
         _check_record_files(report, rec, public_key)

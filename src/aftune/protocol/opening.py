@@ -248,7 +248,7 @@ def open_inference_bundle(records_dir: str | Path, challenge, out: str | Path, m
                 bundle.write_new(dst, src.read_bytes())
         if rec.served_digest is not None:  # v5 and v6: the record's model and layout
             bundle.keep_served(rec.records.served_path(rec.served_digest).read_bytes())
-        if rec.committed_boundaries is not None:  # v6: the policy file, and the boundaries file when kept
+        if rec.is_v6:  # v6: the policy file, and the boundaries file when kept
             if rec.task == "causal_lm":
                 bundle.keep_policy(rec.records.policy_path(rec.policy_digest).read_bytes())
             if rec.boundaries_known:
